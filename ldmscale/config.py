@@ -1,0 +1,209 @@
+"""Typed configs: dataclasses that round-trip through JSON, strictly.
+
+- `from_dict(Cls, data)` rejects unknown keys, naming the key and the valid ones;
+- `apply_overrides(cfg, ["train.lr=1e-4", ...])` parses each value against the field's type;
+- every problem raises `UserError`, which the CLI prints on one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from ldmscale.io import atomic_write_json
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """Bad input from the user (a path, a name, a value). The CLI prints it and exits with code 2."""
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain JSON-able dict (tuples become lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check/convert a JSON value against a type annotation."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise UserError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise UserError(f"{where}: expected {len(args)} values, got {len(value)}")
+            items = [_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
+        else:
+            inner = args[0] if args else Any
+            items = [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a table/object, got {value!r}")
+        _, vt = get_args(tp) or (str, Any)
+        return {str(k): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise UserError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type[T], data: Any, where: str | None = None) -> T:
+    """Build a dataclass from a dict, strictly: unknown keys and wrong types are UserErrors."""
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected an object, got {data!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise UserError(
+            f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise UserError(f"{where}: {e}") from None
+
+
+def _parse_text(tp: Any, text: str, where: str) -> Any:
+    """Parse a command-line string into a JSON value fitting `tp` (JSON first, bare strings allowed)."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        if text.lower() in ("none", "null"):
+            return None
+        for arg in get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, _parse_text(arg, text, where), where)
+            except UserError:
+                continue
+        raise UserError(f"{where}: cannot parse {text!r} as {_type_name(tp)}")
+    if tp is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"{where}: expected true or false, got {text!r}")
+    if tp is str or (origin is Literal and all(isinstance(c, str) for c in get_args(tp))):
+        return text
+    if origin in (tuple, list) and not text.lstrip().startswith("["):
+        inner = get_args(tp)[0] if get_args(tp) else str
+        return [_parse_text(inner, t.strip(), where) for t in text.split(",") if t.strip()]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise UserError(f"{where}: cannot parse {text!r} as {_type_name(tp)}") from None
+
+
+def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
+    """Return a copy of `cfg` with `key=value` (dotted keys for nested configs) applied."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        cfg = _set_path(cfg, key.strip().split("."), text, key.strip())
+    return cfg
+
+
+def _set_path(obj: Any, parts: list[str], text: str, full: str) -> Any:
+    if not dataclasses.is_dataclass(obj):
+        raise UserError(f"override {full!r}: {'.'.join(parts)} is not a config section")
+    names = {f.name for f in dataclasses.fields(obj)}
+    head = parts[0]
+    if head not in names:
+        raise UserError(f"override {full!r}: unknown key {head!r}; valid keys: {', '.join(sorted(names))}")
+    hints = get_type_hints(type(obj))
+    if len(parts) == 1:
+        value = _coerce(hints[head], _parse_text(hints[head], text, full), full)
+    else:
+        value = _set_path(getattr(obj, head), parts[1:], text, full)
+    new = dataclasses.replace(obj, **{head: value})
+    return new
+
+
+def load_json(cls: type[T], path: str | Path) -> T:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    return from_dict(cls, data, where=path.name)
+
+
+def save_json(cfg: Any, path: str | Path, **extra: Any) -> None:
+    data = to_dict(cfg)
+    data.update(extra)
+    atomic_write_json(path, data)
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+__all__ = [
+    "UserError",
+    "apply_overrides",
+    "field_names",
+    "from_dict",
+    "load_json",
+    "save_json",
+    "to_dict",
+]
