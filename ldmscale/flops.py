@@ -131,12 +131,12 @@ def uses_guidance(guidance: float) -> bool:
 def family_rows(sizes: list[ModelSize], latent_size: int, context_len: int, context_dim: int,
                 latent_channels: int = 4, progress: bool = False) -> list[dict]:
     """One accounting row per size: what `ldmscale family` prints."""
-    from tqdm import tqdm
+    from ldmscale.progress import bar
 
     from ldmscale.family import paper_label, paper_params
 
     rows = []
-    for size in tqdm(sizes, desc="counting", unit="model", disable=not progress, leave=False):
+    for size in bar(sizes, desc="counting", unit="model", enabled=progress, leave=False):
         c = cost(size, latent_size, context_len, context_dim, latent_channels)
         label = paper_label(size.C)
         # parameters depend on the text width, so compare with the paper only at its 1024-wide context

@@ -26,3 +26,21 @@ def run_cli(*args, env=None, timeout=600, check=False):
     if check and proc.returncode != 0:
         raise AssertionError(f"ldmscale {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_ae(tmp_path_factory):
+    from fixtures import make_autoencoder
+
+    return make_autoencoder(tmp_path_factory.mktemp("ae") / "ae")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, tiny_ae):
+    """animal-mnist, the first 96 images of each split, 32px, minilm: what training tests train on."""
+    from ldmscale.cache import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tiny_ae), text_encoder="minilm", resolution=32,
+                          shard_size=64, limit=96), out, progress=False)
+    return out

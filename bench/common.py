@@ -1,0 +1,40 @@
+"""Shared bits of the bench scripts: a float32 matmul peak measured in the same run, and result recording."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = Path(__file__).resolve().parent / "results.json"
+
+
+def matmul_peak_gflops(n: int = 1024, seconds: float = 2.0) -> float:
+    """This machine's float32 matmul throughput (GFLOP/s), at the threads torch uses, measured now."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best, t_end = 0.0, time.time() + seconds
+    while time.time() < t_end:
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        dt = time.perf_counter() - t
+        best = max(best, 4 * 2 * n**3 / dt / 1e9)
+    return best
+
+
+def record(name: str, result: dict) -> None:
+    """Merge one bench's result into bench/results.json (read by `make bench`'s table)."""
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    result = dict(result, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+                  when=time.strftime("%Y-%m-%d %H:%M:%S"))
+    data[name] = result
+    RESULTS.write_text(json.dumps(data, indent=2) + "\n")
+    print(json.dumps({name: result}, indent=2))

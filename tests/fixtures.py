@@ -1,0 +1,86 @@
+"""Small datasets and models the tests make for themselves (no network, seconds to build)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def shape_image(i: int, size: int = 24) -> Image.Image:
+    """A deterministic white shape on black: a disc or a square whose position depends on i."""
+    arr = np.zeros((size, size), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    cx, cy, r = 6 + i % 12, 6 + (i * 7) % 12, 4 + i % 3
+    if i % 2:
+        arr[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = 255
+    else:
+        arr[max(0, cy - r):cy + r, max(0, cx - r):cx + r] = 255
+    return Image.fromarray(arr, "L").convert("RGB")
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def caption(i: int) -> str:
+    return f"a {'disc' if i % 2 else 'square'} number {i}"
+
+
+def make_folder(root: Path, n: int = 6, corrupt: bool = True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        name = f"img{i:02d}.png"
+        shape_image(i).save(root / name)
+        rows.append({"file_name": name, "text": caption(i)})
+    if corrupt:
+        data = png_bytes(shape_image(99))
+        (root / "broken.png").write_bytes(data[: len(data) // 3])  # truncated PNG
+        rows.insert(2, {"file_name": "broken.png", "text": "a broken file"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def make_tars(root: Path, shards: int = 2, per_shard: int = 3) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    i = 0
+    for s in range(shards):
+        with tarfile.open(root / f"{s:05d}.tar", "w") as tar:
+            for _ in range(per_shard):
+                for ext, data in (("png", png_bytes(shape_image(i))), ("txt", caption(i).encode())):
+                    info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                i += 1
+    return str(root / ("{00000..%05d}.tar" % (shards - 1)))
+
+
+def make_hf(root: Path, n: int = 5) -> Path:
+    import datasets
+
+    feats = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({"image": [shape_image(i) for i in range(n)],
+                                     "text": [caption(i) for i in range(n)]}, features=feats)
+    ds.save_to_disk(str(root))
+    return root
+
+
+def make_autoencoder(out: Path, channels: int = 1, resolution: int = 32) -> Path:
+    """An untrained tiny AutoencoderKL (f=4) saved like a trained one: enough to test the plumbing."""
+    import torch
+
+    from ldmscale.autoencoder import AutoencoderConfig, build_autoencoder
+
+    torch.manual_seed(0)
+    vae = build_autoencoder(AutoencoderConfig(channels=channels, resolution=resolution, block_out_channels=(8, 16, 16),
+                                              norm_groups=8))
+    vae.register_to_config(scaling_factor=0.7)
+    vae.save_pretrained(out, safe_serialization=True)
+    return out

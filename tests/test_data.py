@@ -1,0 +1,200 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import ldmscale.cache as cache_mod
+from conftest import run_cli
+from fixtures import caption, make_folder, make_hf, make_tars
+from ldmscale import data
+from ldmscale.cache import LatentCache, PrepareConfig, prepare, read_manifest
+from ldmscale.config import UserError
+from ldmscale.text import load_text_encoder
+
+
+def test_animal_mnist_source_and_fixed_split():
+    src = data.parse_source("animal-mnist")
+    assert data.splits(src) == ["train", "validation"]
+    assert data.count(src, "train") == 9000 and data.count(src, "validation") == 1000
+    idx = data.animal_mnist_split_indices()
+    assert len(set(idx["train"]) & set(idx["validation"])) == 0
+    _, labels = data.animal_mnist_arrays()
+    assert np.bincount(labels[idx["validation"]]).tolist() == [100] * 10
+    items = list(zip(range(3), data.iterate(src, "validation")))
+    first = items[0][1]
+    assert first.image.size == (28, 28) and first.label == labels[idx["validation"][0]]
+    assert data.ANIMAL_CLASSES[first.label] in first.caption
+    # fixed: the same item at the same position every time
+    again = next(data.iterate(src, "validation"))
+    assert (again.key, again.caption) == (first.key, first.caption)
+    assert data.label_of_prompt("a photo of a zebra") == 9 and data.label_of_prompt("a car") == -1
+
+
+def test_preprocess_center_crops_and_resizes():
+    from PIL import Image
+
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (10, 0, 30, 20))  # the centre square is white
+    out = data.preprocess(img, 8, 1)
+    assert out.shape == (1, 8, 8) and out.dtype == np.uint8
+    assert out.min() >= 250
+    rgb = data.preprocess(img, 16, 3)
+    assert rgb.shape == (3, 16, 16)
+
+
+def test_folder_source_reports_corrupt_file(tmp_path):
+    root = make_folder(tmp_path / "imgs", n=4)
+    src = data.parse_source(f"folder:{root}")
+    items = list(data.iterate(src, "train"))
+    assert [i.key for i in items] == sorted(["img00.png", "img01.png", "img02.png", "img03.png", "broken.png"])
+    bad = [i for i in items if i.error]
+    assert [i.key for i in bad] == ["broken.png"] and bad[0].image is None
+    good = {i.key: i.caption for i in items if not i.error}
+    assert good["img03.png"] == caption(3)
+
+
+def test_folder_with_captions_csv(tmp_path):
+    root = tmp_path / "csvimgs"
+    make_folder(root, n=3, corrupt=False)
+    (root / "metadata.jsonl").unlink()
+    (root / "captions.csv").write_text("file_name,caption\nimg00.png,zero\nimg01.png,one\n")
+    items = list(data.iterate(data.parse_source(f"folder:{root}"), "train"))
+    assert [(i.key, i.caption) for i in items] == [("img00.png", "zero"), ("img01.png", "one")]
+
+
+def test_webdataset_two_shards(tmp_path):
+    pattern = make_tars(tmp_path / "tars", shards=2, per_shard=3)
+    src = data.parse_source(f"wds:{pattern}")
+    items = list(data.iterate(src, "train"))
+    assert [i.caption for i in items] == [caption(i) for i in range(6)]
+    assert all(i.image.size == (24, 24) for i in items)
+    resumed = list(data.iterate(src, "train", start=4))
+    assert [i.caption for i in resumed] == [caption(4), caption(5)]
+
+
+def test_hf_saved_dataset(tmp_path):
+    root = make_hf(tmp_path / "hfds", n=5)
+    src = data.parse_source(f"hf:{root}")
+    items = list(data.iterate(src, "train"))
+    assert [i.caption for i in items] == [caption(i) for i in range(5)]
+    assert np.array_equal(np.asarray(items[2].image.convert("RGB")), np.asarray(__import__("fixtures").shape_image(2)))
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("folder:/no/such/dir", "folder not found"),
+    ("wds:/no/such/{0..3}.tar", "no tar shards match"),
+    ("s3://bucket", "unknown source"),
+])
+def test_bad_source_specs(spec, needle):
+    with pytest.raises(UserError, match=needle):
+        data.parse_source(spec)
+
+
+def test_minilm_trimmed_encoding_equals_full_length():
+    enc = load_text_encoder("minilm")
+    caps = ["a cat", "a black and white picture of a giraffe", "a cat", ""]
+    states, mask = enc.encode(caps)
+    assert states.shape == (4, 77, 384) and mask.shape == (4, 77)
+    tok = enc.tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    full = enc.model(**tok).last_hidden_state * tok["attention_mask"][..., None]
+    assert torch.allclose(states, full, atol=2e-5)
+    assert torch.equal(mask, tok["attention_mask"].bool())
+    assert torch.equal(states[0], states[2])
+    assert mask[3].sum() == 2  # [CLS] [SEP]: the empty caption
+
+
+def test_prepare_folder_skips_corrupt_and_reports(tmp_path, tiny_ae):
+    root = make_folder(tmp_path / "imgs", n=5)
+    out = tmp_path / "cache"
+    m = prepare(PrepareConfig(source=f"folder:{root}", autoencoder=str(tiny_ae), resolution=32, shard_size=4), out,
+                progress=False)
+    assert m["splits"]["train"]["count"] == 5 and m["skipped_total"] == 1
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert skipped[0]["key"] == "broken.png" and "rror" in skipped[0]["error"]
+    assert m["latent_shape"] == [4, 8, 8] and m["context_dim"] == 384 and m["channels"] == 1
+    c = LatentCache(out)
+    z, text, mask = c.batch(torch.arange(5), sample=False)
+    assert z.shape == (5, 4, 8, 8) and text.shape == (5, 77, 384)
+    assert c.captions == [caption(i) for i in range(5)]
+    assert torch.all(text[~mask] == 0)
+
+
+def _cache_contents(out):
+    c = LatentCache(out)
+    return c.mean, c.text, c.captions
+
+
+def test_prepare_resumes_after_interruption(tmp_path, tiny_ae, monkeypatch):
+    cfg = PrepareConfig(source="animal-mnist", autoencoder=str(tiny_ae), resolution=32, shard_size=10, limit=35)
+    ref = tmp_path / "ref"
+    prepare(cfg, ref, progress=False)
+    out = tmp_path / "interrupted"
+    real = cache_mod._write_shard
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed while writing the third shard
+        return real(*a, **k)
+
+    monkeypatch.setattr(cache_mod, "_write_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, out, progress=False)
+    monkeypatch.setattr(cache_mod, "_write_shard", real)
+    assert len(list((out / "train").glob("shard-*"))) == 2 and not (out / "manifest.json").exists()
+    with pytest.raises(UserError, match="incomplete"):
+        read_manifest(out)
+    m = prepare(cfg, out, progress=False)
+    assert m["splits"]["train"]["count"] == 35 and m["splits"]["validation"]["count"] == 35
+    mean_a, text_a, caps_a = _cache_contents(ref)
+    mean_b, text_b, caps_b = _cache_contents(out)
+    assert caps_a == caps_b and torch.equal(mean_a, mean_b) and torch.equal(text_a, text_b)
+    with safe_open(str(out / "train" / "shard-00002.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["start"]) == 20
+    with pytest.raises(UserError, match="other settings"):
+        prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tiny_ae), resolution=32, shard_size=10, limit=36),
+                out, progress=False)
+
+
+def test_prepare_cli_errors(tmp_path, tiny_ae):
+    proc = run_cli("data", "prepare", "--source", "folder:/nope", "--autoencoder", tiny_ae, "--out", tmp_path / "c")
+    assert proc.returncode == 2 and "folder not found: /nope" in proc.stderr
+    proc = run_cli("data", "prepare", "--source", "animal-mnist", "--autoencoder", tmp_path / "missing-ae",
+                   "--out", tmp_path / "c")
+    assert proc.returncode == 2 and "autoencoder not found" in proc.stderr
+    proc = run_cli("data", "prepare", "--source", "animal-mnist", "--autoencoder", tiny_ae, "--text-encoder", "t5",
+                   "--out", tmp_path / "c")
+    assert proc.returncode == 2 and "unknown text encoder 't5'" in proc.stderr
+    proc = run_cli("data", "prepare", "--source", "animal-mnist", "--autoencoder", tiny_ae, "--resolution", "30",
+                   "--out", tmp_path / "c2")
+    assert proc.returncode == 2 and "not a multiple of the autoencoder's downsampling factor 4" in proc.stderr
+
+
+def test_prepare_cli_wds_and_hf(tmp_path, tiny_ae):
+    pattern = make_tars(tmp_path / "tars", shards=2, per_shard=3)
+    proc = run_cli("data", "prepare", "--source", f"wds:{pattern}", "--autoencoder", tiny_ae, "--out",
+                   tmp_path / "wc", "--shard-size", "4", check=True)
+    assert "6 images (train 6)" in proc.stdout
+    make_hf(tmp_path / "hfds", n=5)
+    proc = run_cli("data", "prepare", "--source", f"hf:{tmp_path / 'hfds'}", "--autoencoder", tiny_ae, "--out",
+                   tmp_path / "hc", check=True)
+    assert "5 images (train 5)" in proc.stdout
+
+
+def test_autoencoder_train_cli(tmp_path):
+    root = make_folder(tmp_path / "imgs", n=12, corrupt=False)
+    out = tmp_path / "ae"
+    proc = run_cli("autoencoder", "train", "--source", f"folder:{root}", "--out", out, "--set", "steps=3",
+                   "--set", "batch_size=4", "--set", "block_out_channels=8,16,16", "--set", "norm_groups=8", check=True)
+    assert "validation PSNR" in proc.stdout
+    from ldmscale.autoencoder import load_autoencoder
+
+    vae = load_autoencoder(str(out))
+    report = json.loads((out / "ldmscale_autoencoder.json").read_text())
+    assert vae.config.scaling_factor == pytest.approx(report["scaling_factor"])
+    assert report["train_images"] == 11 and report["validation_images"] == 1
+    proc = run_cli("autoencoder", "train", "--source", "animal-mnist", "--out", out, "--set", "stepz=3")
+    assert proc.returncode == 2 and "unknown key 'stepz'" in proc.stderr
