@@ -193,7 +193,7 @@ def identity(vae, spec: str) -> dict:
             h.update(v.detach().float().contiguous().numpy().tobytes()[:4096])
         weights = h.hexdigest()[:16]
     return {
-        "spec": str(spec), "config_sha": config_sha, "weights_sha": weights,
+        "spec": str(path.resolve()) if path.exists() else str(spec), "config_sha": config_sha, "weights_sha": weights,
         "scaling_factor": float(cfg["scaling_factor"]),
         "shift_factor": float(cfg.get("shift_factor") or 0.0),
         "channels": int(cfg["in_channels"]), "latent_channels": int(cfg["latent_channels"]),

@@ -224,19 +224,22 @@ class LatentCache:
         self.text = torch.cat([_pad(p["text"], self.context_len) for p in parts])
         self.captions = [c for s in _shards(self.dir / split) for c in _shard_meta(s)["captions"]]
         self.empty_text = load_file(str(self.dir / "empty_caption.safetensors"))["text"]
+        if self.manifest["text_encoder"].get("zero_pad"):
+            self.empty_mask = self.empty_text.float().abs().sum(-1) > 0
+        else:
+            self.empty_mask = torch.ones(self.context_len, dtype=torch.bool)
         self.scaling_factor = float(self.manifest["autoencoder"]["scaling_factor"])
         self.shift_factor = float(self.manifest["autoencoder"].get("shift_factor", 0.0))
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True):
-        """(scaled latents float32 [B,c,h,w], text states float32 [B,L,D], text mask bool [B,L])."""
+    def batch(self, idx: torch.Tensor, latent_noise: torch.Tensor | None = None):
+        """(scaled latents float32 [B,c,h,w], text states float32 [B,L,D], text mask bool [B,L]).
+
+        With `latent_noise` (standard normal, the latents' shape) z is a posterior sample, else its mean."""
         mean = self.mean[idx].float()
-        z = mean
-        if sample:
-            noise = torch.randn(mean.shape, generator=generator)
-            z = mean + self.std[idx].float() * noise
+        z = mean if latent_noise is None else mean + self.std[idx].float() * latent_noise
         z = (z - self.shift_factor) * self.scaling_factor
         mask = torch.arange(self.context_len)[None] < self.text_len[idx, None]
         return z, self.text[idx].float(), mask

@@ -44,3 +44,22 @@ def tiny_cache(tmp_path_factory, tiny_ae):
     prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tiny_ae), text_encoder="minilm", resolution=32,
                           shard_size=64, limit=96), out, progress=False)
     return out
+
+
+def tiny_train_config(cache, **kw):
+    from ldmscale.train import TrainConfig
+
+    base = dict(data=str(cache), size="c8", images=48, batch_size=8, lr=1e-3, warmup_steps=2, log_every=1,
+                checkpoint_every=24, keep=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_cache):
+    """A c8 model trained for 6 steps on the tiny cache (a run directory to sample, eval and export)."""
+    from ldmscale.train import train
+
+    run = tmp_path_factory.mktemp("run") / "c8"
+    train(tiny_train_config(tiny_cache), run, progress=False)
+    return run

@@ -84,3 +84,29 @@ def make_autoencoder(out: Path, channels: int = 1, resolution: int = 32) -> Path
     vae.register_to_config(scaling_factor=0.7)
     vae.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def make_tiny_clip(out: Path, hidden: int = 32) -> Path:
+    """A CLIP text model + tokenizer built from config (character-level BPE with no merges): the real
+    transformers classes, tiny weights, no download."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    out.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                         pad_token_id=vocab["<|endoftext|>"])
+    CLIPTextModel(cfg).save_pretrained(out)
+    return out

@@ -115,7 +115,7 @@ def test_prepare_folder_skips_corrupt_and_reports(tmp_path, tiny_ae):
     assert skipped[0]["key"] == "broken.png" and "rror" in skipped[0]["error"]
     assert m["latent_shape"] == [4, 8, 8] and m["context_dim"] == 384 and m["channels"] == 1
     c = LatentCache(out)
-    z, text, mask = c.batch(torch.arange(5), sample=False)
+    z, text, mask = c.batch(torch.arange(5))
     assert z.shape == (5, 4, 8, 8) and text.shape == (5, 77, 384)
     assert c.captions == [caption(i) for i in range(5)]
     assert torch.all(text[~mask] == 0)

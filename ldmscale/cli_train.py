@@ -1,0 +1,141 @@
+"""`ldmscale train`, `ldmscale sample` and `ldmscale export`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ldmscale.config import UserError, apply_overrides, from_dict
+
+
+@click.command("train", epilog="""
+\b
+Examples:
+  ldmscale train --data runs/cache --size c16 --out runs/c16 --images 200000
+  ldmscale train --data runs/cache --size c32 --out runs/c32 --set lr=5e-4 --set prediction=v_prediction
+  accelerate launch --num_processes 2 -m ldmscale train --data runs/cache --size c16 --out runs/c16-ddp
+\b
+Running the same command again continues from the last checkpoint (a larger --images extends the run).
+""")
+@click.option("--data", help="Latent cache folder (from `ldmscale data prepare`).")
+@click.option("--size", help="Family size: c<width> (c8, c16, c32, c64, ...), a paper label (83M) or c<w>:h<heads>:g<groups>.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--images", type=int, help="Training duration in images seen.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TrainConfig JSON (or a run's config.json).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a TrainConfig field (lr, batch_size, ...).")
+@click.option("--report-to", default=None, type=click.Choice(["", "tensorboard", "wandb"]), help="Log to an accelerate tracker.")
+def train_cmd(data, size, out, images, config_file, overrides, report_to) -> None:
+    """Train one family member from a latent cache (compute ledger, exact resume)."""
+    from ldmscale.train import TrainConfig, TrainingDiverged, load_train_config, train
+
+    if config_file:
+        if not Path(config_file).is_file():
+            raise UserError(f"config file not found: {config_file}")
+        cfg = load_train_config(config_file)
+    elif (out / "config.json").exists():
+        cfg = load_train_config(out / "config.json")  # continue a run with its own settings
+    else:
+        cfg = TrainConfig()
+    given = {k: v for k, v in (("data", data), ("size", size), ("images", images), ("report_to", report_to))
+             if v is not None}
+    cfg = from_dict(TrainConfig, {**_plain(cfg), **given})
+    cfg = apply_overrides(cfg, overrides)
+    if not cfg.data:
+        raise UserError("--data is required (a latent cache folder)")
+    try:
+        result = train(cfg, out)
+    except TrainingDiverged as e:
+        click.echo(f"ldmscale train: stopped: {e}", err=True)
+        sys.exit(1)
+    if not result["is_main"]:
+        return
+    click.echo(f"run {out}: {result['step']} steps, {result['images_seen']:,} images, "
+               f"{result['train_flops']:.3e} training FLOPs ({result['steps_x_gflops']:.3e} steps x GFLOPs; "
+               f"{result['flop_convention']})")
+
+
+@click.command("sample", epilog="""
+\b
+Examples:
+  ldmscale sample --run runs/c16 --prompt "a cat" --prompt "a zebra" --sampler ddim --steps 50 --guidance 3 --num 8 --out samples/
+  ldmscale sample --run runs/c16 --prompt "a horse" --sampler dpmsolver++ --sampler ddpm --steps 20 --seed 7 --out samples/cmp
+\b
+Writes one PNG per image, grid.png (a row per prompt; columns grouped by sampler) and sample.json
+(model calls, latency, sampling cost, provenance). The same seeds are used for every sampler.
+""")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable).")
+@click.option("--sampler", "samplers", multiple=True, help="ddim (default), ddpm, dpmsolver++, euler, euler-a, heun, unipc, lcm. Repeatable.")
+@click.option("--steps", default=50, show_default=True, type=int)
+@click.option("--guidance", default=7.5, show_default=True, type=float, help="Classifier-free guidance scale (<=1: off).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Image k of prompt p uses seed + p*num + k.")
+@click.option("--num", default=4, show_default=True, type=int, help="Images per prompt (and sampler).")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", "which", default="latest", show_default=True, help="latest, or a step number.")
+@click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]))
+@click.option("--batch-size", default=64, show_default=True, type=int)
+def sample_cmd(run_dir, prompts, samplers, steps, guidance, seed, num, out, which, weights, batch_size) -> None:
+    """Sample images from a trained run with any sampler, step count and guidance."""
+    import torch
+
+    from ldmscale.diffusion import check_sampling_args
+    from ldmscale.io import atomic_write_json
+    from ldmscale.sample import check_prompts, generate, grid, load_run, save_png, to_pil
+
+    samplers = list(samplers) or ["ddim"]
+    check_prompts(list(prompts))
+    for name in samplers:
+        check_sampling_args(name, steps, guidance)
+    if num < 1 or batch_size < 1:
+        raise UserError("--num and --batch-size must be positive")
+    model = load_run(run_dir, which, weights)
+    all_prompts = [p for p in prompts for _ in range(num)]
+    seeds = [seed + i for i in range(len(all_prompts))]
+    out.mkdir(parents=True, exist_ok=True)
+    acc = model.config["accounting"]
+    per_sampler, rows = {}, []
+    for name in samplers:
+        images, info = generate(model, all_prompts, name, steps, guidance, seeds, batch_size, progress=True)
+        prefix = f"{name}-" if len(samplers) > 1 else ""
+        for i, img in enumerate(images):
+            save_png(to_pil(img), out / f"{prefix}p{i // num:02d}-{i % num:03d}.png")
+        per_sampler[name] = info | {"sampling_cost": acc["norm_cost"] * steps}
+        rows.append(images.view(len(prompts), num, *images.shape[1:]))
+        click.echo(f"{name}: {info['model_calls_per_image']} model calls/image, "
+                   f"{1000 * info['seconds_per_image']:.1f} ms/image, sampling cost {acc['norm_cost'] * steps:.3f}")
+    table = torch.cat(rows, dim=1).flatten(0, 1)  # prompt-major, then sampler, then image
+    save_png(grid(table, num * len(samplers)), out / "grid.png")
+    record = {"run": str(run_dir), "checkpoint": model.ckpt.name, "weights": weights, "prompts": list(prompts),
+              "num_per_prompt": num, "seeds": seeds, "samplers": samplers, "steps": steps, "guidance": guidance,
+              "norm_cost": acc["norm_cost"], "results": per_sampler}
+    atomic_write_json(out / "sample.json", record)
+    click.echo(f"{len(all_prompts) * len(samplers)} images in {out} (grid.png)")
+
+
+@click.command("export", epilog="""
+\b
+Example:
+  ldmscale export --run runs/c16 --out export/c16
+  python -c "from diffusers import StableDiffusionPipeline as P; P.from_pretrained('export/c16')"
+""")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", "which", default="latest", show_default=True)
+@click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]))
+def export_cmd(run_dir, out, which, weights) -> None:
+    """Export a run as a diffusers StableDiffusionPipeline folder."""
+    from ldmscale.export import export
+
+    export(run_dir, out, which, weights)
+    click.echo(f"exported {run_dir} to {out} (StableDiffusionPipeline.from_pretrained('{out}'))")
+
+
+def _plain(cfg) -> dict:
+    from ldmscale.config import to_dict
+
+    return to_dict(cfg)
+
+
+COMMANDS = [train_cmd, sample_cmd, export_cmd]

@@ -1,0 +1,130 @@
+"""Generate images from a run: prompts -> text states -> sampling loop -> autoencoder decode -> PNGs and a grid."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldmscale import checkpoint
+from ldmscale.config import UserError
+
+
+@dataclass
+class RunModel:
+    """A loaded run: UNet (EMA or raw weights), its config, and the autoencoder and text encoder it was trained with."""
+
+    run: Path
+    ckpt: Path
+    config: dict
+    unet: torch.nn.Module
+    vae: torch.nn.Module = field(repr=False)
+    text: object = field(repr=False)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.config["data"]["latent_shape"]
+        return int(c), int(h), int(w)
+
+    @property
+    def prediction(self) -> str:
+        return self.config["train"].get("prediction", "epsilon")
+
+
+@lru_cache(maxsize=4)
+def _vae(spec: str):
+    from ldmscale.autoencoder import load_autoencoder
+
+    return load_autoencoder(spec)
+
+
+@lru_cache(maxsize=4)
+def _text(spec: str, max_length: int):
+    from ldmscale.text import load_text_encoder
+
+    return load_text_encoder(spec, max_length)
+
+
+def load_run(run: str | Path, which: str = "latest", weights: str = "ema") -> RunModel:
+    from diffusers import UNet2DConditionModel
+
+    run = Path(run)
+    ckpt = checkpoint.resolve(run, which)
+    config = checkpoint.read_run_config(run)
+    unet = UNet2DConditionModel(**config["unet"])
+    unet.load_state_dict(checkpoint.load_weights(ckpt, weights))
+    unet.eval().requires_grad_(False)
+    data = config["data"]
+    vae = _vae(data["autoencoder"]["spec"])
+    text = _text(data["text_encoder"]["spec"], int(data["context_len"]))
+    return RunModel(run, ckpt, config, unet, vae, text)
+
+
+def encode_prompts(model: RunModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond [N,L,D], uncond [1,L,D]) as the run was trained (zero-padded or full CLIP states)."""
+    states, _ = model.text.encode(list(prompts) + [""])
+    return states[:-1], states[-1:]
+
+
+def generate(model: RunModel, prompts: list[str], sampler: str, steps: int, guidance: float, seeds: list[int],
+             batch_size: int = 64, extra_channels: torch.Tensor | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
+    """One image per (prompt, seed) pair: uint8 [N,C,H,W] and sampling stats (model calls, latency)."""
+    from ldmscale.autoencoder import decode, to_uint8
+    from ldmscale.diffusion import SampleStats, check_sampling_args, generate_latents, make_sampler
+    from ldmscale.progress import bar
+
+    check_sampling_args(sampler, steps, guidance)
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    cond, uncond = encode_prompts(model, prompts)
+    images, nfe, t_total, t_loop = [], 0, 0.0, 0.0
+    for i in bar(range(0, len(prompts), batch_size), enabled=progress, desc=f"sample {sampler} {steps}", unit="batch"):
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch_size]]
+        stats = SampleStats()
+        t0 = time.perf_counter()
+        extra = None if extra_channels is None else extra_channels[i:i + batch_size]
+        lat = generate_latents(model.unet, make_sampler(sampler, model.prediction), steps, cond[i:i + batch_size],
+                               uncond, guidance, gens, model.latent_shape, extra, stats)
+        images.append(to_uint8(decode(model.vae, lat)))
+        t_total += time.perf_counter() - t0
+        t_loop += stats.seconds
+        nfe = stats.model_calls
+    n = len(prompts)
+    info = {"model_calls_per_image": nfe, "seconds_per_image": t_total / n, "denoise_seconds_per_image": t_loop / n,
+            "images": n, "batch_size": batch_size}
+    return torch.cat(images), info
+
+
+def to_pil(img: torch.Tensor | np.ndarray) -> Image.Image:
+    arr = np.asarray(img)
+    if arr.shape[0] == 1:
+        return Image.fromarray(arr[0], "L")
+    return Image.fromarray(arr.transpose(1, 2, 0), "RGB")
+
+
+def grid(images: torch.Tensor, ncol: int, min_cell: int = 96, pad: int = 2) -> Image.Image:
+    """Images [N,C,H,W] uint8 in rows of `ncol`, upscaled (nearest) so small images stay visible."""
+    n, c, h, w = images.shape
+    scale = max(1, min_cell // h)
+    nrow = (n + ncol - 1) // ncol
+    out = Image.new("L" if c == 1 else "RGB", (ncol * (w * scale + pad) + pad, nrow * (h * scale + pad) + pad), 128)
+    for i in range(n):
+        tile = to_pil(images[i]).resize((w * scale, h * scale), Image.NEAREST)
+        out.paste(tile, (pad + (i % ncol) * (w * scale + pad), pad + (i // ncol) * (h * scale + pad)))
+    return out
+
+
+def save_png(img: Image.Image, path: Path) -> None:
+    from ldmscale.io import atomic_write
+
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def check_prompts(prompts: list[str]) -> None:
+    if not prompts:
+        raise UserError("give at least one --prompt")

@@ -1,0 +1,259 @@
+"""The training loop: one UNet of the family, from a latent cache, on accelerate (1 CPU, N GPUs, many nodes).
+
+Determinism is by construction: the global batch of optimizer step s (indices, noise, timesteps, caption
+dropout) is drawn from a generator seeded by (seed, s) and each process takes its slice. So a resumed run
+equals an uninterrupted one, and 2 processes train the same model as 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ldmscale import checkpoint, flops
+from ldmscale.config import UserError, from_dict, to_dict
+from ldmscale.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = ""  # latent cache folder
+    size: str = "c16"  # family size: c<width>, a paper label, or c<width>:h<heads>:g<groups>
+    images: int = 200_000  # duration, in training images seen
+    batch_size: int = 64  # global batch (all processes, all accumulation steps)
+    grad_accum: int = 1
+    lr: float = 1e-3  # the paper used 1e-4 at batch 2048; tiny CPU models take more
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
+    cfg_dropout: float = 0.1  # caption dropout for classifier-free guidance
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    checkpoint_every: int = 0  # images between checkpoints (0: 4 per run)
+    keep: int = 2  # checkpoints kept
+    log_every: int = 20  # optimizer steps between log lines
+    latent_sample: bool = True  # sample z from the cached posterior (else use its mean)
+    text_mask: bool = False  # mask padded text tokens in cross-attention (SD does not)
+    report_to: str = ""  # "", "tensorboard" or "wandb" (accelerate trackers)
+
+
+# settings that may change when a run is continued, without making it a different run
+CONTINUABLE = {"images", "checkpoint_every", "keep", "log_every", "report_to"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the run stopped without saving."""
+
+
+def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
+    """The dataset indices of optimizer step `step`: a fresh seeded permutation per epoch, batches in order."""
+    out, pos = [], step * batch
+    while sum(len(o) for o in out) < batch:
+        epoch, off = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        take = min(batch - sum(len(o) for o in out), n - off)
+        out.append(perm[off:off + take])
+        pos += take
+    return torch.cat(out)
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            p = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+        return 1.0
+    return f
+
+
+def resolve_run(cfg: TrainConfig, run: Path) -> dict:
+    """The fully resolved config of a run; checks a continued run matches the one on disk."""
+    from importlib.metadata import version
+
+    from ldmscale.cache import read_manifest
+    from ldmscale.family import parse_size, size_spec, unet_config
+
+    size = parse_size(cfg.size)
+    m = read_manifest(cfg.data)
+    c, h, _ = m["latent_shape"]
+    if h % 8:
+        raise UserError(f"latent size {h} of cache {cfg.data} is not a multiple of 8 (the UNet downsamples 3 times)")
+    if cfg.batch_size < 1 or cfg.images < 1 or cfg.grad_accum < 1:
+        raise UserError("images, batch_size and grad_accum must be positive")
+    cost = flops.cost(size, h, m["context_len"], m["context_dim"], c)
+    resolved = {
+        "kind": "text-to-image",
+        "train": to_dict(cfg) | {"data": str(Path(cfg.data).resolve()), "size": size_spec(size)},
+        "unet": unet_config(size, h, m["context_dim"], c),
+        "data": {k: m[k] for k in ("source", "resolution", "channels", "latent_shape", "context_len", "context_dim",
+                                   "autoencoder", "text_encoder")},
+        "accounting": {"params": cost.params, "forward_flops": cost.flops, "gflops": cost.gflops,
+                       "norm_cost": cost.norm_cost, "flop_convention": flops.FLOP_CONVENTION},
+        "versions": {p: version(p) for p in ("ldmscale", "torch", "diffusers", "accelerate", "transformers")},
+    }
+    path = Path(run) / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        old_train = old.get("train", {})
+        diff = [k for k, v in resolved["train"].items() if k not in CONTINUABLE and old_train.get(k) != v]
+        if diff or old.get("kind") != "text-to-image":
+            raise UserError(f"{run} is a run with other settings ({', '.join(diff) or 'kind'} differ); "
+                            "use a new --out or the same settings to continue it")
+    return resolved
+
+
+def train(cfg: TrainConfig, run: str | Path, progress: bool = True) -> dict:
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    from ldmscale.cache import LatentCache
+    from ldmscale.diffusion import noise_scheduler
+    from ldmscale.progress import bar
+
+    run = Path(run)
+    # Without a GPU, accelerate only forms a process group when told it is on CPU (then gloo).
+    on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                      log_with=cfg.report_to or None, project_dir=str(run), cpu=on_cpu)
+    world, rank = acc.num_processes, acc.process_index
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise UserError(f"batch_size {cfg.batch_size} is not divisible by processes x grad_accum = {world * cfg.grad_accum}")
+    resolved = resolve_run(cfg, run)
+    if acc.is_main_process:
+        atomic_write_json(run / "config.json", resolved)
+        for stale in checkpoint.ckpt_dir(run).glob(".step-*"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+    cache = LatentCache(cfg.data, "train")
+    fwd = resolved["accounting"]["forward_flops"]
+    total_steps = math.ceil(cfg.images / cfg.batch_size)
+    every = cfg.checkpoint_every or max(cfg.batch_size, cfg.images // 4)
+    ckpt_steps = max(1, every // cfg.batch_size)
+
+    torch.manual_seed(cfg.seed)
+    unet = UNet2DConditionModel(**resolved["unet"])
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+    start = 0
+    last = checkpoint.latest(run)
+    if last is not None:
+        unet.load_state_dict(checkpoint.load_weights(last, "raw"))
+        state = checkpoint.load_optimizer(last)
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = checkpoint.load_state(last)["step"]
+        if acc.is_main_process:  # drop log lines written after that checkpoint by the run that died
+            kept = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("step", 0) <= start]
+            atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    unet, opt = acc.prepare(unet, opt)
+    if cfg.report_to:
+        acc.init_trackers("ldmscale", config={k: v for k, v in resolved["train"].items() if isinstance(v, (int, float, str))})
+    noise_sched = noise_scheduler(cfg.prediction)
+    alphas = noise_sched.alphas_cumprod
+    empty, empty_mask = cache.empty_text.float(), cache.empty_mask
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    c, h, w = resolved["data"]["latent_shape"]
+
+    def state_dict(step: int, loss: float) -> dict:
+        images = step * cfg.batch_size
+        return {"step": step, "images_seen": images, "epoch": images / len(cache), "loss": loss,
+                "gflops_per_sample": fwd / 1e9, "train_flops": flops.training_flops(images, fwd),
+                "steps_x_gflops": flops.steps_x_gflops(step, fwd), "flop_convention": flops.FLOP_CONVENTION,
+                "seed": cfg.seed, "rng_note": "per-step generators seeded by (seed, step); no global RNG is used"}
+
+    def save(step: int, loss: float) -> None:
+        if acc.is_main_process:
+            st = state_dict(step, loss)
+            checkpoint.save(run, step, resolved, acc.unwrap_model(unet).state_dict(), _ema_weights(ema, unet, acc),
+                            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "ema": ema.state_dict()},
+                            st, cfg.keep)
+        acc.wait_for_everyone()
+
+    pbar = bar(total=total_steps, initial=start, desc=f"train {resolved['train']['size']}", unit="step",
+               enabled=progress and acc.is_main_process)
+    t_log, img_log, loss_acc, loss_n = time.perf_counter(), 0, 0.0, 0
+    unet.train()
+    for step in range(start, total_steps):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = batch_indices(step, cfg.batch_size, len(cache), cfg.seed)
+        noise = torch.randn(cfg.batch_size, c, h, w, generator=g)
+        latent_eps = torch.randn(cfg.batch_size, c, h, w, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=g)
+        drop = torch.rand(cfg.batch_size, generator=g) < cfg.cfg_dropout
+        for a in range(cfg.grad_accum):
+            sel = torch.arange(cfg.batch_size).view(cfg.grad_accum, world, micro)[a, rank]
+            z, text, mask = cache.batch(idx[sel], latent_noise=latent_eps[sel] if cfg.latent_sample else None)
+            text = torch.where(drop[sel, None, None], empty[None], text)
+            mask = torch.where(drop[sel, None], empty_mask[None], mask)
+            a_t = alphas[t[sel]].view(-1, 1, 1, 1)
+            noisy = a_t.sqrt() * z + (1 - a_t).sqrt() * noise[sel]
+            target = noise[sel] if cfg.prediction == "epsilon" else a_t.sqrt() * noise[sel] - (1 - a_t).sqrt() * z
+            with acc.accumulate(unet), acc.autocast():
+                pred = unet(noisy.to(acc.device), t[sel].to(acc.device), encoder_hidden_states=text.to(acc.device),
+                            encoder_attention_mask=mask.to(acc.device) if cfg.text_mask else None).sample
+                loss = F.mse_loss(pred.float(), target.to(acc.device))
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.grad_clip > 0:
+                    acc.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            mean_loss = acc.reduce(loss.detach(), "mean").item()
+            if not math.isfinite(mean_loss):
+                good = checkpoint.latest(run)
+                raise TrainingDiverged(
+                    f"loss is {mean_loss} at step {step + 1} (images seen {step * cfg.batch_size}); stopped without "
+                    f"saving; last good checkpoint: {good.name if good else 'none'}; try a lower lr")
+            loss_acc, loss_n = loss_acc + mean_loss, loss_n + 1
+            step_loss = mean_loss
+        sched.step()
+        ema.step(acc.unwrap_model(unet).parameters())
+        img_log += cfg.batch_size
+        pbar.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            dt = time.perf_counter() - t_log
+            rec = state_dict(done, loss_acc / loss_n) | {"lr": sched.get_last_lr()[0], "images_per_s": img_log / dt,
+                                                          "time": time.time()}
+            pbar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}")
+            if acc.is_main_process:
+                append_jsonl(run / "metrics.jsonl", rec)
+            if cfg.report_to:
+                acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=done)
+            t_log, img_log, loss_acc, loss_n = time.perf_counter(), 0, 0.0, 0
+        if done % ckpt_steps == 0 or done == total_steps:
+            save(done, step_loss)
+    pbar.close()
+    acc.end_training()
+    return state_dict(max(start, total_steps), float("nan")) | {"run": str(run), "is_main": acc.is_main_process}
+
+
+def _ema_weights(ema, unet, acc) -> dict:
+    """The EMA parameters as a state dict of the UNet (buffers from the live model)."""
+    model = acc.unwrap_model(unet)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_parameters()]
+    for name, p in zip(names, ema.shadow_params):
+        sd[name] = p.detach().clone()
+    return sd
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    data = json.loads(Path(path).read_text())
+    return from_dict(TrainConfig, data.get("train", data), where=Path(path).name)

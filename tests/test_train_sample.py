@@ -1,0 +1,299 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import ldmscale.train as train_mod
+from conftest import ROOT, run_cli, tiny_train_config
+from ldmscale import checkpoint
+from ldmscale.diffusion import SAMPLERS, SampleStats, generate_latents, make_sampler, noise_scheduler
+from ldmscale.train import TrainingDiverged, train
+
+
+def _weights(run, which="raw"):
+    return checkpoint.load_weights(checkpoint.latest(run), which)
+
+
+def test_run_directory_and_ledger(tiny_run):
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["kind"] == "text-to-image" and cfg["train"]["size"] == "c8"
+    assert cfg["unet"]["block_out_channels"] == [8, 16, 32, 32]
+    fwd = cfg["accounting"]["forward_flops"]
+    lines = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    last = lines[-1]
+    assert last["images_seen"] == 48 and last["train_flops"] == 3 * 48 * fwd
+    assert last["steps_x_gflops"] == pytest.approx(6 * fwd / 1e9)
+    assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in lines)
+    names = [p.name for p in checkpoint.list_checkpoints(tiny_run)]
+    assert names == ["step-000003", "step-000006"]
+    assert (tiny_run / "checkpoints" / "LATEST").read_text().strip() == "step-000006"
+    with safe_open(str(tiny_run / "checkpoints" / "step-000006" / "ema.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["ldmscale_config"])["unet"] == cfg["unet"]
+    assert json.loads(meta["ldmscale_state"])["images_seen"] == 48
+    ema, raw = _weights(tiny_run, "ema"), _weights(tiny_run, "raw")
+    assert set(ema) == set(raw) and any(not torch.equal(ema[k], raw[k]) for k in raw)
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_cache, monkeypatch):
+    cfg = tiny_train_config(tiny_cache)
+    train(cfg, tmp_path / "straight", progress=False)
+    real = train_mod.batch_indices
+
+    def dies_at_step_5(step, *a):
+        if step == 4:
+            raise KeyboardInterrupt  # killed after the step-3 checkpoint, during step 5
+        return real(step, *a)
+
+    monkeypatch.setattr(train_mod, "batch_indices", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(train_mod, "batch_indices", real)
+    assert checkpoint.latest(tmp_path / "resumed").name == "step-000003"
+    train(cfg, tmp_path / "resumed", progress=False)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    ea, eb = _weights(tmp_path / "straight", "ema"), _weights(tmp_path / "resumed", "ema")
+    assert all(torch.allclose(ea[k], eb[k], atol=1e-6, rtol=0) for k in ea)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    # a longer --images continues the same run; other changed settings are refused
+    from ldmscale.config import UserError
+
+    with pytest.raises(UserError, match="lr differ"):
+        train(tiny_train_config(tiny_cache, lr=0.5), tmp_path / "resumed", progress=False)
+
+
+KILL_SCRIPT = r"""
+import sys, time, pathlib
+import ldmscale.checkpoint as ck
+real = ck.save_file
+calls = {"n": 0}
+def slow(tensors, path, metadata=None):
+    calls["n"] += 1
+    real(tensors, path, metadata=metadata)
+    if calls["n"] == 3:  # the first file of the second checkpoint is written: stall there
+        pathlib.Path(sys.argv[1]).write_text("saving")
+        time.sleep(60)
+ck.save_file = slow
+from ldmscale.cli import main
+main(sys.argv[2:])
+"""
+
+
+def test_kill9_during_save_keeps_previous_checkpoint(tmp_path, tiny_cache):
+    run, marker = tmp_path / "run", tmp_path / "marker"
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    args = ["train", "--data", str(tiny_cache), "--size", "c8", "--out", str(run), "--images", "48",
+            "--set", "batch_size=8", "--set", "checkpoint_every=24"]
+    proc = subprocess.Popen([sys.executable, str(script), str(marker), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "training never reached the second save"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    hidden = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert hidden, "the interrupted save should have left only a hidden temp folder"
+    assert checkpoint.latest(run).name == "step-000003"
+    weights = checkpoint.load_weights(checkpoint.latest(run), "ema")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    run_cli(*args, check=True)  # the same command resumes and finishes
+    assert checkpoint.latest(run).name == "step-000006"
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_cache, monkeypatch):
+    from ldmscale.cache import LatentCache
+
+    real = LatentCache.batch
+    calls = {"n": 0}
+
+    def poisoned(self, idx, latent_noise=None):
+        calls["n"] += 1
+        z, text, mask = real(self, idx, latent_noise)
+        if calls["n"] == 5:
+            z = z * float("nan")
+        return z, text, mask
+
+    monkeypatch.setattr(LatentCache, "batch", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5 .*last good checkpoint: step-000003"):
+        train(tiny_train_config(tiny_cache), tmp_path / "run", progress=False)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run")] == ["step-000003"]
+
+
+def test_two_process_data_parallel_trains_the_same_model(tmp_path, tiny_cache):
+    args = ["train", "--data", str(tiny_cache), "--size", "c8", "--images", "32", "--set", "batch_size=8",
+            "--set", "warmup_steps=1"]
+    run_cli(*args, "--out", tmp_path / "one", check=True)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldmscale",
+           *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run ") == 1  # only the main process reports
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    # Same batches, same noise; only the all-reduce's summation order differs. Parameters whose true gradient
+    # is exactly zero (a conv bias right before a one-channel-per-group GroupNorm, as at C=8) get rounding
+    # noise that Adam scales up to a full step of size lr, so those may differ by at most steps x lr.
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (diff < 1e-5).float().mean() > 0.995
+    assert diff.max() <= 4 * 1e-3 + 1e-6
+    close = [k for k in a if (a[k] - b[k]).abs().max() < 1e-5]
+    assert "conv_in.weight" in close and "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight" in close
+    changed = _weights(tmp_path / "one")
+    assert sum(v.abs().sum().item() for v in changed.values()) > 0
+
+
+class ToyGaussianDenoiser(torch.nn.Module):
+    """The exact epsilon-predictor for data x0 ~ N(mu, s^2) per element, under SD's schedule."""
+
+    def __init__(self, mu: float, s: float):
+        super().__init__()
+        self.mu, self.s = mu, s
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+        self.config = SimpleNamespace(time_cond_proj_dim=None)
+        self.alphas = noise_scheduler().alphas_cumprod
+
+    def forward(self, x, t, encoder_hidden_states=None, timestep_cond=None):
+        t = float(t)
+        lo, hi = int(np.floor(t)), min(999, int(np.ceil(t)))
+        a = self.alphas[lo] + (self.alphas[hi] - self.alphas[lo]) * (t - lo)
+        eps = (1 - a).sqrt() * (x - a.sqrt() * self.mu) / (a * self.s**2 + 1 - a)
+        return SimpleNamespace(sample=eps)
+
+
+@pytest.mark.parametrize("name", [s for s in SAMPLERS if s != "lcm"])
+def test_samplers_recover_a_gaussian_with_its_exact_denoiser(name):
+    model = ToyGaussianDenoiser(mu=0.5, s=0.7)
+    # Ancestral samplers (ddpm, euler-a) add only the posterior's own variance at each jump, which
+    # underestimates the true reverse variance at large jumps (Bao et al. 2022): std 0.65 at 50 steps,
+    # 0.678 at 200, 0.693 at 500. They converge as steps grow, so they are checked at 500.
+    steps = {"dpmsolver++": 25, "unipc": 25, "heun": 25, "ddpm": 500, "euler-a": 500}.get(name, 50)
+    gens = [torch.Generator().manual_seed(i) for i in range(16)]
+    cond = torch.zeros(16, 4, 8)
+    stats = SampleStats()
+    x = generate_latents(model, make_sampler(name), steps, cond, None, 1.0, gens, (4, 16, 16), stats=stats)
+    # SD's schedule does not reach zero SNR (alpha_bar(999) ~ 0.005), so starting from N(0, 1) leaves a known
+    # small offset of about sqrt(alpha_bar_T) * mu in the mean (Lin et al. 2023); gross loop errors are far larger.
+    assert abs(x.mean().item() - 0.5) < 0.06, x.mean()
+    assert abs(x.std().item() / 0.7 - 1) < 0.05, x.std()
+    assert stats.model_calls == (2 * steps - 1 if name == "heun" else steps)
+
+
+def test_guidance_doubles_model_calls_and_lcm_runs():
+    model = ToyGaussianDenoiser(mu=0.0, s=1.0)
+    gens = [torch.Generator().manual_seed(0)]
+    stats = SampleStats()
+    generate_latents(model, make_sampler("ddim"), 10, torch.zeros(1, 4, 8), torch.zeros(1, 4, 8), 3.0, gens,
+                     (4, 8, 8), stats=stats)
+    assert stats.model_calls == 20
+    stats = SampleStats()
+    x = generate_latents(model, make_sampler("lcm"), 4, torch.zeros(1, 4, 8), None, 1.0, gens, (4, 8, 8), stats=stats)
+    assert stats.model_calls == 4 and torch.isfinite(x).all()
+
+
+def test_same_seed_same_images_whatever_the_batch(tiny_run):
+    from ldmscale.sample import generate, load_run
+
+    model = load_run(tiny_run)
+    prompts = ["a cat", "a dog", "a cat"]
+    a, info = generate(model, prompts, "ddim", 5, 3.0, [1, 2, 1], batch_size=3)
+    b, _ = generate(model, prompts, "ddim", 5, 3.0, [1, 2, 1], batch_size=1)
+    assert torch.equal(a, b) and torch.equal(a[0], a[2]) and not torch.equal(a[0], a[1])
+    assert a.shape == (3, 1, 32, 32) and a.dtype == torch.uint8
+    assert info["model_calls_per_image"] == 10 and info["seconds_per_image"] > 0
+
+
+def test_sample_cli(tiny_run, tmp_path):
+    out = tmp_path / "s"
+    proc = run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--prompt", "a zebra", "--sampler",
+                   "dpmsolver++", "--steps", "4", "--guidance", "2", "--num", "3", "--out", out, check=True)
+    assert "8 model calls/image" in proc.stdout
+    assert sorted(p.name for p in out.glob("p*.png")) == [f"p{p:02d}-{k:03d}.png" for p in range(2) for k in range(3)]
+    from PIL import Image
+
+    g = Image.open(out / "grid.png")
+    assert g.size == (3 * (96 + 2) + 2, 2 * (96 + 2) + 2)
+    rec = json.loads((out / "sample.json").read_text())
+    assert rec["seeds"] == [0, 1, 2, 3, 4, 5] and rec["checkpoint"] == "step-000006"
+    assert rec["results"]["dpmsolver++"]["sampling_cost"] == pytest.approx(rec["norm_cost"] * 4)
+    out2 = tmp_path / "two"
+    proc = run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--sampler", "ddim", "--sampler", "heun",
+                   "--steps", "3", "--guidance", "1", "--num", "2", "--out", out2, check=True)
+    assert "heun: 5 model calls/image" in proc.stdout and "ddim: 3 model calls/image" in proc.stdout
+    assert Image.open(out2 / "grid.png").size == (4 * (96 + 2) + 2, 96 + 4)
+    assert np.array_equal(np.asarray(Image.open(out2 / "grid.png"))[2:98, 2:98],
+                          np.asarray(Image.open(out2 / "ddim-p00-000.png").resize((96, 96), Image.NEAREST)))
+    for args, needle in [
+        (["--sampler", "plms"], "unknown sampler 'plms'"),
+        (["--steps", "0"], "steps must be between 1 and 1000"),
+        (["--checkpoint", "99"], "has no checkpoint '99'"),
+    ]:
+        p = run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--out", out, *args)
+        assert p.returncode == 2 and needle in p.stderr, p.stderr
+    p = run_cli("sample", "--run", tmp_path / "nope", "--prompt", "a cat", "--out", out)
+    assert p.returncode == 2 and "not a run directory" in p.stderr
+
+
+def _pipeline_latents(folder, prompt_embeds=None, negative=None, prompt=None, seeds=(3, 4), steps=5, guidance=3.0):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    out = pipe(prompt=prompt, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, num_inference_steps=steps,
+               guidance_scale=guidance, generator=gens, output_type="latent", height=size, width=size)
+    return out.images
+
+
+def _our_latents(run, prompts, seeds=(3, 4), steps=5, guidance=3.0):
+    from ldmscale.sample import encode_prompts, load_run
+
+    model = load_run(run)
+    cond, uncond = encode_prompts(model, prompts)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return generate_latents(model.unet, make_sampler("ddim"), steps, cond, uncond, guidance, gens, model.latent_shape)
+
+
+def test_export_clip_pipeline_matches_ldmscale_sample(tmp_path, tiny_ae):
+    from fixtures import make_tiny_clip
+    from ldmscale.cache import PrepareConfig, prepare
+    from ldmscale.export import export
+
+    clip = make_tiny_clip(tmp_path / "clip")
+    cache = tmp_path / "cache"
+    prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tiny_ae), text_encoder=f"clip:{clip}",
+                          resolution=32, limit=16), cache, progress=False)
+    train(tiny_train_config(cache, images=16), tmp_path / "run", progress=False)
+    export(tmp_path / "run", tmp_path / "export")
+    prompts = ["a cat", "a zebra"]
+    ours = _our_latents(tmp_path / "run", prompts)
+    theirs = _pipeline_latents(tmp_path / "export", prompt=prompts)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+def test_export_minilm_folder_loads_and_matches_with_prompt_embeds(tiny_run, tmp_path):
+    from ldmscale.export import export
+    from ldmscale.sample import encode_prompts, load_run
+
+    export(tiny_run, tmp_path / "export")
+    model = load_run(tiny_run)
+    cond, uncond = encode_prompts(model, ["a cat", "a zebra"])
+    theirs = _pipeline_latents(tmp_path / "export", prompt_embeds=cond, negative=uncond.expand(2, -1, -1))
+    ours = _our_latents(tiny_run, ["a cat", "a zebra"])
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    p = run_cli("export", "--run", tmp_path / "missing", "--out", tmp_path / "x")
+    assert p.returncode == 2 and "not a run directory" in p.stderr
