@@ -63,3 +63,13 @@ def tiny_run(tmp_path_factory, tiny_cache):
     run = tmp_path_factory.mktemp("run") / "c8"
     train(tiny_train_config(tiny_cache), run, progress=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory):
+    """The domain classifier, trained for two epochs at half width (real data, real features)."""
+    from ldmscale.features import ClassifierConfig, train_classifier
+
+    out = tmp_path_factory.mktemp("clf") / "classifier"
+    train_classifier(ClassifierConfig(width=16, feature_dim=32, epochs=2, batch_size=128), out, progress=False)
+    return out

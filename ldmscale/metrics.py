@@ -1,0 +1,137 @@
+"""Metrics over image iterables. They see feature callables and batches of uint8 images, never models.
+
+- Frechet distance in float64 from running sums (images are streamed, never all held);
+- CLIP score as the paper's raw cosine (~0.31 for SD) and as torchmetrics' 100 x max(cos, 0);
+- caption accuracy, PSNR, SSIM, LPIPS (from a given TorchScript).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from ldmscale.config import UserError
+
+FID_MIN_IMAGES = 2048  # below this, FID is biased upward (and the 2048-d covariance is rank-deficient)
+FD_MIN_IMAGES = 500  # for low-dimensional feature spaces (the classifier's 128-d)
+
+
+class FeatureStats:
+    """Running count, sum and sum of outer products of features, in float64; mergeable across processes."""
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+
+    def update(self, feats: torch.Tensor) -> None:
+        f = feats.detach().to(torch.float64).reshape(len(feats), -1)
+        self.n += len(f)
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        self.n += other.n
+        self.sum += other.sum
+        self.outer += other.outer
+        return self
+
+    @property
+    def mean(self) -> np.ndarray:
+        return (self.sum / self.n).numpy()
+
+    @property
+    def cov(self) -> np.ndarray:
+        """Unbiased covariance (n - 1), as numpy.cov and pytorch-fid."""
+        mu = self.sum / self.n
+        return ((self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)).numpy()
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"n": torch.tensor([self.n], dtype=torch.int64), "sum": self.sum, "outer": self.outer}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "FeatureStats":
+        s = cls(t["sum"].shape[0])
+        s.n, s.sum, s.outer = int(t["n"][0]), t["sum"].double(), t["outer"].double()
+        return s
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64.
+
+    Tr((S1 S2)^(1/2)) is the nuclear norm of S2^(1/2) S1^(1/2) (its singular values are the square roots of
+    the eigenvalues of S1^(1/2) S2 S1^(1/2)). Taking singular values avoids both scipy's sqrtm of the
+    non-symmetric S1 S2, which can go complex, and square roots of round-off eigenvalues, which add up to
+    ~1e-4 over 2048 near-null directions when covariances are rank-deficient (fewer images than dimensions).
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    tr_covmean = np.linalg.svd(_psd_sqrt(s2) @ _psd_sqrt(s1), compute_uv=False).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def stats_of(images: Iterable[torch.Tensor], extract: Callable[[torch.Tensor], torch.Tensor], dim: int) -> FeatureStats:
+    """Stream uint8 batches through a feature extractor into running statistics."""
+    stats = FeatureStats(dim)
+    for batch in images:
+        stats.update(extract(batch))
+    return stats
+
+
+def fd_of(a: FeatureStats, b: FeatureStats) -> float:
+    if a.n < 2 or b.n < 2:
+        raise UserError(f"Frechet distance needs at least 2 images per set (got {a.n} and {b.n})")
+    return frechet_distance(a.mean, a.cov, b.mean, b.cov)
+
+
+def clip_scores(cosine_sum: float, n: int) -> dict[str, float]:
+    """Both conventions, labelled: the paper's raw mean cosine (~0.31 for SD) and torchmetrics' CLIPScore,
+    which computes max(100 x mean cosine, 0) (its docs write the max per sample; its code takes it of the mean)."""
+    mean = cosine_sum / n
+    return {"clip_cosine": mean, "clip_score_torchmetrics": max(100.0 * mean, 0.0)}
+
+
+def caption_accuracy(predicted: torch.Tensor, prompted: torch.Tensor) -> float:
+    """Share of samples the classifier assigns to the class their prompt named (prompts without a class skipped)."""
+    keep = prompted >= 0
+    if not keep.any():
+        raise UserError("caption accuracy needs prompts that name a class of the dataset")
+    return float((predicted[keep] == prompted[keep]).double().mean())
+
+
+def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Mean PSNR (dB) and SSIM of uint8 image pairs, by torchmetrics (data range 255)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    if pred.shape != target.shape:
+        raise UserError(f"image shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    p, t = pred.double(), target.double()
+    per_image = [float(peak_signal_noise_ratio(p[i:i + 1], t[i:i + 1], data_range=255.0)) for i in range(len(p))]
+    ssim = float(structural_similarity_index_measure(p, t, data_range=255.0))
+    return {"psnr": float(np.mean(per_image)), "ssim": ssim}
+
+
+def lpips(pred: torch.Tensor, target: torch.Tensor, path: str | Path) -> float:
+    """LPIPS from a TorchScript module taking two image batches in [-1, 1] (e.g. a traced lpips.LPIPS)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"LPIPS TorchScript not found: {path}")
+    net = torch.jit.load(str(path), map_location="cpu").eval()
+    to = lambda x: (x.float() / 127.5 - 1).expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float() / 127.5 - 1  # noqa: E731
+    with torch.no_grad():
+        return float(net(to(pred), to(target)).mean())
+
+
+def stats_manifest_matches(have: dict, want: dict) -> list[str]:
+    """The keys on which stored reference statistics differ from what an evaluation needs."""
+    return [k for k in want if json.dumps(have.get(k), sort_keys=True) != json.dumps(want[k], sort_keys=True)]

@@ -1,0 +1,196 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from conftest import ROOT, run_cli
+from ldmscale import metrics
+from ldmscale.config import UserError
+from ldmscale.data import load_images, parse_source
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    # diagonal covariances: FD = |mu1 - mu2|^2 + sum (s1 - s2)^2
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    s1, s2 = rng.uniform(0.5, 2, 6), rng.uniform(0.5, 2, 6)
+    expected = ((mu1 - mu2) ** 2).sum() + ((s1 - s2) ** 2).sum()
+    assert metrics.frechet_distance(mu1, np.diag(s1**2), mu2, np.diag(s2**2)) == pytest.approx(expected, rel=1e-12)
+    # general covariances: against the textbook formula with scipy's sqrtm
+    a, b = rng.normal(size=(8, 8)), rng.normal(size=(8, 8))
+    c1, c2 = a @ a.T + np.eye(8), b @ b.T + np.eye(8)
+    ref = np.trace(c1 + c2 - 2 * scipy.linalg.sqrtm(c1 @ c2).real)
+    assert metrics.frechet_distance(np.zeros(8), c1, np.zeros(8), c2) == pytest.approx(ref, rel=1e-9)
+    # a set against itself
+    assert abs(metrics.frechet_distance(mu1, np.diag(s1), mu1, np.diag(s1))) < 1e-12
+
+
+def test_running_stats_equal_numpy_and_merge():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 5)) * [1, 2, 3, 4, 5] + 7
+    s = metrics.FeatureStats(5)
+    for i in range(0, 300, 64):
+        s.update(torch.as_tensor(x[i:i + 64]))
+    assert np.allclose(s.mean, x.mean(0)) and np.allclose(s.cov, np.cov(x, rowvar=False))
+    a, b = metrics.FeatureStats(5), metrics.FeatureStats(5)
+    a.update(torch.as_tensor(x[:100]))
+    b.update(torch.as_tensor(x[100:]))
+    merged = a.merge(b)
+    assert merged.n == 300 and np.allclose(merged.cov, s.cov)
+
+
+@pytest.fixture(scope="module")
+def two_image_sets():
+    src = parse_source("animal-mnist")
+    a, _, _ = load_images(src, "train", 32, 3, limit=96)
+    b, _, _ = load_images(src, "validation", 32, 3, limit=96)
+    return torch.as_tensor(a), torch.as_tensor(b)
+
+
+def test_fid_matches_torchmetrics_and_is_zero_on_itself(two_image_sets):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from ldmscale.features import InceptionFeatures
+
+    a, b = two_image_sets
+    ex = InceptionFeatures()
+    sa = metrics.stats_of([a[:48], a[48:]], ex, 2048)
+    sb = metrics.stats_of([b], ex, 2048)
+    ours = metrics.fd_of(sa, sb)
+    assert abs(metrics.fd_of(sa, sa)) < 1e-6
+    tm = FrechetInceptionDistance(feature=ex, reset_real_features=True)
+    tm.update(a, real=True)
+    tm.update(b, real=False)
+    theirs = float(tm.compute())
+    assert ours > 10 and abs(ours - theirs) / theirs < 1e-3, (ours, theirs)
+
+
+def test_clip_score_matches_torchmetrics(tmp_path, two_image_sets):
+    from fixtures import make_tiny_clip_model
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    from ldmscale.features import ClipModel
+
+    path = make_tiny_clip_model(tmp_path / "clip")
+    clip = ClipModel(str(path))
+    images = two_image_sets[0][:12]
+    texts = [f"a silhouette number {i}" for i in range(12)]
+    cos = clip.cosine(images, texts)
+    ours = metrics.clip_scores(float(cos.double().sum()), 12)
+    class Tensors(torch.nn.Module):
+        """transformers 5 returns a ModelOutput from get_*_features, torchmetrics 1.9 expects the tensor
+        (what transformers 4 returned): hand it the pooled output, nothing else changes."""
+
+        def __init__(self, m):
+            super().__init__()
+            self.m, self.config = m, m.config
+
+        def get_image_features(self, *a, **k):
+            return self.m.get_image_features(*a, **k).pooler_output
+
+        def get_text_features(self, *a, **k):
+            return self.m.get_text_features(*a, **k).pooler_output
+
+    tm = CLIPScore(model_name_or_path=lambda: (Tensors(clip.model), clip.processor))
+    tm.update(list(images), texts)
+    assert ours["clip_score_torchmetrics"] == pytest.approx(float(tm.compute()), abs=1e-4)
+    assert -1 <= ours["clip_cosine"] <= 1 and ours["clip_cosine"] != 0
+
+
+def test_psnr_ssim_and_caption_accuracy():
+    x = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    same = metrics.psnr_ssim(x, x)
+    assert same["ssim"] == pytest.approx(1.0) and same["psnr"] > 100
+    noisy = (x.int() + 10).clamp(0, 255).to(torch.uint8)
+    r = metrics.psnr_ssim(noisy, x)
+    mse = ((noisy.double() - x.double()) ** 2).flatten(1).mean(1)
+    assert r["psnr"] == pytest.approx(float((10 * torch.log10(255**2 / mse)).mean()), rel=1e-6)
+    assert metrics.caption_accuracy(torch.tensor([1, 2, 3, 0]), torch.tensor([1, 2, 0, -1])) == pytest.approx(2 / 3)
+    with pytest.raises(UserError):
+        metrics.psnr_ssim(x, x[:, :, :8])
+
+
+def test_classifier_features_and_accuracy(tiny_classifier):
+    from ldmscale.features import ClassifierFeatures
+
+    clf = ClassifierFeatures(tiny_classifier)
+    meta = json.loads((tiny_classifier / "classifier.json").read_text())
+    assert meta["validation_accuracy"] > 0.6  # two epochs at width 16 already separate the 10 classes
+    src = parse_source("animal-mnist")
+    imgs, _, labels = load_images(src, "validation", 32, 1, limit=200)
+    pred = clf.predict(torch.as_tensor(imgs))
+    assert (pred == torch.as_tensor(labels)).float().mean() > 0.6
+    assert clf(torch.as_tensor(imgs[:3])).shape == (3, 32)
+
+
+def _eval_args(run, clf, *extra):
+    return ["eval", "--run", run, "--sampler", "ddim", "--steps", "3", "--guidance", "2", "--num-images", "24",
+            "--metrics", "fd-classifier,caption-accuracy", "--classifier", clf, "--batch-size", "8",
+            "--reference-count", "200", *extra]
+
+
+def test_eval_writes_result_with_provenance_and_one_equals_two_processes(tiny_run, tiny_classifier, tmp_path):
+    import shutil
+
+    run2 = tmp_path / "copy"
+    shutil.copytree(tiny_run, run2)
+    proc = run_cli(*_eval_args(tiny_run, tiny_classifier), check=True)
+    assert "warning: fd-classifier from 24 images" in proc.stdout
+    files = list((tiny_run / "eval").glob("ddim-s3-g2-n24-step-000006-ema.json"))
+    r1 = json.loads(files[0].read_text())
+    assert r1["num_images"] == 24 and r1["seeds"] == [0, 23] and r1["model_calls_per_image"] == 6
+    assert r1["sampling_cost"] == pytest.approx(3 * r1["norm_cost"]) and r1["latency_ms_per_image"] > 0
+    assert r1["reference"]["fd-classifier"]["images"] == 200 and r1["processes"] == 1
+    assert 0 <= r1["metrics"]["caption-accuracy"] <= 1 and r1["metrics"]["fd-classifier"] > 0
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldmscale",
+           *map(str, _eval_args(run2, tiny_classifier))]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r2 = json.loads(next((run2 / "eval").glob("*.json")).read_text())
+    assert r2["processes"] == 2
+    assert r2["metrics"]["caption-accuracy"] == r1["metrics"]["caption-accuracy"]
+    assert r2["metrics"]["fd-classifier"] == pytest.approx(r1["metrics"]["fd-classifier"], rel=1e-6)
+
+
+def test_mismatched_reference_statistics_are_refused(tiny_run, tiny_classifier, tmp_path):
+    from ldmscale.evaluate import EvalConfig, reference_stats
+    from ldmscale.features import ClassifierFeatures
+
+    clf = ClassifierFeatures(tiny_classifier)
+    cfg = EvalConfig(reference="animal-mnist:validation", reference_count=50)
+    stats, manifest = reference_stats(cfg, clf, 32, 1)
+    assert manifest["images"] == 50 and stats.n == 50
+    from ldmscale.evaluate import _cache_root
+
+    stored = next(p for p in _cache_root().glob("*.safetensors")
+                  if json.loads(__import__("safetensors").safe_open(str(p), "pt").metadata()["manifest"])["count"] == 50)
+    with pytest.raises(UserError, match="resolution differ"):
+        reference_stats(cfg, clf, 16, 1, stats_file=str(stored))
+    with pytest.raises(UserError, match="split differ"):
+        reference_stats(EvalConfig(reference="animal-mnist:train", reference_count=50), clf, 32, 1, stats_file=str(stored))
+    assert reference_stats(cfg, clf, 32, 1, stats_file=str(stored))[0].n == 50
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--metrics", "is"], "unknown metric 'is'"),
+    (["--sampler", "plms"], "unknown sampler"),
+    (["--reference", "animal-mnist:test"], "no split 'test'"),
+    (["--metrics", "clip"], "needs --clip"),
+])
+def test_eval_bad_input_exits_2(tiny_run, tiny_classifier, extra, needle):
+    p = run_cli(*_eval_args(tiny_run, tiny_classifier, *extra))
+    assert p.returncode == 2 and needle in p.stderr, p.stderr
+
+
+def test_compare_cli_blur_increases_distance(tiny_classifier):
+    vals = []
+    for blur in (0.0, 1.0):
+        p = run_cli("compare", "--a", "animal-mnist:validation", "--b", "animal-mnist:validation", "--blur-b", blur,
+                    "--metric", "fd-classifier", "--classifier", tiny_classifier, "--limit", "300", check=True)
+        vals.append(json.loads(p.stdout)["value"])
+    assert abs(vals[0]) < 1e-6 and vals[1] > 0.1
