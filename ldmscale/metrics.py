@@ -60,6 +60,38 @@ class FeatureStats:
         return s
 
 
+class BootstrapStats:
+    """K Poisson-bootstrap replicas of FeatureStats: image i enters replica k with weight w_ik ~ Poisson(1),
+    drawn from a generator seeded by i alone. Streaming, and mergeable across processes with the same result,
+    so the spread of the K Frechet distances is the metric's sampling uncertainty at this image count."""
+
+    def __init__(self, dim: int, replicas: int):
+        self.k = replicas
+        self.n = torch.zeros(replicas, dtype=torch.float64)
+        self.sum = torch.zeros(replicas, dim, dtype=torch.float64)
+        self.outer = torch.zeros(replicas, dim, dim, dtype=torch.float64)
+
+    def update(self, feats: torch.Tensor, indices: list[int]) -> None:
+        f = feats.detach().to(torch.float64).reshape(len(feats), -1)
+        w = torch.tensor(np.stack([np.random.default_rng(int(i)).poisson(1.0, self.k) for i in indices]),
+                         dtype=torch.float64)  # [N, K]
+        self.n += w.sum(0)
+        self.sum += w.T @ f
+        self.outer += torch.einsum("nk,ni,nj->kij", w, f, f)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.n, self.sum, self.outer]
+
+    def distances(self, ref: FeatureStats) -> np.ndarray:
+        out = []
+        for k in range(self.k):
+            n = float(self.n[k])
+            mu = self.sum[k] / n
+            cov = ((self.outer[k] - n * torch.outer(mu, mu)) / (n - 1)).numpy()
+            out.append(frechet_distance(mu.numpy(), cov, ref.mean, ref.cov))
+        return np.asarray(out)
+
+
 def _psd_sqrt(s: np.ndarray) -> np.ndarray:
     w, v = np.linalg.eigh((s + s.T) / 2)
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T

@@ -146,6 +146,7 @@ def test_eval_writes_result_with_provenance_and_one_equals_two_processes(tiny_ru
     assert r1["sampling_cost"] == pytest.approx(3 * r1["norm_cost"]) and r1["latency_ms_per_image"] > 0
     assert r1["reference"]["fd-classifier"]["images"] == 200 and r1["processes"] == 1
     assert 0 <= r1["metrics"]["caption-accuracy"] <= 1 and r1["metrics"]["fd-classifier"] > 0
+    assert 0 < r1["metrics"]["fd-classifier_std"] < r1["metrics"]["fd-classifier"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldmscale",
            *map(str, _eval_args(run2, tiny_classifier))]
@@ -194,3 +195,21 @@ def test_compare_cli_blur_increases_distance(tiny_classifier):
                     "--metric", "fd-classifier", "--classifier", tiny_classifier, "--limit", "300", check=True)
         vals.append(json.loads(p.stdout)["value"])
     assert abs(vals[0]) < 1e-6 and vals[1] > 0.1
+
+
+def test_bootstrap_spread_matches_repeated_sampling():
+    """The Poisson-bootstrap std of a Frechet distance tracks its real spread over independent sample sets."""
+    rng = np.random.default_rng(3)
+    ref = metrics.FeatureStats(4)
+    ref.update(torch.as_tensor(rng.normal(size=(20000, 4))))
+    real = []
+    for r in range(40):
+        s = metrics.FeatureStats(4)
+        s.update(torch.as_tensor(rng.normal(size=(200, 4)) + 0.3))
+        real.append(metrics.fd_of(s, ref))
+    x = torch.as_tensor(rng.normal(size=(200, 4)) + 0.3)
+    b = metrics.BootstrapStats(4, 200)
+    b.update(x[:120], list(range(120)))
+    b.update(x[120:], list(range(120, 200)))
+    boot_std = b.distances(ref).std(ddof=1)
+    assert 0.5 < boot_std / np.std(real, ddof=1) < 2.0
