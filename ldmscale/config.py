@@ -40,7 +40,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Check/convert a JSON value against a type annotation."""
     origin = get_origin(tp)
-    if tp is Any:
+    if tp is Any or tp is object:
         return value
     if origin in (Union, types.UnionType):
         args = get_args(tp)

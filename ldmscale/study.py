@@ -1,0 +1,320 @@
+"""Studies: a TOML file of values declares sizes, data, training budget and the evaluation grid; the runner
+turns it into jobs and runs them, skipping what is done.
+
+A job is identified by the hash of its resolved config; finishing one writes STUDY/jobs/<id>.json. Running
+the study again skips finished jobs; a killed job loses only its own unfinished work (training resumes from
+its last checkpoint). Jobs run in order, in this process (executor "local") or as SLURM jobs (submitit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+from ldmscale.config import UserError, from_dict, to_dict
+
+
+@dataclass(frozen=True)
+class DataSection:
+    source: str = "animal-mnist"
+    resolution: int = 32
+    text_encoder: str = "minilm"
+    autoencoder: str = ""  # folder or hub id; empty: train one with [autoencoder]
+    cache: str = ""  # an existing latent cache (skips prepare)
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    sizes: tuple[str, ...] = ("c8", "c16", "c32")
+    budget: Literal["images", "compute"] = "images"  # equal images per size (the paper) or equal training FLOPs
+    images: int = 50_000  # per size, budget = images
+    flops: float = 0.0  # per size, budget = compute
+    curve_points: int = 4  # equally spaced checkpoints evaluated for the quality-vs-training-compute curves
+    set: dict[str, str] = field(default_factory=dict)  # TrainConfig overrides (lr, batch_size, ...)
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    samplers: tuple[str, ...] = ("ddim", "ddpm", "dpmsolver++")
+    steps: tuple[int, ...] = (2, 5, 10, 20, 50)
+    guidance: tuple[float, ...] = (2.0, 4.0)
+    max_steps: dict[str, int] = field(default_factory=dict)  # per sampler, e.g. {"dpmsolver++" = 20}
+    metrics: tuple[str, ...] = ("fd-classifier", "caption-accuracy")
+    primary: str = "fd-classifier"  # the metric analysis and the planner optimize (lower is better for FD/FID)
+    num_images: int = 200
+    seed: int = 0
+    batch_size: int = 250
+    reference: str = "animal-mnist:validation"
+    reference_count: int = 0
+    classifier: str = ""  # an existing classifier folder; empty: train one with [classifier]
+    clip: str = ""
+    inception: str = ""
+    bootstrap: int = 10
+    curve_sampler: str = "ddim"  # the setting at which training-compute curves are measured
+    curve_steps: int = 20
+    curve_guidance: float = 3.0
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str = "study"
+    data: DataSection = field(default_factory=DataSection)
+    autoencoder: dict[str, object] = field(default_factory=dict)  # AutoencoderConfig overrides
+    classifier: dict[str, object] = field(default_factory=dict)  # ClassifierConfig overrides
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    tasks: dict[str, dict[str, object]] = field(default_factory=dict)  # downstream tasks / distillation (later)
+    cluster: dict[str, object] = field(default_factory=dict)  # submitit parameters (slurm_partition, gpus_per_node, ...)
+
+
+def load_study(path: str | Path) -> Study:
+    from ldmscale.autoencoder import AutoencoderConfig
+    from ldmscale.evaluate import METRICS
+    from ldmscale.family import parse_size
+    from ldmscale.features import ClassifierConfig
+    from ldmscale.train import TrainConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    if isinstance(raw.get("train", {}).get("set"), dict):
+        raw["train"]["set"] = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in raw["train"]["set"].items()}
+    study = from_dict(Study, raw, where=path.name)
+    from_dict(AutoencoderConfig, dict(study.autoencoder), where=f"{path.name} [autoencoder]")
+    from_dict(ClassifierConfig, dict(study.classifier), where=f"{path.name} [classifier]")
+    from ldmscale.config import apply_overrides
+
+    apply_overrides(TrainConfig(), [f"{k}={v}" for k, v in study.train.set.items()])
+    for s in study.train.sizes:
+        parse_size(s)
+    ev = study.eval
+    if not study.train.sizes:
+        raise UserError(f"{path.name}: [train] sizes is empty")
+    if not ev.samplers or not ev.steps or not ev.guidance:
+        raise UserError(f"{path.name}: the evaluation grid is empty (samplers, steps and guidance each need a value)")
+    from ldmscale.diffusion import check_sampling_args
+
+    for smp in ev.samplers:
+        for st in ev.steps:
+            for g in ev.guidance:
+                check_sampling_args(smp, st, g)
+    bad = [m for m in ev.metrics if m not in METRICS]
+    if bad:
+        raise UserError(f"{path.name}: unknown metric {bad[0]!r}; metrics: {', '.join(METRICS)}")
+    if ev.primary not in ev.metrics:
+        raise UserError(f"{path.name}: primary metric {ev.primary!r} is not among [eval] metrics")
+    if study.train.budget == "compute" and study.train.flops <= 0:
+        raise UserError(f"{path.name}: budget = \"compute\" needs [train] flops > 0")
+    return study
+
+
+@dataclass
+class Job:
+    kind: str  # autoencoder | classifier | prepare | train | eval | (task kinds)
+    name: str
+    config: dict
+    run: Callable[[], object]
+    cost_flops: float = 0.0  # estimate, for --dry-run and the ETA
+    after: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(json.dumps({"kind": self.kind, **self.config}, sort_keys=True, default=str)
+                              .encode()).hexdigest()[:16]
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric in ("fid", "fd-classifier") or metric.startswith("fd")
+
+
+def job_done(out: Path, job: Job) -> bool:
+    return (out / "jobs" / f"{job.id}.json").exists()
+
+
+def mark_done(out: Path, job: Job, seconds: float) -> None:
+    from ldmscale.io import atomic_write_json
+
+    atomic_write_json(out / "jobs" / f"{job.id}.json", {"kind": job.kind, "name": job.name, "config": job.config,
+                                                        "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def run_jobs(out: Path, jobs: list[Job], progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Run the jobs in order, skipping finished ones; one progress view weighted by estimated cost."""
+    from ldmscale.progress import bar
+
+    pending = [j for j in jobs if not job_done(out, j)]
+    done0 = len(jobs) - len(pending)
+    log(f"study {out}: {len(jobs)} jobs, {done0} already done, {len(pending)} to run")
+    weights = [max(j.cost_flops, 1e9) for j in pending]
+    pbar = bar(total=sum(weights) / 1e9, desc="study", unit="GFLOP", enabled=progress,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+    t_start = time.time()
+    for n, (job, w) in enumerate(zip(pending, weights)):
+        pbar.set_postfix_str(f"jobs {done0 + n}/{len(jobs)}, now: {job.name}")
+        t0 = time.time()
+        job.run()
+        mark_done(out, job, time.time() - t0)
+        pbar.update(w / 1e9)
+    pbar.set_postfix_str(f"jobs {len(jobs)}/{len(jobs)}")
+    pbar.close()
+    return {"jobs": len(jobs), "ran": len(pending), "seconds": time.time() - t_start}
+
+
+def _hash_config(obj) -> dict:
+    return json.loads(json.dumps(to_dict(obj), default=str))
+
+
+def expected_shapes(study: Study, out: Path) -> dict:
+    """Latent and text-context shapes the study's models will see (from the cache if it exists, else from
+    the autoencoder and text encoder configs), for FLOP estimates before anything has run."""
+    from ldmscale.cache import read_manifest
+
+    cache = Path(study.data.cache or out / "cache")
+    if (cache / "manifest.json").exists():
+        m = read_manifest(cache)
+        c, h, _ = m["latent_shape"]
+        return {"latent": h, "channels": c, "ctx_len": m["context_len"], "ctx_dim": m["context_dim"]}
+    if study.data.autoencoder and (Path(study.data.autoencoder) / "config.json").exists():
+        ae = json.loads((Path(study.data.autoencoder) / "config.json").read_text())
+    else:
+        from ldmscale.autoencoder import AutoencoderConfig
+
+        cfg = from_dict(AutoencoderConfig, dict(study.autoencoder))
+        ae = {"block_out_channels": cfg.block_out_channels, "latent_channels": cfg.latent_channels}
+    down = 2 ** (len(ae["block_out_channels"]) - 1)
+    enc = study.data.text_encoder
+    dims = {"minilm": 384, "clip-l": 768, "clip-h": 1024}
+    dim = dims.get(enc.split(":")[0])
+    if dim is None:
+        path = Path(enc.partition(":")[2]) / "config.json"
+        dim = json.loads(path.read_text()).get("hidden_size", 768) if path.exists() else 768
+    return {"latent": study.data.resolution // down, "channels": ae["latent_channels"], "ctx_len": 77, "ctx_dim": dim}
+
+
+def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
+    """The study as an ordered list of jobs: first stage, cache, classifier, training, evaluation."""
+    from ldmscale import flops
+    from ldmscale.autoencoder import AutoencoderConfig, train_autoencoder
+    from ldmscale.cache import PrepareConfig, prepare
+    from ldmscale.config import apply_overrides
+    from ldmscale.evaluate import EvalConfig, evaluate
+    from ldmscale.family import parse_size, size_spec
+    from ldmscale.features import ClassifierConfig, train_classifier
+    from ldmscale.train import TrainConfig, train
+
+    out = Path(out).resolve()
+    jobs: list[Job] = []
+    d = study.data
+    ae_dir = d.autoencoder or str(out / "autoencoder")
+    if not d.autoencoder and not d.cache:
+        ae_cfg = from_dict(AutoencoderConfig, {"source": d.source, "resolution": d.resolution} | dict(study.autoencoder))
+        jobs.append(Job("autoencoder", "autoencoder", to_dict(ae_cfg),
+                        lambda c=ae_cfg: train_autoencoder(c, out / "autoencoder", progress=progress)))
+    cache = d.cache or str(out / "cache")
+    if not d.cache:
+        p_cfg = PrepareConfig(source=d.source, autoencoder=ae_dir, text_encoder=d.text_encoder, resolution=d.resolution)
+        jobs.append(Job("prepare", "latent cache", to_dict(p_cfg), lambda c=p_cfg: prepare(c, cache, progress=progress)))
+    ev = study.eval
+    clf_dir = ev.classifier
+    if {"fd-classifier", "caption-accuracy"} & set(ev.metrics) and not clf_dir:
+        clf_cfg = from_dict(ClassifierConfig, {"source": d.source, "resolution": d.resolution} | dict(study.classifier))
+        clf_dir = str(out / "classifier")
+        jobs.append(Job("classifier", "classifier", to_dict(clf_cfg),
+                        lambda c=clf_cfg: train_classifier(c, clf_dir, progress=progress)))
+    shapes = expected_shapes(study, out)
+    base = apply_overrides(TrainConfig(data=cache), [f"{k}={v}" for k, v in study.train.set.items()])
+    for name in study.train.sizes:
+        size = parse_size(name)
+        fwd = flops.cost(size, shapes["latent"], shapes["ctx_len"], shapes["ctx_dim"], shapes["channels"]).flops
+        if study.train.budget == "images":
+            images = study.train.images
+        else:
+            images = int(study.train.flops / (3 * fwd))
+        steps = max(1, round(images / base.batch_size))
+        points = max(1, study.train.curve_points)
+        every = max(1, steps // points)
+        t_cfg = TrainConfig(**(to_dict(base) | {"size": size_spec(size), "images": steps * base.batch_size,
+                                                "checkpoint_every": every * base.batch_size, "keep": points + 1}))
+        t_cfg = from_dict(TrainConfig, to_dict(t_cfg))
+        run = out / "runs" / size.name
+        jobs.append(Job("train", f"train {size.name} ({steps * base.batch_size:,} images)", to_dict(t_cfg),
+                        lambda c=t_cfg, r=run: train(c, r, progress=progress),
+                        cost_flops=flops.training_flops(steps * base.batch_size, fwd)))
+
+        def eval_job(label, sampler, n_steps, g, ckpt, run=run, fwd=fwd):
+            e_cfg = EvalConfig(sampler=sampler, steps=n_steps, guidance=g, num_images=ev.num_images,
+                               metrics=tuple(ev.metrics), reference=ev.reference, reference_count=ev.reference_count,
+                               checkpoint=str(ckpt), seed=ev.seed, batch_size=ev.batch_size, classifier=clf_dir,
+                               clip=ev.clip, inception=ev.inception, bootstrap=ev.bootstrap)
+            calls = flops.model_calls(n_steps, g, 2 if sampler == "heun" else 1)
+            return Job("eval", f"eval {size.name} {label}", to_dict(e_cfg) | {"run": str(run)},
+                       lambda: evaluate(run, e_cfg, progress=False), cost_flops=ev.num_images * calls * fwd)
+
+        curve_steps = sorted({min(steps, k * every) for k in range(1, points + 1)} | {steps})
+        for ck in curve_steps:
+            jobs.append(eval_job(f"curve step {ck}", ev.curve_sampler, ev.curve_steps, ev.curve_guidance, ck))
+        for sampler in ev.samplers:
+            for n_steps in ev.steps:
+                if n_steps > ev.max_steps.get(sampler, 10**9):
+                    continue
+                for g in ev.guidance:
+                    jobs.append(eval_job(f"{sampler} {n_steps} steps g{g:g}", sampler, n_steps, g, steps))
+    seen: set[str] = set()  # a curve point can coincide with a grid point: one job
+    return [j for j in jobs if not (j.id in seen or seen.add(j.id))]
+
+
+def collect(out: Path) -> list[dict]:
+    """One flat row per eval result under the study (metrics as columns): the results table."""
+    rows = []
+    for path in sorted(Path(out).glob("**/eval/*.json")):
+        r = json.loads(path.read_text())
+        row = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
+        row.update(r.get("metrics", {}))
+        row["file"] = str(path.relative_to(out))
+        row.setdefault("task", "text-to-image")
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    import csv
+    import io
+
+    from ldmscale.io import atomic_write_text
+
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_csv(path: Path) -> list[dict]:
+    import csv
+
+    def conv(v: str):
+        if v == "":
+            return None
+        for t in (int, float):
+            try:
+                return t(v)
+            except ValueError:
+                pass
+        return {"True": True, "False": False}.get(v, v)
+
+    if not Path(path).exists():
+        raise UserError(f"no results table at {path}; run `ldmscale study run` first")
+    with open(path, newline="") as f:
+        return [{k: conv(v) for k, v in row.items()} for row in csv.DictReader(f)]

@@ -1,0 +1,104 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+STUDY = """
+name = "tiny"
+[data]
+cache = "{cache}"
+[train]
+sizes = ["c8", "c16"]
+images = 32
+curve_points = 2
+[train.set]
+batch_size = 8
+warmup_steps = 1
+[eval]
+samplers = ["ddim", "ddpm"]
+steps = [2, 3]
+guidance = [2.0]
+metrics = ["fd-classifier", "caption-accuracy"]
+classifier = "{classifier}"
+num_images = 8
+batch_size = 8
+reference_count = 50
+bootstrap = 4
+curve_steps = 2
+curve_guidance = 2.0
+"""
+
+
+@pytest.fixture()
+def study_file(tmp_path, tiny_cache, tiny_classifier):
+    path = tmp_path / "tiny.toml"
+    path.write_text(STUDY.format(cache=tiny_cache, classifier=tiny_classifier))
+    return path
+
+
+def test_dry_run_lists_jobs_with_cost(study_file, tmp_path):
+    p = run_cli("study", "run", study_file, "--out", tmp_path / "s", "--dry-run", check=True)
+    lines = p.stdout.strip().splitlines()
+    assert lines[-1].startswith("12 jobs, 12 to run")
+    assert sum(" train " in l for l in lines) == 2 and sum(" eval " in l for l in lines) == 10
+    assert not (tmp_path / "s").exists()
+
+
+def test_killed_study_resumes_without_redoing_finished_jobs(study_file, tmp_path):
+    out = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-m", "ldmscale", "study", "run", str(study_file), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((out / "jobs").glob("*.json")) if (out / "jobs").exists() else []) < 5:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.name: p.stat().st_mtime_ns for p in (out / "jobs").glob("*.json")}
+    assert 5 <= len(finished) < 12
+    evals_before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/eval/*.json")}
+    p = run_cli("study", "run", study_file, "--out", out, check=True)
+    assert f"{len(finished)} already done, {12 - len(finished)} to run" in p.stdout
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "jobs").glob("*.json")}
+    assert len(after) == 12 and all(after[k] == v for k, v in finished.items())
+    for path, mtime in evals_before.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
+    rows = (out / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 10
+    # the report: figures, Markdown, self-contained HTML, planner answers
+    assert "report: " in p.stdout and "plan for sampling budget" in p.stdout
+    for name in ("training_compute", "steps", "sampling_cost", "latency", "alignment"):
+        assert (out / "report" / f"{name}.png").stat().st_size > 5000 and (out / "report" / f"{name}.svg").exists()
+    html = (out / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 5 and "Pareto frontier" in html
+    analysis = json.loads((out / "report" / "analysis.json").read_text())
+    assert len(analysis["best_over_guidance"]) == 8 and analysis["metric"] == "fd-classifier"
+    again = run_cli("study", "run", study_file, "--out", out, "--no-report", check=True)
+    assert "12 already done, 0 to run" in again.stdout
+    plan = run_cli("plan", "--study", out, "--budget", "1000", "--json", check=True)
+    best = json.loads(plan.stdout)["best"]
+    assert best["size"] in ("c8", "c16") and best["steps"] in (2, 3) and best["fd-classifier_std"] > 0
+    p = run_cli("plan", "--study", out, "--budget", "1e-9")
+    assert p.returncode == 0 and "nothing fits" in p.stdout
+    p = run_cli("plan", "--study", out)
+    assert p.returncode == 2 and "exactly one of --budget" in p.stderr
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda s: s.replace('name = "tiny"', 'name = "tiny"\nepochs = 3'), "unknown key 'epochs'"),
+    (lambda s: s.replace('sizes = ["c8", "c16"]', 'sizes = ["c8", "huge"]'), "unknown size 'huge'"),
+    (lambda s: s.replace("steps = [2, 3]", "steps = []"), "evaluation grid is empty"),
+    (lambda s: s.replace('samplers = ["ddim", "ddpm"]', 'samplers = ["ddim", "plms"]'), "unknown sampler 'plms'"),
+    (lambda s: s.replace("[train.set]", "[train.set]\nlrr = 1"), "unknown key 'lrr'"),
+    (lambda s: s.replace('name = "tiny"', 'name = "tiny'), "not valid TOML"),
+])
+def test_bad_study_files_exit_2(study_file, tmp_path, edit, needle):
+    study_file.write_text(edit(study_file.read_text()))
+    p = run_cli("study", "run", study_file, "--out", tmp_path / "s")
+    assert p.returncode == 2 and needle in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
