@@ -26,6 +26,7 @@ class DataSection:
     text_encoder: str = "minilm"
     autoencoder: str = ""  # folder or hub id; empty: train one with [autoencoder]
     cache: str = ""  # an existing latent cache (skips prepare)
+    latent_size: int = 0  # expected latent side for estimates before the cache exists (0: from the autoencoder)
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,8 @@ def expected_shapes(study: Study, out: Path) -> dict:
     if dim is None:
         path = Path(enc.partition(":")[2]) / "config.json"
         dim = json.loads(path.read_text()).get("hidden_size", 768) if path.exists() else 768
-    return {"latent": study.data.resolution // down, "channels": ae["latent_channels"], "ctx_len": 77, "ctx_dim": dim}
+    latent = study.data.latent_size or study.data.resolution // down
+    return {"latent": latent, "channels": ae["latent_channels"], "ctx_len": 77, "ctx_dim": dim}
 
 
 def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:

@@ -102,3 +102,20 @@ def test_bad_study_files_exit_2(study_file, tmp_path, edit, needle):
     p = run_cli("study", "run", study_file, "--out", tmp_path / "s")
     assert p.returncode == 2 and needle in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_paper_study_plans_the_papers_compute(tmp_path):
+    from ldmscale.flops import cost
+    from ldmscale.family import make_size
+    from ldmscale.study import load_study, plan_jobs
+
+    study = load_study(ROOT / "studies" / "paper.toml")
+    jobs = plan_jobs(study, tmp_path / "paper")
+    train = [j for j in jobs if j.kind == "train"]
+    assert [j.config["size"] for j in train] == [f"c{c}" for c in (64, 96, 128, 160, 192, 224, 256, 288, 320, 512, 768)]
+    sd = next(j for j in train if j.config["size"] == "c320")
+    assert sd.config["images"] == 500_000 * 2048 and sd.config["lr"] == 1e-4
+    assert sd.cost_flops == pytest.approx(3 * 500_000 * 2048 * cost(make_size(320), 64, 77, 1024).flops)
+    evals = [j for j in jobs if j.kind == "eval" and "curve" not in j.name]
+    # 11 sizes x (ddim 9 + ddpm 9 + dpmsolver++ 4 step counts) x 8 guidance scales
+    assert len(evals) == 11 * (9 + 9 + 4) * 8
