@@ -54,12 +54,20 @@ class PowerLaw:
     c: float
     ci: dict  # name -> (low, high), 90% bootstrap intervals
     x0: float  # x is fitted as x / x0 for conditioning; a refers to the unscaled x
+    lower_better: bool = True
 
     def __call__(self, x):
         return self.a * np.asarray(x, dtype=float) ** -self.b + self.c
 
+    @property
+    def ok(self) -> bool:
+        """False when the fitted curve does not improve with compute (a has the wrong sign) or the exponent ran
+        into its bounds: the data do not follow the power law, so a, b, c mean nothing."""
+        improving = self.a > 0 if self.lower_better else self.a < 0
+        return improving and 1e-3 < self.b < 9.9 and bool(np.isfinite([self.a, self.b, self.c]).all())
 
-def fit_power_law(x, y, boot: int = 200, seed: int = 0) -> PowerLaw:
+
+def fit_power_law(x, y, boot: int = 200, seed: int = 0, lower_better: bool = True) -> PowerLaw:
     """Least-squares fit of y = a * x^-b + c (b > 0), with percentile bootstrap intervals over points."""
     from scipy.optimize import curve_fit
 
@@ -94,7 +102,7 @@ def fit_power_law(x, y, boot: int = 200, seed: int = 0) -> PowerLaw:
         s[:, 0] = s[:, 0] * x0 ** s[:, 1]
         for i, name in enumerate("abc"):
             ci[name] = (float(np.percentile(s[:, i], 5)), float(np.percentile(s[:, i], 95)))
-    return PowerLaw(a=float(a * x0**b), b=float(b), c=float(c), ci=ci, x0=x0)
+    return PowerLaw(a=float(a * x0**b), b=float(b), c=float(c), ci=ci, x0=x0, lower_better=lower_better)
 
 
 def training_curves(rows: list[dict], metric: str, sampler: str, steps: int, guidance: float) -> dict[str, list[dict]]:

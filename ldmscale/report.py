@@ -36,13 +36,14 @@ def analyze(rows: list[dict], study) -> dict:
     for size, pts in curves.items():
         if len(pts) >= 3:
             try:
-                fits[size] = analysis.fit_power_law([p["train_flops"] for p in pts], [p[metric] for p in pts])
+                fits[size] = analysis.fit_power_law([p["train_flops"] for p in pts], [p[metric] for p in pts],
+                                                    lower_better=analysis.lower_is_better(metric))
             except (RuntimeError, ValueError):
                 pass
     budgets = default_budgets(best)
     out = {
         "metric": metric, "rows": len(rows), "best_over_guidance": best, "curves": curves,
-        "fits": {s: {"a": f.a, "b": f.b, "c": f.c, "ci": f.ci} for s, f in fits.items()},
+        "fits": {s: {"a": f.a, "b": f.b, "c": f.c, "ci": f.ci, "ok": f.ok} for s, f in fits.items()},
         "frontier": analysis.pareto_frontier(best, metric),
         "crossovers": {smp: analysis.crossovers([r for r in best if r["sampler"] == smp], metric)
                        for smp in sorted({r["sampler"] for r in best})},
@@ -50,10 +51,45 @@ def analyze(rows: list[dict], study) -> dict:
         "plans": [analysis.plan(best, b, metric) for b in budgets],
         "_fit_objects": fits,
     }
+    out["tasks"] = task_analysis(rows, curves, metric)
+    out["distillation"] = distillation_table(best, metric)
     align = next((m for m in ("caption-accuracy", "clip_cosine") if any(r.get(m) is not None for r in rows)), None)
     if align and align != metric:
         out["alignment_metric"] = align
         out["alignment_best"] = analysis.best_over_guidance(grid, align)
+    return out
+
+
+TASK_METRIC = {"super-resolution": "psnr", "dreambooth": "subject-fidelity"}
+
+
+def task_analysis(rows: list[dict], curves: dict, pre_metric: str) -> dict:
+    """Per downstream task: best rows over guidance, and (pretraining, downstream) quality per size."""
+    out = {}
+    for task in sorted({r.get("task") for r in rows} - {"text-to-image", None}):
+        metric = TASK_METRIC.get(task, pre_metric)
+        best = analysis.best_over_guidance(analysis.final_rows([r for r in rows if r.get("task") == task]), metric)
+        points = []
+        for size in sorted({r["size"] for r in best}):
+            mine = [r for r in best if r["size"] == size]
+            top = max(r["steps"] for r in mine)
+            down = [r[metric] for r in mine if r["steps"] == top]
+            pick = min(down) if analysis.lower_is_better(metric) else max(down)
+            if size in curves:
+                points.append({"size": size, "pretrain": curves[size][-1][pre_metric], "downstream": pick, "steps": top})
+        out[task] = {"metric": metric, "best_over_guidance": best, "points": points}
+    return out
+
+
+def distillation_table(best: list[dict], metric: str) -> list[dict]:
+    """The paper's comparison: each distilled model at 4 steps against the best undistilled configuration
+    of the same or lower sampling cost."""
+    plain = [r for r in best if not r.get("distilled")]
+    out = []
+    for d in sorted((r for r in best if r.get("distilled") and r["steps"] == 4), key=lambda r: r["norm_cost"]):
+        rival = analysis.plan(plain, d["sampling_cost"], metric)["best"]
+        out.append({"distilled": d["size"], "sampler": d["sampler"], "steps": 4, "sampling_cost": d["sampling_cost"],
+                    metric: d[metric], "undistilled_best": rival})
     return out
 
 
@@ -100,6 +136,16 @@ def build_report(out: str | Path, study, overlay_paper: bool = False) -> dict:
         figs["alignment"] = (f"Text alignment ({am}) vs sampling cost",
                              _save(plots.per_sampler(a["alignment_best"], am, "sampling_cost", f"{am} vs sampling cost",
                                                      "sampling cost (normalized cost x steps)"), folder, "alignment"))
+    for task, ta in a["tasks"].items():
+        tm = ta["metric"]
+        if ta["best_over_guidance"]:
+            figs[f"{task}_cost"] = (f"{task}: {tm} vs sampling cost",
+                                    _save(plots.per_sampler(ta["best_over_guidance"], tm, "sampling_cost", f"{task}: {tm} vs sampling cost",
+                                                            "sampling cost (normalized cost x steps)"), folder, f"{task}_cost"))
+        if len(ta["points"]) >= 2:
+            figs[f"{task}_vs_pretraining"] = (f"{task}: downstream vs pretraining quality",
+                                              _save(plots.downstream_vs_pretraining(ta["points"], metric, tm, task), folder,
+                                                    f"{task}_vs_pretraining"))
     if overlay_paper:
         figs["paper"] = ("The paper's Table 1 beside this study", _save(plots.paper_overlay(best, metric), folder, "paper"))
     md = summary_markdown(a, study, figs)
@@ -121,6 +167,9 @@ def summary_markdown(a: dict, study, figs: dict) -> str:
                      f"runner-up {analysis.describe_choice(p['runner_up'], metric)}")
     lines += ["", "## Power-law fits (metric = a * compute^-b + c)", "", "| size | a | b (90% CI) | c (90% CI) |", "|---|---|---|---|"]
     for s, f in a["fits"].items():
+        if not f["ok"]:
+            lines.append(f"| {s} | no decaying power law: quality did not improve steadily with compute | | |")
+            continue
         ci_b = f["ci"].get("b", (float("nan"),) * 2)
         ci_c = f["ci"].get("c", (float("nan"),) * 2)
         lines.append(f"| {s} | {f['a']:.4g} | {f['b']:.3f} ({ci_b[0]:.3f}-{ci_b[1]:.3f}) | {f['c']:.4g} ({ci_c[0]:.4g}-{ci_c[1]:.4g}) |")
@@ -134,6 +183,19 @@ def summary_markdown(a: dict, study, figs: dict) -> str:
               "|---|---|---|---|---|---|"]
     for r in a["frontier"]:
         lines.append(f"| {r['size']} | {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['sampling_cost']:.3g} | {r[metric]:.4g} |")
+    if a.get("distillation"):
+        lines += ["", "## Distilled at 4 steps vs undistilled at the same sampling cost", "",
+                  f"| distilled | sampling cost | {metric} | best undistilled within that cost | its {metric} |", "|---|---|---|---|---|"]
+        for d in a["distillation"]:
+            u = d["undistilled_best"]
+            rival = f"{u['size']} {u['sampler']} {u['steps']} steps" if u else "none fits"
+            lines.append(f"| {d['distilled']} ({d['sampler']}) | {d['sampling_cost']:.3g} | {d[metric]:.4g} | {rival} | "
+                         f"{u[metric]:.4g} |" if u else f"| {d['distilled']} | {d['sampling_cost']:.3g} | {d[metric]:.4g} | {rival} | - |")
+    for task, ta in a.get("tasks", {}).items():
+        tm = ta["metric"]
+        lines += ["", f"## {task}", "", f"| size | steps | pretraining {metric} | {task} {tm} |", "|---|---|---|---|"]
+        for p in ta["points"]:
+            lines.append(f"| {p['size']} | {p['steps']} | {p['pretrain']:.4g} | {p['downstream']:.4g} |")
     lines += ["", "## Figures", ""]
     for name, (title, _) in figs.items():
         lines.append(f"![{title}]({name}.png)")

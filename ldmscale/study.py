@@ -62,6 +62,21 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class TaskSection:
+    """A downstream task or a distillation applied to every trained size, then evaluated over its own grid."""
+
+    kind: Literal["super-resolution", "dreambooth", "consistency", "progressive"] = "super-resolution"
+    images: int = 10_000  # fine-tuning images (per round for progressive)
+    set: dict[str, str] = field(default_factory=dict)  # SRConfig / DreamBoothConfig / DistillConfig overrides
+    train_set: dict[str, str] = field(default_factory=dict)  # TrainConfig overrides (fine-tunes)
+    samplers: tuple[str, ...] = ()  # default: lcm (consistency), ddim (others)
+    steps: tuple[int, ...] = ()  # default: 1, 2, 4, 8 (consistency), the final round (progressive), [eval] steps
+    guidance: tuple[float, ...] = ()  # default: 1 (super-resolution, no guidance, as the paper), else [eval] guidance
+    metrics: tuple[str, ...] = ()  # default: psnr, ssim + [eval] Frechet metrics (SR), [eval] metrics otherwise
+    num_images: int = 0  # default: [eval] num_images
+
+
+@dataclass(frozen=True)
 class Study:
     name: str = "study"
     data: DataSection = field(default_factory=DataSection)
@@ -69,7 +84,7 @@ class Study:
     classifier: dict[str, object] = field(default_factory=dict)  # ClassifierConfig overrides
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
-    tasks: dict[str, dict[str, object]] = field(default_factory=dict)  # downstream tasks / distillation (later)
+    tasks: dict[str, TaskSection] = field(default_factory=dict)  # downstream tasks and distillation, by name
     cluster: dict[str, object] = field(default_factory=dict)  # submitit parameters (slurm_partition, gpus_per_node, ...)
 
 
@@ -87,8 +102,16 @@ def load_study(path: str | Path) -> Study:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
-    if isinstance(raw.get("train", {}).get("set"), dict):
-        raw["train"]["set"] = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in raw["train"]["set"].items()}
+    def strings(d):
+        return {k: json.dumps(v) if not isinstance(v, str) else v for k, v in d.items()} if isinstance(d, dict) else d
+
+    if isinstance(raw.get("train"), dict) and "set" in raw["train"]:
+        raw["train"]["set"] = strings(raw["train"]["set"])
+    for t in (raw.get("tasks") or {}).values():
+        if isinstance(t, dict):
+            for key in ("set", "train_set"):
+                if key in t:
+                    t[key] = strings(t[key])
     study = from_dict(Study, raw, where=path.name)
     from_dict(AutoencoderConfig, dict(study.autoencoder), where=f"{path.name} [autoencoder]")
     from_dict(ClassifierConfig, dict(study.classifier), where=f"{path.name} [classifier]")
@@ -261,7 +284,7 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
             return Job("eval", f"eval {size.name} {label}", to_dict(e_cfg) | {"run": str(run)},
                        lambda: evaluate(run, e_cfg, progress=False), cost_flops=ev.num_images * calls * fwd)
 
-        curve_steps = sorted({min(steps, k * every) for k in range(1, points + 1)} | {steps})
+        curve_steps = sorted({min(steps, k * every) for k in range(1, points)} | {steps})
         for ck in curve_steps:
             jobs.append(eval_job(f"curve step {ck}", ev.curve_sampler, ev.curve_steps, ev.curve_guidance, ck))
         for sampler in ev.samplers:
@@ -270,6 +293,8 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
                     continue
                 for g in ev.guidance:
                     jobs.append(eval_job(f"{sampler} {n_steps} steps g{g:g}", sampler, n_steps, g, steps))
+        for tname, task in study.tasks.items():
+            jobs += task_jobs(tname, task, study, base, run, out / "tasks" / tname / size.name, fwd, clf_dir, progress)
     seen: set[str] = set()  # a curve point can coincide with a grid point: one job
     return [j for j in jobs if not (j.id in seen or seen.add(j.id))]
 
@@ -320,3 +345,57 @@ def read_csv(path: Path) -> list[dict]:
         raise UserError(f"no results table at {path}; run `ldmscale study run` first")
     with open(path, newline="") as f:
         return [{k: conv(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run: Path, fwd: int, clf_dir: str,
+              progress: bool) -> list[Job]:
+    """Fine-tune (or distill) one trained size for a task, then evaluate it over the task's grid."""
+    from ldmscale import flops
+    from ldmscale.config import apply_overrides
+    from ldmscale.evaluate import EvalConfig, evaluate
+    from ldmscale.train import TrainConfig
+
+    ev, sets = study.eval, [f"{k}={v}" for k, v in task.set.items()]
+    tcfg = apply_overrides(from_dict(TrainConfig, to_dict(base) | {"images": task.images, "checkpoint_every": 0, "keep": 2}),
+                           [f"{k}={v}" for k, v in task.train_set.items()])
+    size = init.name
+    if task.kind == "super-resolution":
+        from ldmscale.superres import SRConfig, finetune_sr
+
+        cfg = apply_overrides(SRConfig(init=str(init), data=study.data.source), sets)
+        fn, cost = (lambda: finetune_sr(cfg, from_dict(TrainConfig, to_dict(tcfg) | {"data": cfg.data}), run, progress)), 3
+        default_metrics = ("psnr", "ssim") + tuple(m for m in ev.metrics if m in ("fid", "fd-classifier"))
+        steps, guidance, samplers = task.steps or ev.steps, task.guidance or (1.0,), task.samplers or ("ddim",)
+    elif task.kind == "dreambooth":
+        from ldmscale.dreambooth import DreamBoothConfig, finetune_dreambooth
+
+        cfg = apply_overrides(DreamBoothConfig(init=str(init)), sets)
+        fn, cost = (lambda: finetune_dreambooth(cfg, tcfg, run, progress)), 3
+        default_metrics = ("subject-fidelity", "caption-accuracy")
+        steps, guidance, samplers = task.steps or ev.steps, task.guidance or ev.guidance, task.samplers or ("ddim",)
+    else:
+        from ldmscale.distill import DistillConfig, distill
+
+        cfg = apply_overrides(DistillConfig(teacher=str(init), method=task.kind, images=task.images,
+                                            batch_size=tcfg.batch_size), sets)
+        fn, cost = (lambda: distill(cfg, run, progress)), 6
+        default_metrics = tuple(ev.metrics)
+        final = cfg.final_steps if task.kind == "progressive" else 4
+        steps = task.steps or ((1, 2, 4, 8) if task.kind == "consistency" else (final,))
+        guidance = task.guidance or ev.guidance
+        samplers = task.samplers or (("lcm",) if task.kind == "consistency" else ("ddim",))
+    jobs = [Job("finetune" if task.kind in ("super-resolution", "dreambooth") else "distill", f"{name} {size}",
+                {"task": name} | to_dict(cfg) | {"train": to_dict(tcfg)}, fn, cost_flops=cost * task.images * fwd)]
+    metrics_ = tuple(task.metrics or default_metrics)
+    for sampler in samplers:
+        for n_steps in steps:
+            for g in guidance:
+                e_cfg = EvalConfig(sampler=sampler, steps=n_steps, guidance=g, num_images=task.num_images or ev.num_images,
+                                   metrics=metrics_, reference=ev.reference, reference_count=ev.reference_count,
+                                   seed=ev.seed, batch_size=ev.batch_size, classifier=clf_dir, clip=ev.clip,
+                                   inception=ev.inception, bootstrap=ev.bootstrap)
+                calls = flops.model_calls(n_steps, g if task.kind != "consistency" else 1.0)
+                jobs.append(Job("task-eval", f"eval {name} {size} {sampler} {n_steps} steps g{g:g}",
+                                to_dict(e_cfg) | {"run": str(run)}, lambda c=e_cfg: evaluate(run, c, progress=False),
+                                cost_flops=e_cfg.num_images * calls * fwd))
+    return jobs

@@ -106,23 +106,46 @@ def resolve_run(cfg: TrainConfig, run: Path) -> dict:
                        "norm_cost": cost.norm_cost, "flop_convention": flops.FLOP_CONVENTION},
         "versions": {p: version(p) for p in ("ldmscale", "torch", "diffusers", "accelerate", "transformers")},
     }
-    path = Path(run) / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        old_train = old.get("train", {})
-        diff = [k for k, v in resolved["train"].items() if k not in CONTINUABLE and old_train.get(k) != v]
-        if diff or old.get("kind") != "text-to-image":
-            raise UserError(f"{run} is a run with other settings ({', '.join(diff) or 'kind'} differ); "
-                            "use a new --out or the same settings to continue it")
+    check_continuation(run, resolved)
     return resolved
 
 
-def train(cfg: TrainConfig, run: str | Path, progress: bool = True) -> dict:
+def check_continuation(run: str | Path, resolved: dict) -> None:
+    """A run folder that exists must have been made with the same settings (bar CONTINUABLE ones)."""
+    path = Path(run) / "config.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    diff = [k for k, v in resolved["train"].items() if k not in CONTINUABLE and old.get("train", {}).get(k) != v]
+    diff += [k for k in ("kind", "task", "init") if json.dumps(old.get(k), sort_keys=True) != json.dumps(resolved.get(k), sort_keys=True)]
+    if diff:
+        raise UserError(f"{run} is a run with other settings ({', '.join(diff)} differ); "
+                        "use a new --out or the same settings to continue it")
+
+
+@dataclass
+class Task:
+    """What the loop trains: the resolved run config, the data, and the initial weights of a fine-tune.
+
+    data: len(data); data.batch(idx, latent_noise, seeds) -> (z, text, mask) or (z, text, mask, extra) where
+    `extra` is concatenated to the noisy latent at the UNet input (super-resolution); data.empty_text/_mask."""
+
+    resolved: dict
+    data: object
+    init: dict | None = None
+
+
+def text_to_image_task(cfg: TrainConfig, run: Path) -> Task:
+    from ldmscale.cache import LatentCache
+
+    return Task(resolve_run(cfg, run), LatentCache(cfg.data, "train"))
+
+
+def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=text_to_image_task) -> dict:
     from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
-    from ldmscale.cache import LatentCache
     from ldmscale.diffusion import noise_scheduler
     from ldmscale.progress import bar
 
@@ -134,12 +157,12 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True) -> dict:
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UserError(f"batch_size {cfg.batch_size} is not divisible by processes x grad_accum = {world * cfg.grad_accum}")
-    resolved = resolve_run(cfg, run)
+    task = make_task(cfg, run)
+    resolved, data = task.resolved, task.data
     if acc.is_main_process:
         atomic_write_json(run / "config.json", resolved)
         for stale in checkpoint.ckpt_dir(run).glob(".step-*"):  # left by a save that was killed
             shutil.rmtree(stale, ignore_errors=True)
-    cache = LatentCache(cfg.data, "train")
     fwd = resolved["accounting"]["forward_flops"]
     total_steps = math.ceil(cfg.images / cfg.batch_size)
     every = cfg.checkpoint_every or max(cfg.batch_size, cfg.images // 4)
@@ -147,6 +170,8 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True) -> dict:
 
     torch.manual_seed(cfg.seed)
     unet = UNet2DConditionModel(**resolved["unet"])
+    if task.init is not None:
+        unet.load_state_dict(task.init)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
@@ -167,13 +192,13 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True) -> dict:
         acc.init_trackers("ldmscale", config={k: v for k, v in resolved["train"].items() if isinstance(v, (int, float, str))})
     noise_sched = noise_scheduler(cfg.prediction)
     alphas = noise_sched.alphas_cumprod
-    empty, empty_mask = cache.empty_text.float(), cache.empty_mask
+    empty, empty_mask = data.empty_text.float(), data.empty_mask
     micro = cfg.batch_size // (world * cfg.grad_accum)
     c, h, w = resolved["data"]["latent_shape"]
 
     def state_dict(step: int, loss: float) -> dict:
         images = step * cfg.batch_size
-        return {"step": step, "images_seen": images, "epoch": images / len(cache), "loss": loss,
+        return {"step": step, "images_seen": images, "epoch": images / len(data), "loss": loss,
                 "gflops_per_sample": fwd / 1e9, "train_flops": flops.training_flops(images, fwd),
                 "steps_x_gflops": flops.steps_x_gflops(step, fwd), "flop_convention": flops.FLOP_CONVENTION,
                 "seed": cfg.seed, "rng_note": "per-step generators seeded by (seed, step); no global RNG is used"}
@@ -192,18 +217,23 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True) -> dict:
     unet.train()
     for step in range(start, total_steps):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        idx = batch_indices(step, cfg.batch_size, len(cache), cfg.seed)
+        idx = batch_indices(step, cfg.batch_size, len(data), cfg.seed)
+        seeds = torch.arange(cfg.batch_size) + (cfg.seed * 1_000_003 + step) * cfg.batch_size  # per-sample randomness
         noise = torch.randn(cfg.batch_size, c, h, w, generator=g)
         latent_eps = torch.randn(cfg.batch_size, c, h, w, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=g)
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.cfg_dropout
         for a in range(cfg.grad_accum):
             sel = torch.arange(cfg.batch_size).view(cfg.grad_accum, world, micro)[a, rank]
-            z, text, mask = cache.batch(idx[sel], latent_noise=latent_eps[sel] if cfg.latent_sample else None)
+            out = data.batch(idx[sel], latent_noise=latent_eps[sel] if cfg.latent_sample else None, seeds=seeds[sel])
+            z, text, mask = out[:3]
+            extra = out[3] if len(out) > 3 else None
             text = torch.where(drop[sel, None, None], empty[None], text)
             mask = torch.where(drop[sel, None], empty_mask[None], mask)
             a_t = alphas[t[sel]].view(-1, 1, 1, 1)
             noisy = a_t.sqrt() * z + (1 - a_t).sqrt() * noise[sel]
+            if extra is not None:
+                noisy = torch.cat([noisy, extra], dim=1)
             target = noise[sel] if cfg.prediction == "epsilon" else a_t.sqrt() * noise[sel] - (1 - a_t).sqrt() * z
             with acc.accumulate(unet), acc.autocast():
                 pred = unet(noisy.to(acc.device), t[sel].to(acc.device), encoder_hidden_states=text.to(acc.device),

@@ -84,3 +84,10 @@ def test_final_rows_and_training_curves():
     assert [r["images_seen"] for r in analysis.final_rows(rows)] == [40]
     curves = analysis.training_curves(rows, "fd-classifier", "ddim", 20, 3.0)
     assert [r["images_seen"] for r in curves["s"]] == [10, 20, 40]
+
+
+def test_power_law_fit_flags_data_that_do_not_decay():
+    x = np.geomspace(1e12, 1e15, 5)
+    rising = analysis.fit_power_law(x, np.array([76.0, 95.0, 108.0, 91.0, 90.5]), boot=20)
+    assert not rising.ok
+    assert analysis.fit_power_law(x, 3e3 * x**-0.25 + 2, boot=0).ok

@@ -22,6 +22,9 @@ def test_animal_mnist_source_and_fixed_split():
     assert len(set(idx["train"]) & set(idx["validation"])) == 0
     _, labels = data.animal_mnist_arrays()
     assert np.bincount(labels[idx["validation"]]).tolist() == [100] * 10
+    # shuffled once, fixed: any prefix is a class-balanced sample (the files are sorted by class)
+    assert len(set(labels[idx["validation"][:50]].tolist())) >= 8
+    assert len(set(labels[idx["train"][:50]].tolist())) >= 8
     items = list(zip(range(3), data.iterate(src, "validation")))
     first = items[0][1]
     assert first.image.size == (28, 28) and first.label == labels[idx["validation"][0]]

@@ -120,7 +120,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_cache, mon
     real = LatentCache.batch
     calls = {"n": 0}
 
-    def poisoned(self, idx, latent_noise=None):
+    def poisoned(self, idx, latent_noise=None, seeds=None):
         calls["n"] += 1
         z, text, mask = real(self, idx, latent_noise)
         if calls["n"] == 5:

@@ -1,0 +1,114 @@
+"""Evaluation of downstream runs: super-resolution (PSNR, SSIM, FID/classifier FD, LPIPS; against bicubic
+upsampling of the same inputs) and DreamBooth (subject fidelity, prompt fidelity). Called by evaluate()."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ldmscale import metrics
+from ldmscale.config import UserError, from_dict, to_dict
+
+
+def _common(model, cfg, info_seconds: float, n: int, nfe: int) -> dict:
+    from ldmscale.checkpoint import load_state
+
+    acc = model.config["accounting"]
+    st = load_state(model.ckpt)
+    return {"run": str(Path(model.run).resolve()), "size": model.config["train"]["size"], "kind": model.config["kind"],
+            "task": model.config["kind"], "init_run": model.config.get("init", {}).get("run"),
+            "checkpoint": model.ckpt.name, "weights": cfg.weights, "images_seen": st.get("images_seen"),
+            "train_flops": st.get("train_flops"), "steps_x_gflops": st.get("steps_x_gflops"),
+            "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance, "num_images": n,
+            "seeds": [cfg.seed, cfg.seed + n - 1], "params": acc["params"], "gflops": acc["gflops"],
+            "norm_cost": acc["norm_cost"], "sampling_cost": acc["norm_cost"] * cfg.steps, "model_calls_per_image": nfe,
+            "latency_ms_per_image": 1000 * info_seconds / max(1, n), "latency_batch_size": cfg.batch_size,
+            "processes": 1, "distilled": bool(model.config.get("distilled", False)), "config": to_dict(cfg),
+            "flop_convention": acc.get("flop_convention"), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _extractors(cfg):
+    from ldmscale.features import ClassifierFeatures, InceptionFeatures
+
+    ex = {}
+    if "fid" in cfg.metrics:
+        ex["fid"] = InceptionFeatures(cfg.inception or None)
+    if "fd-classifier" in cfg.metrics or "caption-accuracy" in cfg.metrics or "subject-fidelity" in cfg.metrics:
+        if not cfg.classifier:
+            raise UserError("this metric needs --classifier DIR")
+        ex["fd-classifier"] = ClassifierFeatures(cfg.classifier)
+    return ex
+
+
+def evaluate_sr(model, cfg) -> dict:
+    from ldmscale.data import load_images
+    from ldmscale.degrade import degrade, resize
+    from ldmscale.evaluate import parse_reference, reference_stats
+    from ldmscale.superres import SRConfig, upscale
+
+    sr = from_dict(SRConfig, model.config["task"])
+    res, ch = int(model.config["data"]["resolution"]), int(model.config["data"]["channels"])
+    src, split = parse_reference(cfg.reference)
+    hr_all, caps, _ = load_images(src, split, res, ch, cfg.num_images)
+    n = len(hr_all)
+    ex = {k: v for k, v in _extractors(cfg).items() if k in ("fid", "fd-classifier") and k in cfg.metrics}
+    refs = {k: reference_stats(cfg, e, res, ch) for k, e in ex.items()}
+    sums = {"psnr": 0.0, "ssim": 0.0, "bicubic_psnr": 0.0, "bicubic_ssim": 0.0, "lpips": 0.0, "bicubic_lpips": 0.0}
+    stats = {k: metrics.FeatureStats(e.num_features) for k, e in ex.items()}
+    base_stats = {k: metrics.FeatureStats(e.num_features) for k, e in ex.items()}
+    seconds, nfe = 0.0, 0
+    for i in range(0, n, cfg.batch_size):
+        hr = torch.as_tensor(hr_all[i:i + cfg.batch_size])
+        seeds = [cfg.seed + i + j for j in range(len(hr))]
+        lr = degrade(hr, sr.scale, sr.degradation, seeds)
+        out, info = upscale(model, lr, caps[i:i + len(hr)], seeds, cfg.sampler, cfg.steps, cfg.guidance, cfg.batch_size)
+        seconds += info["seconds_per_image"] * len(hr)
+        nfe = info["model_calls_per_image"]
+        bicubic = resize(lr, res, "bicubic")
+        for pred, prefix in ((out, ""), (bicubic, "bicubic_")):
+            r = metrics.psnr_ssim(pred, hr)
+            sums[prefix + "psnr"] += r["psnr"] * len(hr)
+            sums[prefix + "ssim"] += r["ssim"] * len(hr)
+            if cfg.lpips:
+                sums[prefix + "lpips"] += metrics.lpips(pred, hr, cfg.lpips) * len(hr)
+        for k, e in ex.items():
+            stats[k].update(e(out))
+            base_stats[k].update(e(bicubic))
+    values = {k: v / n for k, v in sums.items() if cfg.lpips or "lpips" not in k}
+    for k in ex:
+        values[k] = metrics.fd_of(stats[k], refs[k][0])
+        values[f"bicubic_{k}"] = metrics.fd_of(base_stats[k], refs[k][0])
+    result = _common(model, cfg, seconds, n, nfe)
+    result.update({"metrics": values, "warnings": [], "degradation": sr.degradation, "scale": sr.scale,
+                   "condition": sr.condition, "reference": {k: r[1] for k, r in refs.items()} | {"spec": cfg.reference}})
+    return result
+
+
+def evaluate_dreambooth(model, cfg) -> dict:
+    from ldmscale.data import label_of_prompt
+    from ldmscale.dreambooth import DreamBoothConfig, subject_images
+    from ldmscale.sample import generate
+
+    db = from_dict(DreamBoothConfig, {k: v for k, v in model.config["task"].items() if k != "instance_prompt"})
+    prompt = model.config["task"]["instance_prompt"]
+    res, ch = int(model.config["data"]["resolution"]), int(model.config["data"]["channels"])
+    ex = _extractors(cfg)
+    feat = ex.get("fd-classifier") or ex.get("fid")
+    if feat is None:
+        raise UserError("DreamBooth evaluation needs --classifier DIR (or fid) for subject fidelity")
+    subject = subject_images(db.subject, res, ch)
+    center = torch.nn.functional.normalize(feat(subject).double(), dim=1).mean(0)
+    n = cfg.num_images
+    seeds = [cfg.seed + i for i in range(n)]
+    images, info = generate(model, [prompt] * n, cfg.sampler, cfg.steps, cfg.guidance, seeds, cfg.batch_size)
+    f = torch.nn.functional.normalize(feat(images).double(), dim=1)
+    values = {"subject-fidelity": float((f @ center).mean() / center.norm()),
+              "subject-fidelity_std": float((f @ center / center.norm()).std() / n**0.5)}
+    label = label_of_prompt(db.class_prompt)
+    if "caption-accuracy" in cfg.metrics and label >= 0 and hasattr(feat, "predict"):
+        values["caption-accuracy"] = metrics.caption_accuracy(feat.predict(images), torch.full((n,), label))
+    result = _common(model, cfg, info["seconds_per_image"] * n, n, info["model_calls_per_image"])
+    result.update({"metrics": values, "warnings": [], "prompt": prompt, "reference": {"subject": db.subject}})
+    return result

@@ -1,0 +1,138 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import ldmscale.train as train_mod
+from conftest import run_cli, tiny_train_config
+from ldmscale import checkpoint
+from ldmscale.config import UserError
+
+
+def test_widened_first_convolution_reproduces_the_pretrained_output(tiny_run):
+    from diffusers import UNet2DConditionModel
+
+    from ldmscale.superres import widen_conv_in
+
+    cfg = json.loads((tiny_run / "config.json").read_text())["unet"]
+    weights = checkpoint.load_weights(checkpoint.latest(tiny_run), "ema")
+    base = UNet2DConditionModel(**cfg).eval()
+    base.load_state_dict(weights)
+    wide = UNet2DConditionModel(**dict(cfg, in_channels=5)).eval()
+    wide.load_state_dict(widen_conv_in(weights, 1))
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 77, 384)
+    with torch.no_grad():
+        a = base(x, t, encoder_hidden_states=ctx).sample
+        b = wide(torch.cat([x, torch.zeros(2, 1, 8, 8)], 1), t, encoder_hidden_states=ctx).sample
+        c = wide(torch.cat([x, torch.randn(2, 1, 8, 8)], 1), t, encoder_hidden_states=ctx).sample
+    assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(a, c, atol=1e-6)  # new channels start at zero, so any condition is ignored at first
+
+
+def test_degradations_shapes_and_determinism():
+    from ldmscale.degrade import bicubic_down, degrade, gaussian_blur
+
+    x = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    assert bicubic_down(x, 4).shape == (3, 1, 8, 8)
+    a = degrade(x, 4, "realesrgan", [1, 2, 3])
+    b = degrade(x, 4, "realesrgan", [1, 2, 3])
+    assert a.shape == (3, 1, 8, 8) and torch.equal(a, b)
+    assert not torch.equal(a, degrade(x, 4, "realesrgan", [4, 5, 6]))
+    flat = torch.full((1, 1, 9, 9), 100, dtype=torch.uint8)
+    assert torch.equal(gaussian_blur(flat, 1.5), flat)
+
+
+def _resume_exactly(tmp_path, monkeypatch, make_cmd, fn, steps=2):
+    """Run fn(out) straight, then killed after step 1 and resumed: same final weights."""
+    fn(tmp_path / "straight")
+    real = train_mod.batch_indices
+
+    def dies(step, *a):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(step, *a)
+
+    monkeypatch.setattr(train_mod, "batch_indices", dies)
+    with pytest.raises(KeyboardInterrupt):
+        fn(tmp_path / "resumed")
+    monkeypatch.setattr(train_mod, "batch_indices", real)
+    assert checkpoint.latest(tmp_path / "resumed").name == "step-000001"
+    fn(tmp_path / "resumed")
+    a = checkpoint.load_weights(checkpoint.latest(tmp_path / "straight"), "raw")
+    b = checkpoint.load_weights(checkpoint.latest(tmp_path / "resumed"), "raw")
+    assert checkpoint.latest(tmp_path / "resumed").name == f"step-{steps:06d}"
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+def test_sr_finetune_resumes_exactly_and_evaluates(tiny_run, tiny_cache, tiny_classifier, tmp_path, monkeypatch):
+    from ldmscale.superres import SRConfig, finetune_sr
+
+    sr = SRConfig(init=str(tiny_run), data="animal-mnist", limit=64, degradation="realesrgan", noise_aug=0.05)
+    cfg = tiny_train_config(tiny_cache, images=16, checkpoint_every=8, data="animal-mnist")
+    _resume_exactly(tmp_path, monkeypatch, None, lambda out: finetune_sr(sr, cfg, out, progress=False))
+    run = tmp_path / "straight"
+    rc = json.loads((run / "config.json").read_text())
+    assert rc["kind"] == "super-resolution" and rc["unet"]["in_channels"] == 5
+    assert rc["accounting"]["forward_flops"] > json.loads((tiny_run / "config.json").read_text())["accounting"]["forward_flops"]
+    p = run_cli("eval", "--run", run, "--sampler", "ddim", "--steps", "3", "--guidance", "1", "--num-images", "8",
+                "--metrics", "psnr,ssim,fd-classifier", "--classifier", tiny_classifier, "--reference-count", "50",
+                "--batch-size", "8", check=True)
+    r = json.loads(next((run / "eval").glob("*.json")).read_text())
+    m = r["metrics"]
+    assert {"psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "fd-classifier", "bicubic_fd-classifier"} <= set(m)
+    assert 0 < m["psnr"] < 60 and 5 < m["bicubic_psnr"] < 60 and r["task"] == "super-resolution"
+    assert r["init_run"] == str(tiny_run.resolve()) and r["model_calls_per_image"] == 3
+    out = tmp_path / "srsamples"
+    p = run_cli("sample", "--run", run, "--lr", "animal-mnist:validation", "--num", "3", "--steps", "2",
+                "--guidance", "1", "--out", out, check=True)
+    assert "3 inputs x 1 samplers" in p.stdout and len(list(out.glob("ddim-*.png"))) == 3
+
+
+def test_sr_bad_inputs_exit_2(tiny_run, tmp_path):
+    p = run_cli("finetune", "sr", "--init", tiny_run, "--out", tmp_path / "x", "--set", "scale=2")
+    assert p.returncode == 2 and "needs the low-resolution side (16) to equal the latent side (8)" in p.stderr
+    p = run_cli("finetune", "sr", "--init", tiny_run, "--out", tmp_path / "x", "--set", "scale=3")
+    assert p.returncode == 2 and "scale 3 does not divide the run's resolution 32" in p.stderr
+    p = run_cli("finetune", "sr", "--init", tmp_path / "nothing", "--out", tmp_path / "x")
+    assert p.returncode == 2 and "not a run directory" in p.stderr
+    p = run_cli("eval", "--run", tiny_run, "--metrics", "psnr", "--num-images", "4")
+    assert p.returncode == 2 and "applies to super-resolution runs" in p.stderr
+
+
+def test_dreambooth_resumes_exactly_and_measures_fidelity(tiny_run, tiny_cache, tiny_classifier, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from ldmscale.data import animal_mnist_arrays
+    from ldmscale.dreambooth import DreamBoothConfig, finetune_dreambooth, instance_prompt
+
+    subject = tmp_path / "subject"
+    subject.mkdir()
+    images, labels = animal_mnist_arrays()
+    for k, i in enumerate(np.flatnonzero(labels == 4)[:4]):
+        Image.fromarray(images[i]).save(subject / f"{k}.png")
+    db = DreamBoothConfig(init=str(tiny_run), subject=str(subject), class_prompt="a dog", num_class_images=8,
+                          prior_steps=2)
+    assert instance_prompt(db) == "a sks dog"
+    cfg = tiny_train_config(tiny_cache, images=16, checkpoint_every=8)
+    _resume_exactly(tmp_path, monkeypatch, None, lambda out: finetune_dreambooth(db, cfg, out, progress=False))
+    run = tmp_path / "straight"
+    p = run_cli("eval", "--run", run, "--sampler", "ddim", "--steps", "3", "--guidance", "3", "--num-images", "6",
+                "--metrics", "subject-fidelity,caption-accuracy", "--classifier", tiny_classifier, check=True)
+    r = json.loads(next((run / "eval").glob("*.json")).read_text())
+    assert -1 <= r["metrics"]["subject-fidelity"] <= 1 and 0 <= r["metrics"]["caption-accuracy"] <= 1
+    assert r["task"] == "dreambooth" and r["prompt"] == "a sks dog"
+
+
+def test_dreambooth_bad_inputs_exit_2(tiny_run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    p = run_cli("finetune", "dreambooth", "--init", tiny_run, "--subject", tmp_path / "empty", "--class-prompt", "a dog",
+                "--out", tmp_path / "x")
+    assert p.returncode == 2 and "has no images" in p.stderr
+    p = run_cli("finetune", "dreambooth", "--init", tiny_run, "--subject", tmp_path / "none", "--class-prompt", "a dog",
+                "--out", tmp_path / "x")
+    assert p.returncode == 2 and "subject folder not found" in p.stderr
+    with pytest.raises(UserError):
+        from ldmscale.dreambooth import subject_images
+
+        subject_images(str(tmp_path / "empty"), 32, 1)
