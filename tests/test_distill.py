@@ -1,0 +1,99 @@
+import json
+
+import pytest
+import torch
+
+import ldmscale.train as train_mod
+from conftest import run_cli
+from ldmscale import checkpoint
+from ldmscale.distill import DistillConfig, consistency_fn, distill, scalings, student_config, student_init
+
+
+def _student(tiny_run):
+    from diffusers import UNet2DConditionModel
+
+    cfg = json.loads((tiny_run / "config.json").read_text())["unet"]
+    weights = checkpoint.load_weights(checkpoint.latest(tiny_run), "ema")
+    teacher = UNet2DConditionModel(**cfg).eval()
+    teacher.load_state_dict(weights)
+    scfg = student_config(cfg, 256)
+    student = UNet2DConditionModel(**scfg).eval()
+    student.load_state_dict(student_init(weights, scfg))
+    return teacher, student
+
+
+def test_consistency_boundary_condition_identity_at_smallest_timestep(tiny_run):
+    from ldmscale.diffusion import guidance_embedding, noise_scheduler
+
+    _, student = _student(tiny_run)
+    c_skip, c_out = scalings(torch.tensor([0, 1, 999]))
+    assert c_skip[0] == 1 and c_out[0] == 0 and c_skip[2] < 1e-3
+    x, ctx = torch.randn(3, 4, 8, 8), torch.randn(3, 77, 384)
+    w = guidance_embedding(torch.tensor([0.0, 1.0, 3.0]), 256)
+    with torch.no_grad():
+        f = consistency_fn(student, x, torch.zeros(3, dtype=torch.long), ctx, w, noise_scheduler().alphas_cumprod)
+    assert torch.equal(f, x)
+
+
+def test_student_starts_as_the_teacher(tiny_run):
+    from ldmscale.diffusion import guidance_embedding
+
+    teacher, student = _student(tiny_run)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.randn(2, 77, 384)
+    with torch.no_grad():
+        a = teacher(x, t, encoder_hidden_states=ctx).sample
+        b = student(x, t, encoder_hidden_states=ctx, timestep_cond=guidance_embedding(torch.tensor([2.0, 6.0]), 256)).sample
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,extra,total", [("consistency", {}, 2), ("progressive", {"start_steps": 8, "final_steps": 2}, 4)])
+def test_two_step_distillation_resumes_exactly(tiny_run, tmp_path, monkeypatch, method, extra, total):
+    cfg = DistillConfig(teacher=str(tiny_run), method=method, images=16, batch_size=8, checkpoint_every=8, log_every=1,
+                        **extra)
+    distill(cfg, tmp_path / "straight", progress=False)
+    real = train_mod.batch_indices
+    kill_at = total - 1
+
+    def dies(step, *a):
+        if step == kill_at:
+            raise KeyboardInterrupt
+        return real(step, *a)
+
+    monkeypatch.setattr(train_mod, "batch_indices", dies)
+    with pytest.raises(KeyboardInterrupt):
+        distill(cfg, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(train_mod, "batch_indices", real)
+    assert checkpoint.latest(tmp_path / "resumed").name == f"step-{kill_at:06d}"
+    distill(cfg, tmp_path / "resumed", progress=False)
+    for which in ("raw", "ema"):
+        a = checkpoint.load_weights(checkpoint.latest(tmp_path / "straight"), which)
+        b = checkpoint.load_weights(checkpoint.latest(tmp_path / "resumed"), which)
+        assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    state = checkpoint.load_state(checkpoint.latest(tmp_path / "straight"))
+    fwd = json.loads((tiny_run / "config.json").read_text())["accounting"]["forward_flops"]
+    per_image = 6 * 2 if method == "consistency" else 7 * 2 + 5 * 2  # network evals over the steps
+    assert state["train_flops"] == pytest.approx(per_image * 8 * fwd)
+    conf = json.loads((tmp_path / "straight" / "config.json").read_text())
+    assert conf["distilled"] is True and conf["unet"]["time_cond_proj_dim"] == 256
+
+
+def test_distilled_model_samples_with_lcm_and_is_marked(tiny_run, tiny_classifier, tmp_path):
+    distill(DistillConfig(teacher=str(tiny_run), images=16, batch_size=8), tmp_path / "lcm", progress=False)
+    p = run_cli("sample", "--run", tmp_path / "lcm", "--prompt", "a cat", "--sampler", "lcm", "--steps", "4",
+                "--guidance", "3", "--num", "2", "--out", tmp_path / "s", check=True)
+    assert "4 model calls/image" in p.stdout  # guidance is embedded: no second (unconditional) call
+    p = run_cli("eval", "--run", tmp_path / "lcm", "--sampler", "lcm", "--steps", "2", "--guidance", "3",
+                "--num-images", "8", "--classifier", tiny_classifier, "--reference-count", "50", "--batch-size", "8",
+                check=True)
+    r = json.loads(next((tmp_path / "lcm" / "eval").glob("*.json")).read_text())
+    assert r["distilled"] is True and r["model_calls_per_image"] == 2
+
+
+def test_distill_bad_teacher_exits_2(tiny_run, tmp_path):
+    p = run_cli("distill", "--teacher", tmp_path / "missing", "--out", tmp_path / "x")
+    assert p.returncode == 2 and "not a run directory" in p.stderr
+    distill(DistillConfig(teacher=str(tiny_run), images=8, batch_size=8), tmp_path / "student", progress=False)
+    p = run_cli("distill", "--teacher", tmp_path / "student", "--out", tmp_path / "y")
+    assert p.returncode == 2 and "needs an undistilled text-to-image run" in p.stderr
+    p = run_cli("distill", "--teacher", tiny_run, "--method", "progressive", "--set", "start_steps=6", "--out", tmp_path / "z")
+    assert p.returncode == 2 and "start_steps dividing 1000" in p.stderr
