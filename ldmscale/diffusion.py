@@ -95,7 +95,8 @@ class SampleStats:
 @torch.no_grad()
 def generate_latents(unet, sampler, steps: int, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float,
                      generators: list[torch.Generator], latent_shape: tuple[int, int, int],
-                     extra_channels: torch.Tensor | None = None, stats: SampleStats | None = None) -> torch.Tensor:
+                     extra_channels: torch.Tensor | None = None, stats: SampleStats | None = None,
+                     cond_mask: torch.Tensor | None = None, uncond_mask: torch.Tensor | None = None) -> torch.Tensor:
     """StableDiffusionPipeline's denoising loop: cond [B,L,D], one generator per image (so an image does not
     depend on its batch). `extra_channels` (super-resolution) is concatenated to the latent at the input."""
     stats = stats if stats is not None else SampleStats()
@@ -112,6 +113,9 @@ def generate_latents(unet, sampler, steps: int, cond: torch.Tensor, uncond: torc
     if embedded_w:
         timestep_cond = guidance_embedding(torch.full((B,), guidance - 1.0), embedded_w).to(device, dtype)
     context = torch.cat([uncond.expand(B, -1, -1), cond]) if do_cfg else cond
+    mask = None  # runs trained with text_mask attend only to real tokens
+    if cond_mask is not None:
+        mask = torch.cat([uncond_mask.expand(B, -1), cond_mask]) if do_cfg else cond_mask
     extra_kwargs = {}
     import inspect
 
@@ -125,7 +129,8 @@ def generate_latents(unet, sampler, steps: int, cond: torch.Tensor, uncond: torc
         inp = sampler.scale_model_input(inp, t)
         if extra_channels is not None:
             inp = torch.cat([inp, torch.cat([extra_channels] * 2) if do_cfg else extra_channels], dim=1)
-        pred = unet(inp, t, encoder_hidden_states=context, timestep_cond=timestep_cond).sample
+        pred = unet(inp, t, encoder_hidden_states=context, timestep_cond=timestep_cond,
+                    encoder_attention_mask=mask).sample
         stats.model_calls += 2 if do_cfg else 1
         if do_cfg:
             p_uncond, p_cond = pred.chunk(2)

@@ -65,9 +65,12 @@ def load_run(run: str | Path, which: str = "latest", weights: str = "ema") -> Ru
     return RunModel(run, ckpt, config, unet, vae, text)
 
 
-def encode_prompts(model: RunModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond [N,L,D], uncond [1,L,D]) as the run was trained (zero-padded or full CLIP states)."""
-    states, _ = model.text.encode(list(prompts) + [""])
+def encode_prompts(model: RunModel, prompts: list[str], with_mask: bool = False):
+    """(cond [N,L,D], uncond [1,L,D]) as the run was trained (zero-padded or full CLIP states);
+    with_mask adds (cond_mask [N,L], uncond_mask [1,L])."""
+    states, masks = model.text.encode(list(prompts) + [""])
+    if with_mask:
+        return states[:-1], states[-1:], masks[:-1], masks[-1:]
     return states[:-1], states[-1:]
 
 
@@ -81,7 +84,8 @@ def generate(model: RunModel, prompts: list[str], sampler: str, steps: int, guid
     check_sampling_args(sampler, steps, guidance)
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
-    cond, uncond = encode_prompts(model, prompts)
+    cond, uncond, cmask, umask = encode_prompts(model, prompts, with_mask=True)
+    use_mask = bool(model.config["train"].get("text_mask"))
     images, nfe, t_total, t_loop = [], 0, 0.0, 0.0
     for i in bar(range(0, len(prompts), batch_size), enabled=progress, desc=f"sample {sampler} {steps}", unit="batch"):
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch_size]]
@@ -89,7 +93,8 @@ def generate(model: RunModel, prompts: list[str], sampler: str, steps: int, guid
         t0 = time.perf_counter()
         extra = None if extra_channels is None else extra_channels[i:i + batch_size]
         lat = generate_latents(model.unet, make_sampler(sampler, model.prediction), steps, cond[i:i + batch_size],
-                               uncond, guidance, gens, model.latent_shape, extra, stats)
+                               uncond, guidance, gens, model.latent_shape, extra, stats,
+                               cmask[i:i + batch_size] if use_mask else None, umask if use_mask else None)
         images.append(to_uint8(decode(model.vae, lat)))
         t_total += time.perf_counter() - t0
         t_loop += stats.seconds

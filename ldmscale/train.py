@@ -40,6 +40,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     prediction: Literal["epsilon", "v_prediction"] = "epsilon"
     cfg_dropout: float = 0.1  # caption dropout for classifier-free guidance
+    snr_gamma: float = 0.0  # Min-SNR loss weighting (Hang et al. 2023; diffusers' --snr_gamma); 0: plain MSE
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     checkpoint_every: int = 0  # images between checkpoints (0: 4 per run)
@@ -238,7 +239,12 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=te
             with acc.accumulate(unet), acc.autocast():
                 pred = unet(noisy.to(acc.device), t[sel].to(acc.device), encoder_hidden_states=text.to(acc.device),
                             encoder_attention_mask=mask.to(acc.device) if cfg.text_mask else None).sample
-                loss = F.mse_loss(pred.float(), target.to(acc.device))
+                per_sample = (pred.float() - target.to(acc.device)).pow(2).flatten(1).mean(1)
+                if cfg.snr_gamma > 0:  # Min-SNR-gamma: down-weight the easy, low-noise timesteps
+                    snr = (a_t / (1 - a_t)).flatten().to(acc.device)
+                    weight = snr.clamp(max=cfg.snr_gamma) / (snr if cfg.prediction == "epsilon" else snr + 1)
+                    per_sample = per_sample * weight
+                loss = per_sample.mean()
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.grad_clip > 0:
                     acc.clip_grad_norm_(unet.parameters(), cfg.grad_clip)

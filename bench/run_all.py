@@ -1,0 +1,58 @@
+"""`make bench`: run every bench script, then write bench/results.json (each script merges its entry) and
+bench/results.md, a Markdown table of the ratios against their named baselines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ["prepare.py", "train_cache.py", "sampling.py", "features.py", "speedups.py"]
+
+
+def table(results: dict) -> str:
+    rows = ["| bench | ldmscale | baseline | ratio | fraction of fp32 matmul peak |", "|---|---|---|---|---|"]
+    if "prepare" in results:
+        r = results["prepare"]
+        rows.append(f"| data prepare (images/s) | {r['ldmscale_images_per_s']} | {r['baseline_images_per_s']} ({r['baseline']}) | {r['ratio']}x | |")
+    if "train_cache" in results:
+        r = results["train_cache"]
+        for size, s in r["sizes"].items():
+            rows.append(f"| train {size} (images/s) | {s['cache_images_per_s']} from the cache | {s['on_the_fly_images_per_s']} "
+                        f"({r['baseline']}) | {s['ratio']}x | {s['fraction_of_peak']:.0%} of {r['matmul_peak_gflops']} GFLOP/s |")
+    if "sampling" in results:
+        r = results["sampling"]
+        rows.append(f"| sample {r['size']} DDIM {r['steps']} steps (images/s) | {r['ldmscale_images_per_s']} | "
+                    f"{r['baseline_images_per_s']} ({r['baseline']}) | {r['ratio']}x | {r['fraction_of_peak']:.0%} |")
+    if "features" in results:
+        r = results["features"]
+        rows.append(f"| FID features (images/s) | {r['ldmscale_images_per_s']} | {r['baseline_images_per_s']} ({r['baseline']}) | {r['ratio']}x | |")
+    if "speedups" in results:
+        for size, s in results["speedups"]["sizes"].items():
+            parts = [f"channels-last {s['channels_last']}x", f"fused AdamW {s['fused_adamw']}x",
+                     f"SDPA vs classic {s['sdpa_vs_classic']}x", f"bf16 autocast {s['bf16_autocast']}x"]
+            if "heads" in s:
+                parts.insert(0, f"{s['heads']['ldmscale_heads']} heads vs 8: {s['heads']['speedup_vs_8_heads']}x (same FLOPs)")
+            rows.append(f"| train step {size}: speed work | {'; '.join(parts)} | step {s['baseline_step_s']} s | | |")
+        fc = results["speedups"]["flop_cache"]
+        rows.append(f"| FLOP count C=320 (s) | {fc['cached_s']} cached | {fc['cold_s']} counted | {fc['speedup']}x | |")
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    t0 = time.time()
+    for script in SCRIPTS:
+        print(f"== bench/{script}", flush=True)
+        subprocess.run([sys.executable, str(HERE / script)], check=True, cwd=HERE)
+    results = json.loads((HERE / "results.json").read_text())
+    md = table(results)
+    (HERE / "results.md").write_text(f"Measured {time.strftime('%Y-%m-%d')} on this machine; `make bench` took "
+                                     f"{(time.time() - t0) / 60:.1f} min.\n\n" + md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
