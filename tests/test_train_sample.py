@@ -166,7 +166,7 @@ class ToyGaussianDenoiser(torch.nn.Module):
         self.config = SimpleNamespace(time_cond_proj_dim=None)
         self.alphas = noise_scheduler().alphas_cumprod
 
-    def forward(self, x, t, encoder_hidden_states=None, timestep_cond=None):
+    def forward(self, x, t, encoder_hidden_states=None, timestep_cond=None, encoder_attention_mask=None):
         t = float(t)
         lo, hi = int(np.floor(t)), min(999, int(np.ceil(t)))
         a = self.alphas[lo] + (self.alphas[hi] - self.alphas[lo]) * (t - lo)
