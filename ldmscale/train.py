@@ -7,6 +7,7 @@ equals an uninterrupted one, and 2 processes train the same model as 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ldmscale import checkpoint, flops
+from ldmscale import checkpoint, flops, fsdp
 from ldmscale.config import UserError, from_dict, to_dict
 from ldmscale.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 
@@ -49,6 +50,8 @@ class TrainConfig:
     latent_sample: bool = True  # sample z from the cached posterior (else use its mean)
     text_mask: bool = False  # mask padded text tokens in cross-attention (SD does not)
     report_to: str = ""  # "", "tensorboard" or "wandb" (accelerate trackers)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (2B/5B sizes)
+    activation_checkpointing: bool = True  # with fsdp: recompute block activations in the backward pass
 
 
 # settings that may change when a run is continued, without making it a different run
@@ -173,22 +176,32 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=te
     unet = UNet2DConditionModel(**resolved["unet"])
     if task.init is not None:
         unet.load_state_dict(task.init)
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
-    start = 0
-    last = checkpoint.latest(run)
+    start, state, last = 0, None, checkpoint.latest(run)
     if last is not None:
         unet.load_state_dict(checkpoint.load_weights(last, "raw"))
         state = checkpoint.load_optimizer(last)
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
         start = checkpoint.load_state(last)["step"]
         if acc.is_main_process:  # drop log lines written after that checkpoint by the run that died
             kept = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("step", 0) <= start]
             atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-    unet, opt = acc.prepare(unet, opt)
+    if cfg.fsdp:
+        if world < 2 or cfg.grad_accum != 1:
+            raise UserError("fsdp needs a launch with 2 or more processes and grad_accum = 1")
+        fsdp.shard(unet.to(acc.device), cfg.mixed_precision, cfg.activation_checkpointing)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+    if state is not None:
+        ema_state = dict(state["ema"])
+        ema_state["shadow_params"] = [fsdp.like(t, p) for t, p in zip(ema_state["shadow_params"], unet.parameters())]
+        ema.load_state_dict(ema_state)
+        if cfg.fsdp:
+            fsdp.load_optimizer_state(unet, opt, state["optimizer"])
+        else:
+            opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    if not cfg.fsdp:
+        unet, opt = acc.prepare(unet, opt)
     if cfg.report_to:
         acc.init_trackers("ldmscale", config={k: v for k, v in resolved["train"].items() if isinstance(v, (int, float, str))})
     noise_sched = noise_scheduler(cfg.prediction)
@@ -205,11 +218,18 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=te
                 "seed": cfg.seed, "rng_note": "per-step generators seeded by (seed, step); no global RNG is used"}
 
     def save(step: int, loss: float) -> None:
+        # under fsdp every process takes part in gathering the full tensors; only the main one writes
+        model = fsdp.model_state(unet) if cfg.fsdp else acc.unwrap_model(unet).state_dict()
+        ema_state = ema.state_dict()
+        ema_state["shadow_params"] = [fsdp.full_tensor(t).cpu() for t in ema_state["shadow_params"]]
+        opt_state = fsdp.optimizer_state(unet, opt) if cfg.fsdp else opt.state_dict()
         if acc.is_main_process:
-            st = state_dict(step, loss)
-            checkpoint.save(run, step, resolved, acc.unwrap_model(unet).state_dict(), _ema_weights(ema, unet, acc),
-                            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "ema": ema.state_dict()},
-                            st, cfg.keep)
+            ema_model = dict(model)
+            names = [n for n, _ in acc.unwrap_model(unet).named_parameters()]
+            ema_model.update(zip(names, ema_state["shadow_params"]))
+            checkpoint.save(run, step, resolved, model, ema_model,
+                            {"optimizer": opt_state, "scheduler": sched.state_dict(), "ema": ema_state},
+                            state_dict(step, loss), cfg.keep)
         acc.wait_for_everyone()
 
     pbar = bar(total=total_steps, initial=start, desc=f"train {resolved['train']['size']}", unit="step",
@@ -236,7 +256,8 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=te
             if extra is not None:
                 noisy = torch.cat([noisy, extra], dim=1)
             target = noise[sel] if cfg.prediction == "epsilon" else a_t.sqrt() * noise[sel] - (1 - a_t).sqrt() * z
-            with acc.accumulate(unet), acc.autocast():
+            with (contextlib.nullcontext() if cfg.fsdp else acc.accumulate(unet)), \
+                    (contextlib.nullcontext() if cfg.fsdp else acc.autocast()):
                 pred = unet(noisy.to(acc.device), t[sel].to(acc.device), encoder_hidden_states=text.to(acc.device),
                             encoder_attention_mask=mask.to(acc.device) if cfg.text_mask else None).sample
                 per_sample = (pred.float() - target.to(acc.device)).pow(2).flatten(1).mean(1)
@@ -245,9 +266,14 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=te
                     weight = snr.clamp(max=cfg.snr_gamma) / (snr if cfg.prediction == "epsilon" else snr + 1)
                     per_sample = per_sample * weight
                 loss = per_sample.mean()
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.grad_clip > 0:
-                    acc.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+                if cfg.fsdp:  # the sharded model reduces its own gradients; the mp policy does the casting
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+                else:
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.grad_clip > 0:
+                        acc.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             mean_loss = acc.reduce(loss.detach(), "mean").item()
@@ -278,16 +304,6 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=te
     pbar.close()
     acc.end_training()
     return state_dict(max(start, total_steps), float("nan")) | {"run": str(run), "is_main": acc.is_main_process}
-
-
-def _ema_weights(ema, unet, acc) -> dict:
-    """The EMA parameters as a state dict of the UNet (buffers from the live model)."""
-    model = acc.unwrap_model(unet)
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    names = [n for n, _ in model.named_parameters()]
-    for name, p in zip(names, ema.shadow_params):
-        sd[name] = p.detach().clone()
-    return sd
 
 
 def load_train_config(path: str | Path) -> TrainConfig:

@@ -119,3 +119,15 @@ def test_paper_study_plans_the_papers_compute(tmp_path):
     evals = [j for j in jobs if j.kind == "eval" and "curve" not in j.name]
     # 11 sizes x (ddim 9 + ddpm 9 + dpmsolver++ 4 step counts) x 8 guidance scales
     assert len(evals) == 11 * (9 + 9 + 4) * 8
+
+
+def test_submitit_local_executor_runs_and_skips_like_local(study_file, tmp_path):
+    out = tmp_path / "s"
+    p = run_cli("study", "run", study_file, "--out", out, "--executor", "submitit-local", "--no-report", check=True)
+    assert "wave 2: submitting 2 job(s)" in p.stdout and "wave 3: submitting 10 job(s)" in p.stdout
+    assert len(list((out / "jobs").glob("*.json"))) == 12
+    assert len((out / "results.csv").read_text().strip().splitlines()) == 11
+    again = run_cli("study", "run", study_file, "--out", out, "--executor", "submitit-local", "--no-report", check=True)
+    assert "wave" not in again.stdout and "12 jobs run" not in again.stdout
+    local = run_cli("study", "run", study_file, "--out", out, "--no-report", check=True)
+    assert "12 already done, 0 to run" in local.stdout
