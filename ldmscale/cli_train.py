@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from ldmscale.config import UserError, apply_overrides, from_dict
 Examples:
   ldmscale train --data runs/cache --size c16 --out runs/c16 --images 200000
   ldmscale train --data runs/cache --size c32 --out runs/c32 --set lr=5e-4 --set prediction=v_prediction
-  accelerate launch --num_processes 2 -m ldmscale train --data runs/cache --size c16 --out runs/c16-ddp
+  accelerate launch --multi_gpu --num_processes 2 -m ldmscale train --data runs/cache --size c16 --out runs/c16-ddp
 \b
 Running the same command again continues from the last checkpoint (a larger --images extends the run).
 """)
@@ -168,6 +169,13 @@ def export_cmd(run_dir, out, which, weights) -> None:
 
     export(run_dir, out, which, weights)
     click.echo(f"exported {run_dir} to {out} (StableDiffusionPipeline.from_pretrained('{out}'))")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    if cfg.get("train", {}).get("text_mask"):  # the SD pipeline never passes an attention mask to the UNet
+        click.echo("warning: this run was trained with text_mask=true; StableDiffusionPipeline does not pass the "
+                   "attention mask, so its samples differ from `ldmscale sample`", err=True)
+    if cfg.get("distilled"):
+        click.echo("note: a distilled run; sample the pipeline with LCMScheduler (consistency) or DDIM "
+                   "at its distilled step count (progressive)", err=True)
 
 
 def _plain(cfg) -> dict:

@@ -171,6 +171,20 @@ def mark_done(out: Path, job: Job, seconds: float) -> None:
                                                         "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
+# Rough fixed seconds per job on a 2-core CPU, beside FLOPs at NOMINAL_FLOPS: the first stage, the cache and
+# the classifier do no UNet FLOPs, and each eval pays for decoding and features. Only the ETA's mix uses them.
+NOMINAL_FLOPS = 1e11
+OVERHEAD_S = {"prepare": 15.0, "eval": 4.0, "task-eval": 6.0, "train": 5.0, "finetune": 10.0, "distill": 10.0}
+
+
+def estimated_seconds(job: Job) -> float:
+    if job.kind == "autoencoder":
+        return 0.25 * float(job.config.get("steps", 300))
+    if job.kind == "classifier":
+        return 15.0 * float(job.config.get("epochs", 2))
+    return job.cost_flops / NOMINAL_FLOPS + OVERHEAD_S.get(job.kind, 5.0)
+
+
 def run_jobs(out: Path, jobs: list[Job], progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run the jobs in order, skipping finished ones; one progress view weighted by estimated cost."""
     from ldmscale.progress import bar
@@ -178,16 +192,16 @@ def run_jobs(out: Path, jobs: list[Job], progress: bool = True, log: Callable[[s
     pending = [j for j in jobs if not job_done(out, j)]
     done0 = len(jobs) - len(pending)
     log(f"study {out}: {len(jobs)} jobs, {done0} already done, {len(pending)} to run")
-    weights = [max(j.cost_flops, 1e9) for j in pending]
-    pbar = bar(total=sum(weights) / 1e9, desc="study", unit="GFLOP", enabled=progress,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+    weights = [estimated_seconds(j) for j in pending]  # the bar counts estimated seconds, so its ETA adapts
+    pbar = bar(total=sum(weights), desc="study", unit="est-s", enabled=progress,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
     t_start = time.time()
     for n, (job, w) in enumerate(zip(pending, weights)):
         pbar.set_postfix_str(f"jobs {done0 + n}/{len(jobs)}, now: {job.name}")
         t0 = time.time()
         job.run()
         mark_done(out, job, time.time() - t0)
-        pbar.update(w / 1e9)
+        pbar.update(w)
     pbar.set_postfix_str(f"jobs {len(jobs)}/{len(jobs)}")
     pbar.close()
     return {"jobs": len(jobs), "ran": len(pending), "seconds": time.time() - t_start}
