@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from ldmscale.data import ANIMAL_CLASSES, load_images  # noqa: E402
 from ldmscale.degrade import degrade, resize  # noqa: E402
 from ldmscale.evaluate import parse_reference  # noqa: E402
+from ldmscale.metrics import subject_fidelity  # noqa: E402
 from ldmscale.sample import generate, load_run  # noqa: E402
 
 DOCS = Path(__file__).parent
@@ -103,11 +104,10 @@ def dreambooth_figure(init: str, run: str, classifier: str, n: int, steps: int, 
     after_id = generate(db, [task["instance_prompt"]] * n, "ddim", steps, guidance, seeds)[0]
     after_cls = generate(db, [task["class_prompt"]] * n, "ddim", steps, guidance, seeds)[0]
     feat = ClassifierFeatures(classifier)
-    center = torch.nn.functional.normalize(feat(subject).double(), dim=1).mean(0)
+    subject_feats = feat(subject)
 
     def fidelity(images):
-        f = torch.nn.functional.normalize(feat(images).double(), dim=1)
-        return float((f @ center).mean() / center.norm())
+        return subject_fidelity(feat(images), subject_feats)[0]
 
     label = ANIMAL_CLASSES.index(task["class_prompt"].split()[-1])
     src, split = parse_reference("animal-mnist:validation")

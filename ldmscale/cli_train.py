@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -169,7 +168,9 @@ def export_cmd(run_dir, out, which, weights) -> None:
 
     export(run_dir, out, which, weights)
     click.echo(f"exported {run_dir} to {out} (StableDiffusionPipeline.from_pretrained('{out}'))")
-    cfg = json.loads((run_dir / "config.json").read_text())
+    from ldmscale.checkpoint import read_run_config
+
+    cfg = read_run_config(run_dir)
     if cfg.get("train", {}).get("text_mask"):  # the SD pipeline never passes an attention mask to the UNet
         click.echo("warning: this run was trained with text_mask=true; StableDiffusionPipeline does not pass the "
                    "attention mask, so its samples differ from `ldmscale sample`", err=True)

@@ -48,8 +48,9 @@ def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    arr = img.numpy()
-    pil = Image.fromarray(arr[0], "L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
+    from ldmscale.sample import to_pil
+
+    pil = to_pil(img)
     buf = io.BytesIO()
     pil.save(buf, format="JPEG", quality=int(quality))
     out = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert(pil.mode))

@@ -99,13 +99,11 @@ def evaluate_dreambooth(model, cfg) -> dict:
     if feat is None:
         raise UserError("DreamBooth evaluation needs --classifier DIR (or fid) for subject fidelity")
     subject = subject_images(db.subject, res, ch)
-    center = torch.nn.functional.normalize(feat(subject).double(), dim=1).mean(0)
     n = cfg.num_images
     seeds = [cfg.seed + i for i in range(n)]
     images, info = generate(model, [prompt] * n, cfg.sampler, cfg.steps, cfg.guidance, seeds, cfg.batch_size)
-    f = torch.nn.functional.normalize(feat(images).double(), dim=1)
-    values = {"subject-fidelity": float((f @ center).mean() / center.norm()),
-              "subject-fidelity_std": float((f @ center / center.norm()).std() / n**0.5)}
+    fid, fid_std = metrics.subject_fidelity(feat(images), feat(subject))
+    values = {"subject-fidelity": fid, "subject-fidelity_std": fid_std}
     label = label_of_prompt(db.class_prompt)
     if "caption-accuracy" in cfg.metrics and label >= 0 and hasattr(feat, "predict"):
         values["caption-accuracy"] = metrics.caption_accuracy(feat.predict(images), torch.full((n,), label))

@@ -141,6 +141,14 @@ def caption_accuracy(predicted: torch.Tensor, prompted: torch.Tensor) -> float:
     return float((predicted[keep] == prompted[keep]).double().mean())
 
 
+def subject_fidelity(feats: torch.Tensor, subject_feats: torch.Tensor) -> tuple[float, float]:
+    """DreamBooth subject fidelity: mean cosine of each image's features to the subject images' mean direction,
+    and its standard error."""
+    center = torch.nn.functional.normalize(subject_feats.double(), dim=1).mean(0)
+    cos = torch.nn.functional.normalize(feats.double(), dim=1) @ center / center.norm()
+    return float(cos.mean()), float(cos.std() / len(cos) ** 0.5)
+
+
 def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     """Mean PSNR (dB) and SSIM of uint8 image pairs, by torchmetrics (data range 255)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure

@@ -213,3 +213,13 @@ def test_bootstrap_spread_matches_repeated_sampling():
     b.update(x[120:], list(range(120, 200)))
     boot_std = b.distances(ref).std(ddof=1)
     assert 0.5 < boot_std / np.std(real, ddof=1) < 2.0
+
+
+def test_subject_fidelity_is_cosine_to_the_subject_direction():
+    from ldmscale.metrics import subject_fidelity
+
+    subject = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    same, std = subject_fidelity(torch.tensor([[3.0, 0.0], [0.5, 0.0]]), subject)
+    assert same == pytest.approx(1.0) and std == pytest.approx(0.0)
+    ortho, _ = subject_fidelity(torch.tensor([[0.0, 1.0], [0.0, -4.0]]), subject)
+    assert ortho == pytest.approx(0.0)
