@@ -55,12 +55,13 @@ def noise_scheduler(prediction_type: str = "epsilon"):
     return _build(DDPMScheduler, SD_SCHEDULE | {"prediction_type": prediction_type})
 
 
-def make_sampler(name: str, prediction_type: str = "epsilon"):
+def make_sampler(name: str, prediction_type: str = "epsilon", **overrides):
+    """A sampler on SD v1.5's schedule; `overrides` are scheduler config keys (e.g. lcm's original_inference_steps)."""
     classes = _classes()
     if name not in classes:
         raise UserError(f"unknown sampler {name!r}; samplers: {', '.join(SAMPLERS)}")
     cls, extra = classes[name]
-    return _build(cls, SD_SCHEDULE | {"prediction_type": prediction_type} | extra)
+    return _build(cls, SD_SCHEDULE | {"prediction_type": prediction_type} | extra | overrides)
 
 
 def check_sampling_args(sampler: str, steps: int, guidance: float) -> None:

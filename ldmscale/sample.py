@@ -35,6 +35,15 @@ class RunModel:
     def prediction(self) -> str:
         return self.config["train"].get("prediction", "epsilon")
 
+    def sampler(self, name: str):
+        """The named sampler for this run: a consistency student's `lcm` steps land on the grid it was distilled on."""
+        from ldmscale.diffusion import make_sampler
+
+        grid = self.config.get("task", {}).get("distill", {}).get("solver_steps")
+        if name == "lcm" and grid:
+            return make_sampler(name, self.prediction, original_inference_steps=int(grid))
+        return make_sampler(name, self.prediction)
+
 
 @lru_cache(maxsize=4)
 def _vae(spec: str):
@@ -78,7 +87,7 @@ def generate(model: RunModel, prompts: list[str], sampler: str, steps: int, guid
              batch_size: int = 64, extra_channels: torch.Tensor | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
     """One image per (prompt, seed) pair: uint8 [N,C,H,W] and sampling stats (model calls, latency)."""
     from ldmscale.autoencoder import decode, to_uint8
-    from ldmscale.diffusion import SampleStats, check_sampling_args, generate_latents, make_sampler
+    from ldmscale.diffusion import SampleStats, check_sampling_args, generate_latents
     from ldmscale.progress import bar
 
     check_sampling_args(sampler, steps, guidance)
@@ -92,7 +101,7 @@ def generate(model: RunModel, prompts: list[str], sampler: str, steps: int, guid
         stats = SampleStats()
         t0 = time.perf_counter()
         extra = None if extra_channels is None else extra_channels[i:i + batch_size]
-        lat = generate_latents(model.unet, make_sampler(sampler, model.prediction), steps, cond[i:i + batch_size],
+        lat = generate_latents(model.unet, model.sampler(sampler), steps, cond[i:i + batch_size],
                                uncond, guidance, gens, model.latent_shape, extra, stats,
                                cmask[i:i + batch_size] if use_mask else None, umask if use_mask else None)
         images.append(to_uint8(decode(model.vae, lat)))

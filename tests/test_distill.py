@@ -6,7 +6,8 @@ import torch
 import ldmscale.train as train_mod
 from conftest import run_cli
 from ldmscale import checkpoint
-from ldmscale.distill import DistillConfig, consistency_fn, distill, scalings, student_config, student_init
+from ldmscale.distill import (DistillConfig, consistency_distance, consistency_fn, distill, scalings, student_config,
+                              student_init)
 
 
 def _student(tiny_run):
@@ -33,6 +34,17 @@ def test_consistency_boundary_condition_identity_at_smallest_timestep(tiny_run):
     with torch.no_grad():
         f = consistency_fn(student, x, torch.zeros(3, dtype=torch.long), ctx, w, noise_scheduler().alphas_cumprod)
     assert torch.equal(f, x)
+
+
+def test_consistency_distance_in_noise_units():
+    # an x0 error d at alpha_bar a is an eps error d * sqrt(a / (1 - a)); eps units weigh every t alike
+    a = torch.tensor([0.0047, 0.9]).view(2, 1, 1, 1)
+    d = torch.full((2, 4, 8, 8), 0.01)
+    l2 = DistillConfig(loss="l2")
+    assert float(consistency_distance(d, 0 * d, a, l2)) == pytest.approx(1e-4 * float((a / (1 - a)).mean()), rel=1e-5)
+    assert float(consistency_distance(d, 0 * d, a, DistillConfig(loss="l2", loss_space="x0"))) == pytest.approx(1e-4)
+    huber = float(consistency_distance(d[:1], 0 * d[:1], a[1:], DistillConfig(huber_c=0.001)))
+    assert huber == pytest.approx((0.03**2 + 0.001**2) ** 0.5 - 0.001, rel=1e-4)  # 0.01 * sqrt(0.9 / 0.1) = 0.03
 
 
 def test_student_starts_as_the_teacher(tiny_run):
@@ -82,6 +94,11 @@ def test_distilled_model_samples_with_lcm_and_is_marked(tiny_run, tiny_classifie
     p = run_cli("sample", "--run", tmp_path / "lcm", "--prompt", "a cat", "--sampler", "lcm", "--steps", "4",
                 "--guidance", "3", "--num", "2", "--out", tmp_path / "s", check=True)
     assert "4 model calls/image" in p.stdout  # guidance is embedded: no second (unconditional) call
+    from ldmscale.sample import load_run
+
+    sampler = load_run(tmp_path / "lcm").sampler("lcm")  # lcm steps on the grid the student was distilled on
+    sampler.set_timesteps(4)
+    assert sampler.timesteps.tolist() == [999, 799, 499, 299]
     p = run_cli("eval", "--run", tmp_path / "lcm", "--sampler", "lcm", "--steps", "2", "--guidance", "3",
                 "--num-images", "8", "--classifier", tiny_classifier, "--reference-count", "50", "--batch-size", "8",
                 check=True)
