@@ -1,8 +1,8 @@
 """The downstream and distillation figures under docs/ (issues 7 and 8), from trained runs.
 
     python docs/make_figures.py sr --runs runs/c16-sr runs/c32-sr
-    python docs/make_figures.py lcm --pairs runs/c16:runs/c16-lcm runs/c32:runs/c32-lcm
-    python docs/make_figures.py dreambooth --init runs/c32 --run runs/c32-db --classifier runs/classifier
+    python docs/make_figures.py lcm --pairs runs/c16:runs/c16-lcm-w3 runs/c32:runs/c32-lcm-w3
+    python docs/make_figures.py dreambooth --init runs/c32 --run runs/c32-db2 --classifier runs/classifier
 
 Each writes a labelled PNG under docs/ and prints the numbers it shows. The metrics in the README come
 from `ldmscale eval` (eval/*.json of each run); these figures only show what the samples look like.
@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from ldmscale.data import ANIMAL_CLASSES, load_images  # noqa: E402
 from ldmscale.degrade import degrade, resize  # noqa: E402
 from ldmscale.evaluate import parse_reference  # noqa: E402
-from ldmscale.metrics import subject_fidelity  # noqa: E402
+from ldmscale.metrics import subject_fidelity, subject_ssim  # noqa: E402
 from ldmscale.sample import generate, load_run  # noqa: E402
 
 DOCS = Path(__file__).parent
@@ -91,7 +91,7 @@ def lcm_figure(pairs: list[str], steps: int, guidance: float) -> None:
     table(cols, titles, DOCS / "distill_lcm.png", row_labels=prompts)
 
 
-def dreambooth_figure(init: str, run: str, classifier: str, n: int, steps: int, guidance: float) -> None:
+def dreambooth_figure(init: str, run: str, classifier: str, n: int, steps: int, guidance: float, n_stats: int) -> None:
     from ldmscale.dreambooth import subject_images
     from ldmscale.features import ClassifierFeatures
 
@@ -99,27 +99,28 @@ def dreambooth_figure(init: str, run: str, classifier: str, n: int, steps: int, 
     task = db.config["task"]
     res, ch = int(db.config["data"]["resolution"]), int(db.config["data"]["channels"])
     subject = subject_images(task["subject"], res, ch)
-    seeds = list(range(n))
-    before = generate(base, [task["class_prompt"]] * n, "ddim", steps, guidance, seeds)[0]
-    after_id = generate(db, [task["instance_prompt"]] * n, "ddim", steps, guidance, seeds)[0]
-    after_cls = generate(db, [task["class_prompt"]] * n, "ddim", steps, guidance, seeds)[0]
+    seeds = list(range(max(n, n_stats)))  # the grid shows the first n; the numbers use all of them
+    before = generate(base, [task["class_prompt"]] * len(seeds), "ddim", steps, guidance, seeds)[0]
+    after_id = generate(db, [task["instance_prompt"]] * len(seeds), "ddim", steps, guidance, seeds)[0]
+    after_cls = generate(db, [task["class_prompt"]] * len(seeds), "ddim", steps, guidance, seeds)[0]
     feat = ClassifierFeatures(classifier)
     subject_feats = feat(subject)
 
     def fidelity(images):
-        return subject_fidelity(feat(images), subject_feats)[0]
+        return {"subject-fidelity": round(subject_fidelity(feat(images), subject_feats)[0], 3),
+                "subject-ssim": round(subject_ssim(images, subject)[0], 3), "images": len(images)}
 
     label = ANIMAL_CLASSES.index(task["class_prompt"].split()[-1])
     src, split = parse_reference("animal-mnist:validation")
     real, _, labels = load_images(src, split, res, ch, 1000)
-    same_class = torch.as_tensor(real[np.asarray(labels) == label][:n])
+    same_class = torch.as_tensor(real[np.asarray(labels) == label])
     numbers = {"subject (its own views)": fidelity(subject), "real images of the class": fidelity(same_class),
                f"initial model, '{task['class_prompt']}'": fidelity(before),
                f"DreamBooth model, '{task['instance_prompt']}'": fidelity(after_id),
                f"DreamBooth model, '{task['class_prompt']}'": fidelity(after_cls)}
-    print(json.dumps({"subject_fidelity": numbers}, indent=1))
+    print(json.dumps(numbers, indent=1))
     reps = (n + len(subject) - 1) // len(subject)
-    cols = [subject.repeat(reps, 1, 1, 1)[:n], before, after_id, after_cls]
+    cols = [subject.repeat(reps, 1, 1, 1)[:n], before[:n], after_id[:n], after_cls[:n]]
     titles = ["subject\n(training views)", f"initial model\n'{task['class_prompt']}'",
               f"DreamBooth\n'{task['instance_prompt']}'", f"DreamBooth\n'{task['class_prompt']}'"]
     table(cols, titles, DOCS / "dreambooth.png")
@@ -143,6 +144,7 @@ def main() -> None:
     c.add_argument("--n", type=int, default=8)
     c.add_argument("--steps", type=int, default=25)
     c.add_argument("--guidance", type=float, default=3.0)
+    c.add_argument("--n-stats", type=int, default=64, help="images behind the printed numbers")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.cmd == "sr":
@@ -150,7 +152,7 @@ def main() -> None:
     elif args.cmd == "lcm":
         lcm_figure(args.pairs, args.steps, args.guidance)
     else:
-        dreambooth_figure(args.init, args.run, args.classifier, args.n, args.steps, args.guidance)
+        dreambooth_figure(args.init, args.run, args.classifier, args.n, args.steps, args.guidance, args.n_stats)
 
 
 if __name__ == "__main__":

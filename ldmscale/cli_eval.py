@@ -26,7 +26,7 @@ Writes RUN/eval/<sampler>-s<steps>-g<guidance>-n<images>-<checkpoint>-<weights>.
 @click.option("--guidance", default=7.5, show_default=True, type=float)
 @click.option("--num-images", default=1000, show_default=True, type=int)
 @click.option("--metrics", "metric_list", default="fd-classifier,caption-accuracy", show_default=True,
-              help="Comma-separated: fid, fd-classifier, caption-accuracy, clip; psnr, ssim, lpips (super-resolution); subject-fidelity (DreamBooth).")
+              help="Comma-separated: fid, fd-classifier, caption-accuracy, clip; psnr, ssim, lpips (super-resolution); subject-ssim, subject-fidelity (DreamBooth).")
 @click.option("--reference", default="animal-mnist:validation", show_default=True, help="SOURCE[:SPLIT] of real images and captions.")
 @click.option("--reference-count", default=0, type=int, help="Reference images to use (0: all of the split).")
 @click.option("--classifier", default="", help="Classifier folder (fd-classifier, caption-accuracy).")

@@ -21,9 +21,10 @@ import torch
 from ldmscale import metrics
 from ldmscale.config import UserError, to_dict
 
-METRICS = ("fid", "fd-classifier", "caption-accuracy", "clip", "psnr", "ssim", "lpips", "subject-fidelity")
+METRICS = ("fid", "fd-classifier", "caption-accuracy", "clip", "psnr", "ssim", "lpips", "subject-fidelity",
+           "subject-ssim")
 TASK_ONLY = {"psnr": "super-resolution", "ssim": "super-resolution", "lpips": "super-resolution",
-             "subject-fidelity": "dreambooth"}
+             "subject-fidelity": "dreambooth", "subject-ssim": "dreambooth"}
 
 
 @dataclass(frozen=True)

@@ -96,14 +96,17 @@ def evaluate_dreambooth(model, cfg) -> dict:
     res, ch = int(model.config["data"]["resolution"]), int(model.config["data"]["channels"])
     ex = _extractors(cfg)
     feat = ex.get("fd-classifier") or ex.get("fid")
-    if feat is None:
-        raise UserError("DreamBooth evaluation needs --classifier DIR (or fid) for subject fidelity")
+    if feat is None and "subject-ssim" not in cfg.metrics:
+        raise UserError("DreamBooth evaluation needs subject-ssim, or --classifier DIR (or fid) for subject fidelity")
     subject = subject_images(db.subject, res, ch)
     n = cfg.num_images
     seeds = [cfg.seed + i for i in range(n)]
     images, info = generate(model, [prompt] * n, cfg.sampler, cfg.steps, cfg.guidance, seeds, cfg.batch_size)
-    fid, fid_std = metrics.subject_fidelity(feat(images), feat(subject))
-    values = {"subject-fidelity": fid, "subject-fidelity_std": fid_std}
+    values = {}
+    if "subject-ssim" in cfg.metrics:  # identity: that subject's shape and pose
+        values["subject-ssim"], values["subject-ssim_std"] = metrics.subject_ssim(images, subject)
+    if feat is not None:  # class-level likeness in a feature space
+        values["subject-fidelity"], values["subject-fidelity_std"] = metrics.subject_fidelity(feat(images), feat(subject))
     label = label_of_prompt(db.class_prompt)
     if "caption-accuracy" in cfg.metrics and label >= 0 and hasattr(feat, "predict"):
         values["caption-accuracy"] = metrics.caption_accuracy(feat.predict(images), torch.full((n,), label))

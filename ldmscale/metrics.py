@@ -149,6 +149,19 @@ def subject_fidelity(feats: torch.Tensor, subject_feats: torch.Tensor) -> tuple[
     return float(cos.mean()), float(cos.std() / len(cos) ** 0.5)
 
 
+def subject_ssim(images: torch.Tensor, subject: torch.Tensor) -> tuple[float, float]:
+    """DreamBooth identity: each uint8 image's best SSIM against any subject view, mean and standard error.
+    Class features say "an elephant"; this says "that elephant" (its shape and pose)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    if images.shape[1:] != subject.shape[1:]:
+        raise UserError(f"image shapes differ: {tuple(images.shape[1:])} vs {tuple(subject.shape[1:])}")
+    x = images.double()
+    per_view = [ssim(x, view[None].double().expand_as(x), data_range=255.0, reduction="none") for view in subject]
+    best = torch.stack(per_view, 1).max(1).values
+    return float(best.mean()), float(best.std() / len(best) ** 0.5)
+
+
 def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     """Mean PSNR (dB) and SSIM of uint8 image pairs, by torchmetrics (data range 255)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure

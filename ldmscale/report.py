@@ -60,7 +60,7 @@ def analyze(rows: list[dict], study) -> dict:
     return out
 
 
-TASK_METRIC = {"super-resolution": "psnr", "dreambooth": "subject-fidelity"}
+TASK_METRIC = {"super-resolution": "psnr", "dreambooth": "subject-ssim"}
 
 
 def task_analysis(rows: list[dict], curves: dict, pre_metric: str) -> dict:

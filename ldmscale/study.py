@@ -385,7 +385,7 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
 
         cfg = apply_overrides(DreamBoothConfig(init=str(init)), sets)
         fn, cost = (lambda: finetune_dreambooth(cfg, tcfg, run, progress)), 3
-        default_metrics = ("subject-fidelity", "caption-accuracy")
+        default_metrics = ("subject-ssim", "subject-fidelity", "caption-accuracy")
         steps, guidance, samplers = task.steps or ev.steps, task.guidance or ev.guidance, task.samplers or ("ddim",)
     else:
         from ldmscale.distill import DistillConfig, distill

@@ -223,3 +223,14 @@ def test_subject_fidelity_is_cosine_to_the_subject_direction():
     assert same == pytest.approx(1.0) and std == pytest.approx(0.0)
     ortho, _ = subject_fidelity(torch.tensor([[0.0, 1.0], [0.0, -4.0]]), subject)
     assert ortho == pytest.approx(0.0)
+
+
+def test_subject_ssim_is_the_best_match_among_the_views():
+    from ldmscale.metrics import subject_ssim
+
+    g = torch.Generator().manual_seed(0)
+    views = torch.randint(0, 256, (2, 1, 16, 16), generator=g, dtype=torch.uint8)
+    same, std = subject_ssim(views.flip(0), views)  # each image matches one view exactly, in either order
+    assert same == pytest.approx(1.0) and std == pytest.approx(0.0, abs=1e-12)
+    other, _ = subject_ssim(torch.randint(0, 256, (4, 1, 16, 16), generator=g, dtype=torch.uint8), views)
+    assert other < 0.2

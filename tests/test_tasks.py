@@ -118,9 +118,10 @@ def test_dreambooth_resumes_exactly_and_measures_fidelity(tiny_run, tiny_cache, 
     _resume_exactly(tmp_path, monkeypatch, None, lambda out: finetune_dreambooth(db, cfg, out, progress=False))
     run = tmp_path / "straight"
     p = run_cli("eval", "--run", run, "--sampler", "ddim", "--steps", "3", "--guidance", "3", "--num-images", "6",
-                "--metrics", "subject-fidelity,caption-accuracy", "--classifier", tiny_classifier, check=True)
+                "--metrics", "subject-ssim,subject-fidelity,caption-accuracy", "--classifier", tiny_classifier, check=True)
     r = json.loads(next((run / "eval").glob("*.json")).read_text())
     assert -1 <= r["metrics"]["subject-fidelity"] <= 1 and 0 <= r["metrics"]["caption-accuracy"] <= 1
+    assert -1 <= r["metrics"]["subject-ssim"] <= 1 and r["metrics"]["subject-ssim_std"] >= 0
     assert r["task"] == "dreambooth" and r["prompt"] == "a sks dog"
 
 
