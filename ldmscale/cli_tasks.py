@@ -87,6 +87,7 @@ def finetune_dreambooth_cmd(init, subject, identifier, class_prompt, out, images
 \b
 Examples:
   ldmscale distill --teacher runs/c32 --method consistency --out runs/c32-lcm --images 20000
+  ldmscale distill --teacher runs/c32 --out runs/c32-lcm-w3 --set w_min=3 --set w_max=3   # one guidance scale
   ldmscale sample --run runs/c32-lcm --prompt "a horse" --sampler lcm --steps 4 --guidance 3 --out samples/lcm
   ldmscale distill --teacher runs/c32 --method progressive --out runs/c32-pd --set start_steps=8 --set final_steps=2
 """)
@@ -95,7 +96,8 @@ Examples:
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--images", type=int, help="Images per run (consistency) or per halving round (progressive).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="DistillConfig: lr, batch_size, w_min, w_max, ema_decay, solver_steps, start_steps, final_steps, ...")
+              help="DistillConfig: lr, lr_schedule, batch_size, w_min, w_max, ema_decay, loss, loss_space, solver_steps, "
+                   "start_steps, final_steps, ...")
 def distill_cmd(teacher, method, out, images, overrides) -> None:
     """Distill a run into a few-step sampler (latent consistency, or guided progressive distillation)."""
     import sys
