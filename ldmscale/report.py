@@ -68,7 +68,10 @@ def task_analysis(rows: list[dict], curves: dict, pre_metric: str) -> dict:
     out = {}
     for task in sorted({r.get("task") for r in rows} - {"text-to-image", None}):
         metric = TASK_METRIC.get(task, pre_metric)
-        best = analysis.best_over_guidance(analysis.final_rows([r for r in rows if r.get("task") == task]), metric)
+        mine_rows = [r for r in rows if r.get("task") == task]
+        if task == "dreambooth" and all(r.get(metric) is None for r in mine_rows):
+            metric = "subject-fidelity"  # results evaluated before subject-ssim existed
+        best = analysis.best_over_guidance(analysis.final_rows(mine_rows), metric)
         points = []
         for size in sorted({r["size"] for r in best}):
             mine = [r for r in best if r["size"] == size]
