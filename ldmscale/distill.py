@@ -50,6 +50,8 @@ class DistillConfig:
     # budget: 1-step FD 139.6 vs 153.4 at c16); `lcm` sampling then steps on this grid
     start_steps: int = 8  # teacher steps of the first round (progressive); 1000 / start_steps must be an integer
     final_steps: int = 2  # progressive: halve until this many steps
+    spacing: Literal["trailing", "leading"] = "trailing"  # progressive grid: trailing starts every sample at t=999;
+    # SD's leading spacing starts a 2-step one at t=501 from pure noise (measured: round 2 worse than the teacher)
     cond_dim: int = 256  # width of the guidance embedding
     seed: int = 0
     keep: int = 2
@@ -196,7 +198,8 @@ def distill(cfg: DistillConfig, out: str | Path, progress: bool = True) -> dict:
         if cfg.method == "consistency":
             loss = _consistency_loss(student, teacher, target, z, text, uncond, eps0, wscale, w_emb, alphas, cfg, g)
         else:
-            loss = _progressive_loss(student, teacher, z, text, uncond, eps0, wscale, w_emb, alphas, rounds[r], r == 0, g)
+            loss = _progressive_loss(student, teacher, z, text, uncond, eps0, wscale, w_emb, alphas, rounds[r], r == 0, g,
+                                     cfg.spacing)
         if not math.isfinite(loss.item()):
             good = checkpoint.latest(out)
             raise TrainingDiverged(f"loss is {loss.item()} at step {step + 1}; stopped without saving; "
@@ -257,14 +260,17 @@ def consistency_distance(pred: torch.Tensor, tgt: torch.Tensor, a: torch.Tensor,
     return (torch.sqrt(diff**2 + cfg.huber_c**2) - cfg.huber_c).mean()
 
 
-def _progressive_loss(student, teacher, z, text, uncond, eps0, wscale, w_emb, alphas, steps, first, g):
+def _progressive_loss(student, teacher, z, text, uncond, eps0, wscale, w_emb, alphas, steps, first, g,
+                      spacing="trailing"):
     """Student takes one DDIM step t -> t'' where the teacher takes two, t -> t' -> t'' (Salimans & Ho, eq. 8)."""
     gap = 1000 // steps
-    i = torch.randint(1, steps + 1, (len(z),), generator=g)  # student grid (leading spacing): 1, 1+gap, ...
-    t = (i - 1) * gap + 1
-    # the teacher's grid has twice the steps: t -> t - gap/2 -> t - gap; from t = 1 it takes its single final
-    # step to alpha_bar[0] (DDIM's last step), so there the first half-step is the identity (t_mid = t)
-    t_mid = torch.where(i == 1, t, t - gap // 2)
+    i = torch.randint(1, steps + 1, (len(z),), generator=g)
+    if spacing == "trailing":  # DDIM's trailing grid: gap-1, 2 gap-1, ..., 999; the last step lands on alpha_bar[0]
+        t = i * gap - 1
+        t_mid = t - gap // 2
+    else:  # leading: 1, 1+gap, ...; from t = 1 DDIM's single final step goes to alpha_bar[0], so there the
+        t = (i - 1) * gap + 1  # teacher's first half-step is the identity (t_mid = t)
+        t_mid = torch.where(i == 1, t, t - gap // 2)
     t_end = (t - gap).clamp_min(0)
     a = alphas[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * z + (1 - a).sqrt() * eps0

@@ -36,12 +36,14 @@ class RunModel:
         return self.config["train"].get("prediction", "epsilon")
 
     def sampler(self, name: str):
-        """The named sampler for this run: a consistency student's `lcm` steps land on the grid it was distilled on."""
+        """The named sampler for this run: a distilled student steps on the grid it was distilled on."""
         from ldmscale.diffusion import make_sampler
 
-        grid = self.config.get("task", {}).get("distill", {}).get("solver_steps")
-        if name == "lcm" and grid:
-            return make_sampler(name, self.prediction, original_inference_steps=int(grid))
+        distill = self.config.get("task", {}).get("distill", {})
+        if name == "lcm" and distill.get("solver_steps"):
+            return make_sampler(name, self.prediction, original_inference_steps=int(distill["solver_steps"]))
+        if distill.get("method") == "progressive" and distill.get("spacing") == "trailing":
+            return make_sampler(name, self.prediction, timestep_spacing="trailing")  # the grid it was distilled on
         return make_sampler(name, self.prediction)
 
 

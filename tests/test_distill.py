@@ -87,6 +87,12 @@ def test_two_step_distillation_resumes_exactly(tiny_run, tmp_path, monkeypatch, 
     assert state["train_flops"] == pytest.approx(per_image * 8 * fwd)
     conf = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert conf["distilled"] is True and conf["unet"]["time_cond_proj_dim"] == 256
+    if method == "progressive":  # the student samples on the trailing grid it was distilled on
+        from ldmscale.sample import load_run
+
+        sampler = load_run(tmp_path / "straight").sampler("ddim")
+        sampler.set_timesteps(2)
+        assert sampler.timesteps.tolist() == [999, 499]
 
 
 def test_distilled_model_samples_with_lcm_and_is_marked(tiny_run, tiny_classifier, tmp_path):
