@@ -14,8 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 
 
+LOWER_IS_BETTER = ("fid", "fd-classifier", "lpips")
+
+
 def lower_is_better(metric: str) -> bool:
-    return metric in ("fid", "fd-classifier") or metric.startswith("fd")
+    return metric in LOWER_IS_BETTER
 
 
 def _better(a: float, b: float, metric: str) -> bool:
@@ -136,30 +139,54 @@ def envelope(rows: list[dict], metric: str, cost: str, budgets) -> list[float | 
     return out
 
 
-def crossovers(rows: list[dict], metric: str, cost: str = "sampling_cost") -> list[dict]:
-    """For each pair (smaller, larger) of sizes: the budget below which the smaller model is better.
+def crossover(small: list[dict], large: list[dict], metric: str, cost: str = "sampling_cost") -> dict:
+    """Where a larger model overtakes a smaller one, on their envelopes (best metric within each budget).
 
-    Using each model's envelope (best metric within the budget), the crossover is the smallest budget from
-    which the larger model is at least as good at every larger budget measured. None: the smaller model
-    wins at every budget measured; the lowest cost: the larger one wins everywhere it can run."""
+    The smaller one must win at some budget where the larger can also run (a budget the larger cannot afford
+    is no contest) and the larger must win at the largest budget measured; the crossover is the smallest budget
+    from which the larger is at least as good everywhere. Otherwise `crossover` is None and `kind` says why."""
+    budgets = sorted({r[cost] for r in small + large if r.get(cost) is not None})
+    es, el = envelope(small, metric, cost, budgets), envelope(large, metric, cost, budgets)
+    both = [i for i, (s, l) in enumerate(zip(es, el)) if s is not None and l is not None]
+    small_wins = [i for i in both if _better(es[i], el[i], metric)]
+    if not both:
+        kind, x = "no budget where both run", None
+    elif not small_wins:
+        kind, x = "larger wins wherever both run", None
+    elif small_wins[-1] == both[-1]:
+        kind, x = "smaller wins at every budget", None
+    else:
+        kind, x = "crossover", budgets[small_wins[-1] + 1]
+    return {"crossover": x, "kind": kind, "budgets_where_smaller_wins": len(small_wins)}
+
+
+def crossover_with_interval(small: list[dict], large: list[dict], metric: str, boot: int = 300, seed: int = 0,
+                            cost: str = "sampling_cost") -> dict:
+    """crossover() plus its uncertainty: each point is redrawn from its value and standard error (`metric`_std)
+    `boot` times; `share` is the fraction of replicates with a crossover, `interval` the 5-95% range of theirs."""
+    rng = np.random.default_rng(seed)
+
+    def redraw(rows):
+        return [dict(r, **{metric: r[metric] + (r.get(f"{metric}_std") or 0.0) * rng.standard_normal()}) for r in rows]
+
+    found = [x for x in (crossover(redraw(small), redraw(large), metric, cost)["crossover"] for _ in range(boot))
+             if x is not None]
+    interval = (float(np.percentile(found, 5)), float(np.percentile(found, 95))) if found else None
+    return crossover(small, large, metric, cost) | {"share": len(found) / boot if boot else 0.0, "interval": interval}
+
+
+def crossovers(rows: list[dict], metric: str, cost: str = "sampling_cost", boot: int = 0) -> list[dict]:
+    """crossover() for every pair (smaller, larger) of sizes, ordered by normalized cost."""
     by_size: dict[str, list[dict]] = {}
     for r in rows:
         by_size.setdefault(r["size"], []).append(r)
     sizes = sorted(by_size, key=lambda s: by_size[s][0]["norm_cost"])
-    budgets = sorted({r[cost] for r in rows if r.get(cost) is not None})
     out = []
     for i, small in enumerate(sizes):
         for large in sizes[i + 1:]:
-            es, el = envelope(by_size[small], metric, cost, budgets), envelope(by_size[large], metric, cost, budgets)
-            small_wins = [b for b, s, l in zip(budgets, es, el) if s is not None and (l is None or _better(s, l, metric))]
-            if not small_wins:
-                x = min(r[cost] for r in by_size[large])
-            elif small_wins[-1] == budgets[-1]:
-                x = None
-            else:
-                x = next(b for b in budgets if b > small_wins[-1])
-            out.append({"smaller": small, "larger": large, "crossover": x,
-                        "smaller_wins_below": x, "budgets_where_smaller_wins": len(small_wins)})
+            x = (crossover_with_interval(by_size[small], by_size[large], metric, boot, cost=cost) if boot
+                 else crossover(by_size[small], by_size[large], metric, cost))
+            out.append({"smaller": small, "larger": large} | x)
     return out
 
 
@@ -182,6 +209,23 @@ def _choice(r: dict, metric: str, cost: str) -> dict:
             "guidance": r["guidance"], metric: r[metric], f"{metric}_std": r.get(f"{metric}_std"),
             cost: r[cost], "sampling_cost": r.get("sampling_cost"), "model_calls_per_image": r.get("model_calls_per_image"),
             "latency_ms_per_image": r.get("latency_ms_per_image"), "task": r.get("task", "text-to-image")}
+
+
+def plan_note(p: dict, metric: str) -> str:
+    """How sure the planner's answer is: the gap to the runner-up in standard errors, or why there is none."""
+    if p["best"] is None:
+        return p["message"]
+    b, r = p["best"], p["runner_up"]
+    if r is None:
+        return "no other size has a configuration within this budget, so there is no runner-up"
+    se = float(np.hypot(b.get(f"{metric}_std") or 0.0, r.get(f"{metric}_std") or 0.0))
+    gap = abs(b[metric] - r[metric])
+    if se == 0:
+        return f"the runner-up is {gap:.3g} worse (no standard errors recorded)"
+    if gap < 2 * se:
+        return (f"within noise: the runner-up is {gap / se:.1f} standard errors away, so either is as good at this "
+                f"budget")
+    return f"the runner-up is {gap / se:.1f} standard errors worse"
 
 
 def describe_choice(c: dict | None, metric: str) -> str:

@@ -62,7 +62,8 @@ def _shard_meta(path: Path) -> dict:
     return {k: json.loads(v) for k, v in meta.items()}
 
 
-def _write_shard(path: Path, mean, std, states, masks, labels, keys, captions, skipped, start, end, zero_pad) -> None:
+def _write_shard(path: Path, mean, std, states, masks, labels, keys, captions, skipped, start, end, zero_pad,
+                 truncated: int = 0) -> None:
     n = len(keys)
     lengths = masks.sum(1).to(torch.int32) if n else torch.zeros(0, dtype=torch.int32)
     if zero_pad and n:
@@ -72,7 +73,7 @@ def _write_shard(path: Path, mean, std, states, masks, labels, keys, captions, s
         "text": states.to(torch.float16).contiguous(), "text_len": lengths.contiguous(),
         "label": torch.as_tensor(labels, dtype=torch.int64),
     }
-    meta = {"start": start, "end": end, "keys": keys, "captions": captions, "skipped": skipped}
+    meta = {"start": start, "end": end, "keys": keys, "captions": captions, "skipped": skipped, "truncated": truncated}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}))
 
 
@@ -152,8 +153,11 @@ def prepare(cfg: PrepareConfig, out: str | Path, progress: bool = True) -> dict:
             else:
                 mean = std = torch.zeros(0, vae.config.latent_channels, latent_side, latent_side)
                 states, masks = torch.zeros(0, cfg.max_length, text.dim), torch.zeros(0, cfg.max_length, dtype=torch.bool)
+            cut = text.truncated(caps)
             _write_shard(sdir / f"shard-{len(_shards(sdir)):05d}.safetensors", mean, std, states, masks, labels,
-                         keys, caps, skipped, start, pos, text.zero_pad)
+                         keys, caps, skipped, start, pos, text.zero_pad, cut)
+            if cut:
+                bar.write(f"{cut} caption(s) in {split} are longer than {cfg.max_length} tokens and were truncated")
             encoded += len(imgs)
             bar.update(pos - start)
             if skipped:
@@ -166,11 +170,12 @@ def prepare(cfg: PrepareConfig, out: str | Path, progress: bool = True) -> dict:
 def _finish(out, cfg, src, vae, text, latent_side, channels, encoded, seconds) -> dict:
     from ldmscale import autoencoder as ae
 
-    splits, skipped_all = {}, []
+    splits, skipped_all, truncated = {}, [], 0
     for sdir in sorted(p for p in out.iterdir() if p.is_dir() and _shards(p)):
         metas = [_shard_meta(s) for s in _shards(sdir)]
         skipped = [dict(s, split=sdir.name) for m in metas for s in m["skipped"]]
         skipped_all += skipped
+        truncated += sum(m.get("truncated", 0) for m in metas)
         splits[sdir.name] = {"count": sum(len(m["keys"]) for m in metas), "skipped": len(skipped),
                              "shards": [s.name for s in _shards(sdir)]}
     empty_states, _ = text.encode([""])
@@ -182,7 +187,7 @@ def _finish(out, cfg, src, vae, text, latent_side, channels, encoded, seconds) -
         "text_encoder": text.identity(),
         "context_len": cfg.max_length, "context_dim": text.dim,
         "splits": splits, "total": sum(s["count"] for s in splits.values()),
-        "skipped_total": len(skipped_all),
+        "skipped_total": len(skipped_all), "truncated_captions": truncated,
         "encoded_this_run": encoded, "seconds_this_run": round(seconds, 2),
         "images_per_second": round(encoded / seconds, 1) if seconds > 0 and encoded else None,
     }

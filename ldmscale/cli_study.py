@@ -85,9 +85,19 @@ def _report(out: Path, study) -> None:
     r = build_report(out, study, overlay_paper=overlay)
     click.echo(f"report: {r['html']}")
     metric = r["analysis"]["metric"]
+    click.echo("\nthe paper's claims at this budget (evidence in the report):")
+    for c in r["analysis"]["claims"]:
+        click.echo(f"  {c['claim']}  {c['verdict']:<14} {c['statement']}")
+        if c["verdict"] != "holds" and c["reason"]:
+            click.echo(f"     {'' if c['verdict'] == 'not measured' else 'why not: '}{c['reason']}")
+    if r["analysis"].get("agreement"):
+        ag = r["analysis"]["agreement"]
+        click.echo(f"metric check: {ag['a']} and {ag['b']} rank {ag['points']} final configurations with Spearman "
+                   f"{ag['spearman']:.2f}")
+    click.echo("")
     for p in r["plans"]:
-        click.echo(f"plan for sampling budget {p['budget']:.3g}: {describe_choice(p['best'], metric)}")
-        click.echo(f"    runner-up: {describe_choice(p['runner_up'], metric)}")
+        click.echo(f"plan for sampling budget {p['budget']:.3g} ({p['why']}): {describe_choice(p['best'], metric)}")
+        click.echo(f"    runner-up: {describe_choice(p['runner_up'], metric)}; {p['note']}")
 
 
 @study_group.command("report", epilog="""
@@ -118,7 +128,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True)
 def plan_cmd(out, budget, budget_ms, metric, sampler, as_json) -> None:
     """The best (size, sampler, steps, guidance) within a sampling budget, and the runner-up."""
-    from ldmscale.analysis import best_over_guidance, describe_choice, final_rows, plan
+    from ldmscale.analysis import best_over_guidance, describe_choice, final_rows, plan, plan_note
     from ldmscale.study import collect
 
     if (budget is None) == (budget_ms is None):
@@ -144,6 +154,7 @@ def plan_cmd(out, budget, budget_ms, metric, sampler, as_json) -> None:
         return
     click.echo(f"budget {p['budget']:g} {unit}: {describe_choice(p['best'], metric)}")
     click.echo(f"runner-up: {describe_choice(p['runner_up'], metric)}")
+    click.echo(plan_note(p, metric))
 
 
 COMMANDS = [study_group, plan_cmd]

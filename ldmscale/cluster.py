@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-WAVES = {"autoencoder": 0, "classifier": 0, "prepare": 1, "train": 2, "eval": 3, "finetune": 3, "distill": 3,
+WAVES = {"autoencoder": 0, "classifier": 0, "prepare": 1, "train": 2, "sanity": 2, "eval": 3, "finetune": 3, "distill": 3,
          "task-eval": 4}
 
 

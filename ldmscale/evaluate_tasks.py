@@ -21,7 +21,7 @@ def _common(model, cfg, info_seconds: float, n: int, nfe: int) -> dict:
             "task": model.config["kind"], "init_run": model.config.get("init", {}).get("run"),
             "checkpoint": model.ckpt.name, "weights": cfg.weights, "images_seen": st.get("images_seen"),
             "train_flops": st.get("train_flops"), "steps_x_gflops": st.get("steps_x_gflops"),
-            "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance, "num_images": n,
+            "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance, "spacing": cfg.spacing, "num_images": n,
             "seeds": [cfg.seed, cfg.seed + n - 1], "params": acc["params"], "gflops": acc["gflops"],
             "norm_cost": acc["norm_cost"], "sampling_cost": acc["norm_cost"] * cfg.steps, "model_calls_per_image": nfe,
             "latency_ms_per_image": 1000 * info_seconds / max(1, n), "latency_batch_size": cfg.batch_size,
@@ -63,7 +63,8 @@ def evaluate_sr(model, cfg) -> dict:
         hr = torch.as_tensor(hr_all[i:i + cfg.batch_size])
         seeds = [cfg.seed + i + j for j in range(len(hr))]
         lr = degrade(hr, sr.scale, sr.degradation, seeds)
-        out, info = upscale(model, lr, caps[i:i + len(hr)], seeds, cfg.sampler, cfg.steps, cfg.guidance, cfg.batch_size)
+        out, info = upscale(model, lr, caps[i:i + len(hr)], seeds, cfg.sampler, cfg.steps, cfg.guidance, cfg.batch_size,
+                            cfg.spacing)
         seconds += info["seconds_per_image"] * len(hr)
         nfe = info["model_calls_per_image"]
         bicubic = resize(lr, res, "bicubic")
@@ -101,7 +102,8 @@ def evaluate_dreambooth(model, cfg) -> dict:
     subject = subject_images(db.subject, res, ch)
     n = cfg.num_images
     seeds = [cfg.seed + i for i in range(n)]
-    images, info = generate(model, [prompt] * n, cfg.sampler, cfg.steps, cfg.guidance, seeds, cfg.batch_size)
+    images, info = generate(model, [prompt] * n, cfg.sampler, cfg.steps, cfg.guidance, seeds, cfg.batch_size,
+                            spacing=cfg.spacing)
     values = {}
     if "subject-ssim" in cfg.metrics:  # identity: that subject's shape and pose
         values["subject-ssim"], values["subject-ssim_std"] = metrics.subject_ssim(images, subject)

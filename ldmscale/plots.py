@@ -7,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from ldmscale.analysis import PowerLaw, lower_is_better, pareto_frontier  # noqa: E402
 
@@ -19,11 +20,27 @@ PAPER_TABLE1 = {
 }
 
 
-def _sizes(rows: list[dict]) -> list[str]:
+def size_order(rows: list[dict]) -> list[str]:
+    """Sizes from cheapest to dearest (normalized cost)."""
     sizes = {}
     for r in rows:
         sizes.setdefault(r["size"], r.get("norm_cost", 0))
     return sorted(sizes, key=sizes.get)
+
+
+
+def log_axis(ax, axis: str = "x", values=None) -> None:
+    """A log axis that reads as plain numbers: ticks at the measured values when given (steps), else at 1-2-5 of
+    each decade, labelled 0.05, 2, 1e+12 ... instead of 6x10^0, and no labels on minor ticks."""
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    if values is not None:
+        vals = sorted({float(v) for v in values})
+        a.set_major_locator(ticker.FixedLocator(vals))
+    else:
+        a.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    a.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    a.set_minor_formatter(ticker.NullFormatter())
 
 
 def _colors(sizes: list[str]) -> dict[str, tuple]:
@@ -50,7 +67,7 @@ def training_compute(curves: dict[str, list[dict]], fits: dict[str, PowerLaw], m
             xs = np.geomspace(x.min(), x.max(), 50)
             ax.plot(xs, fits[size](xs), "--", color=colors[size], alpha=0.7)
         ax.errorbar(x, y, yerr=err, fmt="o-", color=colors[size], label=label, capsize=2)
-    ax.set_xscale("log")
+    log_axis(ax)
     ax.set_xlabel("training compute (FLOPs; multiply-add = 2)")
     ax.set_ylabel(_label(metric))
     ax.set_title(title or "Quality vs training compute")
@@ -63,7 +80,7 @@ def training_compute(curves: dict[str, list[dict]], fits: dict[str, PowerLaw], m
 def per_sampler(best: list[dict], metric: str, x: str, title: str, xlabel: str, frontier: bool = False, logx: bool = True):
     """One panel per sampler: metric against `x` (steps, sampling cost, latency), a line per size."""
     samplers = sorted({r["sampler"] for r in best})
-    sizes = _sizes(best)
+    sizes = size_order(best)
     colors = _colors(sizes)
     fig, axes = plt.subplots(1, len(samplers), figsize=(4.6 * len(samplers), 4.2), squeeze=False, sharey=True)
     for ax, smp in zip(axes[0], samplers):
@@ -82,7 +99,7 @@ def per_sampler(best: list[dict], metric: str, x: str, title: str, xlabel: str, 
                     label="Pareto frontier")
         ax.set_title(smp)
         if logx:
-            ax.set_xscale("log")
+            log_axis(ax, values=[p[x] for p in sub] if x == "steps" else None)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(_label(metric))
@@ -102,9 +119,9 @@ def paper_overlay(best: list[dict], metric: str = "fid"):
                   key=lambda r: r["norm_cost"])
     if ours:
         ax.plot([r["norm_cost"] for r in ours], [r[metric] for r in ours], "o-", label=f"this study ({metric}, DDIM 50)")
-    ax.set_xscale("log")
+    log_axis(ax)
     ax.set_xlabel("normalized cost (C=320 = 1)")
-    ax.set_ylabel("FID")
+    ax.set_ylabel(f"FID (paper) / {metric} (this study)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -121,7 +138,22 @@ def downstream_vs_pretraining(points: list[dict], pre_metric: str, down_metric: 
         ax.annotate(p["size"], (p["pretrain"], p["downstream"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel(f"pretraining {_label(pre_metric)}")
     ax.set_ylabel(f"{task} {_label(down_metric)}")
-    ax.set_title(f"{task}: downstream quality follows pretraining quality")
+    ax.set_title(f"{task}: downstream against pretraining quality")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def metric_agreement(rows: list[dict], a: str, b: str):
+    """One point per evaluated configuration: metric a against metric b, labelled by size and steps."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    colors = _colors(size_order(rows))
+    for r in rows:
+        ax.plot(r[a], r[b], "o", color=colors[r["size"]], ms=7)
+        ax.annotate(f"{r['size']} {r['steps']}", (r[a], r[b]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(_label(a))
+    ax.set_ylabel(_label(b))
+    ax.set_title(f"Do {a} and {b} rank the models alike?")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

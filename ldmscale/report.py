@@ -1,25 +1,54 @@
-"""`ldmscale study report`: figures (PNG and SVG), a Markdown summary and one self-contained HTML page."""
+"""`ldmscale study report`: figures (PNG and SVG), sample grids, a Markdown summary and one self-contained HTML
+page, both rendered from templates (ldmscale/templates) over the data that `analyze` computes."""
 
 from __future__ import annotations
 
 import base64
-import html
+import hashlib
 import io
+import platform
+import time
 from pathlib import Path
 
 import numpy as np
 
-from ldmscale import analysis, plots
+from ldmscale import analysis, claims, plots
 from ldmscale.config import UserError
 from ldmscale.io import atomic_write, atomic_write_json, atomic_write_text
 
+TASK_METRIC = {"super-resolution": "psnr", "dreambooth": "subject-ssim"}
 
-def default_budgets(rows: list[dict]) -> list[float]:
-    """A small and a large sampling budget: the 25th percentile and the maximum of the measured costs."""
+
+def default_budgets(rows: list[dict]) -> list[dict]:
+    """A small and a large sampling budget, and why: the 25th percentile and the maximum of the measured costs."""
     costs = sorted(r["sampling_cost"] for r in rows if r.get("sampling_cost") is not None)
     if not costs:
         return []
-    return [float(np.percentile(costs, 25)), float(costs[-1])]
+    return [{"budget": float(np.percentile(costs, 25)), "why": "small budget: the 25th percentile of the measured "
+             "sampling costs"}, {"budget": float(costs[-1]), "why": "large budget: the largest measured sampling cost"}]
+
+
+def fits_table(curves: dict, metric: str) -> tuple[dict, list[dict]]:
+    """Power-law fits per size, and one table row per size: its parameters, or why there are none."""
+    fits, table = {}, []
+    for size, pts in sorted(curves.items(), key=lambda kv: kv[1][0].get("norm_cost", 0)):
+        row = {"size": size, "points": len(pts)}
+        if len(pts) < 3:
+            row["reason"] = f"needs 3 evaluated checkpoints, has {len(pts)}"
+        else:
+            try:
+                f = analysis.fit_power_law([p["train_flops"] for p in pts], [p[metric] for p in pts],
+                                           lower_better=analysis.lower_is_better(metric))
+            except (RuntimeError, ValueError) as e:
+                row["reason"] = f"the fit failed: {str(e).splitlines()[0]}"
+            else:
+                fits[size] = f
+                if f.ok:
+                    row.update(a=f.a, b=f.b, c=f.c, ci_b=f.ci.get("b"), ci_c=f.ci.get("c"))
+                else:
+                    row["reason"] = "no decaying power law: quality did not improve steadily with training compute"
+        table.append(row)
+    return fits, table
 
 
 def analyze(rows: list[dict], study) -> dict:
@@ -31,25 +60,25 @@ def analyze(rows: list[dict], study) -> dict:
     grid = [r for r in final if not (r["sampler"] == ev.curve_sampler and r["steps"] == ev.curve_steps
                                      and float(r["guidance"]) == ev.curve_guidance and r["guidance"] not in ev.guidance)]
     best = analysis.best_over_guidance(grid, metric)
-    curves = analysis.training_curves(t2i, metric, ev.curve_sampler, ev.curve_steps, ev.curve_guidance)
-    fits = {}
-    for size, pts in curves.items():
-        if len(pts) >= 3:
-            try:
-                fits[size] = analysis.fit_power_law([p["train_flops"] for p in pts], [p[metric] for p in pts],
-                                                    lower_better=analysis.lower_is_better(metric))
-            except (RuntimeError, ValueError):
-                pass
-    budgets = default_budgets(best)
+    curve = (ev.curve_sampler, ev.curve_steps, ev.curve_guidance)
+    curves = analysis.training_curves(t2i, metric, *curve)
+    fits, fit_rows = fits_table(curves, metric)
+    budgets = default_budgets([r for r in best if not r.get("distilled")])
+    plans = []
+    for b in budgets:
+        p = analysis.plan(best, b["budget"], metric)
+        plans.append(p | {"why": b["why"], "note": analysis.plan_note(p, metric)})
+    samplers = sorted({r["sampler"] for r in best})
     out = {
-        "metric": metric, "rows": len(rows), "best_over_guidance": best, "curves": curves,
+        "metric": metric, "lower_is_better": analysis.lower_is_better(metric), "rows": len(rows),
+        "best_over_guidance": best, "curves": curves, "fit_rows": fit_rows,
         "fits": {s: {"a": f.a, "b": f.b, "c": f.c, "ci": f.ci, "ok": f.ok} for s, f in fits.items()},
         "frontier": analysis.pareto_frontier(best, metric),
-        "crossovers": {smp: analysis.crossovers([r for r in best if r["sampler"] == smp], metric)
-                       for smp in sorted({r["sampler"] for r in best})},
-        "crossovers_all_samplers": analysis.crossovers(best, metric),
-        "plans": [analysis.plan(best, b, metric) for b in budgets],
-        "_fit_objects": fits,
+        "crossovers": {smp: analysis.crossovers([r for r in best if r["sampler"] == smp and not r.get("distilled")],
+                                                metric, boot=200) for smp in samplers},
+        "crossovers_all_samplers": analysis.crossovers([r for r in best if not r.get("distilled")], metric, boot=200),
+        "plans": plans, "_fit_objects": fits,
+        "claims": [v.as_dict() for v in claims.check_claims(rows, metric, curve, TASK_METRIC)],
     }
     out["tasks"] = task_analysis(rows, curves, metric)
     out["distillation"] = distillation_table(best, metric)
@@ -57,10 +86,14 @@ def analyze(rows: list[dict], study) -> dict:
     if align and align != metric:
         out["alignment_metric"] = align
         out["alignment_best"] = analysis.best_over_guidance(grid, align)
+        top = max((r for r in out["alignment_best"] if r.get(align) is not None), key=lambda r: r[align], default=None)
+        out["alignment_top"] = top
+    out["agreement"], out["agreement_points"] = None, []
+    if ev.agreement_metric:
+        pts = [r for r in final if r.get(ev.agreement_metric) is not None and r.get(metric) is not None]
+        out["agreement"] = claims.metric_agreement(pts, metric, ev.agreement_metric)
+        out["agreement_points"] = pts
     return out
-
-
-TASK_METRIC = {"super-resolution": "psnr", "dreambooth": "subject-ssim"}
 
 
 def task_analysis(rows: list[dict], curves: dict, pre_metric: str) -> dict:
@@ -96,6 +129,89 @@ def distillation_table(best: list[dict], metric: str) -> list[dict]:
     return out
 
 
+def provenance(out: Path, study, rows: list[dict]) -> dict:
+    """What produced the report: versions, date, study file, data, reference, images per point, machine."""
+    from importlib.metadata import version
+
+    import torch
+
+    from ldmscale.cache import read_manifest
+
+    ev, d = study.eval, study.data
+    saved = out / "study.toml"
+    info = {
+        "ldmscale": version("ldmscale"), "torch": torch.__version__, "diffusers": version("diffusers"),
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "study_file": f"{saved} (sha256 {hashlib.sha256(saved.read_bytes()).hexdigest()[:12]})" if saved.exists() else "-",
+        "reference": ev.reference + (f" (first {ev.reference_count} images)" if ev.reference_count else ""),
+        "images_per_point": sorted({int(r["num_images"]) for r in rows if r.get("num_images")}),
+        "seeds": f"{ev.seed}..{ev.seed + ev.num_images - 1}", "bootstrap": ev.bootstrap, "spacing": ev.spacing,
+        "machine": (torch.cuda.get_device_name(0) if torch.cuda.is_available() else
+                    f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"),
+    }
+    cache = Path(d.cache or out / "cache")
+    if (cache / "manifest.json").exists():
+        m = read_manifest(cache)
+        info["data"] = (f"{m['source']}, {m['resolution']} px, {m['total']:,} images, latents "
+                        f"{'x'.join(map(str, m['latent_shape']))}, {m['text_encoder']['spec']} text "
+                        f"{m['context_len']} tokens x {m['context_dim']}")
+    return info
+
+
+def report_prompts(reference: str, n: int = 10) -> list[str]:
+    """The sample grids' rows: one prompt per class for animal-mnist, else the first distinct reference captions."""
+    from ldmscale.data import ANIMAL_CLASSES, class_prompt, iterate
+    from ldmscale.evaluate import parse_reference
+
+    src, split = parse_reference(reference)
+    if src.kind == "animal-mnist":
+        return [class_prompt(i) for i in range(len(ANIMAL_CLASSES))]
+    seen: list[str] = []
+    for item in iterate(src, split):
+        if item.caption and item.caption not in seen:
+            seen.append(item.caption)
+        if len(seen) >= n:
+            break
+    return seen
+
+
+def sample_grids(a: dict, study, folder: Path, per_prompt: int = 4) -> list[dict]:
+    """Per size: a grid (a row per prompt, `per_prompt` seeds) at its best configuration and at the small
+    budget's best configuration for that size, so the figures' differences can be seen."""
+    from ldmscale.sample import generate, grid, load_run, save_png
+
+    ev, metric = study.eval, a["metric"]
+    best = [r for r in a["best_over_guidance"] if not r.get("distilled") and r.get("run")]
+    prompts = report_prompts(ev.reference)
+    small = a["plans"][0]["budget"] if a["plans"] else None
+    out = []
+    for size in plots.size_order(best):
+        mine = [r for r in best if r["size"] == size]
+        top = analysis.plan(mine, float("inf"), metric)["best"]
+        picks = [("best configuration", top)]
+        cheap = analysis.plan(mine, small, metric)["best"] if small is not None else None
+        picks.append((f"small budget ({small:.3g})", cheap))
+        model = load_run(mine[0]["run"], mine[0].get("checkpoint") or "latest")
+        for label, c in picks:
+            entry = {"size": size, "label": label}
+            if c is None or (c is not top and (c["sampler"], c["steps"], c["guidance"]) ==
+                             (top["sampler"], top["steps"], top["guidance"])):
+                entry["note"] = (f"{size} has no configuration within the small budget" if c is None else
+                                 "its best configuration fits the small budget: the grid above")
+                out.append(entry)
+                continue
+            seeds = [ev.seed + i for i in range(len(prompts) * per_prompt)]
+            images, _ = generate(model, [p for p in prompts for _ in range(per_prompt)], c["sampler"], c["steps"],
+                                 c["guidance"], seeds, batch_size=64, spacing=ev.spacing)
+            name = f"{size}-{c['sampler']}-s{c['steps']}-g{c['guidance']:g}.png"
+            save_png(grid(images, per_prompt), folder / "samples" / name)
+            entry |= {"config": c, "file": f"samples/{name}", "png": (folder / "samples" / name).read_bytes(),
+                      "caption": f"{size}, {c['sampler']} {c['steps']} steps, guidance {c['guidance']:g}: "
+                                 f"{metric} {c[metric]:.4g} (sampling cost {c['sampling_cost']:.3g})"}
+            out.append(entry)
+    return out
+
+
 def _save(fig, folder: Path, name: str) -> dict:
     import matplotlib.pyplot as plt
 
@@ -110,7 +226,55 @@ def _save(fig, folder: Path, name: str) -> dict:
     return paths
 
 
-def build_report(out: str | Path, study, overlay_paper: bool = False) -> dict:
+def figures(a: dict, folder: Path, overlay_paper: bool) -> dict:
+    metric, best = a["metric"], a["best_over_guidance"]
+    cost_label = "sampling cost (normalized cost x steps)"
+    figs = {"sampling_cost": ("Quality vs sampling cost (normalized cost x steps), with the Pareto frontier",
+                              plots.per_sampler(best, metric, "sampling_cost", "Quality vs sampling cost", cost_label,
+                                                frontier=True))}
+    if a["curves"]:
+        figs["training_compute"] = ("Quality vs training compute (per size, power-law fits dashed)",
+                                    plots.training_compute(a["curves"], a["_fit_objects"], metric))
+    figs["steps"] = ("Quality vs sampling steps (best guidance per point)",
+                     plots.per_sampler(best, metric, "steps", "Quality vs sampling steps", "sampling steps"))
+    figs["latency"] = ("Quality vs measured latency on this machine",
+                       plots.per_sampler(best, metric, "latency_ms_per_image", "Quality vs latency",
+                                         "ms per image (this machine)", frontier=True))
+    if "alignment_best" in a:
+        am = a["alignment_metric"]
+        figs["alignment"] = (f"Text alignment ({am}) vs sampling cost",
+                             plots.per_sampler(a["alignment_best"], am, "sampling_cost", f"{am} vs sampling cost",
+                                               cost_label))
+    if a.get("agreement"):
+        ag = a["agreement"]
+        figs["agreement"] = (f"{ag['a']} against {ag['b']} at the final checkpoints (Spearman {ag['spearman']:.2f})",
+                             plots.metric_agreement(a["agreement_points"], ag["a"], ag["b"]))
+    for task, ta in a["tasks"].items():
+        tm = ta["metric"]
+        if ta["best_over_guidance"]:
+            figs[f"{task}_cost"] = (f"{task}: {tm} vs sampling cost",
+                                    plots.per_sampler(ta["best_over_guidance"], tm, "sampling_cost",
+                                                      f"{task}: {tm} vs sampling cost", cost_label))
+        if len(ta["points"]) >= 2:
+            figs[f"{task}_vs_pretraining"] = (f"{task}: downstream vs pretraining quality",
+                                              plots.downstream_vs_pretraining(ta["points"], metric, tm, task))
+    if overlay_paper:
+        figs["paper"] = ("The paper's Table 1 beside this study", plots.paper_overlay(best, metric))
+    return {name: (title, _save(fig, folder, name)) for name, (title, fig) in figs.items()}
+
+
+def render(template: str, **context) -> str:
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("ldmscale", "templates"), undefined=jinja2.StrictUndefined,
+                             autoescape=template.endswith(".html.j2"), trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = lambda v, digits=4: "-" if v is None else f"{v:.{digits}g}"
+    env.filters["b64"] = lambda data: base64.b64encode(data).decode()
+    env.filters["choice"] = lambda c, metric: analysis.describe_choice(c, metric)
+    return env.get_template(template).render(**context)
+
+
+def build_report(out: str | Path, study, overlay_paper: bool = False, samples: bool = True) -> dict:
     from ldmscale.study import collect, write_csv
 
     out = Path(out)
@@ -119,128 +283,17 @@ def build_report(out: str | Path, study, overlay_paper: bool = False) -> dict:
         raise UserError(f"no evaluation results under {out}; run `ldmscale study run` first")
     write_csv(rows, out / "results.csv")
     a = analyze(rows, study)
-    metric = a["metric"]
     folder = out / "report"
-    figs = {}
-    if a["curves"]:
-        figs["training_compute"] = ("Quality vs training compute (per size, power-law fits)",
-                                    _save(plots.training_compute(a["curves"], a["_fit_objects"], metric), folder, "training_compute"))
-    best = a["best_over_guidance"]
-    figs["steps"] = ("Quality vs sampling steps (best guidance per point)",
-                     _save(plots.per_sampler(best, metric, "steps", "Quality vs sampling steps", "sampling steps"), folder, "steps"))
-    figs["sampling_cost"] = ("Quality vs sampling cost (normalized cost x steps), with the Pareto frontier",
-                             _save(plots.per_sampler(best, metric, "sampling_cost", "Quality vs sampling cost",
-                                                     "sampling cost (normalized cost x steps)", frontier=True), folder, "sampling_cost"))
-    figs["latency"] = ("Quality vs measured latency on this machine",
-                       _save(plots.per_sampler(best, metric, "latency_ms_per_image", "Quality vs latency",
-                                               "ms per image (this machine)", frontier=True), folder, "latency"))
-    if "alignment_best" in a:
-        am = a["alignment_metric"]
-        figs["alignment"] = (f"Text alignment ({am}) vs sampling cost",
-                             _save(plots.per_sampler(a["alignment_best"], am, "sampling_cost", f"{am} vs sampling cost",
-                                                     "sampling cost (normalized cost x steps)"), folder, "alignment"))
-    for task, ta in a["tasks"].items():
-        tm = ta["metric"]
-        if ta["best_over_guidance"]:
-            figs[f"{task}_cost"] = (f"{task}: {tm} vs sampling cost",
-                                    _save(plots.per_sampler(ta["best_over_guidance"], tm, "sampling_cost", f"{task}: {tm} vs sampling cost",
-                                                            "sampling cost (normalized cost x steps)"), folder, f"{task}_cost"))
-        if len(ta["points"]) >= 2:
-            figs[f"{task}_vs_pretraining"] = (f"{task}: downstream vs pretraining quality",
-                                              _save(plots.downstream_vs_pretraining(ta["points"], metric, tm, task), folder,
-                                                    f"{task}_vs_pretraining"))
-    if overlay_paper:
-        figs["paper"] = ("The paper's Table 1 beside this study", _save(plots.paper_overlay(best, metric), folder, "paper"))
-    md = summary_markdown(a, study, figs)
-    atomic_write_text(folder / "summary.md", md)
-    atomic_write_text(folder / "report.html", to_html(a, study, figs))
-    atomic_write_json(folder / "analysis.json", {k: v for k, v in a.items() if not k.startswith("_")})
+    figs = figures(a, folder, overlay_paper)
+    grids = sample_grids(a, study, folder) if samples else []
+    sanity = None
+    if (out / "sanity.json").exists():
+        import json
+
+        sanity = json.loads((out / "sanity.json").read_text())
+    ctx = dict(a=a, study=study, figs=figs, grids=grids, sanity=sanity, prov=provenance(out, study, rows))
+    atomic_write_text(folder / "summary.md", render("summary.md.j2", **ctx))
+    atomic_write_text(folder / "report.html", render("report.html.j2", **ctx))
+    atomic_write_json(folder / "analysis.json", {k: v for k, v in a.items() if not k.startswith("_")} | {"sanity": sanity})
     return {"html": str(folder / "report.html"), "markdown": str(folder / "summary.md"), "plans": a["plans"],
             "analysis": a}
-
-
-def summary_markdown(a: dict, study, figs: dict) -> str:
-    metric = a["metric"]
-    lines = [f"# {study.name}: scaling report", "",
-             f"Primary metric: **{metric}** ({'lower' if analysis.lower_is_better(metric) else 'higher'} is better); "
-             f"{a['rows']} evaluation results; guidance chosen per (size, sampler, steps) as the paper does.", ""]
-    lines += ["## Planner", ""]
-    for p in a["plans"]:
-        lines.append(f"- budget {p['budget']:.3g} (sampling cost): best **{analysis.describe_choice(p['best'], metric)}**; "
-                     f"runner-up {analysis.describe_choice(p['runner_up'], metric)}")
-    lines += ["", "## Power-law fits (metric = a * compute^-b + c)", "", "| size | a | b (90% CI) | c (90% CI) |", "|---|---|---|---|"]
-    for s, f in a["fits"].items():
-        if not f["ok"]:
-            lines.append(f"| {s} | no decaying power law: quality did not improve steadily with compute | | |")
-            continue
-        ci_b = f["ci"].get("b", (float("nan"),) * 2)
-        ci_c = f["ci"].get("c", (float("nan"),) * 2)
-        lines.append(f"| {s} | {f['a']:.4g} | {f['b']:.3f} ({ci_b[0]:.3f}-{ci_b[1]:.3f}) | {f['c']:.4g} ({ci_c[0]:.4g}-{ci_c[1]:.4g}) |")
-    lines += ["", "## Crossovers (the budget below which the smaller model is better)", "",
-              "| sampler | smaller | larger | crossover sampling cost |", "|---|---|---|---|"]
-    for smp, xs in list(a["crossovers"].items()) + [("all", a["crossovers_all_samplers"])]:
-        for x in xs:
-            v = "smaller wins at every budget measured" if x["crossover"] is None else f"{x['crossover']:.3g}"
-            lines.append(f"| {smp} | {x['smaller']} | {x['larger']} | {v} |")
-    lines += ["", "## Pareto frontier (all samplers)", "", "| size | sampler | steps | guidance | sampling cost | " + metric + " |",
-              "|---|---|---|---|---|---|"]
-    for r in a["frontier"]:
-        lines.append(f"| {r['size']} | {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['sampling_cost']:.3g} | {r[metric]:.4g} |")
-    if a.get("distillation"):
-        lines += ["", "## Distilled at 4 steps vs undistilled at the same sampling cost", "",
-                  f"| distilled | sampling cost | {metric} | best undistilled within that cost | its {metric} |", "|---|---|---|---|---|"]
-        for d in a["distillation"]:
-            u = d["undistilled_best"]
-            rival = f"{u['size']} {u['sampler']} {u['steps']} steps" if u else "none fits"
-            lines.append(f"| {d['distilled']} ({d['sampler']}) | {d['sampling_cost']:.3g} | {d[metric]:.4g} | {rival} | "
-                         f"{u[metric]:.4g} |" if u else f"| {d['distilled']} | {d['sampling_cost']:.3g} | {d[metric]:.4g} | {rival} | - |")
-    for task, ta in a.get("tasks", {}).items():
-        tm = ta["metric"]
-        lines += ["", f"## {task}", "", f"| size | steps | pretraining {metric} | {task} {tm} |", "|---|---|---|---|"]
-        for p in ta["points"]:
-            lines.append(f"| {p['size']} | {p['steps']} | {p['pretrain']:.4g} | {p['downstream']:.4g} |")
-    lines += ["", "## Figures", ""]
-    for name, (title, _) in figs.items():
-        lines.append(f"![{title}]({name}.png)")
-    return "\n".join(lines) + "\n"
-
-
-def to_html(a: dict, study, figs: dict) -> str:
-    """One self-contained page: figures embedded as base64 PNG, the Markdown tables rendered simply."""
-    md = summary_markdown(a, study, {})
-    body, in_table = [], False
-    for line in md.splitlines():
-        if line.startswith("|"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            if set("".join(cells)) <= set("-: "):
-                continue
-            if not in_table:
-                body.append("<table>")
-                in_table = True
-                body.append("<tr>" + "".join(f"<th>{c}</th>" for c in cells) + "</tr>")
-            else:
-                body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            body.append("</table>")
-            in_table = False
-        if line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.startswith("- "):
-            body.append(f"<p>&bull; {html.escape(line[2:]).replace('**', '')}</p>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line).replace('**', '')}</p>")
-    if in_table:
-        body.append("</table>")
-    body.append("<h2>Figures</h2>")
-    for name, (title, data) in figs.items():
-        b64 = base64.b64encode(data["png"]).decode()
-        body.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'>"
-                    f"<figcaption>{html.escape(title)}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(study.name)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
-
-

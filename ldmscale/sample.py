@@ -35,8 +35,9 @@ class RunModel:
     def prediction(self) -> str:
         return self.config["train"].get("prediction", "epsilon")
 
-    def sampler(self, name: str):
-        """The named sampler for this run: a distilled student steps on the grid it was distilled on."""
+    def sampler(self, name: str, spacing: str = "leading"):
+        """The named sampler for this run: a distilled student steps on the grid it was distilled on; others on
+        SD v1.5's leading timestep spacing or on the trailing one (every sample starts at t=999)."""
         from ldmscale.diffusion import make_sampler
 
         distill = self.config.get("task", {}).get("distill", {})
@@ -44,7 +45,7 @@ class RunModel:
             return make_sampler(name, self.prediction, original_inference_steps=int(distill["solver_steps"]))
         if distill.get("method") == "progressive" and distill.get("spacing") == "trailing":
             return make_sampler(name, self.prediction, timestep_spacing="trailing")  # the grid it was distilled on
-        return make_sampler(name, self.prediction)
+        return make_sampler(name, self.prediction, timestep_spacing=spacing)
 
 
 @lru_cache(maxsize=4)
@@ -86,7 +87,8 @@ def encode_prompts(model: RunModel, prompts: list[str], with_mask: bool = False)
 
 
 def generate(model: RunModel, prompts: list[str], sampler: str, steps: int, guidance: float, seeds: list[int],
-             batch_size: int = 64, extra_channels: torch.Tensor | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
+             batch_size: int = 64, extra_channels: torch.Tensor | None = None, progress: bool = False,
+             spacing: str = "leading") -> tuple[torch.Tensor, dict]:
     """One image per (prompt, seed) pair: uint8 [N,C,H,W] and sampling stats (model calls, latency)."""
     from ldmscale.autoencoder import decode, to_uint8
     from ldmscale.diffusion import SampleStats, check_sampling_args, generate_latents
@@ -103,7 +105,7 @@ def generate(model: RunModel, prompts: list[str], sampler: str, steps: int, guid
         stats = SampleStats()
         t0 = time.perf_counter()
         extra = None if extra_channels is None else extra_channels[i:i + batch_size]
-        lat = generate_latents(model.unet, model.sampler(sampler), steps, cond[i:i + batch_size],
+        lat = generate_latents(model.unet, model.sampler(sampler, spacing), steps, cond[i:i + batch_size],
                                uncond, guidance, gens, model.latent_shape, extra, stats,
                                cmask[i:i + batch_size] if use_mask else None, umask if use_mask else None)
         images.append(to_uint8(decode(model.vae, lat)))

@@ -27,6 +27,7 @@ class DataSection:
     autoencoder: str = ""  # folder or hub id; empty: train one with [autoencoder]
     cache: str = ""  # an existing latent cache (skips prepare)
     latent_size: int = 0  # expected latent side for estimates before the cache exists (0: from the autoencoder)
+    context_len: int = 77  # text tokens kept (SD's 77; the demo's captions fit in 16): FLOPs and cost follow it
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,11 @@ class EvalSection:
     curve_sampler: str = "ddim"  # the setting at which training-compute curves are measured
     curve_steps: int = 20
     curve_guidance: float = 3.0
+    spacing: Literal["leading", "trailing"] = "leading"  # sampler timesteps: SD v1.5's leading, or trailing (t=999 first)
+    agreement_metric: str = ""  # a second metric (e.g. "fid") computed beside the primary at a few final points;
+    agreement_steps: tuple[int, ...] = ()  # ... at these steps of the first sampler and guidance: the report gives
+    # the Spearman rank correlation of the two metrics (is the primary metric ranking what FID would?)
+    sanity: bool = True  # the primary metric of the reference split against the train split and blurred copies
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,15 @@ def load_study(path: str | Path) -> Study:
         raise UserError(f"{path.name}: unknown metric {bad[0]!r}; metrics: {', '.join(METRICS)}")
     if ev.primary not in ev.metrics:
         raise UserError(f"{path.name}: primary metric {ev.primary!r} is not among [eval] metrics")
+    if ev.agreement_metric:
+        if ev.agreement_metric not in METRICS or ev.agreement_metric in ev.metrics:
+            raise UserError(f"{path.name}: agreement_metric {ev.agreement_metric!r} must be a metric not already in "
+                            f"[eval] metrics ({', '.join(METRICS)})")
+        missing = [st for st in ev.agreement_steps if st not in ev.steps]
+        if len(ev.agreement_steps) < 1 or missing:
+            raise UserError(f"{path.name}: agreement_steps must be a non-empty subset of [eval] steps")
+    if not 1 <= study.data.context_len <= 512:
+        raise UserError(f"{path.name}: [data] context_len must be between 1 and 512, got {study.data.context_len}")
     if study.train.budget == "compute" and study.train.flops <= 0:
         raise UserError(f"{path.name}: budget = \"compute\" needs [train] flops > 0")
     return study
@@ -148,7 +163,7 @@ class Job:
     config: dict
     run: Callable[[], object]
     cost_flops: float = 0.0  # estimate, for --dry-run and the ETA
-    after: tuple[str, ...] = ()
+    extra_seconds: float = 0.0  # work that is not UNet FLOPs (Inception features), for the ETA
 
     @property
     def id(self) -> str:
@@ -174,33 +189,67 @@ def mark_done(out: Path, job: Job, seconds: float) -> None:
 # Rough fixed seconds per job on a 2-core CPU, beside FLOPs at NOMINAL_FLOPS: the first stage, the cache and
 # the classifier do no UNet FLOPs, and each eval pays for decoding and features. Only the ETA's mix uses them.
 NOMINAL_FLOPS = 1e11
-OVERHEAD_S = {"prepare": 15.0, "eval": 4.0, "task-eval": 6.0, "train": 5.0, "finetune": 10.0, "distill": 10.0}
+OVERHEAD_S = {"prepare": 15.0, "sanity": 8.0, "eval": 4.0, "task-eval": 6.0, "train": 5.0, "finetune": 10.0, "distill": 10.0}
+
+
+FID_SECONDS_PER_IMAGE = 0.12  # Inception-v3 at 299 px on a 2-core CPU
 
 
 def estimated_seconds(job: Job) -> float:
     if job.kind == "autoencoder":
-        return 0.25 * float(job.config.get("steps", 300))
+        return 0.22 * float(job.config.get("steps", 300))
     if job.kind == "classifier":
-        return 15.0 * float(job.config.get("epochs", 2))
-    return job.cost_flops / NOMINAL_FLOPS + OVERHEAD_S.get(job.kind, 5.0)
+        return 8.0 * float(job.config.get("epochs", 2))
+    return job.cost_flops / NOMINAL_FLOPS + OVERHEAD_S.get(job.kind, 5.0) + job.extra_seconds
+
+
+class Eta:
+    """Remaining time = the estimate of each pending job, scaled by how fast jobs of its kind have actually run so far
+    (all kinds together until a kind has finished one). Averages since the start, so a loaded machine stretches
+    the whole forecast instead of making it jump."""
+
+    def __init__(self):
+        self.spent: dict[str, list[float]] = {}  # kind -> [actual seconds, estimated seconds]
+
+    def record(self, job: Job, seconds: float) -> None:
+        a = self.spent.setdefault(job.kind, [0.0, 0.0])
+        a[0] += seconds
+        a[1] += estimated_seconds(job)
+
+    def _ratio(self, kind: str) -> float:
+        if kind in self.spent and self.spent[kind][1] > 0:
+            return self.spent[kind][0] / self.spent[kind][1]
+        actual, est = (sum(v[i] for v in self.spent.values()) for i in (0, 1))
+        return actual / est if est > 0 else 1.0
+
+    def remaining(self, pending: list[Job]) -> float:
+        return sum(estimated_seconds(j) * self._ratio(j.kind) for j in pending)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"
 
 
 def run_jobs(out: Path, jobs: list[Job], progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Run the jobs in order, skipping finished ones; one progress view weighted by estimated cost."""
+    """Run the jobs in order, skipping finished ones; one progress bar over estimated seconds, with an ETA that
+    learns each kind of job's real speed on this machine."""
     from ldmscale.progress import bar
 
     pending = [j for j in jobs if not job_done(out, j)]
     done0 = len(jobs) - len(pending)
     log(f"study {out}: {len(jobs)} jobs, {done0} already done, {len(pending)} to run")
-    weights = [estimated_seconds(j) for j in pending]  # the bar counts estimated seconds, so its ETA adapts
+    weights = [estimated_seconds(j) for j in pending]
     pbar = bar(total=sum(weights), desc="study", unit="est-s", enabled=progress,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
-    t_start = time.time()
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]")
+    eta, t_start = Eta(), time.time()
     for n, (job, w) in enumerate(zip(pending, weights)):
-        pbar.set_postfix_str(f"jobs {done0 + n}/{len(jobs)}, now: {job.name}")
+        left = _clock(eta.remaining(pending[n:])) if eta.spent else "?"
+        pbar.set_postfix_str(f"<{left} left, jobs {done0 + n}/{len(jobs)}, now: {job.name}")
         t0 = time.time()
         job.run()
         mark_done(out, job, time.time() - t0)
+        eta.record(job, time.time() - t0)
         pbar.update(w)
     pbar.set_postfix_str(f"jobs {len(jobs)}/{len(jobs)}")
     pbar.close()
@@ -236,7 +285,7 @@ def expected_shapes(study: Study, out: Path) -> dict:
         path = Path(enc.partition(":")[2]) / "config.json"
         dim = json.loads(path.read_text()).get("hidden_size", 768) if path.exists() else 768
     latent = study.data.latent_size or study.data.resolution // down
-    return {"latent": latent, "channels": ae["latent_channels"], "ctx_len": 77, "ctx_dim": dim}
+    return {"latent": latent, "channels": ae["latent_channels"], "ctx_len": study.data.context_len, "ctx_dim": dim}
 
 
 def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
@@ -260,7 +309,8 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
                         lambda c=ae_cfg: train_autoencoder(c, out / "autoencoder", progress=progress)))
     cache = d.cache or str(out / "cache")
     if not d.cache:
-        p_cfg = PrepareConfig(source=d.source, autoencoder=ae_dir, text_encoder=d.text_encoder, resolution=d.resolution)
+        p_cfg = PrepareConfig(source=d.source, autoencoder=ae_dir, text_encoder=d.text_encoder, resolution=d.resolution,
+                              max_length=d.context_len)
         jobs.append(Job("prepare", "latent cache", to_dict(p_cfg), lambda c=p_cfg: prepare(c, cache, progress=progress)))
     ev = study.eval
     clf_dir = ev.classifier
@@ -269,6 +319,19 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
         clf_dir = str(out / "classifier")
         jobs.append(Job("classifier", "classifier", to_dict(clf_cfg),
                         lambda c=clf_cfg: train_classifier(c, clf_dir, progress=progress)))
+    if ev.sanity and ev.primary in ("fid", "fd-classifier"):
+        s_cfg = EvalConfig(metrics=(ev.primary,), reference=ev.reference, reference_count=ev.reference_count,
+                           batch_size=ev.batch_size, classifier=clf_dir, inception=ev.inception)
+
+        def sanity(c=s_cfg, metric=ev.primary):
+            from ldmscale.cache import read_manifest
+            from ldmscale.evaluate import sanity_rows
+            from ldmscale.io import atomic_write_json
+
+            m = read_manifest(cache)
+            atomic_write_json(out / "sanity.json", sanity_rows(c, metric, m["resolution"], m["channels"]))
+
+        jobs.append(Job("sanity", f"metric sanity ({ev.primary})", to_dict(s_cfg), sanity))
     shapes = expected_shapes(study, out)
     base = apply_overrides(TrainConfig(data=cache), [f"{k}={v}" for k, v in study.train.set.items()])
     for name in study.train.sizes:
@@ -290,13 +353,17 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
                         cost_flops=flops.training_flops(steps * base.batch_size, fwd)))
 
         def eval_job(label, sampler, n_steps, g, ckpt, run=run, fwd=fwd):
+            extra = ((ev.agreement_metric,) if ev.agreement_metric and ckpt == steps and n_steps in ev.agreement_steps
+                     and (sampler, g) == (ev.samplers[0], ev.guidance[0]) else ())
             e_cfg = EvalConfig(sampler=sampler, steps=n_steps, guidance=g, num_images=ev.num_images,
-                               metrics=tuple(ev.metrics), reference=ev.reference, reference_count=ev.reference_count,
-                               checkpoint=str(ckpt), seed=ev.seed, batch_size=ev.batch_size, classifier=clf_dir,
-                               clip=ev.clip, inception=ev.inception, bootstrap=ev.bootstrap)
+                               metrics=tuple(ev.metrics) + extra, reference=ev.reference,
+                               reference_count=ev.reference_count, checkpoint=str(ckpt), seed=ev.seed,
+                               batch_size=ev.batch_size, classifier=clf_dir, clip=ev.clip, inception=ev.inception,
+                               bootstrap=ev.bootstrap, spacing=ev.spacing)
             calls = flops.model_calls(n_steps, g, 2 if sampler == "heun" else 1)
             return Job("eval", f"eval {size.name} {label}", to_dict(e_cfg) | {"run": str(run)},
-                       lambda: evaluate(run, e_cfg, progress=False), cost_flops=ev.num_images * calls * fwd)
+                       lambda: evaluate(run, e_cfg, progress=False), cost_flops=ev.num_images * calls * fwd,
+                       extra_seconds=ev.num_images * FID_SECONDS_PER_IMAGE * ("fid" in extra))
 
         curve_steps = sorted({min(steps, k * every) for k in range(1, points)} | {steps})
         for ck in curve_steps:

@@ -146,7 +146,7 @@ def finetune_sr(sr: SRConfig, train_cfg, out: str | Path, progress: bool = True)
 
 
 def upscale(model, lr: torch.Tensor, prompts: list[str], seeds: list[int], sampler: str, steps: int,
-            guidance: float = 1.0, batch_size: int = 64) -> tuple[torch.Tensor, dict]:
+            guidance: float = 1.0, batch_size: int = 64, spacing: str = "leading") -> tuple[torch.Tensor, dict]:
     """Super-resolve uint8 low-resolution images with a super-resolution run."""
     from ldmscale.config import from_dict
     from ldmscale.sample import generate
@@ -154,4 +154,4 @@ def upscale(model, lr: torch.Tensor, prompts: list[str], seeds: list[int], sampl
     cfg = from_dict(SRConfig, model.config["task"])
     res = int(model.config["data"]["resolution"])
     extra = condition(lr, cfg, model.vae, res, model.latent_shape[1], seeds)
-    return generate(model, prompts, sampler, steps, guidance, seeds, batch_size, extra_channels=extra)
+    return generate(model, prompts, sampler, steps, guidance, seeds, batch_size, extra_channels=extra, spacing=spacing)

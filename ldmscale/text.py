@@ -77,6 +77,13 @@ class TextEncoder:
         idx = torch.tensor([where[c] for c in captions], dtype=torch.long)
         return states[idx], masks[idx]
 
+    def truncated(self, captions: list[str]) -> int:
+        """How many captions have more tokens than max_length (encode keeps the first max_length)."""
+        unique = sorted(set(captions))
+        lengths = [len(ids) for ids in self.tokenizer(unique, truncation=False)["input_ids"]] if unique else []
+        counts = {c: n > self.max_length for c, n in zip(unique, lengths)}
+        return sum(counts[c] for c in captions)
+
     def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty-caption embedding: the unconditional branch of classifier-free guidance."""
         s, m = self.encode([""])

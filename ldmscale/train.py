@@ -188,8 +188,10 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=te
         if world < 2 or cfg.grad_accum != 1:
             raise UserError("fsdp needs a launch with 2 or more processes and grad_accum = 1")
         fsdp.shard(unet.to(acc.device), cfg.mixed_precision, cfg.activation_checkpointing)
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, foreach=True)
+    # fused AdamW runs on CPU and CUDA; FSDP's sharded DTensors take the foreach path instead
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                            fused=not cfg.fsdp, foreach=True if cfg.fsdp else None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
     if state is not None:
         ema_state = dict(state["ema"])

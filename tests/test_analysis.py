@@ -48,16 +48,18 @@ def test_frontier_and_crossover_on_a_hand_made_table():
     front = analysis.pareto_frontier(best, "fd-classifier")
     assert [(r["size"], r["steps"]) for r in front] == [("small", 5), ("small", 20), ("small", 50), ("large", 20), ("large", 50)]
     (x,) = analysis.crossovers(best, "fd-classifier")
-    # envelopes: small 28 @0.5, 20 @2, 18 @5; large 35 @5, 12 @20 -> small wins at budgets 0.5, 2, 5; large from 20
-    assert (x["smaller"], x["larger"], x["crossover"]) == ("small", "large", 20.0)
-    assert x["budgets_where_smaller_wins"] == 3
+    # envelopes: small 28 @0.5, 20 @2, 18 @5; large 35 @5, 12 @20 -> where both run, small wins at 5; large from 20
+    assert (x["smaller"], x["larger"], x["crossover"], x["kind"]) == ("small", "large", 20.0, "crossover")
+    assert x["budgets_where_smaller_wins"] == 1
 
 
 def test_crossover_edge_cases():
     only_small_better = [_row("s", 0.1, "ddim", 5, 2, 1.0), _row("l", 1.0, "ddim", 5, 2, 9.0)]
     assert analysis.crossovers(only_small_better, "fd-classifier")[0]["crossover"] is None
     large_better = [_row("s", 0.1, "ddim", 50, 2, 9.0), _row("l", 1.0, "ddim", 5, 2, 1.0)]
-    assert analysis.crossovers(large_better, "fd-classifier")[0]["crossover"] == 5.0
+    x = analysis.crossovers(large_better, "fd-classifier")[0]
+    # below cost 5 only the small model runs: no contest, so no crossover
+    assert x["crossover"] is None and x["kind"] == "larger wins wherever both run"
     higher_better = [dict(r, acc=1 / r["fd-classifier"]) for r in TABLE]
     (x,) = analysis.crossovers(analysis.best_over_guidance(higher_better, "acc"), "acc")
     assert x["crossover"] == 20.0

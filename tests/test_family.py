@@ -145,3 +145,21 @@ def test_bad_input_exits_2_with_one_line(args, needle):
 def test_help_has_examples():
     proc = run_cli("family", "--help", check=True)
     assert "ldmscale family --preset paper" in proc.stdout
+
+
+@pytest.mark.parametrize("C,latent", [(32, 8), (320, 64)])
+def test_context_length_accounting_follows_the_tokens_kept(C, latent):
+    """Only cross-attention sees the text: its K/V projections (2 x 2 L D C_l) and its two attention products
+    (2 x 2 N L C_l) grow linearly with the tokens kept L, so FLOPs(L) - FLOPs(L') is a hand formula."""
+    size, D = make_size(C), 768
+    # (channels, query tokens) of every cross-attention transformer: 2 per down level 0-2, 1 in the middle,
+    # 3 per up level 2-0
+    h = latent
+    blocks = [(C, h * h)] * 2 + [(2 * C, (h // 2) ** 2)] * 2 + [(4 * C, (h // 4) ** 2)] * 2 + [(4 * C, (h // 8) ** 2)] \
+        + [(4 * C, (h // 4) ** 2)] * 3 + [(2 * C, (h // 2) ** 2)] * 3 + [(C, h * h)] * 3
+    per_token = sum(4 * c * D + 4 * n * c for c, n in blocks)
+    f77, f16 = cost(size, latent, 77, D).flops, cost(size, latent, 16, D).flops
+    assert f77 - f16 == 61 * per_token
+    # the normalized cost is relative to C=320 at the same context, so it follows the tokens too
+    ref16 = cost(make_size(320), latent, 16, D).flops
+    assert cost(size, latent, 16, D).norm_cost == f16 / ref16

@@ -45,8 +45,9 @@ def study_file(tmp_path, tiny_cache, tiny_classifier):
 def test_dry_run_lists_jobs_with_cost(study_file, tmp_path):
     p = run_cli("study", "run", study_file, "--out", tmp_path / "s", "--dry-run", check=True)
     lines = p.stdout.strip().splitlines()
-    assert lines[-1].startswith("12 jobs, 12 to run")
+    assert lines[-1].startswith("13 jobs, 13 to run")
     assert sum(" train " in l for l in lines) == 2 and sum(" eval " in l for l in lines) == 10
+    assert sum(" sanity " in l for l in lines) == 1
     assert not (tmp_path / "s").exists()
 
 
@@ -60,12 +61,12 @@ def test_killed_study_resumes_without_redoing_finished_jobs(study_file, tmp_path
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     finished = {p.name: p.stat().st_mtime_ns for p in (out / "jobs").glob("*.json")}
-    assert 5 <= len(finished) < 12
+    assert 5 <= len(finished) < 13
     evals_before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/eval/*.json")}
     p = run_cli("study", "run", study_file, "--out", out, check=True)
-    assert f"{len(finished)} already done, {12 - len(finished)} to run" in p.stdout
+    assert f"{len(finished)} already done, {13 - len(finished)} to run" in p.stdout
     after = {p.name: p.stat().st_mtime_ns for p in (out / "jobs").glob("*.json")}
-    assert len(after) == 12 and all(after[k] == v for k, v in finished.items())
+    assert len(after) == 13 and all(after[k] == v for k, v in finished.items())
     for path, mtime in evals_before.items():
         assert path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
     rows = (out / "results.csv").read_text().strip().splitlines()
@@ -75,11 +76,21 @@ def test_killed_study_resumes_without_redoing_finished_jobs(study_file, tmp_path
     for name in ("training_compute", "steps", "sampling_cost", "latency", "alignment"):
         assert (out / "report" / f"{name}.png").stat().st_size > 5000 and (out / "report" / f"{name}.svg").exists()
     html = (out / "report" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5 and "Pareto frontier" in html
+    grids = sorted((out / "report" / "samples").glob("*.png"))
+    assert len(grids) >= 2 and html.count("data:image/png;base64,") == 5 + len(grids) and "Pareto frontier" in html
     analysis = json.loads((out / "report" / "analysis.json").read_text())
     assert len(analysis["best_over_guidance"]) == 8 and analysis["metric"] == "fd-classifier"
+    # the paper's claims: six verdicts in the report, the summary and the command's output
+    verdicts = [c["verdict"] for c in analysis["claims"]]
+    assert len(verdicts) == 6 and set(verdicts) <= {"holds", "does not hold", "not measured"}
+    assert [verdicts[i] for i in (1, 4, 5)] == ["not measured"] * 3  # no downstream task, no distillation
+    assert "The paper's claims at this study's budget" in html and html.count('class="badge') == 6
+    summary = (out / "report" / "summary.md").read_text()
+    assert "| 6 | Distillation does not change it" in summary and "**not measured**" in summary
+    assert "the paper's claims at this budget" in p.stdout and "  6  not measured" in p.stdout
+    assert len(analysis["sanity"]) == 4 and analysis["sanity"][0]["images"] == "train split"
     again = run_cli("study", "run", study_file, "--out", out, "--no-report", check=True)
-    assert "12 already done, 0 to run" in again.stdout
+    assert "13 already done, 0 to run" in again.stdout
     plan = run_cli("plan", "--study", out, "--budget", "1000", "--json", check=True)
     best = json.loads(plan.stdout)["best"]
     assert best["size"] in ("c8", "c16") and best["steps"] in (2, 3) and best["fd-classifier_std"] > 0
@@ -124,10 +135,10 @@ def test_paper_study_plans_the_papers_compute(tmp_path):
 def test_submitit_local_executor_runs_and_skips_like_local(study_file, tmp_path):
     out = tmp_path / "s"
     p = run_cli("study", "run", study_file, "--out", out, "--executor", "submitit-local", "--no-report", check=True)
-    assert "wave 2: submitting 2 job(s)" in p.stdout and "wave 3: submitting 10 job(s)" in p.stdout
-    assert len(list((out / "jobs").glob("*.json"))) == 12
+    assert "wave 2: submitting 3 job(s)" in p.stdout and "wave 3: submitting 10 job(s)" in p.stdout
+    assert len(list((out / "jobs").glob("*.json"))) == 13
     assert len((out / "results.csv").read_text().strip().splitlines()) == 11
     again = run_cli("study", "run", study_file, "--out", out, "--executor", "submitit-local", "--no-report", check=True)
-    assert "wave" not in again.stdout and "12 jobs run" not in again.stdout
+    assert "wave" not in again.stdout and "13 jobs run" not in again.stdout
     local = run_cli("study", "run", study_file, "--out", out, "--no-report", check=True)
-    assert "12 already done, 0 to run" in local.stdout
+    assert "13 already done, 0 to run" in local.stdout
