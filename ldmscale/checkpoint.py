@@ -69,8 +69,8 @@ def _meta(config: dict, state: dict, kind: str) -> dict[str, str]:
 
 
 def save(run: Path, step: int, config: dict, unet_state: dict, ema_state: dict | None, optimizer_state: dict,
-         state: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically, point LATEST at it, keep the newest `keep`."""
+         state: dict, keep: int, protect: set[str] | frozenset = frozenset()) -> Path:
+    """Write checkpoint `step` atomically, point LATEST at it, keep the newest `keep` and those named in `protect`."""
     name = f"step-{step:06d}"
     out = ckpt_dir(run) / name
     with atomic_dir(out) as tmp:
@@ -83,7 +83,8 @@ def save(run: Path, step: int, config: dict, unet_state: dict, ema_state: dict |
         atomic_write_json(tmp / "state.json", state)
     atomic_write_text(ckpt_dir(run) / "LATEST", name + "\n")
     for old in list_checkpoints(run)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in protect:
+            shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -135,7 +135,7 @@ def plan_cmd(out, budget, budget_ms, metric, sampler, as_json) -> None:
         raise UserError("give exactly one of --budget (normalized-cost units) or --budget-ms")
     study = _study_of(out, None)
     metric = metric or study.eval.primary
-    rows = [r for r in collect(out) if r.get("task", "text-to-image") == "text-to-image"]
+    rows = [r for r in collect(out) if r.get("task", "text-to-image") == "text-to-image" and not r.get("tag")]
     if not rows:
         raise UserError(f"no evaluation results in {out}")
     if not any(r.get(metric) is not None for r in rows):

@@ -47,6 +47,7 @@ class EvalConfig:
     bootstrap: int = 10  # Poisson-bootstrap replicas for the uncertainty of Frechet distances (0: none)
     lpips: str = ""  # TorchScript LPIPS (super-resolution), e.g. a traced lpips.LPIPS(net="alex")
     spacing: Literal["leading", "trailing"] = "leading"  # sampler timesteps: SD v1.5's, or trailing (start at t=999)
+    tag: str = ""  # a label kept in the result and its file name (a study's "agreement" points)
 
 
 def parse_reference(spec: str) -> tuple[object, str]:
@@ -103,8 +104,8 @@ def reference_stats(cfg: EvalConfig, extractor, resolution: int, channels: int, 
 
 
 def result_name(cfg: EvalConfig, ckpt_name: str) -> str:
-    spacing = "" if cfg.spacing == "leading" else f"-{cfg.spacing}"
-    return f"{cfg.sampler}-s{cfg.steps}-g{cfg.guidance:g}-n{cfg.num_images}{spacing}-{ckpt_name}-{cfg.weights}.json"
+    extra = "".join(f"-{v}" for v in (cfg.spacing if cfg.spacing != "leading" else "", cfg.tag) if v)
+    return f"{cfg.sampler}-s{cfg.steps}-g{cfg.guidance:g}-n{cfg.num_images}{extra}-{ckpt_name}-{cfg.weights}.json"
 
 
 def _reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -245,7 +246,7 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
         "checkpoint": model.ckpt.name, "weights": cfg.weights, "images_seen": ck_state.get("images_seen"),
         "train_flops": ck_state.get("train_flops"), "steps_x_gflops": ck_state.get("steps_x_gflops"),
         "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance, "spacing": cfg.spacing,
-        "num_images": cfg.num_images,
+        "num_images": cfg.num_images, "tag": cfg.tag,
         "seeds": [cfg.seed, cfg.seed + cfg.num_images - 1], "metrics": values, "warnings": warnings,
         "params": acc["params"], "gflops": acc["gflops"], "norm_cost": acc["norm_cost"],
         "sampling_cost": acc["norm_cost"] * cfg.steps, "model_calls_per_image": nfe,

@@ -150,7 +150,7 @@ def metric_agreement(rows: list[dict], a: str, b: str):
     colors = _colors(size_order(rows))
     for r in rows:
         ax.plot(r[a], r[b], "o", color=colors[r["size"]], ms=7)
-        ax.annotate(f"{r['size']} {r['steps']}", (r[a], r[b]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(f"{r['size']} {r['sampler']} {r['steps']}", (r[a], r[b]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(_label(a))
     ax.set_ylabel(_label(b))
     ax.set_title(f"Do {a} and {b} rank the models alike?")

@@ -55,6 +55,8 @@ def analyze(rows: list[dict], study) -> dict:
     """Everything the report states, as plain data (also written to report/analysis.json)."""
     ev = study.eval
     metric = ev.primary
+    tagged = [r for r in rows if r.get("tag")]
+    rows = [r for r in rows if not r.get("tag")]  # the grid and the curves; tagged points have their own use
     t2i = [r for r in rows if r.get("task", "text-to-image") == "text-to-image"]
     final = analysis.final_rows(t2i)
     grid = [r for r in final if not (r["sampler"] == ev.curve_sampler and r["steps"] == ev.curve_steps
@@ -90,7 +92,8 @@ def analyze(rows: list[dict], study) -> dict:
         out["alignment_top"] = top
     out["agreement"], out["agreement_points"] = None, []
     if ev.agreement_metric:
-        pts = [r for r in final if r.get(ev.agreement_metric) is not None and r.get(metric) is not None]
+        pts = [r for r in tagged if r["tag"] == "agreement" and r.get(ev.agreement_metric) is not None
+               and r.get(metric) is not None]
         out["agreement"] = claims.metric_agreement(pts, metric, ev.agreement_metric)
         out["agreement_points"] = pts
     return out

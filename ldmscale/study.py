@@ -36,7 +36,9 @@ class TrainSection:
     budget: Literal["images", "compute"] = "images"  # equal images per size (the paper) or equal training FLOPs
     images: int = 50_000  # per size, budget = images
     flops: float = 0.0  # per size, budget = compute
-    curve_points: int = 4  # equally spaced checkpoints evaluated for the quality-vs-training-compute curves
+    curve_points: int = 4  # checkpoints evaluated for the quality-vs-training-compute curves
+    curve_spacing: Literal["log", "linear"] = "log"  # log: each point doubles the compute (from 1/2^(n-1) of the
+    # run, at most 1/64), as the training-compute axis is read; linear: equally spaced
     set: dict[str, str] = field(default_factory=dict)  # TrainConfig overrides (lr, batch_size, ...)
 
 
@@ -61,9 +63,11 @@ class EvalSection:
     curve_steps: int = 20
     curve_guidance: float = 3.0
     spacing: Literal["leading", "trailing"] = "leading"  # sampler timesteps: SD v1.5's leading, or trailing (t=999 first)
-    agreement_metric: str = ""  # a second metric (e.g. "fid") computed beside the primary at a few final points;
+    agreement_metric: str = ""  # a second metric (e.g. "fid") measured beside the primary at the final checkpoints,
     agreement_steps: tuple[int, ...] = ()  # ... at these steps of the first sampler and guidance: the report gives
-    # the Spearman rank correlation of the two metrics (is the primary metric ranking what FID would?)
+    # the Spearman rank correlation of the two (does the primary metric rank models as FID would?)
+    agreement_images: int = 0  # images per agreement point (0: num_images)
+    agreement_reference_count: int = 0  # reference images for the agreement points (0: reference_count)
     sanity: bool = True  # the primary metric of the reference split against the train split and blurred copies
 
 
@@ -344,28 +348,29 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
         steps = max(1, round(images / base.batch_size))
         points = max(1, study.train.curve_points)
         every = max(1, steps // points)
+        curve_steps = curve_checkpoints(steps, points, study.train.curve_spacing)
         t_cfg = TrainConfig(**(to_dict(base) | {"size": size_spec(size), "images": steps * base.batch_size,
-                                                "checkpoint_every": every * base.batch_size, "keep": points + 1}))
+                                                "checkpoint_every": every * base.batch_size, "keep": 2,
+                                                "checkpoint_at": curve_steps}))
         t_cfg = from_dict(TrainConfig, to_dict(t_cfg))
         run = out / "runs" / size.name
         jobs.append(Job("train", f"train {size.name} ({steps * base.batch_size:,} images)", to_dict(t_cfg),
                         lambda c=t_cfg, r=run: train(c, r, progress=progress),
                         cost_flops=flops.training_flops(steps * base.batch_size, fwd)))
 
-        def eval_job(label, sampler, n_steps, g, ckpt, run=run, fwd=fwd):
-            extra = ((ev.agreement_metric,) if ev.agreement_metric and ckpt == steps and n_steps in ev.agreement_steps
-                     and (sampler, g) == (ev.samplers[0], ev.guidance[0]) else ())
-            e_cfg = EvalConfig(sampler=sampler, steps=n_steps, guidance=g, num_images=ev.num_images,
-                               metrics=tuple(ev.metrics) + extra, reference=ev.reference,
-                               reference_count=ev.reference_count, checkpoint=str(ckpt), seed=ev.seed,
+        def eval_job(label, sampler, n_steps, g, ckpt, run=run, fwd=fwd, agreement=False):
+            n = (ev.agreement_images or ev.num_images) if agreement else ev.num_images
+            e_cfg = EvalConfig(sampler=sampler, steps=n_steps, guidance=g, num_images=n,
+                               metrics=(ev.primary, ev.agreement_metric) if agreement else tuple(ev.metrics),
+                               reference=ev.reference, reference_count=(ev.agreement_reference_count or ev.reference_count)
+                               if agreement else ev.reference_count, checkpoint=str(ckpt), seed=ev.seed,
                                batch_size=ev.batch_size, classifier=clf_dir, clip=ev.clip, inception=ev.inception,
-                               bootstrap=ev.bootstrap, spacing=ev.spacing)
+                               bootstrap=ev.bootstrap, spacing=ev.spacing, tag="agreement" if agreement else "")
             calls = flops.model_calls(n_steps, g, 2 if sampler == "heun" else 1)
             return Job("eval", f"eval {size.name} {label}", to_dict(e_cfg) | {"run": str(run)},
-                       lambda: evaluate(run, e_cfg, progress=False), cost_flops=ev.num_images * calls * fwd,
-                       extra_seconds=ev.num_images * FID_SECONDS_PER_IMAGE * ("fid" in extra))
+                       lambda: evaluate(run, e_cfg, progress=False), cost_flops=n * calls * fwd,
+                       extra_seconds=n * FID_SECONDS_PER_IMAGE * ("fid" in e_cfg.metrics))
 
-        curve_steps = sorted({min(steps, k * every) for k in range(1, points)} | {steps})
         for ck in curve_steps:
             jobs.append(eval_job(f"curve step {ck}", ev.curve_sampler, ev.curve_steps, ev.curve_guidance, ck))
         for sampler in ev.samplers:
@@ -374,10 +379,22 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
                     continue
                 for g in ev.guidance:
                     jobs.append(eval_job(f"{sampler} {n_steps} steps g{g:g}", sampler, n_steps, g, steps))
+                if ev.agreement_metric and n_steps in ev.agreement_steps and sampler == ev.samplers[0]:
+                    jobs.append(eval_job(f"{sampler} {n_steps} steps g{ev.guidance[0]:g}, {ev.agreement_metric} "
+                                         "agreement", sampler, n_steps, ev.guidance[0], steps, agreement=True))
         for tname, task in study.tasks.items():
             jobs += task_jobs(tname, task, study, base, run, out / "tasks" / tname / size.name, fwd, clf_dir, progress)
     seen: set[str] = set()  # a curve point can coincide with a grid point: one job
     return [j for j in jobs if not (j.id in seen or seen.add(j.id))]
+
+
+def curve_checkpoints(steps: int, points: int, spacing: str = "log") -> tuple[int, ...]:
+    """The optimizer steps evaluated for the training curves, always ending at the last step."""
+    if spacing == "linear":
+        every = max(1, steps // points)
+        return tuple(sorted({min(steps, k * every) for k in range(1, points)} | {steps}))
+    first = steps / min(2 ** (points - 1), 64)
+    return tuple(sorted({max(1, round(first * (steps / first) ** (k / max(1, points - 1)))) for k in range(points)}))
 
 
 def collect(out: Path) -> list[dict]:

@@ -45,7 +45,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     checkpoint_every: int = 0  # images between checkpoints (0: 4 per run)
-    keep: int = 2  # checkpoints kept
+    keep: int = 2  # checkpoints kept (besides those of checkpoint_at)
+    checkpoint_at: tuple[int, ...] = ()  # optimizer steps that also get a checkpoint, never pruned (training curves)
     log_every: int = 20  # optimizer steps between log lines
     latent_sample: bool = True  # sample z from the cached posterior (else use its mean)
     text_mask: bool = False  # mask padded text tokens in cross-attention (SD does not)
@@ -55,7 +56,7 @@ class TrainConfig:
 
 
 # settings that may change when a run is continued, without making it a different run
-CONTINUABLE = {"images", "checkpoint_every", "keep", "log_every", "report_to"}
+CONTINUABLE = {"images", "checkpoint_every", "checkpoint_at", "keep", "log_every", "report_to"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -231,7 +232,7 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=te
             ema_model.update(zip(names, ema_state["shadow_params"]))
             checkpoint.save(run, step, resolved, model, ema_model,
                             {"optimizer": opt_state, "scheduler": sched.state_dict(), "ema": ema_state},
-                            state_dict(step, loss), cfg.keep)
+                            state_dict(step, loss), cfg.keep, protect={f"step-{s:06d}" for s in cfg.checkpoint_at})
         acc.wait_for_everyone()
 
     pbar = bar(total=total_steps, initial=start, desc=f"train {resolved['train']['size']}", unit="step",
@@ -301,7 +302,7 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=te
             if cfg.report_to:
                 acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=done)
             t_log, img_log, loss_acc, loss_n = time.perf_counter(), 0, 0.0, 0
-        if done % ckpt_steps == 0 or done == total_steps:
+        if done % ckpt_steps == 0 or done == total_steps or done in cfg.checkpoint_at:
             save(done, step_loss)
     pbar.close()
     acc.end_training()
