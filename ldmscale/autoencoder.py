@@ -11,32 +11,45 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldmscale.config import UserError, to_dict
+from ldmscale.config import Config, NonNegative, Range, UserError, to_dict
 from ldmscale.io import atomic_dir, atomic_write_json, file_sha256
 
 
 @dataclass(frozen=True)
-class AutoencoderConfig:
+class AutoencoderConfig(Config):
     """A small KL autoencoder for CPU-sized data (defaults: 32px grayscale -> 8x8x4 latents, ~0.25M params)."""
 
     source: str = "animal-mnist"
-    resolution: int = 32
-    channels: int = 1  # 1 grayscale, 3 RGB
-    block_out_channels: tuple[int, ...] = (16, 32, 32)  # len-1 downsamplings: f=4
-    layers_per_block: int = 1
-    latent_channels: int = 4
-    norm_groups: int = 16
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 2e-3
-    kl_weight: float = 1e-6  # SD's first stage uses a tiny KL term: a nearly deterministic latent
-    seed: int = 0
-    max_images: int = 0  # cap the training images (0: all)
+    resolution: Annotated[int, Range(8, 8192)] = 32
+    channels: Literal[1, 3] = 1  # 1 grayscale, 3 RGB
+    block_out_channels: tuple[Annotated[int, Range(1, 4096)], ...] = (16, 32, 32)  # len-1 downsamplings: f=4
+    layers_per_block: Annotated[int, Range(1, 8)] = 1
+    latent_channels: Annotated[int, Range(1, 64)] = 4
+    norm_groups: Annotated[int, Range(1, 1024)] = 16
+    steps: Annotated[int, Range(1, 10**8)] = 1000
+    batch_size: Annotated[int, Range(1, 2**16)] = 64
+    lr: Annotated[float, Range(0.0, 10.0, lo_open=True)] = 2e-3
+    kl_weight: Annotated[float, Range(0.0, 1e3)] = 1e-6  # SD's first stage uses a tiny KL term: a nearly
+    # deterministic latent
+    seed: Annotated[int, Range(0, 2**31 - 1)] = 0
+    max_images: NonNegative = 0  # cap the training images (0: all)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.block_out_channels:
+            raise UserError("autoencoder block_out_channels must not be empty")
+        bad = [c for c in self.block_out_channels if c % self.norm_groups]
+        if bad:
+            raise UserError(f"autoencoder: {self.norm_groups} norm groups do not divide width {bad[0]}")
+        f = 2 ** (len(self.block_out_channels) - 1)
+        if self.resolution % f:
+            raise UserError(f"autoencoder resolution {self.resolution} is not a multiple of its downsampling factor {f}")
 
 
 def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -60,9 +73,6 @@ def build_autoencoder(cfg: AutoencoderConfig):
     from diffusers import AutoencoderKL
 
     n = len(cfg.block_out_channels)
-    for c in cfg.block_out_channels:
-        if c % cfg.norm_groups:
-            raise UserError(f"autoencoder: {cfg.norm_groups} norm groups do not divide width {c}")
     return AutoencoderKL(
         in_channels=cfg.channels, out_channels=cfg.channels,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
@@ -92,8 +102,12 @@ def decode(vae, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return torch.cat(out).clamp(-1, 1)
 
 
-def train_autoencoder(cfg: AutoencoderConfig, out: str | Path, progress: bool = True) -> dict:
-    """Train a KL autoencoder from scratch on a source; save it in diffusers format at `out`."""
+def train_autoencoder(cfg: AutoencoderConfig, out: str | Path, progress: bool = True, overwrite: bool = False) -> dict:
+    """Train a KL autoencoder from scratch on a source; save it in diffusers format at `out` (an existing autoencoder
+    there is replaced only with overwrite)."""
+    from ldmscale.io import check_output
+
+    check_output(out, "autoencoder", overwrite)
     from ldmscale.progress import bar as progress_bar
 
     from ldmscale.data import load_images, parse_source, splits
@@ -111,7 +125,9 @@ def train_autoencoder(cfg: AutoencoderConfig, out: str | Path, progress: bool = 
     gen = torch.Generator().manual_seed(cfg.seed)
     vae = build_autoencoder(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    # OneCycleLR divides by (pct_start x steps - 1): nudge the warm-up share off the one step count where it is 0
+    pct = 0.05 if abs(0.05 * cfg.steps - 1.0) > 1e-9 else 0.06
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=pct)
     train = to_float(train_u8)
     t0 = time.time()
     bar = progress_bar(range(cfg.steps), desc="autoencoder", unit="step", enabled=progress)

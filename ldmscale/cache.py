@@ -22,28 +22,29 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ldmscale.config import UserError, to_dict
+from ldmscale.config import Config, NonNegative, Range, UserError, to_dict
 from ldmscale.io import atomic_write, atomic_write_json
 
 MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
-class PrepareConfig:
+class PrepareConfig(Config):
     source: str
     autoencoder: str
     text_encoder: str = "minilm"
-    resolution: int = 32
-    shard_size: int = 1000
-    batch_size: int = 250
-    max_length: int = 77
-    limit: int = 0  # items per split (0: all); for quick trials
+    resolution: Annotated[int, Range(8, 8192)] = 32
+    shard_size: Annotated[int, Range(1, 10**7)] = 1000
+    batch_size: Annotated[int, Range(1, 2**16)] = 250
+    max_length: Annotated[int, Range(2, 512)] = 77  # text tokens kept (SD: 77)
+    limit: NonNegative = 0  # items per split (0: all); for quick trials
 
 
 def _settings(cfg: PrepareConfig) -> dict:
@@ -78,7 +79,15 @@ def _write_shard(path: Path, mean, std, states, masks, labels, keys, captions, s
 
 
 def prepare(cfg: PrepareConfig, out: str | Path, progress: bool = True) -> dict:
-    """Encode a source into a cache at `out`; resumes a partial one. Returns the manifest."""
+    """Encode a source into a cache at `out`; resumes a partial one, under the cache's lock. Returns the manifest."""
+    from ldmscale.io import DirLock, check_output
+
+    check_output(out, "cache")
+    with DirLock(out, "latent cache"):
+        return _prepare(cfg, Path(out), progress)
+
+
+def _prepare(cfg: PrepareConfig, out: Path, progress: bool) -> dict:
     from ldmscale.progress import bar as progress_bar
 
     from ldmscale import autoencoder as ae
@@ -96,8 +105,6 @@ def prepare(cfg: PrepareConfig, out: str | Path, progress: bool = True) -> dict:
                             "use a new --out folder")
         if (out / MANIFEST).exists():
             return json.loads((out / MANIFEST).read_text())
-    elif out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not a latent cache; use a new --out folder")
     vae = ae.load_autoencoder(cfg.autoencoder)
     latent_side = ae.check_resolution(vae, cfg.resolution)
     channels = int(vae.config.in_channels)
@@ -163,6 +170,12 @@ def prepare(cfg: PrepareConfig, out: str | Path, progress: bool = True) -> dict:
             if skipped:
                 bar.write(f"skipped {len(skipped)} unreadable item(s) in {split}, e.g. {skipped[0]['key']}: {skipped[0]['error']}")
         bar.close()
+        metas = [_shard_meta(p) for p in _shards(sdir)]
+        if not any(m["keys"] for m in metas):  # nothing to train or evaluate on: refuse to call it a cache
+            skipped = [x for m in metas for x in m["skipped"]]
+            why = f"; e.g. {skipped[0]['key']}: {skipped[0]['error']}" if skipped else ""
+            raise UserError(f"source {src} split {split!r} has no readable image ({len(skipped)} item(s) skipped"
+                            f"{why}); the cache at {out} is left incomplete")
     seconds = time.time() - t0
     return _finish(out, cfg, src, vae, text, latent_side, channels, encoded, seconds)
 

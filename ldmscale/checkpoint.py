@@ -14,6 +14,7 @@ A kill -9 during a save leaves only a hidden temp folder; LATEST still names the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -71,21 +72,45 @@ def _meta(config: dict, state: dict, kind: str) -> dict[str, str]:
 def save(run: Path, step: int, config: dict, unet_state: dict, ema_state: dict | None, optimizer_state: dict,
          state: dict, keep: int, protect: set[str] | frozenset = frozenset()) -> Path:
     """Write checkpoint `step` atomically, point LATEST at it, keep the newest `keep` and those named in `protect`."""
+    import errno
+
     name = f"step-{step:06d}"
     out = ckpt_dir(run) / name
-    with atomic_dir(out) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in unet_state.items()}, str(tmp / "model.safetensors"),
-                  metadata=_meta(config, state, "raw"))
-        if ema_state is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"),
-                      metadata=_meta(config, state, "ema"))
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        atomic_write_json(tmp / "state.json", state)
+    try:
+        with atomic_dir(out) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in unet_state.items()}, str(tmp / "model.safetensors"),
+                      metadata=_meta(config, state, "raw"))
+            if ema_state is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()},
+                          str(tmp / "ema.safetensors"), metadata=_meta(config, state, "ema"))
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+            atomic_write_json(tmp / "state.json", state)
+    except Exception as e:
+        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+        if not full:
+            raise
+        good = latest(run)
+        raise UserError(f"no space left on device while saving checkpoint {name} of {run}; last good checkpoint: "
+                        f"{good.name if good else 'none'} (free space and run the same command to continue)") from None
     atomic_write_text(ckpt_dir(run) / "LATEST", name + "\n")
     for old in list_checkpoints(run)[:-keep] if keep > 0 else []:
         if old.name not in protect:
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)
     return out
+
+
+def remove(ckpt: Path) -> None:
+    """Delete a checkpoint so that a kill midway never leaves a partial one listed as complete: it is renamed to
+    a hidden name first (one atomic step), then deleted; clean_stale() finishes what a kill interrupted."""
+    doomed = ckpt.parent / f".{ckpt.name}.deleting"
+    os.replace(ckpt, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def clean_stale(run: Path) -> None:
+    """Remove the hidden folders that a killed save or prune left behind (call under the run's lock)."""
+    for stale in ckpt_dir(run).glob(".step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def load_state(ckpt: Path) -> dict:

@@ -15,6 +15,28 @@ from ldmscale.config import UserError
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=110)
 
 
+class FiniteFloat(click.ParamType):
+    """A float option that refuses nan and infinities (click's FLOAT accepts them)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+FINITE = FiniteFloat()
+COUNT = click.IntRange(0, 10**12)  # an image count, 0 meaning "all" or "default"
+POSITIVE = click.IntRange(1, 10**12)
+
+
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="ldmscale")
 def cli() -> None:

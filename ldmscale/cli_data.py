@@ -24,7 +24,8 @@ Examples:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (diffusers AutoencoderKL format).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="AutoencoderConfig JSON.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field, e.g. steps=500.")
-def autoencoder_train(source, out, config_file, overrides) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an autoencoder already at --out (nothing else is ever replaced).")
+def autoencoder_train(source, out, config_file, overrides, overwrite) -> None:
     """Train a small KL autoencoder and measure its latent scaling factor."""
     from ldmscale.autoencoder import AutoencoderConfig, train_autoencoder
     from ldmscale.data import parse_source
@@ -34,7 +35,7 @@ def autoencoder_train(source, out, config_file, overrides) -> None:
     parse_source(cfg.source)
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise UserError("steps and batch_size must be positive")
-    report = train_autoencoder(cfg, out)
+    report = train_autoencoder(cfg, out, overwrite=overwrite)
     click.echo(f"saved {out}: validation PSNR {report['validation_psnr_db']:.2f} dB, "
                f"scaling factor {report['scaling_factor']:.4f}, {report['params']:,} params, "
                f"trained {report['train_seconds']:.0f} s")

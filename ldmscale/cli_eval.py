@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from ldmscale.cli import FINITE, COUNT
+
 from ldmscale.config import UserError
 
 
@@ -22,12 +24,12 @@ Writes RUN/eval/<sampler>-s<steps>-g<guidance>-n<images>-<checkpoint>-<weights>.
 """)
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--sampler", default="ddim", show_default=True)
-@click.option("--steps", default=50, show_default=True, type=int)
-@click.option("--guidance", default=7.5, show_default=True, type=float)
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--guidance", default=7.5, show_default=True, type=FINITE)
 @click.option("--num-images", default=1000, show_default=True, type=int)
 @click.option("--metrics", "metric_list", default="fd-classifier,caption-accuracy", show_default=True,
               help="Comma-separated: fid, fd-classifier, caption-accuracy, clip; psnr, ssim, lpips (super-resolution); subject-ssim, subject-fidelity (DreamBooth).")
-@click.option("--reference", default="animal-mnist:validation", show_default=True, help="SOURCE[:SPLIT] of real images and captions.")
+@click.option("--reference", default="", help="SOURCE[:SPLIT] of real images and captions (default: the run's own data, its validation split).")
 @click.option("--reference-count", default=0, type=int, help="Reference images to use (0: all of the split).")
 @click.option("--classifier", default="", help="Classifier folder (fd-classifier, caption-accuracy).")
 @click.option("--clip", default="", help="CLIP model folder or hub id (clip).")
@@ -52,7 +54,8 @@ def eval_cmd(run_dir, sampler, steps, guidance, num_images, metric_list, referen
 
     if os.environ.get("RANK", "0") != "0":
         return
-    vals = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
+    vals = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in r["metrics"].items())
+    click.echo(f"reference: {r['reference']['spec']}")
     click.echo(f"{r['size']} {r['sampler']} {r['steps']} steps g{r['guidance']:g} ({r['num_images']} images): {vals}; "
                f"sampling cost {r['sampling_cost']:.3f}, {r['model_calls_per_image']} calls/image, "
                f"{r['latency_ms_per_image']:.1f} ms/image")
@@ -73,13 +76,14 @@ Example:
 @click.option("--source", default="animal-mnist", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a ClassifierConfig field (epochs, width, ...).")
-def classifier_train(source, out, overrides) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace a classifier already at --out (nothing else is ever replaced).")
+def classifier_train(source, out, overrides, overwrite) -> None:
     """Train the small CNN classifier on a labelled dataset."""
     from ldmscale.config import apply_overrides
     from ldmscale.features import ClassifierConfig, train_classifier
 
     cfg = apply_overrides(ClassifierConfig(source=source), overrides)
-    meta = train_classifier(cfg, out)
+    meta = train_classifier(cfg, out, overwrite=overwrite)
     click.echo(f"saved {out}: validation accuracy {meta['validation_accuracy']:.4f} ({meta['train_images']} training images)")
 
 
@@ -92,12 +96,12 @@ Examples:
 @click.option("--a", "spec_a", required=True, help="SOURCE[:SPLIT].")
 @click.option("--b", "spec_b", required=True, help="SOURCE[:SPLIT].")
 @click.option("--metric", default="fid", type=click.Choice(["fid", "fd-classifier"]), show_default=True)
-@click.option("--resolution", default=32, show_default=True, type=int)
-@click.option("--channels", default=1, show_default=True, type=int)
-@click.option("--blur-b", default=0.0, show_default=True, type=float, help="Gaussian blur sigma (pixels) applied to set b.")
+@click.option("--resolution", default=32, show_default=True, type=click.IntRange(8, 8192))
+@click.option("--channels", default=1, show_default=True, type=click.Choice(["1", "3"]))
+@click.option("--blur-b", default=0.0, show_default=True, type=FINITE, help="Gaussian blur sigma (pixels) applied to set b.")
 @click.option("--classifier", default="")
 @click.option("--inception", default="")
-@click.option("--limit", default=0, type=int, help="Images per set (0: all).")
+@click.option("--limit", default=0, type=COUNT, help="Images per set (0: all).")
 def compare_cmd(spec_a, spec_b, metric, resolution, channels, blur_b, classifier, inception, limit) -> None:
     """Frechet distance between two image sets (a sanity check of a metric)."""
     import torch
@@ -107,6 +111,7 @@ def compare_cmd(spec_a, spec_b, metric, resolution, channels, blur_b, classifier
     from ldmscale.features import ClassifierFeatures, InceptionFeatures
     from ldmscale.metrics import fd_of, stats_of
 
+    channels = int(channels)
     if metric == "fd-classifier" and not classifier:
         raise UserError("fd-classifier needs --classifier DIR")
     ex = InceptionFeatures(inception or None) if metric == "fid" else ClassifierFeatures(classifier)

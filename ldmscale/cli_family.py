@@ -58,10 +58,10 @@ def format_csv(rows: list[dict]) -> str:
 @click.option("--preset", default=None, help="paper (11 sizes, 39M-5B) or cpu (tiny sizes). Default: paper.")
 @click.option("--size", "sizes", multiple=True, help="Size name instead of a preset: c<width>, a paper label (83M) or sd1.5. Repeatable.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-@click.option("--latent-size", type=int, default=None, help="Latent side (default: the preset's, 64 for paper).")
-@click.option("--latent-channels", type=int, default=None, help="Latent channels (default 4).")
-@click.option("--context-len", type=int, default=None, help="Text tokens (default 77).")
-@click.option("--context-dim", type=int, default=None, help="Text token width (default: 1024 paper, 384 cpu).")
+@click.option("--latent-size", type=click.IntRange(1, 1 << 16), default=None, help="Latent side (default: the preset's, 64 for paper).")
+@click.option("--latent-channels", type=click.IntRange(1, 1 << 16), default=None, help="Latent channels (default 4).")
+@click.option("--context-len", type=click.IntRange(1, 1 << 16), default=None, help="Text tokens (default 77).")
+@click.option("--context-dim", type=click.IntRange(1, 1 << 16), default=None, help="Text token width (default: 1024 paper, 384 cpu).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a size field (heads, norm_groups, layers_per_block) for every size.")
 def family_cmd(preset, sizes, fmt, latent_size, latent_channels, context_len, context_dim, overrides) -> None:
     """List model sizes with parameters, forward GFLOPs and normalized cost."""

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from ldmscale.cli import FINITE
+
 from ldmscale.config import UserError
 
 
@@ -42,8 +44,6 @@ Running it again skips finished jobs; a killed study loses at most the job in fl
 @click.option("--report/--no-report", default=True, show_default=True, help="Write the report when done.")
 def study_run(study_file, out, dry_run, executor, report) -> None:
     """Train every size and evaluate every grid point of a study file."""
-    import shutil
-
     from ldmscale.study import collect, job_done, load_study, plan_jobs, run_jobs, write_csv
 
     study = load_study(study_file)
@@ -61,20 +61,23 @@ def study_run(study_file, out, dry_run, executor, report) -> None:
         click.echo(f"{len(jobs)} jobs, {sum(not job_done(out, j) for j in jobs)} to run, "
                    f"~{total:.3e} FLOPs to do (multiply-add = 2)")
         return
-    out.mkdir(parents=True, exist_ok=True)
-    if not saved.exists() or saved.read_text() != Path(study_file).read_text():
-        shutil.copyfile(study_file, saved)
-    if executor == "local":
-        result = run_jobs(out, jobs, log=click.echo)
-    else:
-        from ldmscale.cluster import run_submitit
+    from ldmscale.io import DirLock, atomic_write_text, check_output
 
-        result = run_submitit(out, jobs, executor, log=click.echo, parameters=study.cluster)
-    rows = collect(out)
-    write_csv(rows, out / "results.csv")
-    click.echo(f"{result['ran']} jobs run in {result['seconds']:.0f} s; {len(rows)} results in {out / 'results.csv'}")
-    if report and rows:
-        _report(out, study)
+    check_output(out, "study")
+    with DirLock(out, "study"):
+        if not saved.exists() or saved.read_text() != Path(study_file).read_text():
+            atomic_write_text(saved, Path(study_file).read_text())
+        if executor == "local":
+            result = run_jobs(out, jobs, log=click.echo)
+        else:
+            from ldmscale.cluster import run_submitit
+
+            result = run_submitit(out, jobs, executor, log=click.echo, parameters=study.cluster)
+        rows = collect(out)
+        write_csv(rows, out / "results.csv")
+        click.echo(f"{result['ran']} jobs run in {result['seconds']:.0f} s; {len(rows)} results in {out / 'results.csv'}")
+        if report and rows:
+            _report(out, study)
 
 
 def _report(out: Path, study) -> None:
@@ -121,8 +124,8 @@ Examples:
   ldmscale plan --study demo --budget-ms 40 --metric caption-accuracy
 """)
 @click.option("--study", "out", required=True, type=click.Path(path_type=Path), help="Study folder.")
-@click.option("--budget", type=float, help="Sampling budget in normalized-cost units (normalized cost x steps).")
-@click.option("--budget-ms", type=float, help="Budget in milliseconds per image, as measured on this hardware.")
+@click.option("--budget", type=FINITE, help="Sampling budget in normalized-cost units (normalized cost x steps).")
+@click.option("--budget-ms", type=FINITE, help="Budget in milliseconds per image, as measured on this hardware.")
 @click.option("--metric", default=None, help="Metric to optimize (default: the study's primary metric).")
 @click.option("--sampler", default=None, help="Only consider this sampler.")
 @click.option("--json", "as_json", is_flag=True)

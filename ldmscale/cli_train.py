@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from ldmscale.cli import FINITE
+
 from ldmscale.config import UserError, apply_overrides, from_dict
 
 
@@ -68,16 +70,20 @@ Writes one PNG per image, grid.png (a row per prompt; columns grouped by sampler
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable).")
 @click.option("--sampler", "samplers", multiple=True, help="ddim (default), ddpm, dpmsolver++, euler, euler-a, heun, unipc, lcm. Repeatable.")
-@click.option("--steps", default=50, show_default=True, type=int)
-@click.option("--guidance", default=7.5, show_default=True, type=float, help="Classifier-free guidance scale (<=1: off).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Image k of prompt p uses seed + p*num + k.")
-@click.option("--num", default=4, show_default=True, type=int, help="Images per prompt (and sampler).")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--guidance", default=7.5, show_default=True, type=FINITE, help="Classifier-free guidance scale (<=1: off).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1), help="Image k of prompt p uses seed + p*num + k.")
+@click.option("--num", default=4, show_default=True, type=click.IntRange(1, 10**6), help="Images per prompt (and sampler).")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--checkpoint", "which", default="latest", show_default=True, help="latest, or a step number.")
 @click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]))
-@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 2**16))
 @click.option("--lr", "lr_source", default="", help="Super-resolution runs: SOURCE[:SPLIT] of low-resolution inputs (first --num).")
-def sample_cmd(run_dir, prompts, samplers, steps, guidance, seed, num, out, which, weights, batch_size, lr_source) -> None:
+@click.option("--spacing", default="leading", show_default=True, type=click.Choice(["leading", "trailing"]),
+              help="Sampler timesteps: SD v1.5's leading spacing, or trailing (every sample starts at t=999).")
+@click.option("--overwrite", is_flag=True, help="Replace the samples already at --out (nothing else is ever replaced).")
+def sample_cmd(run_dir, prompts, samplers, steps, guidance, seed, num, out, which, weights, batch_size, lr_source,
+               spacing, overwrite) -> None:
     """Sample images from a trained run with any sampler, step count and guidance (or super-resolve --lr inputs)."""
     import torch
 
@@ -85,10 +91,13 @@ def sample_cmd(run_dir, prompts, samplers, steps, guidance, seed, num, out, whic
     from ldmscale.io import atomic_write_json
     from ldmscale.sample import check_prompts, generate, grid, load_run, save_png, to_pil
 
+    from ldmscale.io import check_output
+
     samplers = list(samplers) or ["ddim"]
+    check_output(out, "samples", overwrite)
     if lr_source:
         return _sample_sr(run_dir, lr_source, list(prompts), samplers, steps, guidance, seed, num, out, which, weights,
-                          batch_size)
+                          batch_size, spacing)
     check_prompts(list(prompts))
     for name in samplers:
         check_sampling_args(name, steps, guidance)
@@ -101,7 +110,8 @@ def sample_cmd(run_dir, prompts, samplers, steps, guidance, seed, num, out, whic
     acc = model.config["accounting"]
     per_sampler, rows = {}, []
     for name in samplers:
-        images, info = generate(model, all_prompts, name, steps, guidance, seeds, batch_size, progress=True)
+        images, info = generate(model, all_prompts, name, steps, guidance, seeds, batch_size, progress=True,
+                                spacing=spacing)
         prefix = f"{name}-" if len(samplers) > 1 else ""
         for i, img in enumerate(images):
             save_png(to_pil(img), out / f"{prefix}p{i // num:02d}-{i % num:03d}.png")
@@ -113,12 +123,14 @@ def sample_cmd(run_dir, prompts, samplers, steps, guidance, seed, num, out, whic
     save_png(grid(table, num * len(samplers)), out / "grid.png")
     record = {"run": str(run_dir), "checkpoint": model.ckpt.name, "weights": weights, "prompts": list(prompts),
               "num_per_prompt": num, "seeds": seeds, "samplers": samplers, "steps": steps, "guidance": guidance,
+              "spacing": spacing,
               "norm_cost": acc["norm_cost"], "results": per_sampler}
     atomic_write_json(out / "sample.json", record)
     click.echo(f"{len(all_prompts) * len(samplers)} images in {out} (grid.png)")
 
 
-def _sample_sr(run_dir, lr_source, prompts, samplers, steps, guidance, seed, num, out, which, weights, batch_size):
+def _sample_sr(run_dir, lr_source, prompts, samplers, steps, guidance, seed, num, out, which, weights, batch_size,
+               spacing="leading"):
     """Super-resolve low-resolution inputs; grid rows: input (nearest-upscaled), then one column per sampler."""
     import torch
 
@@ -142,13 +154,18 @@ def _sample_sr(run_dir, lr_source, prompts, samplers, steps, guidance, seed, num
     out.mkdir(parents=True, exist_ok=True)
     columns = [resize(lr, res, "nearest")]
     for name in samplers:
-        images, info = upscale(model, lr, texts, seeds, name, steps, guidance, batch_size)
+        images, info = upscale(model, lr, texts, seeds, name, steps, guidance, batch_size, spacing)
         for i, img in enumerate(images):
             save_png(to_pil(img), out / f"{name}-{i:03d}.png")
         columns.append(images)
         click.echo(f"{name}: {info['model_calls_per_image']} model calls/image, {1000 * info['seconds_per_image']:.1f} ms/image")
     table = torch.stack(columns, dim=1).flatten(0, 1)
     save_png(grid(table, len(columns)), out / "grid.png")
+    from ldmscale.io import atomic_write_json
+
+    atomic_write_json(out / "sample.json", {"run": str(run_dir), "checkpoint": model.ckpt.name, "weights": weights,
+                                            "lr_source": lr_source, "seeds": seeds, "samplers": samplers,
+                                            "steps": steps, "guidance": guidance, "spacing": spacing})
     click.echo(f"{len(lr)} inputs x {len(samplers)} samplers in {out} (grid.png: input | " + " | ".join(samplers) + ")")
 
 
@@ -162,11 +179,12 @@ Example:
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--checkpoint", "which", default="latest", show_default=True)
 @click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]))
-def export_cmd(run_dir, out, which, weights) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an export already at --out (nothing else is ever replaced).")
+def export_cmd(run_dir, out, which, weights, overwrite) -> None:
     """Export a run as a diffusers StableDiffusionPipeline folder."""
     from ldmscale.export import export
 
-    export(run_dir, out, which, weights)
+    export(run_dir, out, which, weights, overwrite)
     click.echo(f"exported {run_dir} to {out} (StableDiffusionPipeline.from_pretrained('{out}'))")
     from ldmscale.checkpoint import read_run_config
 

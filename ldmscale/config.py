@@ -2,6 +2,8 @@
 
 - `from_dict(Cls, data)` rejects unknown keys, naming the key and the valid ones;
 - `apply_overrides(cfg, ["train.lr=1e-4", ...])` parses each value against the field's type;
+- numbers are finite, and a field annotated `Annotated[int, Range(1, 10**6)]` is checked against its range
+  whenever a config is built (a `Config` subclass validates itself in __post_init__);
 - every problem raises `UserError`, which the CLI prints on one line with exit code 2.
 """
 
@@ -9,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from ldmscale.io import atomic_write_json
 
@@ -20,6 +23,85 @@ T = TypeVar("T")
 
 class UserError(Exception):
     """Bad input from the user (a path, a name, a value). The CLI prints it and exits with code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric field: lo <= x <= hi (lo < x with lo_open)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+
+    def check(self, value: float, where: str) -> None:
+        ok = (self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)) and \
+             (self.hi is None or value <= self.hi)
+        if not ok:
+            lo = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
+            hi = "" if self.hi is None else f"<= {_num(self.hi)}"
+            raise UserError(f"{where} must be {' and '.join(x for x in (lo, hi) if x)}, got {_num(value)}")
+
+
+def _num(v: float) -> str:
+    if float(v).is_integer() and abs(v) < 1e16:
+        return f"{int(v):,}"
+    return format(v, ".10g")
+
+
+# the usual ranges
+Positive = Annotated[int, Range(1, 10**15)]
+NonNegative = Annotated[int, Range(0, 10**15)]
+Fraction = Annotated[float, Range(0.0, 1.0)]
+
+
+def _check_value(tp: Any, value: Any, where: str) -> None:
+    """Finite numbers everywhere; ranges where the annotation gives one; into tuples, lists and dicts."""
+    ranges = []
+    while get_origin(tp) is Annotated:
+        ranges += [m for m in tp.__metadata__ if isinstance(m, Range)]
+        tp = get_args(tp)[0]
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise UserError(f"{where} must be a finite number, got {value}")
+        for r in ranges:
+            r.check(value, where)
+        return
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            if arg is not type(None):
+                try:
+                    _check_value(arg, value, where)
+                    return
+                except UserError as e:
+                    err = e
+        raise err
+    if isinstance(value, (list, tuple)):
+        args = get_args(tp)
+        for i, v in enumerate(value):
+            inner = args[i] if args and args[-1] is not Ellipsis and i < len(args) else (args[0] if args else Any)
+            _check_value(inner, v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        args = get_args(tp)
+        for k, v in value.items():
+            _check_value(args[1] if len(args) == 2 else Any, v, f"{where}.{k}")
+
+
+def validate(cfg: Any) -> Any:
+    """Check every field of a config dataclass against its annotation (finite, in range); returns cfg."""
+    hints = get_type_hints(type(cfg), include_extras=True)
+    for f in dataclasses.fields(cfg):
+        _check_value(hints[f.name], getattr(cfg, f.name), f.name)
+    return cfg
+
+
+class Config:
+    """Base of the config dataclasses: a config that is built is valid (see validate)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def to_dict(obj: Any) -> Any:
@@ -40,6 +122,10 @@ def _type_name(tp: Any) -> str:
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Check/convert a JSON value against a type annotation."""
     origin = get_origin(tp)
+    if origin is Annotated:
+        value = _coerce(get_args(tp)[0], value, where)
+        _check_value(tp, value, where)
+        return value
     if tp is Any or tp is object:
         return value
     if origin in (Union, types.UnionType):
@@ -92,6 +178,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise UserError(f"{where} must be a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -105,7 +193,7 @@ def from_dict(cls: type[T], data: Any, where: str | None = None) -> T:
     where = where or cls.__name__
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected an object, got {data!r}")
-    hints = get_type_hints(cls)
+    hints = get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
@@ -121,6 +209,8 @@ def from_dict(cls: type[T], data: Any, where: str | None = None) -> T:
 
 def _parse_text(tp: Any, text: str, where: str) -> Any:
     """Parse a command-line string into a JSON value fitting `tp` (JSON first, bare strings allowed)."""
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         if text.lower() in ("none", "null"):
@@ -145,6 +235,8 @@ def _parse_text(tp: Any, text: str, where: str) -> Any:
     if origin in (tuple, list) and not text.lstrip().startswith("["):
         inner = get_args(tp)[0] if get_args(tp) else str
         return [_parse_text(inner, t.strip(), where) for t in text.split(",") if t.strip()]
+    if tp is float and text.strip().lower() in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
+        raise UserError(f"{where} must be a finite number, got {text.strip()}")
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -168,7 +260,7 @@ def _set_path(obj: Any, parts: list[str], text: str, full: str) -> Any:
     head = parts[0]
     if head not in names:
         raise UserError(f"override {full!r}: unknown key {head!r}; valid keys: {', '.join(sorted(names))}")
-    hints = get_type_hints(type(obj))
+    hints = get_type_hints(type(obj), include_extras=True)
     if len(parts) == 1:
         value = _coerce(hints[head], _parse_text(hints[head], text, full), full)
     else:
@@ -194,16 +286,17 @@ def save_json(cfg: Any, path: str | Path, **extra: Any) -> None:
     atomic_write_json(path, data)
 
 
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
 __all__ = [
+    "Config",
+    "Fraction",
+    "NonNegative",
+    "Positive",
+    "Range",
     "UserError",
     "apply_overrides",
-    "field_names",
     "from_dict",
     "load_json",
     "save_json",
     "to_dict",
+    "validate",
 ]

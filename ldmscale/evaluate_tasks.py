@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ldmscale import metrics
@@ -55,9 +56,10 @@ def evaluate_sr(model, cfg) -> dict:
     n = len(hr_all)
     ex = {k: v for k, v in _extractors(cfg).items() if k in ("fid", "fd-classifier") and k in cfg.metrics}
     refs = {k: reference_stats(cfg, e, res, ch) for k, e in ex.items()}
-    sums = {"psnr": 0.0, "ssim": 0.0, "bicubic_psnr": 0.0, "bicubic_ssim": 0.0, "lpips": 0.0, "bicubic_lpips": 0.0}
+    each: dict[str, list[float]] = {}  # per-image PSNR / SSIM / LPIPS of the samples and of bicubic upsampling
     stats = {k: metrics.FeatureStats(e.num_features) for k, e in ex.items()}
     base_stats = {k: metrics.FeatureStats(e.num_features) for k, e in ex.items()}
+    boot = {k: metrics.BootstrapStats(e.num_features, cfg.bootstrap) for k, e in ex.items() if cfg.bootstrap > 1}
     seconds, nfe = 0.0, 0
     for i in range(0, n, cfg.batch_size):
         hr = torch.as_tensor(hr_all[i:i + cfg.batch_size])
@@ -70,16 +72,23 @@ def evaluate_sr(model, cfg) -> dict:
         bicubic = resize(lr, res, "bicubic")
         for pred, prefix in ((out, ""), (bicubic, "bicubic_")):
             r = metrics.psnr_ssim(pred, hr)
-            sums[prefix + "psnr"] += r["psnr"] * len(hr)
-            sums[prefix + "ssim"] += r["ssim"] * len(hr)
+            each.setdefault(prefix + "psnr", []).extend(r["psnr_each"])
+            each.setdefault(prefix + "ssim", []).extend(r["ssim_each"])
             if cfg.lpips:
-                sums[prefix + "lpips"] += metrics.lpips(pred, hr, cfg.lpips) * len(hr)
+                each.setdefault(prefix + "lpips", []).extend(metrics.lpips(pred, hr, cfg.lpips, reduce=False))
         for k, e in ex.items():
-            stats[k].update(e(out))
+            feats = e(out)
+            stats[k].update(feats)
+            if k in boot:
+                boot[k].update(feats, list(range(i, i + len(hr))))
             base_stats[k].update(e(bicubic))
-    values = {k: v / n for k, v in sums.items() if cfg.lpips or "lpips" not in k}
+    values = {}
+    for k, v in each.items():  # mean and its standard error
+        values[k], values[f"{k}_std"] = float(np.mean(v)), float(np.std(v, ddof=1) / len(v) ** 0.5) if len(v) > 1 else 0.0
     for k in ex:
         values[k] = metrics.fd_of(stats[k], refs[k][0])
+        if k in boot:
+            values[f"{k}_std"] = metrics.bootstrap_std(boot[k], refs[k][0])
         values[f"bicubic_{k}"] = metrics.fd_of(base_stats[k], refs[k][0])
     result = _common(model, cfg, seconds, n, nfe)
     result.update({"metrics": values, "warnings": [], "degradation": sr.degradation, "scale": sr.scale,

@@ -1,8 +1,9 @@
 """Export a run as a diffusers pipeline folder that `StableDiffusionPipeline.from_pretrained` loads.
 
 unet (EMA weights by default), vae, scheduler (DDIM with SD v1.5's schedule), text_encoder and tokenizer.
-With a CLIP text encoder the pipeline runs as is. With MiniLM the folder loads the same way (BertModel as
-text_encoder) and the prompt states come from ldmscale's encoder, passed as `prompt_embeds` (README).
+With a CLIP text encoder the pipeline runs as is. With MiniLM the text encoder is ldmscale's zero-padding
+encoder (pipeline_text.py, copied into the folder), so plain prompts give exactly ldmscale's states; the folder
+then loads with trust_remote_code=True and is refused without it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ from ldmscale.config import UserError
 from ldmscale.io import atomic_dir
 
 
-def export(run: str | Path, out: str | Path, which: str = "latest", weights: str = "ema") -> Path:
+def export(run: str | Path, out: str | Path, which: str = "latest", weights: str = "ema", overwrite: bool = False) -> Path:
     from diffusers import StableDiffusionPipeline
+
+    from ldmscale.io import check_output
+
+    check_output(out, "export", overwrite)
 
     from ldmscale.diffusion import make_sampler
     from ldmscale.sample import load_run
@@ -25,11 +30,28 @@ def export(run: str | Path, out: str | Path, which: str = "latest", weights: str
     scheduler = make_sampler("ddim", model.prediction)
     tok = model.text.tokenizer
     tok.model_max_length = model.text.max_length  # the pipeline pads prompts to this length
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text.model, tokenizer=tok, unet=model.unet,
+    text_encoder = model.text.model
+    if model.text.zero_pad:
+        from ldmscale.pipeline_text import MiniLMTextEncoder
+
+        text_encoder = MiniLMTextEncoder(text_encoder.config)
+        text_encoder.load_state_dict(model.text.model.state_dict())
+        text_encoder.config.use_attention_mask = True  # the pipeline then passes the mask it tokenized
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=text_encoder, tokenizer=tok, unet=model.unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if model.text.zero_pad:  # the class travels with the folder as remote code
+            import json
+            import shutil
+
+            from ldmscale import pipeline_text
+
+            shutil.copyfile(pipeline_text.__file__, Path(tmp) / "text_encoder" / "ldmscale_text.py")
+            index = json.loads((Path(tmp) / "model_index.json").read_text())
+            index["text_encoder"] = ["ldmscale_text", "MiniLMTextEncoder"]
+            (Path(tmp) / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (Path(tmp) / "ldmscale_source.txt").write_text(
             f"run: {Path(run).resolve()}\ncheckpoint: {model.ckpt.name}\nweights: {weights}\n"
             f"text encoder: {model.text.spec} (zero-padded states: {model.text.zero_pad})\n")

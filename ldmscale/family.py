@@ -86,10 +86,13 @@ def default_heads(C: int) -> int:
 
 
 def make_size(C: int, heads: int | None = None, norm_groups: int | None = None, layers_per_block: int = 2) -> ModelSize:
-    if C < 1:
-        raise UserError(f"base width C must be positive, got {C}")
+    if not 1 <= C <= 65536:
+        raise UserError(f"base width C must be between 1 and 65536, got {C}")
     heads = default_heads(C) if heads is None else heads
     groups = default_groups(C) if norm_groups is None else norm_groups
+    if heads < 1 or groups < 1 or layers_per_block < 1:
+        raise UserError(f"size c{C}: heads, norm groups and layers per block must be positive "
+                        f"(got {heads}, {groups}, {layers_per_block})")
     if C % groups:
         raise UserError(f"size c{C}: {groups} norm groups do not divide C={C}")
     if C % heads:

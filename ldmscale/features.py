@@ -12,12 +12,13 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldmscale.config import UserError
+from ldmscale.config import Config, Range, UserError
 from ldmscale.io import atomic_dir, atomic_write_json, file_sha256
 
 
@@ -69,16 +70,16 @@ class InceptionFeatures(nn.Module):
 
 
 @dataclass(frozen=True)
-class ClassifierConfig:
+class ClassifierConfig(Config):
     source: str = "animal-mnist"
-    resolution: int = 32
-    channels: int = 1
-    width: int = 32
-    feature_dim: int = 128
-    epochs: int = 4
-    batch_size: int = 128
-    lr: float = 2e-3
-    seed: int = 0
+    resolution: Annotated[int, Range(8, 1024)] = 32
+    channels: Literal[1, 3] = 1
+    width: Annotated[int, Range(1, 1024)] = 32
+    feature_dim: Annotated[int, Range(2, 8192)] = 128
+    epochs: Annotated[int, Range(1, 1000)] = 4
+    batch_size: Annotated[int, Range(1, 2**16)] = 128
+    lr: Annotated[float, Range(0.0, 10.0, lo_open=True)] = 2e-3
+    seed: Annotated[int, Range(0, 2**31 - 1)] = 0
 
 
 class Classifier(nn.Module):
@@ -145,8 +146,12 @@ class ClassifierFeatures(nn.Module):
         return self.model(_prep(images, self.cfg)).argmax(1)
 
 
-def train_classifier(cfg: ClassifierConfig, out: str | Path, progress: bool = True) -> dict:
-    """Train the domain classifier on a labelled source (animal-mnist) and store it like any model."""
+def train_classifier(cfg: ClassifierConfig, out: str | Path, progress: bool = True, overwrite: bool = False) -> dict:
+    """Train the domain classifier on a labelled source (animal-mnist) and store it like any model (an existing
+    classifier at `out` is replaced only with overwrite)."""
+    from ldmscale.io import check_output
+
+    check_output(out, "classifier", overwrite)
     from safetensors.torch import save_file
 
     from ldmscale.data import ANIMAL_CLASSES, load_images, parse_source, splits

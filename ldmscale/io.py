@@ -66,7 +66,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Standard JSON only: a NaN or infinity is a bug to report, not a file to write."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
@@ -149,3 +150,94 @@ def file_sha256(path: str | os.PathLike, limit: int | None = None) -> str:
                 if remaining <= 0:
                     break
     return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ outputs and locks
+
+# What marks a folder as each kind of ldmscale output (the first file found decides).
+OUTPUT_MARKERS = {
+    "run": ("config.json", "checkpoints"), "cache": ("prepare.json", "manifest.json"), "study": ("study.toml", "jobs"),
+    "autoencoder": ("ldmscale_autoencoder.json",), "classifier": ("classifier.json",),
+    "export": ("model_index.json",), "samples": ("sample.json",),
+}
+NEVER_REPLACED = ("run", "cache", "study")  # continued when the same kind, never replaced
+
+
+def output_kind(path: str | os.PathLike) -> str | None:
+    """The kind of ldmscale output a folder holds, "" when it is empty, None when it holds something else."""
+    path = Path(path)
+    if not path.exists() or (path.is_dir() and not any(p.name != ".lock" for p in path.iterdir())):
+        return ""
+    if path.is_dir():
+        if (path / "model_index.json").exists():  # an exported pipeline also holds config.json files
+            return "export"
+        for kind, markers in OUTPUT_MARKERS.items():
+            if any((path / m).exists() for m in markers):
+                return kind
+    return None
+
+
+def check_output(path: str | os.PathLike, kind: str, overwrite: bool = False) -> None:
+    """The --out rule: a command writes into a new or empty folder, continues a run, cache or study of its own kind,
+    and replaces an autoencoder, classifier, export or sample folder only with --overwrite; anything else is refused."""
+    from ldmscale.config import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is an existing file; give a folder")
+    have = output_kind(path)
+    if have == "" or (have == kind and kind in NEVER_REPLACED):
+        return
+    if have in NEVER_REPLACED:
+        raise UserError(f"--out {path} is a {have} folder and ldmscale never replaces one; use a new --out")
+    if have == kind:
+        if overwrite:
+            return
+        raise UserError(f"--out {path} already holds a {kind}; pass --overwrite to replace it, or use a new --out")
+    what = f"a {have} folder" if have else "a folder with other files"
+    raise UserError(f"--out {path} is {what}, not a {kind} folder; use a new --out")
+
+
+class DirLock:
+    """An exclusive OS lock on a folder (PATH/.lock), held while a command writes into it. It dies with the process,
+    so a kill -9 leaves no stale lock; a second process is refused with the holder's PID. `enabled=False` (the
+    non-main processes of a distributed launch) makes it a no-op."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "folder", enabled: bool = True):
+        self.path, self.what, self.enabled, self.fd = Path(path), what, enabled, None
+
+    def __enter__(self) -> "DirLock":
+        import fcntl
+
+        from ldmscale.config import UserError
+
+        if not self.enabled:
+            return self
+        self.created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{self.what} {self.path} is in use by process {holder}; wait for it or use another "
+                            "folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self.fd is None:
+            return
+        if exc_type is not None and self.created and [p.name for p in self.path.iterdir()] == [".lock"]:
+            os.unlink(self.path / ".lock")  # a command that failed before writing anything leaves nothing behind
+            os.rmdir(self.path)
+        os.close(self.fd)  # closing releases the lock; the file stays (unlinking it would race a new locker)
+        self.fd = None
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (accelerate and torchrun set RANK), or a plain process."""
+    return os.environ.get("RANK", "0") == "0"

@@ -83,13 +83,22 @@ class BootstrapStats:
         return [self.n, self.sum, self.outer]
 
     def distances(self, ref: FeatureStats) -> np.ndarray:
+        """One Frechet distance per replica that drew at least two images."""
         out = []
         for k in range(self.k):
             n = float(self.n[k])
+            if n < 2:
+                continue
             mu = self.sum[k] / n
             cov = ((self.outer[k] - n * torch.outer(mu, mu)) / (n - 1)).numpy()
             out.append(frechet_distance(mu.numpy(), cov, ref.mean, ref.cov))
         return np.asarray(out)
+
+
+def bootstrap_std(boot: BootstrapStats, ref: FeatureStats) -> float | None:
+    """The spread of the replicas' Frechet distances (None with fewer than two usable replicas)."""
+    d = boot.distances(ref)
+    return float(d.std(ddof=1)) if len(d) >= 2 else None
 
 
 def _psd_sqrt(s: np.ndarray) -> np.ndarray:
@@ -163,26 +172,28 @@ def subject_ssim(images: torch.Tensor, subject: torch.Tensor) -> tuple[float, fl
 
 
 def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """Mean PSNR (dB) and SSIM of uint8 image pairs, by torchmetrics (data range 255)."""
+    """Mean PSNR (dB) and SSIM of uint8 image pairs, by torchmetrics (data range 255), and the per-image values."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     if pred.shape != target.shape:
         raise UserError(f"image shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
     p, t = pred.double(), target.double()
-    per_image = [float(peak_signal_noise_ratio(p[i:i + 1], t[i:i + 1], data_range=255.0)) for i in range(len(p))]
-    ssim = float(structural_similarity_index_measure(p, t, data_range=255.0))
-    return {"psnr": float(np.mean(per_image)), "ssim": ssim}
+    psnr = [float(peak_signal_noise_ratio(p[i:i + 1], t[i:i + 1], data_range=255.0)) for i in range(len(p))]
+    ssim = structural_similarity_index_measure(p, t, data_range=255.0, reduction="none").tolist()
+    return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "psnr_each": psnr, "ssim_each": ssim}
 
 
-def lpips(pred: torch.Tensor, target: torch.Tensor, path: str | Path) -> float:
-    """LPIPS from a TorchScript module taking two image batches in [-1, 1] (e.g. a traced lpips.LPIPS)."""
+def lpips(pred: torch.Tensor, target: torch.Tensor, path: str | Path, reduce: bool = True) -> float | list[float]:
+    """LPIPS from a TorchScript module taking two image batches in [-1, 1] (e.g. a traced lpips.LPIPS): the mean,
+    or one value per image pair with reduce=False."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"LPIPS TorchScript not found: {path}")
     net = torch.jit.load(str(path), map_location="cpu").eval()
     to = lambda x: (x.float() / 127.5 - 1).expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float() / 127.5 - 1  # noqa: E731
     with torch.no_grad():
-        return float(net(to(pred), to(target)).mean())
+        d = net(to(pred), to(target)).flatten().double()
+    return float(d.mean()) if reduce else d.tolist()
 
 
 def stats_manifest_matches(have: dict, want: dict) -> list[str]:

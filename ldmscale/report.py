@@ -16,7 +16,10 @@ from ldmscale import analysis, claims, plots
 from ldmscale.config import UserError
 from ldmscale.io import atomic_write, atomic_write_json, atomic_write_text
 
-TASK_METRIC = {"super-resolution": "psnr", "dreambooth": "subject-ssim"}
+def task_metrics(primary: str) -> dict[str, str]:
+    """The metric each downstream task is judged by: super-resolution by the study's Frechet distance (the paper
+    reports FID; PSNR rewards the blurry mean), DreamBooth by subject identity."""
+    return {"super-resolution": primary if primary in ("fid", "fd-classifier") else "psnr", "dreambooth": "subject-ssim"}
 
 
 def default_budgets(rows: list[dict]) -> list[dict]:
@@ -80,7 +83,7 @@ def analyze(rows: list[dict], study) -> dict:
                                                 metric, boot=200) for smp in samplers},
         "crossovers_all_samplers": analysis.crossovers([r for r in best if not r.get("distilled")], metric, boot=200),
         "plans": plans, "_fit_objects": fits,
-        "claims": [v.as_dict() for v in claims.check_claims(rows, metric, curve, TASK_METRIC)],
+        "claims": [v.as_dict() for v in claims.check_claims(rows, metric, curve, task_metrics(metric))],
     }
     out["tasks"] = task_analysis(rows, curves, metric)
     out["distillation"] = distillation_table(best, metric)
@@ -103,7 +106,7 @@ def task_analysis(rows: list[dict], curves: dict, pre_metric: str) -> dict:
     """Per downstream task: best rows over guidance, and (pretraining, downstream) quality per size."""
     out = {}
     for task in sorted({r.get("task") for r in rows} - {"text-to-image", None}):
-        metric = TASK_METRIC.get(task, pre_metric)
+        metric = task_metrics(pre_metric).get(task, pre_metric)
         mine_rows = [r for r in rows if r.get("task") == task]
         if task == "dreambooth" and all(r.get(metric) is None for r in mine_rows):
             metric = "subject-fidelity"  # results evaluated before subject-ssim existed

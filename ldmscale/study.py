@@ -14,76 +14,80 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
-from ldmscale.config import UserError, from_dict, to_dict
+from ldmscale.config import Config, NonNegative, Positive, Range, UserError, from_dict, to_dict
 
 
 @dataclass(frozen=True)
-class DataSection:
+class DataSection(Config):
     source: str = "animal-mnist"
-    resolution: int = 32
+    resolution: Annotated[int, Range(8, 8192)] = 32
     text_encoder: str = "minilm"
     autoencoder: str = ""  # folder or hub id; empty: train one with [autoencoder]
     cache: str = ""  # an existing latent cache (skips prepare)
-    latent_size: int = 0  # expected latent side for estimates before the cache exists (0: from the autoencoder)
-    context_len: int = 77  # text tokens kept (SD's 77; the demo's captions fit in 16): FLOPs and cost follow it
+    latent_size: Annotated[int, Range(0, 1024)] = 0  # expected latent side for estimates before the cache exists
+    # (0: from the autoencoder)
+    context_len: Annotated[int, Range(2, 512)] = 77  # text tokens kept (SD's 77; the demo's captions fit in 16):
+    # FLOPs and costs follow it
 
 
 @dataclass(frozen=True)
-class TrainSection:
+class TrainSection(Config):
     sizes: tuple[str, ...] = ("c8", "c16", "c32")
     budget: Literal["images", "compute"] = "images"  # equal images per size (the paper) or equal training FLOPs
-    images: int = 50_000  # per size, budget = images
-    flops: float = 0.0  # per size, budget = compute
-    curve_points: int = 4  # checkpoints evaluated for the quality-vs-training-compute curves
+    images: Positive = 50_000  # per size, budget = images
+    flops: Annotated[float, Range(0.0, 1e30)] = 0.0  # per size, budget = compute
+    curve_points: Annotated[int, Range(1, 100)] = 4  # checkpoints evaluated for the quality-vs-training-compute curves
     curve_spacing: Literal["log", "linear"] = "log"  # log: each point doubles the compute (from 1/2^(n-1) of the
     # run, at most 1/64), as the training-compute axis is read; linear: equally spaced
     set: dict[str, str] = field(default_factory=dict)  # TrainConfig overrides (lr, batch_size, ...)
 
 
 @dataclass(frozen=True)
-class EvalSection:
+class EvalSection(Config):
     samplers: tuple[str, ...] = ("ddim", "ddpm", "dpmsolver++")
-    steps: tuple[int, ...] = (2, 5, 10, 20, 50)
-    guidance: tuple[float, ...] = (2.0, 4.0)
-    max_steps: dict[str, int] = field(default_factory=dict)  # per sampler, e.g. {"dpmsolver++" = 20}
+    steps: tuple[Annotated[int, Range(1, 1000)], ...] = (2, 5, 10, 20, 50)
+    guidance: tuple[Annotated[float, Range(0.0, 100.0)], ...] = (2.0, 4.0)
+    max_steps: dict[str, Annotated[int, Range(1, 1000)]] = field(default_factory=dict)  # per sampler, e.g.
+    # {"dpmsolver++" = 20}
     metrics: tuple[str, ...] = ("fd-classifier", "caption-accuracy")
     primary: str = "fd-classifier"  # the metric analysis and the planner optimize (lower is better for FD/FID)
-    num_images: int = 200
-    seed: int = 0
-    batch_size: int = 250
-    reference: str = "animal-mnist:validation"
-    reference_count: int = 0
+    num_images: Annotated[int, Range(2, 10**7)] = 200
+    seed: Annotated[int, Range(0, 2**31 - 1)] = 0
+    batch_size: Annotated[int, Range(1, 2**16)] = 250
+    reference: str = ""  # SOURCE[:SPLIT] of real images and captions ("": the study's data, its validation split)
+    reference_count: NonNegative = 0
     classifier: str = ""  # an existing classifier folder; empty: train one with [classifier]
     clip: str = ""
     inception: str = ""
-    bootstrap: int = 10
+    bootstrap: Annotated[int, Range(0, 10**4)] = 10
     curve_sampler: str = "ddim"  # the setting at which training-compute curves are measured
-    curve_steps: int = 20
-    curve_guidance: float = 3.0
+    curve_steps: Annotated[int, Range(1, 1000)] = 20
+    curve_guidance: Annotated[float, Range(0.0, 100.0)] = 3.0
     spacing: Literal["leading", "trailing"] = "leading"  # sampler timesteps: SD v1.5's leading, or trailing (t=999 first)
     agreement_metric: str = ""  # a second metric (e.g. "fid") measured beside the primary at the final checkpoints,
-    agreement_steps: tuple[int, ...] = ()  # ... at these steps of the first sampler and guidance: the report gives
+    agreement_steps: tuple[Annotated[int, Range(1, 1000)], ...] = ()  # ... at these steps of the first sampler and guidance: the report gives
     # the Spearman rank correlation of the two (does the primary metric rank models as FID would?)
-    agreement_images: int = 0  # images per agreement point (0: num_images)
-    agreement_reference_count: int = 0  # reference images for the agreement points (0: reference_count)
+    agreement_images: Annotated[int, Range(0, 10**7)] = 0  # images per agreement point (0: num_images)
+    agreement_reference_count: NonNegative = 0  # reference images for the agreement points (0: reference_count)
     sanity: bool = True  # the primary metric of the reference split against the train split and blurred copies
 
 
 @dataclass(frozen=True)
-class TaskSection:
+class TaskSection(Config):
     """A downstream task or a distillation applied to every trained size, then evaluated over its own grid."""
 
     kind: Literal["super-resolution", "dreambooth", "consistency", "progressive"] = "super-resolution"
-    images: int = 10_000  # fine-tuning images (per round for progressive)
+    images: Positive = 10_000  # fine-tuning images (per round for progressive)
     set: dict[str, str] = field(default_factory=dict)  # SRConfig / DreamBoothConfig / DistillConfig overrides
     train_set: dict[str, str] = field(default_factory=dict)  # TrainConfig overrides (fine-tunes)
     samplers: tuple[str, ...] = ()  # default: lcm (consistency), ddim (others)
-    steps: tuple[int, ...] = ()  # default: 1, 2, 4, 8 (consistency), the final round (progressive), [eval] steps
-    guidance: tuple[float, ...] = ()  # default: 1 (super-resolution, no guidance, as the paper), else [eval] guidance
+    steps: tuple[Annotated[int, Range(1, 1000)], ...] = ()  # default: 1, 2, 4, 8 (consistency), the final round (progressive), [eval] steps
+    guidance: tuple[Annotated[float, Range(0.0, 100.0)], ...] = ()  # default: 1 (super-resolution, no guidance, as the paper), else [eval] guidance
     metrics: tuple[str, ...] = ()  # default: psnr, ssim + [eval] Frechet metrics (SR), [eval] metrics otherwise
-    num_images: int = 0  # default: [eval] num_images
+    num_images: Annotated[int, Range(0, 10**7)] = 0  # default: [eval] num_images
+    sizes: tuple[str, ...] = ()  # the trained sizes this task applies to (default: all of [train] sizes)
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,10 @@ def load_study(path: str | Path) -> Study:
         missing = [st for st in ev.agreement_steps if st not in ev.steps]
         if len(ev.agreement_steps) < 1 or missing:
             raise UserError(f"{path.name}: agreement_steps must be a non-empty subset of [eval] steps")
+    for tname, task in study.tasks.items():
+        for t in task.sizes:
+            if parse_size(t).name not in {parse_size(x).name for x in study.train.sizes}:
+                raise UserError(f"{path.name}: [tasks.{tname}] size {t!r} is not among [train] sizes")
     if not 1 <= study.data.context_len <= 512:
         raise UserError(f"{path.name}: [data] context_len must be between 1 and 512, got {study.data.context_len}")
     if study.train.budget == "compute" and study.train.flops <= 0:
@@ -190,21 +198,23 @@ def mark_done(out: Path, job: Job, seconds: float) -> None:
                                                         "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
-# Rough fixed seconds per job on a 2-core CPU, beside FLOPs at NOMINAL_FLOPS: the first stage, the cache and
-# the classifier do no UNet FLOPs, and each eval pays for decoding and features. Only the ETA's mix uses them.
-NOMINAL_FLOPS = 1e11
-OVERHEAD_S = {"prepare": 15.0, "sanity": 8.0, "eval": 4.0, "task-eval": 6.0, "train": 5.0, "finetune": 10.0, "distill": 10.0}
-
-
-FID_SECONDS_PER_IMAGE = 0.12  # Inception-v3 at 299 px on a 2-core CPU
+# A first guess of each job's seconds, measured on a 2-core CPU: UNet FLOPs at NOMINAL_FLOPS, a fixed cost per
+# optimizer step (small models are bound by per-layer overheads), and fixed seconds per job (decoding, features,
+# loading). Only the ETA uses them, and it rescales them by what each kind of job really takes here.
+NOMINAL_FLOPS = 6.4e10
+SECONDS_PER_STEP = 0.09
+OVERHEAD_S = {"prepare": 15.0, "sanity": 5.0, "eval": 1.5, "task-eval": 3.0, "train": 3.0, "finetune": 10.0,
+              "distill": 10.0}
+FID_SECONDS_PER_IMAGE = 0.14  # Inception-v3 at 299 px
 
 
 def estimated_seconds(job: Job) -> float:
     if job.kind == "autoencoder":
         return 0.22 * float(job.config.get("steps", 300))
     if job.kind == "classifier":
-        return 8.0 * float(job.config.get("epochs", 2))
-    return job.cost_flops / NOMINAL_FLOPS + OVERHEAD_S.get(job.kind, 5.0) + job.extra_seconds
+        return 20.0 * float(job.config.get("epochs", 2)) * float(job.config.get("width", 32)) / 32
+    steps = float(job.config.get("images", 0)) / float(job.config.get("batch_size", 1)) if job.kind == "train" else 0
+    return job.cost_flops / NOMINAL_FLOPS + steps * SECONDS_PER_STEP + OVERHEAD_S.get(job.kind, 5.0) + job.extra_seconds
 
 
 class Eta:
@@ -264,6 +274,15 @@ def _hash_config(obj) -> dict:
     return json.loads(json.dumps(to_dict(obj), default=str))
 
 
+def study_eval(study: Study) -> EvalSection:
+    """The [eval] section with its defaults resolved: the reference is the study's own data unless given."""
+    import dataclasses
+
+    from ldmscale.evaluate import canonical_reference
+
+    return dataclasses.replace(study.eval, reference=canonical_reference(study.eval.reference or study.data.source))
+
+
 def expected_shapes(study: Study, out: Path) -> dict:
     """Latent and text-context shapes the study's models will see (from the cache if it exists, else from
     the autoencoder and text encoder configs), for FLOP estimates before anything has run."""
@@ -310,19 +329,19 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
     if not d.autoencoder and not d.cache:
         ae_cfg = from_dict(AutoencoderConfig, {"source": d.source, "resolution": d.resolution} | dict(study.autoencoder))
         jobs.append(Job("autoencoder", "autoencoder", to_dict(ae_cfg),
-                        lambda c=ae_cfg: train_autoencoder(c, out / "autoencoder", progress=progress)))
+                        lambda c=ae_cfg: train_autoencoder(c, out / "autoencoder", progress=progress, overwrite=True)))
     cache = d.cache or str(out / "cache")
     if not d.cache:
         p_cfg = PrepareConfig(source=d.source, autoencoder=ae_dir, text_encoder=d.text_encoder, resolution=d.resolution,
                               max_length=d.context_len)
         jobs.append(Job("prepare", "latent cache", to_dict(p_cfg), lambda c=p_cfg: prepare(c, cache, progress=progress)))
-    ev = study.eval
+    ev = study_eval(study)
     clf_dir = ev.classifier
     if {"fd-classifier", "caption-accuracy"} & set(ev.metrics) and not clf_dir:
         clf_cfg = from_dict(ClassifierConfig, {"source": d.source, "resolution": d.resolution} | dict(study.classifier))
         clf_dir = str(out / "classifier")
         jobs.append(Job("classifier", "classifier", to_dict(clf_cfg),
-                        lambda c=clf_cfg: train_classifier(c, clf_dir, progress=progress)))
+                        lambda c=clf_cfg: train_classifier(c, clf_dir, progress=progress, overwrite=True)))
     if ev.sanity and ev.primary in ("fid", "fd-classifier"):
         s_cfg = EvalConfig(metrics=(ev.primary,), reference=ev.reference, reference_count=ev.reference_count,
                            batch_size=ev.batch_size, classifier=clf_dir, inception=ev.inception)
@@ -383,6 +402,8 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
                     jobs.append(eval_job(f"{sampler} {n_steps} steps g{ev.guidance[0]:g}, {ev.agreement_metric} "
                                          "agreement", sampler, n_steps, ev.guidance[0], steps, agreement=True))
         for tname, task in study.tasks.items():
+            if task.sizes and size.name not in {parse_size(t).name for t in task.sizes}:
+                continue
             jobs += task_jobs(tname, task, study, base, run, out / "tasks" / tname / size.name, fwd, clf_dir, progress)
     seen: set[str] = set()  # a curve point can coincide with a grid point: one job
     return [j for j in jobs if not (j.id in seen or seen.add(j.id))]
@@ -453,7 +474,7 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
     from ldmscale.evaluate import EvalConfig, evaluate
     from ldmscale.train import TrainConfig
 
-    ev, sets = study.eval, [f"{k}={v}" for k, v in task.set.items()]
+    ev, sets = study_eval(study), [f"{k}={v}" for k, v in task.set.items()]
     tcfg = apply_overrides(from_dict(TrainConfig, to_dict(base) | {"images": task.images, "checkpoint_every": 0, "keep": 2}),
                            [f"{k}={v}" for k, v in task.train_set.items()])
     size = init.name
@@ -491,7 +512,7 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
                 e_cfg = EvalConfig(sampler=sampler, steps=n_steps, guidance=g, num_images=task.num_images or ev.num_images,
                                    metrics=metrics_, reference=ev.reference, reference_count=ev.reference_count,
                                    seed=ev.seed, batch_size=ev.batch_size, classifier=clf_dir, clip=ev.clip,
-                                   inception=ev.inception, bootstrap=ev.bootstrap)
+                                   inception=ev.inception, bootstrap=ev.bootstrap, spacing=ev.spacing)
                 calls = flops.model_calls(n_steps, g if task.kind != "consistency" else 1.0)
                 jobs.append(Job("task-eval", f"eval {name} {size} {sampler} {n_steps} steps g{g:g}",
                                 to_dict(e_cfg) | {"run": str(run)}, lambda c=e_cfg: evaluate(run, c, progress=False),

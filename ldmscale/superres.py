@@ -11,23 +11,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
-from ldmscale.config import UserError, to_dict
+from ldmscale.config import Config, NonNegative, Range, UserError, to_dict
 
 
 @dataclass(frozen=True)
-class SRConfig:
+class SRConfig(Config):
     init: str = ""  # text-to-image run directory
     checkpoint: str = "latest"  # of the init run
     data: str = "animal-mnist"  # source of high-resolution training images (its train split)
-    scale: int = 4
+    scale: Annotated[int, Range(2, 16)] = 4
     degradation: Literal["bicubic", "realesrgan"] = "bicubic"
     condition: Literal["pixels", "latent"] = "pixels"
-    noise_aug: float = 0.0  # std of Gaussian noise on the condition (pixels in [-1, 1], or scaled latents)
-    limit: int = 0  # training images (0: the whole split)
+    noise_aug: Annotated[float, Range(0.0, 10.0)] = 0.0  # std of Gaussian noise on the condition (pixels in [-1, 1],
+    # or scaled latents)
+    limit: NonNegative = 0  # training images (0: the whole split)
 
 
 def condition_channels(cfg: SRConfig, image_channels: int, latent_channels: int) -> int:

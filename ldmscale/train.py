@@ -11,46 +11,46 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
 from ldmscale import checkpoint, flops, fsdp
-from ldmscale.config import UserError, from_dict, to_dict
+from ldmscale.config import Config, NonNegative, Positive, Range, UserError, from_dict, to_dict
+from ldmscale.config import Fraction
 from ldmscale.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     data: str = ""  # latent cache folder
     size: str = "c16"  # family size: c<width>, a paper label, or c<width>:h<heads>:g<groups>
-    images: int = 200_000  # duration, in training images seen
-    batch_size: int = 64  # global batch (all processes, all accumulation steps)
-    grad_accum: int = 1
-    lr: float = 1e-3  # the paper used 1e-4 at batch 2048; tiny CPU models take more
+    images: Positive = 200_000  # duration, in training images seen
+    batch_size: Annotated[int, Range(1, 2**20)] = 64  # global batch (all processes, all accumulation steps)
+    grad_accum: Annotated[int, Range(1, 2**16)] = 1
+    lr: Annotated[float, Range(0.0, 10.0, lo_open=True)] = 1e-3  # the paper: 1e-4 at batch 2048; tiny models take more
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    warmup_steps: NonNegative = 100
+    weight_decay: Annotated[float, Range(0.0, 10.0)] = 0.01
+    betas: tuple[Annotated[float, Range(0.0, 0.99999)], Annotated[float, Range(0.0, 0.99999999)]] = (0.9, 0.999)
+    grad_clip: Annotated[float, Range(0.0, 1e6)] = 1.0  # 0: no clipping
+    ema_decay: Annotated[float, Range(0.0, 1.0)] = 0.999
     prediction: Literal["epsilon", "v_prediction"] = "epsilon"
-    cfg_dropout: float = 0.1  # caption dropout for classifier-free guidance
-    snr_gamma: float = 0.0  # Min-SNR loss weighting (Hang et al. 2023; diffusers' --snr_gamma); 0: plain MSE
+    cfg_dropout: Fraction = 0.1  # caption dropout for classifier-free guidance
+    snr_gamma: Annotated[float, Range(0.0, 1e6)] = 0.0  # Min-SNR weighting (Hang et al. 2023); 0: plain MSE
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
-    checkpoint_every: int = 0  # images between checkpoints (0: 4 per run)
-    keep: int = 2  # checkpoints kept (besides those of checkpoint_at)
-    checkpoint_at: tuple[int, ...] = ()  # optimizer steps that also get a checkpoint, never pruned (training curves)
-    log_every: int = 20  # optimizer steps between log lines
+    seed: Annotated[int, Range(0, 2**31 - 1)] = 0
+    checkpoint_every: NonNegative = 0  # images between checkpoints (0: 4 per run)
+    keep: Annotated[int, Range(1, 10**6)] = 2  # checkpoints kept (besides those of checkpoint_at)
+    checkpoint_at: tuple[Positive, ...] = ()  # optimizer steps that also get a checkpoint, never pruned (curves)
+    log_every: Annotated[int, Range(1, 10**9)] = 20  # optimizer steps between log lines
     latent_sample: bool = True  # sample z from the cached posterior (else use its mean)
     text_mask: bool = False  # mask padded text tokens in cross-attention (SD does not)
-    report_to: str = ""  # "", "tensorboard" or "wandb" (accelerate trackers)
+    report_to: Literal["", "tensorboard", "wandb"] = ""  # an accelerate tracker
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (2B/5B sizes)
     activation_checkpointing: bool = True  # with fsdp: recompute block activations in the backward pass
 
@@ -121,6 +121,12 @@ def check_continuation(run: str | Path, resolved: dict) -> None:
     if not path.exists():
         return
     old = json.loads(path.read_text())
+    before, now = old.get("train", {}), resolved["train"]
+    if before.get("lr_schedule") == "cosine" and before.get("images") != now.get("images"):
+        # the cosine schedule is planned for the run's length: another length would jump the lr mid-run
+        raise UserError(f"{run} has a cosine lr schedule planned for {before.get('images'):,} images; it cannot be "
+                        f"extended or shortened to {now.get('images'):,}: start a new run (or use lr_schedule=constant, "
+                        "whose runs extend)")
     diff = [k for k, v in resolved["train"].items() if k not in CONTINUABLE and old.get("train", {}).get(k) != v]
     diff += [k for k in ("kind", "task", "init") if json.dumps(old.get(k), sort_keys=True) != json.dumps(resolved.get(k), sort_keys=True)]
     if diff:
@@ -147,6 +153,17 @@ def text_to_image_task(cfg: TrainConfig, run: Path) -> Task:
 
 
 def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=text_to_image_task) -> dict:
+    """Train (or continue) the run at `run`, holding its lock; the main process checks --out first."""
+    from ldmscale.io import DirLock, check_output, is_main_process
+
+    run, main = Path(run), is_main_process()
+    if main:
+        check_output(run, "run")
+    with DirLock(run, "run", enabled=main):
+        return _train(cfg, run, progress, make_task)
+
+
+def _train(cfg: TrainConfig, run: Path, progress: bool, make_task) -> dict:
     from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
@@ -164,10 +181,8 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=te
         raise UserError(f"batch_size {cfg.batch_size} is not divisible by processes x grad_accum = {world * cfg.grad_accum}")
     task = make_task(cfg, run)
     resolved, data = task.resolved, task.data
-    if acc.is_main_process:
-        atomic_write_json(run / "config.json", resolved)
-        for stale in checkpoint.ckpt_dir(run).glob(".step-*"):  # left by a save that was killed
-            shutil.rmtree(stale, ignore_errors=True)
+    if acc.is_main_process:  # under the run's lock, so no other process is saving here
+        checkpoint.clean_stale(run)
     fwd = resolved["accounting"]["forward_flops"]
     total_steps = math.ceil(cfg.images / cfg.batch_size)
     every = cfg.checkpoint_every or max(cfg.batch_size, cfg.images // 4)
@@ -205,6 +220,8 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=te
         sched.load_state_dict(state["scheduler"])
     if not cfg.fsdp:
         unet, opt = acc.prepare(unet, opt)
+    if acc.is_main_process:  # written once everything is built: a run that fails to start leaves no config behind
+        atomic_write_json(run / "config.json", resolved)
     if cfg.report_to:
         acc.init_trackers("ldmscale", config={k: v for k, v in resolved["train"].items() if isinstance(v, (int, float, str))})
     noise_sched = noise_scheduler(cfg.prediction)
@@ -310,5 +327,14 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=te
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
-    data = json.loads(Path(path).read_text())
-    return from_dict(TrainConfig, data.get("train", data), where=Path(path).name)
+    """A TrainConfig from a JSON file: the config itself or a run's config.json (its "train" section)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return from_dict(TrainConfig, data.get("train", data), where=path.name)

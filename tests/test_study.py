@@ -142,3 +142,13 @@ def test_submitit_local_executor_runs_and_skips_like_local(study_file, tmp_path)
     assert "wave" not in again.stdout and "13 jobs run" not in again.stdout
     local = run_cli("study", "run", study_file, "--out", out, "--no-report", check=True)
     assert "13 already done, 0 to run" in local.stdout
+
+
+def test_downstream_study_is_the_demo_plus_tasks():
+    """`make demo-full` runs into the demo's folder: every shared setting must match so no finished job reruns."""
+    from ldmscale.config import to_dict
+    from ldmscale.study import load_study
+
+    demo, full = (to_dict(load_study(ROOT / "studies" / f"{n}.toml")) for n in ("demo", "downstream"))
+    assert {k: v for k, v in full.items() if k not in ("name", "tasks")} == {k: v for k, v in demo.items() if k not in ("name", "tasks")}
+    assert sorted(t["kind"] for t in full["tasks"].values()) == ["consistency", "super-resolution"]

@@ -250,7 +250,8 @@ def test_sample_cli(tiny_run, tmp_path):
 def _pipeline_latents(folder, prompt_embeds=None, negative=None, prompt=None, seeds=(3, 4), steps=5, guidance=3.0):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
+                                                   trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -285,16 +286,23 @@ def test_export_clip_pipeline_matches_ldmscale_sample(tmp_path, tiny_ae):
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
 
 
-def test_export_minilm_folder_loads_and_matches_with_prompt_embeds(tiny_run, tmp_path):
+def test_export_minilm_pipeline_takes_plain_prompts_or_refuses(tiny_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
     from ldmscale.export import export
     from ldmscale.sample import encode_prompts, load_run
 
     export(tiny_run, tmp_path / "export")
     model = load_run(tiny_run)
+    # plain prompts through the pipeline's own tokenizer and text encoder give ldmscale's zero-padded states
+    ours = _our_latents(tiny_run, ["a cat", "a zebra"])
+    assert torch.allclose(ours, _pipeline_latents(tmp_path / "export", prompt=["a cat", "a zebra"]), atol=1e-5)
     cond, uncond = encode_prompts(model, ["a cat", "a zebra"])
     theirs = _pipeline_latents(tmp_path / "export", prompt_embeds=cond, negative=uncond.expand(2, -1, -1))
-    ours = _our_latents(tiny_run, ["a cat", "a zebra"])
     assert torch.allclose(ours, theirs, atol=1e-5)
+    # without trust_remote_code diffusers refuses the folder instead of encoding prompts with a plain BertModel
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        StableDiffusionPipeline.from_pretrained(tmp_path / "export")
     p = run_cli("export", "--run", tmp_path / "missing", "--out", tmp_path / "x")
     assert p.returncode == 2 and "not a run directory" in p.stderr
 
