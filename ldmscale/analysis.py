@@ -83,9 +83,18 @@ def fit_power_law(x, y, boot: int = 200, seed: int = 0, lower_better: bool = Tru
         return a * u ** -b + c
 
     def fit(xs, ys):
+        # the asymptote c lies beyond the best value seen (and at or above 0 for a non-negative, lower-is-better
+        # metric such as a Frechet distance): without this, 3-5 points fit a meaningless negative floor
         span = float(np.ptp(ys)) or 1.0
-        p0 = (span, 0.5, float(ys.min()) - 0.1 * span)
-        p, _ = curve_fit(f, xs / x0, ys, p0=p0, bounds=([-np.inf, 1e-4, -np.inf], [np.inf, 10.0, np.inf]), maxfev=20000)
+        if lower_better:
+            lo, hi = (0.0 if ys.min() >= 0 else -np.inf), float(ys.min())
+        else:
+            lo, hi = float(ys.max()), np.inf
+        c0 = min(max(float(ys.min()) - 0.1 * span if lower_better else float(ys.max()) + 0.1 * span, lo), hi)
+        if hi - lo < 1e-12:
+            hi = lo + 1e-9
+        p0 = (span if lower_better else -span, 0.5, c0 if c0 < hi else (lo + hi) / 2 if np.isfinite(hi) else lo + span)
+        p, _ = curve_fit(f, xs / x0, ys, p0=p0, bounds=([-np.inf, 1e-4, lo], [np.inf, 10.0, hi]), maxfev=20000)
         return p
 
     a, b, c = fit(x, y)
@@ -234,6 +243,6 @@ def describe_choice(c: dict | None, metric: str) -> str:
     std = c.get(f"{metric}_std")
     unc = f" ± {std:.3g}" if std is not None else ""
     tag = " (distilled)" if c.get("distilled") else ""
-    return (f"{c['size']}{tag} with {c['sampler']} at {c['steps']} steps, guidance {c['guidance']:g}: "
+    return (f"{c['size']}{tag} with {c['sampler']} at {c['steps']} step{'s' * (c['steps'] != 1)}, guidance {c['guidance']:g}: "
             f"{metric} {c[metric]:.4g}{unc} (sampling cost {c['sampling_cost']:.3g}, "
             f"{c['latency_ms_per_image']:.1f} ms/image here)")

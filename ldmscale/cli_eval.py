@@ -55,7 +55,8 @@ def eval_cmd(run_dir, sampler, steps, guidance, num_images, metric_list, referen
     if os.environ.get("RANK", "0") != "0":
         return
     vals = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in r["metrics"].items())
-    click.echo(f"reference: {r['reference']['spec']}")
+    ref = r["reference"]
+    click.echo(f"reference: {ref['spec']}" if "spec" in ref else f"reference: the subject images in {ref.get('subject')}")
     click.echo(f"{r['size']} {r['sampler']} {r['steps']} steps g{r['guidance']:g} ({r['num_images']} images): {vals}; "
                f"sampling cost {r['sampling_cost']:.3f}, {r['model_calls_per_image']} calls/image, "
                f"{r['latency_ms_per_image']:.1f} ms/image")

@@ -90,28 +90,31 @@ Examples:
   ldmscale distill --teacher runs/c32 --out runs/c32-lcm-w3 --set w_min=3 --set w_max=3   # one guidance scale
   ldmscale sample --run runs/c32-lcm --prompt "a horse" --sampler lcm --steps 4 --guidance 3 --out samples/lcm
   ldmscale distill --teacher runs/c32 --method progressive --out runs/c32-pd --set start_steps=8 --set final_steps=2
+  accelerate launch --multi_gpu --num_processes 2 -m ldmscale distill --teacher runs/c32 --out runs/c32-lcm-ddp
 """)
 @click.option("--teacher", required=True, type=click.Path(path_type=Path), help="Text-to-image run directory.")
 @click.option("--method", default="consistency", show_default=True, type=click.Choice(["consistency", "progressive"]))
 @click.option("--out", required=True, type=click.Path(path_type=Path))
-@click.option("--images", type=int, help="Images per run (consistency) or per halving round (progressive).")
+@click.option("--images", type=click.IntRange(1, 10**12), default=20_000, show_default=True,
+              help="Images per run (consistency) or per halving round (progressive).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="DistillConfig: lr, lr_schedule, batch_size, w_min, w_max, ema_decay, loss, loss_space, solver_steps, "
-                   "start_steps, final_steps, ...")
+              help="DistillConfig (w_min, w_max, loss, loss_space, solver_steps, start_steps, final_steps, ...) or "
+                   "TrainConfig (lr, lr_schedule, batch_size, ema_decay, mixed_precision, seed, ...) field.")
 def distill_cmd(teacher, method, out, images, overrides) -> None:
     """Distill a run into a few-step sampler (latent consistency, or guided progressive distillation)."""
     import sys
 
-    from ldmscale.distill import DistillConfig, distill
+    from ldmscale.distill import configs, distill
     from ldmscale.train import TrainingDiverged
 
-    base = {"teacher": str(teacher), "method": method} | ({"images": images} if images else {})
-    cfg = apply_overrides(from_dict(DistillConfig, base), overrides)
+    cfg, tcfg = configs(str(teacher), method, overrides)
     try:
-        r = distill(cfg, out)
+        r = distill(cfg, tcfg, out, images)
     except TrainingDiverged as e:
         click.echo(f"ldmscale distill: stopped: {e}", err=True)
         sys.exit(1)
+    if not r["is_main"]:
+        return
     how = "sample with --sampler lcm --steps 1..8" if method == "consistency" else f"sample with --sampler ddim --steps {r['rounds'][-1]}"
     click.echo(f"distilled {teacher} -> {out} ({method}): {r['step']} steps, {r['train_flops']:.3e} training FLOPs; {how}")
 

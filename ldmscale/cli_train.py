@@ -94,6 +94,8 @@ def sample_cmd(run_dir, prompts, samplers, steps, guidance, seed, num, out, whic
     from ldmscale.io import check_output
 
     samplers = list(samplers) or ["ddim"]
+    for name in samplers:
+        check_sampling_args(name, steps, guidance)
     check_output(out, "samples", overwrite)
     if lr_source:
         return _sample_sr(run_dir, lr_source, list(prompts), samplers, steps, guidance, seed, num, out, which, weights,

@@ -244,29 +244,29 @@ def _parse_text(tp: Any, text: str, where: str) -> Any:
 
 
 def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
-    """Return a copy of `cfg` with `key=value` (dotted keys for nested configs) applied."""
+    """Return a copy of `cfg` with `key=value` (dotted keys for nested configs) applied. Each value is parsed and
+    checked against its field's type; the whole config is built (and cross-checked) once, after all of them."""
+    data = to_dict(cfg)
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
-        cfg = _set_path(cfg, key.strip().split("."), text, key.strip())
-    return cfg
+        _set_path(type(cfg), data, key.strip().split("."), text, key.strip())
+    return from_dict(type(cfg), data, where=type(cfg).__name__) if overrides else cfg
 
 
-def _set_path(obj: Any, parts: list[str], text: str, full: str) -> Any:
-    if not dataclasses.is_dataclass(obj):
+def _set_path(cls: type, data: dict, parts: list[str], text: str, full: str) -> None:
+    if not dataclasses.is_dataclass(cls):
         raise UserError(f"override {full!r}: {'.'.join(parts)} is not a config section")
-    names = {f.name for f in dataclasses.fields(obj)}
+    names = {f.name for f in dataclasses.fields(cls)}
     head = parts[0]
     if head not in names:
         raise UserError(f"override {full!r}: unknown key {head!r}; valid keys: {', '.join(sorted(names))}")
-    hints = get_type_hints(type(obj), include_extras=True)
+    hints = get_type_hints(cls, include_extras=True)
     if len(parts) == 1:
-        value = _coerce(hints[head], _parse_text(hints[head], text, full), full)
+        data[head] = to_dict(_coerce(hints[head], _parse_text(hints[head], text, full), full))
     else:
-        value = _set_path(getattr(obj, head), parts[1:], text, full)
-    new = dataclasses.replace(obj, **{head: value})
-    return new
+        _set_path(hints[head], data[head], parts[1:], text, full)
 
 
 def load_json(cls: type[T], path: str | Path) -> T:

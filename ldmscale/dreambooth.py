@@ -110,6 +110,7 @@ def dreambooth_task(db: DreamBoothConfig, progress: bool = False):
     from ldmscale import checkpoint
     from ldmscale.diffusion import check_sampling_args
     from ldmscale.sample import load_run
+    from ldmscale.objectives import Denoising
     from ldmscale.train import Task, check_continuation
 
     def make(cfg, run):
@@ -127,7 +128,8 @@ def dreambooth_task(db: DreamBoothConfig, progress: bool = False):
         resolved["train"] = to_dict(cfg) | {"size": model.config["train"]["size"], "data": str(db.subject)}
         check_continuation(run, resolved)
         data = DreamBoothData(db, model, progress)
-        return Task(resolved, data, checkpoint.load_weights(model.ckpt, "ema"))
+        return Task(resolved, data, Denoising(cfg.prediction, cfg.snr_gamma, cfg.text_mask),
+                    init=checkpoint.load_weights(model.ckpt, "ema"))
 
     return make
 

@@ -15,11 +15,17 @@ from ldmscale.io import atomic_dir
 
 
 def export(run: str | Path, out: str | Path, which: str = "latest", weights: str = "ema", overwrite: bool = False) -> Path:
-    from diffusers import StableDiffusionPipeline
-
     from ldmscale.io import check_output
 
     check_output(out, "export", overwrite)
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the SD pipeline module imports image processors that warn about torchvision
+    try:
+        from diffusers import StableDiffusionPipeline
+    finally:
+        hf_logging.set_verbosity(level)
 
     from ldmscale.diffusion import make_sampler
     from ldmscale.sample import load_run

@@ -193,7 +193,8 @@ def check_output(path: str | os.PathLike, kind: str, overwrite: bool = False) ->
     if have == kind:
         if overwrite:
             return
-        raise UserError(f"--out {path} already holds a {kind}; pass --overwrite to replace it, or use a new --out")
+        raise UserError(f"--out {path} already holds {'samples' if kind == 'samples' else 'a ' + kind}; pass "
+                        "--overwrite to replace it, or use a new --out")
     what = f"a {have} folder" if have else "a folder with other files"
     raise UserError(f"--out {path} is {what}, not a {kind} folder; use a new --out")
 

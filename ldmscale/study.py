@@ -205,7 +205,7 @@ NOMINAL_FLOPS = 6.4e10
 SECONDS_PER_STEP = 0.09
 OVERHEAD_S = {"prepare": 15.0, "sanity": 5.0, "eval": 1.5, "task-eval": 3.0, "train": 3.0, "finetune": 10.0,
               "distill": 10.0}
-FID_SECONDS_PER_IMAGE = 0.14  # Inception-v3 at 299 px
+FID_SECONDS_PER_IMAGE = 0.16  # Inception-v3 at 299 px, and the 2048-d Frechet distance
 
 
 def estimated_seconds(job: Job) -> float:
@@ -384,7 +384,9 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
                                reference=ev.reference, reference_count=(ev.agreement_reference_count or ev.reference_count)
                                if agreement else ev.reference_count, checkpoint=str(ckpt), seed=ev.seed,
                                batch_size=ev.batch_size, classifier=clf_dir, clip=ev.clip, inception=ev.inception,
-                               bootstrap=ev.bootstrap, spacing=ev.spacing, tag="agreement" if agreement else "")
+                               # the rank correlation needs the values only: no bootstrap (10 more 2048-d FIDs)
+                               bootstrap=0 if agreement else ev.bootstrap, spacing=ev.spacing,
+                               tag="agreement" if agreement else "")
             calls = flops.model_calls(n_steps, g, 2 if sampler == "heun" else 1)
             return Job("eval", f"eval {size.name} {label}", to_dict(e_cfg) | {"run": str(run)},
                        lambda: evaluate(run, e_cfg, progress=False), cost_flops=n * calls * fwd,
@@ -397,9 +399,9 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
                 if n_steps > ev.max_steps.get(sampler, 10**9):
                     continue
                 for g in ev.guidance:
-                    jobs.append(eval_job(f"{sampler} {n_steps} steps g{g:g}", sampler, n_steps, g, steps))
+                    jobs.append(eval_job(f"{sampler} {n_steps} step{'s' * (n_steps != 1)} g{g:g}", sampler, n_steps, g, steps))
                 if ev.agreement_metric and n_steps in ev.agreement_steps and sampler == ev.samplers[0]:
-                    jobs.append(eval_job(f"{sampler} {n_steps} steps g{ev.guidance[0]:g}, {ev.agreement_metric} "
+                    jobs.append(eval_job(f"{sampler} {n_steps} step{'s' * (n_steps != 1)} g{ev.guidance[0]:g}, {ev.agreement_metric} "
                                          "agreement", sampler, n_steps, ev.guidance[0], steps, agreement=True))
         for tname, task in study.tasks.items():
             if task.sizes and size.name not in {parse_size(t).name for t in task.sizes}:
@@ -472,6 +474,7 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
     from ldmscale import flops
     from ldmscale.config import apply_overrides
     from ldmscale.evaluate import EvalConfig, evaluate
+    from ldmscale.family import parse_size, size_spec
     from ldmscale.train import TrainConfig
 
     ev, sets = study_eval(study), [f"{k}={v}" for k, v in task.set.items()]
@@ -493,18 +496,20 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
         default_metrics = ("subject-ssim", "subject-fidelity", "caption-accuracy")
         steps, guidance, samplers = task.steps or ev.steps, task.guidance or ev.guidance, task.samplers or ("ddim",)
     else:
-        from ldmscale.distill import DistillConfig, distill
+        from ldmscale.distill import configs, distill
 
-        cfg = apply_overrides(DistillConfig(teacher=str(init), method=task.kind, images=task.images,
-                                            batch_size=tcfg.batch_size), sets)
-        fn, cost = (lambda: distill(cfg, run, progress)), 6
+        cfg, dtcfg = configs(str(init), task.kind, sets + [f"{k}={v}" for k, v in task.train_set.items()],
+                             base={"data": base.data, "size": size_spec(parse_size(size)), "seed": base.seed})
+        tcfg = dtcfg
+        fn, cost = (lambda: distill(cfg, dtcfg, run, task.images, progress)), 6
         default_metrics = tuple(ev.metrics)
         final = cfg.final_steps if task.kind == "progressive" else 4
         steps = task.steps or ((1, 2, 4, 8) if task.kind == "consistency" else (final,))
         guidance = task.guidance or ev.guidance
         samplers = task.samplers or (("lcm",) if task.kind == "consistency" else ("ddim",))
     jobs = [Job("finetune" if task.kind in ("super-resolution", "dreambooth") else "distill", f"{name} {size}",
-                {"task": name} | to_dict(cfg) | {"train": to_dict(tcfg)}, fn, cost_flops=cost * task.images * fwd)]
+                {"task": name, "images": task.images} | to_dict(cfg) | {"train": to_dict(tcfg)}, fn,
+                cost_flops=cost * task.images * fwd)]
     metrics_ = tuple(task.metrics or default_metrics)
     for sampler in samplers:
         for n_steps in steps:
@@ -514,7 +519,7 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
                                    seed=ev.seed, batch_size=ev.batch_size, classifier=clf_dir, clip=ev.clip,
                                    inception=ev.inception, bootstrap=ev.bootstrap, spacing=ev.spacing)
                 calls = flops.model_calls(n_steps, g if task.kind != "consistency" else 1.0)
-                jobs.append(Job("task-eval", f"eval {name} {size} {sampler} {n_steps} steps g{g:g}",
+                jobs.append(Job("task-eval", f"eval {name} {size} {sampler} {n_steps} step{'s' * (n_steps != 1)} g{g:g}",
                                 to_dict(e_cfg) | {"run": str(run)}, lambda c=e_cfg: evaluate(run, c, progress=False),
                                 cost_flops=e_cfg.num_images * calls * fwd))
     return jobs

@@ -130,10 +130,12 @@ def sr_task(sr: SRConfig, progress: bool = False):
         resolved["accounting"] = dict(model.config["accounting"], params=cost.params, forward_flops=cost.flops,
                                       gflops=cost.gflops, norm_cost=cost.norm_cost)
         check_continuation(run, resolved)
+        from ldmscale.objectives import Denoising
         from ldmscale.train import Task
 
         init = widen_conv_in(checkpoint.load_weights(model.ckpt, "ema"), extra)
-        return Task(resolved, SRData(sr, model, progress), init)
+        return Task(resolved, SRData(sr, model, progress), Denoising(cfg.prediction, cfg.snr_gamma, cfg.text_mask),
+                    init=init)
 
     return make
 

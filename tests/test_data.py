@@ -64,7 +64,8 @@ def test_folder_with_captions_csv(tmp_path):
     (root / "metadata.jsonl").unlink()
     (root / "captions.csv").write_text("file_name,caption\nimg00.png,zero\nimg01.png,one\n")
     items = list(data.iterate(data.parse_source(f"folder:{root}"), "train"))
-    assert [(i.key, i.caption) for i in items] == [("img00.png", "zero"), ("img01.png", "one")]
+    assert [(i.key, i.caption) for i in items if i.image] == [("img00.png", "zero"), ("img01.png", "one")]
+    assert [(i.key, i.error) for i in items if not i.image] == [("img02.png", "no caption in the metadata")]
 
 
 def test_webdataset_two_shards(tmp_path):

@@ -6,8 +6,14 @@ import torch
 import ldmscale.train as train_mod
 from conftest import run_cli
 from ldmscale import checkpoint
-from ldmscale.distill import (DistillConfig, consistency_distance, consistency_fn, distill, scalings, student_config,
-                              student_init)
+from ldmscale.distill import (DistillConfig, configs, consistency_distance, consistency_fn, distill, scalings,
+                              student_config, student_init)
+from ldmscale.io import read_jsonl
+
+
+def _distill(teacher, out, method="consistency", images=16, sets=()):
+    cfg, tcfg = configs(str(teacher), method, ["batch_size=8", *sets])
+    return distill(cfg, tcfg, out, images, progress=False)
 
 
 def _student(tiny_run):
@@ -41,8 +47,11 @@ def test_consistency_distance_in_noise_units():
     a = torch.tensor([0.0047, 0.9]).view(2, 1, 1, 1)
     d = torch.full((2, 4, 8, 8), 0.01)
     l2 = DistillConfig(loss="l2")
-    assert float(consistency_distance(d, 0 * d, a, l2)) == pytest.approx(1e-4 * float((a / (1 - a)).mean()), rel=1e-5)
-    assert float(consistency_distance(d, 0 * d, a, DistillConfig(loss="l2", loss_space="x0"))) == pytest.approx(1e-4)
+    per_sample = consistency_distance(d, 0 * d, a, l2)
+    assert per_sample.shape == (2,)
+    assert per_sample.tolist() == pytest.approx((1e-4 * (a / (1 - a))).flatten().tolist(), rel=1e-5)
+    x0 = consistency_distance(d, 0 * d, a, DistillConfig(loss="l2", loss_space="x0"))
+    assert x0.tolist() == pytest.approx([1e-4, 1e-4])
     huber = float(consistency_distance(d[:1], 0 * d[:1], a[1:], DistillConfig(huber_c=0.001)))
     assert huber == pytest.approx((0.03**2 + 0.001**2) ** 0.5 - 0.001, rel=1e-4)  # 0.01 * sqrt(0.9 / 0.1) = 0.03
 
@@ -58,11 +67,10 @@ def test_student_starts_as_the_teacher(tiny_run):
     assert torch.allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("method,extra,total", [("consistency", {}, 2), ("progressive", {"start_steps": 8, "final_steps": 2}, 4)])
+@pytest.mark.parametrize("method,extra,total", [("consistency", (), 2), ("progressive", ("start_steps=8", "final_steps=2"), 4)])
 def test_two_step_distillation_resumes_exactly(tiny_run, tmp_path, monkeypatch, method, extra, total):
-    cfg = DistillConfig(teacher=str(tiny_run), method=method, images=16, batch_size=8, checkpoint_every=8, log_every=1,
-                        **extra)
-    distill(cfg, tmp_path / "straight", progress=False)
+    sets = ("checkpoint_every=8", "log_every=1", *extra)
+    _distill(tiny_run, tmp_path / "straight", method, sets=sets)
     real = train_mod.batch_indices
     kill_at = total - 1
 
@@ -73,14 +81,18 @@ def test_two_step_distillation_resumes_exactly(tiny_run, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(train_mod, "batch_indices", dies)
     with pytest.raises(KeyboardInterrupt):
-        distill(cfg, tmp_path / "resumed", progress=False)
+        _distill(tiny_run, tmp_path / "resumed", method, sets=sets)
     monkeypatch.setattr(train_mod, "batch_indices", real)
     assert checkpoint.latest(tmp_path / "resumed").name == f"step-{kill_at:06d}"
-    distill(cfg, tmp_path / "resumed", progress=False)
+    _distill(tiny_run, tmp_path / "resumed", method, sets=sets)
     for which in ("raw", "ema"):
         a = checkpoint.load_weights(checkpoint.latest(tmp_path / "straight"), which)
         b = checkpoint.load_weights(checkpoint.latest(tmp_path / "resumed"), which)
         assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    # the metrics log of the resumed run is the uninterrupted one's: no step logged twice
+    logs = [[(r["step"], round(r["loss"], 6), r["train_flops"]) for r in read_jsonl(tmp_path / n / "metrics.jsonl")]
+            for n in ("straight", "resumed")]
+    assert [r[0] for r in logs[0]] == list(range(1, total + 1)) and logs[0] == logs[1]
     state = checkpoint.load_state(checkpoint.latest(tmp_path / "straight"))
     fwd = json.loads((tiny_run / "config.json").read_text())["accounting"]["forward_flops"]
     per_image = 6 * 2 if method == "consistency" else 7 * 2 + 5 * 2  # network evals over the steps
@@ -93,10 +105,11 @@ def test_two_step_distillation_resumes_exactly(tiny_run, tmp_path, monkeypatch, 
         sampler = load_run(tmp_path / "straight").sampler("ddim")
         sampler.set_timesteps(2)
         assert sampler.timesteps.tolist() == [999, 499]
+        assert "step-000002" in [c.name for c in checkpoint.list_checkpoints(tmp_path / "straight")]  # round 1
 
 
 def test_distilled_model_samples_with_lcm_and_is_marked(tiny_run, tiny_classifier, tmp_path):
-    distill(DistillConfig(teacher=str(tiny_run), images=16, batch_size=8), tmp_path / "lcm", progress=False)
+    _distill(tiny_run, tmp_path / "lcm")
     p = run_cli("sample", "--run", tmp_path / "lcm", "--prompt", "a cat", "--sampler", "lcm", "--steps", "4",
                 "--guidance", "3", "--num", "2", "--out", tmp_path / "s", check=True)
     assert "4 model calls/image" in p.stdout  # guidance is embedded: no second (unconditional) call
@@ -115,7 +128,7 @@ def test_distilled_model_samples_with_lcm_and_is_marked(tiny_run, tiny_classifie
 def test_distill_bad_teacher_exits_2(tiny_run, tmp_path):
     p = run_cli("distill", "--teacher", tmp_path / "missing", "--out", tmp_path / "x")
     assert p.returncode == 2 and "not a run directory" in p.stderr
-    distill(DistillConfig(teacher=str(tiny_run), images=8, batch_size=8), tmp_path / "student", progress=False)
+    _distill(tiny_run, tmp_path / "student", images=8)
     p = run_cli("distill", "--teacher", tmp_path / "student", "--out", tmp_path / "y")
     assert p.returncode == 2 and "needs an undistilled text-to-image run" in p.stderr
     p = run_cli("distill", "--teacher", tiny_run, "--method", "progressive", "--set", "start_steps=6", "--out", tmp_path / "z")

@@ -140,7 +140,7 @@ def test_eval_writes_result_with_provenance_and_one_equals_two_processes(tiny_ru
     shutil.copytree(tiny_run, run2)
     proc = run_cli(*_eval_args(tiny_run, tiny_classifier), check=True)
     assert "warning: fd-classifier from 24 images" in proc.stdout
-    files = list((tiny_run / "eval").glob("ddim-s3-g2-n24-step-000006-ema.json"))
+    files = list((tiny_run / "eval").glob("ddim-s3-g2-n24-step-000006-ema-*.json"))
     r1 = json.loads(files[0].read_text())
     assert r1["num_images"] == 24 and r1["seeds"] == [0, 23] and r1["model_calls_per_image"] == 6
     assert r1["sampling_cost"] == pytest.approx(3 * r1["norm_cost"]) and r1["latency_ms_per_image"] > 0

@@ -238,13 +238,17 @@ def test_sample_cli(tiny_run, tmp_path):
                           np.asarray(Image.open(out2 / "ddim-p00-000.png").resize((96, 96), Image.NEAREST)))
     for args, needle in [
         (["--sampler", "plms"], "unknown sampler 'plms'"),
-        (["--steps", "0"], "steps must be between 1 and 1000"),
+        (["--steps", "0"], "'--steps': 0 is not in the range 1<=x<=1000"),
         (["--checkpoint", "99"], "has no checkpoint '99'"),
     ]:
-        p = run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--out", out, *args)
+        p = run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--out", tmp_path / "bad", *args)
         assert p.returncode == 2 and needle in p.stderr, p.stderr
-    p = run_cli("sample", "--run", tmp_path / "nope", "--prompt", "a cat", "--out", out)
+    p = run_cli("sample", "--run", tmp_path / "nope", "--prompt", "a cat", "--out", tmp_path / "bad")
     assert p.returncode == 2 and "not a run directory" in p.stderr
+    p = run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--out", out)
+    assert p.returncode == 2 and "already holds samples; pass --overwrite" in p.stderr
+    run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--steps", "2", "--num", "1", "--out", out,
+            "--overwrite", check=True)
 
 
 def _pipeline_latents(folder, prompt_embeds=None, negative=None, prompt=None, seeds=(3, 4), steps=5, guidance=3.0):
