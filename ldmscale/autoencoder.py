@@ -84,12 +84,14 @@ def build_autoencoder(cfg: AutoencoderConfig):
 
 @torch.no_grad()
 def encode(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std (unscaled) of float images in [-1, 1]."""
+    """Posterior mean and std (unscaled) of float images in [-1, 1], computed on the autoencoder's device,
+    returned on the CPU."""
+    p = next(vae.parameters())
     means, stds = [], []
     for i in range(0, len(images), batch):
-        dist = vae.encode(images[i:i + batch]).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
+        dist = vae.encode(images[i:i + batch].to(p.device, p.dtype)).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -98,7 +100,8 @@ def decode(vae, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Scaled latents (as the UNet sees them) -> float images in [-1, 1]."""
     sf = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    out = [vae.decode(latents[i:i + batch] / sf + shift).sample for i in range(0, len(latents), batch)]
+    p = next(vae.parameters())
+    out = [vae.decode(latents[i:i + batch].to(p.device, p.dtype) / sf + shift).sample for i in range(0, len(latents), batch)]
     return torch.cat(out).clamp(-1, 1)
 
 
@@ -123,7 +126,10 @@ def train_autoencoder(cfg: AutoencoderConfig, out: str | Path, progress: bool = 
         train_u8, val_u8 = train_u8[:-cut], train_u8[-cut:]
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    vae = build_autoencoder(cfg)
+    from ldmscale.device import current
+
+    dev = current()
+    vae = build_autoencoder(cfg).to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     # OneCycleLR divides by (pct_start x steps - 1): nudge the warm-up share off the one step count where it is 0
     pct = 0.05 if abs(0.05 * cfg.steps - 1.0) > 1e-9 else 0.06
@@ -132,7 +138,7 @@ def train_autoencoder(cfg: AutoencoderConfig, out: str | Path, progress: bool = 
     t0 = time.time()
     bar = progress_bar(range(cfg.steps), desc="autoencoder", unit="step", enabled=progress)
     for step in bar:
-        batch = train[torch.randint(0, len(train), (cfg.batch_size,), generator=gen)]
+        batch = train[torch.randint(0, len(train), (cfg.batch_size,), generator=gen)].to(dev)
         post = vae.encode(batch).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
         loss = F.l1_loss(rec, batch) + F.mse_loss(rec, batch) + cfg.kl_weight * post.kl().mean()
@@ -149,7 +155,7 @@ def train_autoencoder(cfg: AutoencoderConfig, out: str | Path, progress: bool = 
     val = to_float(val_u8)
     mean, std = encode(vae, val)
     with torch.no_grad():
-        rec = torch.cat([vae.decode(mean[i:i + 256]).sample for i in range(0, len(mean), 256)]).clamp(-1, 1)
+        rec = torch.cat([vae.decode(mean[i:i + 256].to(dev)).sample.cpu() for i in range(0, len(mean), 256)]).clamp(-1, 1)
     val_psnr = float(psnr(rec, val).mean())
     # scaling factor: 1 / std of posterior samples on training images (the LDM/SD recipe)
     sample_mean, sample_std = encode(vae, train[:2048])
@@ -163,7 +169,7 @@ def train_autoencoder(cfg: AutoencoderConfig, out: str | Path, progress: bool = 
         "downsample": 2 ** (len(cfg.block_out_channels) - 1),
     }
     with atomic_dir(out) as tmp:
-        vae.save_pretrained(tmp, safe_serialization=True)
+        vae.cpu().save_pretrained(tmp, safe_serialization=True)
         atomic_write_json(Path(tmp) / "ldmscale_autoencoder.json", report)
     return report
 
@@ -206,7 +212,7 @@ def identity(vae, spec: str) -> dict:
         h = hashlib.sha256()
         for k, v in sorted(vae.state_dict().items()):
             h.update(k.encode())
-            h.update(v.detach().float().contiguous().numpy().tobytes()[:4096])
+            h.update(v.detach().float().cpu().contiguous().numpy().tobytes()[:4096])
         weights = h.hexdigest()[:16]
     return {
         "spec": str(path.resolve()) if path.exists() else str(spec), "config_sha": config_sha, "weights_sha": weights,

@@ -87,6 +87,17 @@ def prepare(cfg: PrepareConfig, out: str | Path, progress: bool = True) -> dict:
         return _prepare(cfg, Path(out), progress)
 
 
+def encoders(cfg: PrepareConfig):
+    """The autoencoder and the text encoder of a prepare, on the device."""
+    from ldmscale.autoencoder import load_autoencoder
+    from ldmscale.device import on
+    from ldmscale.text import load_text_encoder
+
+    text = load_text_encoder(cfg.text_encoder, cfg.max_length)
+    text.model = on(text.model)
+    return on(load_autoencoder(cfg.autoencoder)), text
+
+
 def _prepare(cfg: PrepareConfig, out: Path, progress: bool) -> dict:
     from ldmscale.progress import bar as progress_bar
 
@@ -105,10 +116,9 @@ def _prepare(cfg: PrepareConfig, out: Path, progress: bool) -> dict:
                             "use a new --out folder")
         if (out / MANIFEST).exists():
             return json.loads((out / MANIFEST).read_text())
-    vae = ae.load_autoencoder(cfg.autoencoder)
+    vae, text = encoders(cfg)
     latent_side = ae.check_resolution(vae, cfg.resolution)
     channels = int(vae.config.in_channels)
-    text = load_text_encoder(cfg.text_encoder, cfg.max_length)
     atomic_write_json(out / "prepare.json", settings)
     for stale in out.rglob(".shard-*.tmp"):
         stale.unlink()  # a temp file from a prepare killed mid-write

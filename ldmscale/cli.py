@@ -39,7 +39,10 @@ POSITIVE = click.IntRange(1, 10**12)
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="ldmscale")
-def cli() -> None:
+@click.option("--device", default=None, metavar="DEVICE",
+              help="Compute on this device (cpu, cuda, cuda:1; default: accelerate's choice, the GPU when there is "
+                   "one). Same as LDMSCALE_DEVICE=DEVICE.")
+def cli(device) -> None:
     """ldmscale: scaling studies of latent diffusion models.
 
     \b
@@ -50,6 +53,13 @@ def cli() -> None:
     Example:
       ldmscale family --preset paper
     """
+    if device:
+        import os
+
+        from ldmscale.device import ENV, requested
+
+        os.environ[ENV] = device
+        requested()  # refuse a device that is not there, now
 
 
 def register(*modules: str) -> None:

@@ -104,7 +104,13 @@ def generate_latents(unet, sampler, steps: int, cond: torch.Tensor, uncond: torc
     depend on its batch). `extra_channels` (super-resolution) is concatenated to the latent at the input."""
     stats = stats if stats is not None else SampleStats()
     B = cond.shape[0]
-    device, dtype = cond.device, next(unet.parameters()).dtype
+    p = next(unet.parameters())
+    device, dtype = p.device, p.dtype  # everything follows the UNet: its device, its precision
+    cond = cond.to(device, dtype)
+    uncond = uncond.to(device, dtype) if uncond is not None else None
+    cond_mask = cond_mask.to(device) if cond_mask is not None else None
+    uncond_mask = uncond_mask.to(device) if uncond_mask is not None else None
+    extra_channels = extra_channels.to(device, dtype) if extra_channels is not None else None
     from diffusers.utils.torch_utils import randn_tensor
 
     latents = randn_tensor((B, *latent_shape), generator=generators, device=device, dtype=dtype)
@@ -139,5 +145,7 @@ def generate_latents(unet, sampler, steps: int, cond: torch.Tensor, uncond: torc
             p_uncond, p_cond = pred.chunk(2)
             pred = p_uncond + guidance * (p_cond - p_uncond)
         latents = sampler.step(pred, t, latents, **extra_kwargs, return_dict=False)[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     stats.seconds += time.perf_counter() - t0
     return latents

@@ -84,7 +84,7 @@ class DreamBoothData:
             priors.append(generate_latents(model.unet, make_sampler(cfg.prior_sampler, model.prediction), cfg.prior_steps,
                                            cond[:1].expand(n, -1, -1), uncond, cfg.prior_guidance, gens[i:i + n],
                                            model.latent_shape))
-        self.priors = torch.cat(priors) if priors else torch.zeros(0, *model.latent_shape)
+        self.priors = torch.cat(priors).cpu() if priors else torch.zeros(0, *model.latent_shape)
         self.empty_text = uncond[0]
         self.empty_mask = torch.ones(self.empty_text.shape[0], dtype=torch.bool)
 

@@ -50,6 +50,7 @@ class EvalConfig(Config):
     lpips: str = ""  # TorchScript LPIPS (super-resolution), e.g. a traced lpips.LPIPS(net="alex")
     spacing: Literal["leading", "trailing"] = "leading"  # sampler timesteps: SD v1.5's, or trailing (start at t=999)
     tag: str = ""  # a label kept in the result and its file name (a study's "agreement" points)
+    precision: Literal["fp32", "bf16"] = "fp32"  # the UNet's weights and activations when sampling
 
 
 def parse_reference(spec: str) -> tuple[object, str]:
@@ -114,7 +115,8 @@ def reference_stats(cfg: EvalConfig, extractor, resolution: int, channels: int, 
 def result_name(cfg: EvalConfig, ckpt_name: str) -> str:
     """The sampling setting in words, then a hash of what else decides the numbers (reference, feature networks,
     metrics, seed), so that an evaluation against another reference or classifier never overwrites this one."""
-    extra = "".join(f"-{v}" for v in (cfg.spacing if cfg.spacing != "leading" else "", cfg.tag) if v)
+    extra = "".join(f"-{v}" for v in (cfg.spacing if cfg.spacing != "leading" else "", cfg.tag,
+                                       cfg.precision if cfg.precision != "fp32" else "") if v)
     rest = {k: getattr(cfg, k) for k in ("reference", "reference_count", "classifier", "clip", "inception", "lpips",
                                          "metrics", "seed", "bootstrap")}
     rest["classifier"] = str(Path(cfg.classifier).resolve()) if cfg.classifier else ""
@@ -123,11 +125,35 @@ def result_name(cfg: EvalConfig, ckpt_name: str) -> str:
 
 
 def _reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Sum across processes (gloo/nccl) when distributed; float64 sums, so the order barely matters."""
+    """Sum CPU tensors across processes in place when distributed (through the device for nccl, which reduces
+    only GPU tensors); float64 sums, so the order barely matters."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        nccl = torch.distributed.get_backend() == "nccl"
         for t in tensors:
-            torch.distributed.all_reduce(t)
+            if nccl:
+                from ldmscale.device import current
+
+                on_device = t.to(current())
+                torch.distributed.all_reduce(on_device)
+                t.copy_(on_device.cpu())
+            else:
+                torch.distributed.all_reduce(t)
     return tensors
+
+
+def build_extractors(cfg: EvalConfig) -> tuple[dict, object, object]:
+    """The feature networks an evaluation needs, on the device: {metric: extractor} for the Frechet distances,
+    the classifier (caption accuracy) and CLIP, or None."""
+    from ldmscale.features import ClassifierFeatures, ClipModel, InceptionFeatures
+
+    extractors, clf = {}, None
+    if "fid" in cfg.metrics:
+        extractors["fid"] = InceptionFeatures(cfg.inception or None)
+    if "fd-classifier" in cfg.metrics or "caption-accuracy" in cfg.metrics:
+        clf = ClassifierFeatures(cfg.classifier)
+        if "fd-classifier" in cfg.metrics:
+            extractors["fd-classifier"] = clf
+    return extractors, clf, ClipModel(cfg.clip) if "clip" in cfg.metrics else None
 
 
 def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: bool = False) -> dict:
@@ -136,7 +162,6 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
     from ldmscale.checkpoint import load_state
     from ldmscale.data import iterate, label_of_prompt
     from ldmscale.diffusion import check_sampling_args
-    from ldmscale.features import ClassifierFeatures, ClipModel, InceptionFeatures
     from ldmscale.io import atomic_write_json
     from ldmscale.progress import bar
     from ldmscale.sample import generate, load_run
@@ -153,10 +178,11 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
         raise UserError("fd-classifier and caption-accuracy need --classifier DIR (train one: ldmscale classifier train)")
     if "clip" in cfg.metrics and not cfg.clip:
         raise UserError("the clip metric needs --clip PATH_OR_ID (a transformers CLIP model)")
-    on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    state = PartialState(cpu=on_cpu)
+    from ldmscale.device import accelerator_kwargs
+
+    state = PartialState(**accelerator_kwargs())
     world, rank = state.num_processes, state.process_index
-    model = load_run(run, cfg.checkpoint, cfg.weights)
+    model = load_run(run, cfg.checkpoint, cfg.weights, dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
     if not cfg.reference:  # the run's own data, its validation split when it has one
         cfg = dataclasses.replace(cfg, reference=canonical_reference(model.config["data"]["source"]))
     out = Path(run) / "eval" / result_name(cfg, model.ckpt.name)
@@ -190,14 +216,8 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
     labels = torch.tensor([label_of_prompt(p) for p in prompts])
     seeds = [cfg.seed + i for i in range(cfg.num_images)]
 
-    extractors, refs = {}, {}
-    if "fid" in cfg.metrics:
-        extractors["fid"] = InceptionFeatures(cfg.inception or None)
-    if "fd-classifier" in cfg.metrics or "caption-accuracy" in cfg.metrics:
-        clf = ClassifierFeatures(cfg.classifier)
-        if "fd-classifier" in cfg.metrics:
-            extractors["fd-classifier"] = clf
-    clip = ClipModel(cfg.clip) if "clip" in cfg.metrics else None
+    extractors, clf, clip = build_extractors(cfg)
+    refs = {}
     for name, ex in extractors.items():  # every process computes or loads the same cached stats
         with state.main_process_first():
             refs[name] = reference_stats(cfg, ex, resolution, channels, progress=progress and state.is_main_process)

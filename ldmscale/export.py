@@ -30,7 +30,7 @@ def export(run: str | Path, out: str | Path, which: str = "latest", weights: str
     from ldmscale.diffusion import make_sampler
     from ldmscale.sample import load_run
 
-    model = load_run(run, which, weights)
+    model = load_run(run, which, weights, device="cpu")  # saved from the CPU, whatever the machine
     if model.config.get("kind") != "text-to-image":
         raise UserError(f"run {run} is a {model.config.get('kind')} model; only text-to-image runs export as a pipeline")
     scheduler = make_sampler("ddim", model.prediction)

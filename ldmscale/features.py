@@ -43,8 +43,10 @@ class InceptionFeatures(nn.Module):
         path = Path(path) if path else fid_helper_weights()
         if not path.is_file():
             raise UserError(f"Inception weights not found: {path}")
+        from ldmscale.device import current
+
         try:
-            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+            self.net = torch.jit.load(str(path), map_location=current()).eval()
         except Exception as e:
             raise UserError(f"cannot load Inception TorchScript {path}: {e}") from None
         try:  # NVlabs' TorchScript takes return_features=True and 0..255 input
@@ -54,16 +56,21 @@ class InceptionFeatures(nn.Module):
         self.identity = {"name": "inception-v3-pool3", "weights": path.name, "weights_sha": file_sha256(path)[:16],
                          "resize": "bilinear-299", "dim": 2048}
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
+        """uint8 images on any device -> features on the CPU."""
+        x = images.to(self.device).float()
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if self.nvlabs:
-            return self.net(x, return_features=True)
+            return self.net(x, return_features=True).cpu()
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         feats = self.net(x / 128.0 - 1.0)
-        return feats.flatten(1) if feats.ndim > 2 else feats
+        return (feats.flatten(1) if feats.ndim > 2 else feats).cpu()
 
 
 # ------------------------------------------------------------------------------------------ classifier
@@ -130,20 +137,27 @@ class ClassifierFeatures(nn.Module):
 
         self.cfg = from_dict(ClassifierConfig, meta["config"])
         self.classes = tuple(meta["classes"])
+        from ldmscale.device import on
+
         self.model = Classifier(self.cfg, len(self.classes))
         self.model.load_state_dict(load_file(str(path / "model.safetensors")))
-        self.model.eval()
+        self.model = on(self.model)
         self.num_features = self.cfg.feature_dim
         self.identity = {"name": "classifier", "source": self.cfg.source, "weights_sha": file_sha256(path / "model.safetensors")[:16],
                          "dim": self.cfg.feature_dim, "validation_accuracy": meta.get("validation_accuracy")}
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.features(_prep(images, self.cfg))
+        """uint8 images on any device -> features on the CPU."""
+        return self.model.features(_prep(images.to(self.device), self.cfg)).cpu()
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(_prep(images, self.cfg)).argmax(1)
+        return self.model(_prep(images.to(self.device), self.cfg)).argmax(1).cpu()
 
 
 def train_classifier(cfg: ClassifierConfig, out: str | Path, progress: bool = True, overwrite: bool = False) -> dict:
@@ -164,7 +178,10 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, progress: bool = Tr
     x_va, _, y_va = load_images(src, "validation", cfg.resolution, cfg.channels)
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
-    model = Classifier(cfg, len(ANIMAL_CLASSES))
+    from ldmscale.device import current
+
+    dev = current()
+    model = Classifier(cfg, len(ANIMAL_CLASSES)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     steps = cfg.epochs * ((len(x_tr) + cfg.batch_size - 1) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
@@ -174,12 +191,12 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, progress: bool = Tr
         perm = torch.randperm(len(xt), generator=g)
         for i in range(0, len(xt), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
-            x = _prep(xt[idx], cfg)
+            x = _prep(xt[idx].to(dev), cfg)
             # light augmentation: shifts and flips keep silhouettes' classes
             x = torch.roll(x, shifts=(int(torch.randint(-2, 3, (1,), generator=g)), int(torch.randint(-2, 3, (1,), generator=g))), dims=(2, 3))
             if torch.rand(1, generator=g) < 0.5:
                 x = x.flip(3)
-            loss = F.cross_entropy(model(x), yt[idx])
+            loss = F.cross_entropy(model(x), yt[idx].to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -188,14 +205,15 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, progress: bool = Tr
     pbar.close()
     model.eval()
     with torch.no_grad():
-        pred = torch.cat([model(_prep(torch.as_tensor(x_va[i:i + 500]), cfg)).argmax(1) for i in range(0, len(x_va), 500)])
+        pred = torch.cat([model(_prep(torch.as_tensor(x_va[i:i + 500]).to(dev), cfg)).argmax(1).cpu()
+                          for i in range(0, len(x_va), 500)])
     acc = float((pred == torch.as_tensor(y_va)).float().mean())
     from ldmscale.config import to_dict
 
     meta = {"config": to_dict(cfg), "classes": list(ANIMAL_CLASSES), "validation_accuracy": round(acc, 4),
             "train_images": len(x_tr)}
     with atomic_dir(out) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         atomic_write_json(tmp / "classifier.json", meta)
     return meta
 
@@ -209,8 +227,10 @@ class ClipModel:
     def __init__(self, spec: str):
         from transformers import CLIPModel, CLIPProcessor
 
+        from ldmscale.device import on
+
         try:
-            self.model = CLIPModel.from_pretrained(spec).eval()
+            self.model = on(CLIPModel.from_pretrained(spec))
             self.processor = CLIPProcessor.from_pretrained(spec)
         except (OSError, EnvironmentError, ValueError) as e:
             raise UserError(f"cannot load CLIP model {spec!r}: {str(e).splitlines()[0]}") from None
@@ -222,10 +242,12 @@ class ClipModel:
         """Cosine similarity of each image with its caption (images uint8 [N, C, H, W])."""
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        inputs = self.processor(text=list(texts), images=list(images), return_tensors="pt", padding=True)
-        img = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-        txt = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        inputs = self.processor(text=list(texts), images=list(images.cpu()), return_tensors="pt", padding=True)
+        dev = next(self.model.parameters()).device
+        img = self.model.get_image_features(pixel_values=inputs["pixel_values"].to(dev))
+        txt = self.model.get_text_features(input_ids=inputs["input_ids"].to(dev),
+                                           attention_mask=inputs["attention_mask"].to(dev))
         img = getattr(img, "pooler_output", img)
         txt = getattr(txt, "pooler_output", txt)
-        return F.cosine_similarity(img, txt, dim=-1)
+        return F.cosine_similarity(img, txt, dim=-1).cpu()
 

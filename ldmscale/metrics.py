@@ -189,10 +189,13 @@ def lpips(pred: torch.Tensor, target: torch.Tensor, path: str | Path, reduce: bo
     path = Path(path)
     if not path.is_file():
         raise UserError(f"LPIPS TorchScript not found: {path}")
-    net = torch.jit.load(str(path), map_location="cpu").eval()
-    to = lambda x: (x.float() / 127.5 - 1).expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float() / 127.5 - 1  # noqa: E731
+    from ldmscale.device import current
+
+    dev = current()
+    net = torch.jit.load(str(path), map_location=dev).eval()
+    to = lambda x: (x.to(dev).float() / 127.5 - 1).expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.to(dev).float() / 127.5 - 1  # noqa: E731
     with torch.no_grad():
-        d = net(to(pred), to(target)).flatten().double()
+        d = net(to(pred), to(target)).flatten().double().cpu()
     return float(d.mean()) if reduce else d.tolist()
 
 

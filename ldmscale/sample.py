@@ -49,31 +49,41 @@ class RunModel:
 
 
 @lru_cache(maxsize=4)
-def _vae(spec: str):
+def _vae(spec: str, device: str = "cpu"):
     from ldmscale.autoencoder import load_autoencoder
+    from ldmscale.device import on
 
-    return load_autoencoder(spec)
+    return on(load_autoencoder(spec), torch.device(device))
 
 
 @lru_cache(maxsize=4)
-def _text(spec: str, max_length: int):
+def _text(spec: str, max_length: int, device: str = "cpu"):
+    from ldmscale.device import on
     from ldmscale.text import load_text_encoder
 
-    return load_text_encoder(spec, max_length)
+    enc = load_text_encoder(spec, max_length)
+    enc.model = on(enc.model, torch.device(device))
+    return enc
 
 
-def load_run(run: str | Path, which: str = "latest", weights: str = "ema") -> RunModel:
+def load_run(run: str | Path, which: str = "latest", weights: str = "ema", device: str | torch.device | None = None,
+             dtype: torch.dtype | None = None) -> RunModel:
+    """A run's UNet (its EMA or raw weights, in `dtype` when given: bf16 inference), autoencoder and text encoder,
+    all on the device (ldmscale.device.current() unless given)."""
     from diffusers import UNet2DConditionModel
 
+    from ldmscale.device import current, on
+
+    device = torch.device(device) if device is not None else current()
     run = Path(run)
     ckpt = checkpoint.resolve(run, which)
     config = checkpoint.read_run_config(run)
     unet = UNet2DConditionModel(**config["unet"])
     unet.load_state_dict(checkpoint.load_weights(ckpt, weights))
-    unet.eval().requires_grad_(False)
+    unet = on(unet, device, dtype)
     data = config["data"]
-    vae = _vae(data["autoencoder"]["spec"])
-    text = _text(data["text_encoder"]["spec"], int(data["context_len"]))
+    vae = _vae(data["autoencoder"]["spec"], str(device))
+    text = _text(data["text_encoder"]["spec"], int(data["context_len"]), str(device))
     return RunModel(run, ckpt, config, unet, vae, text)
 
 
@@ -108,7 +118,7 @@ def generate(model: RunModel, prompts: list[str], sampler: str, steps: int, guid
         lat = generate_latents(model.unet, model.sampler(sampler, spacing), steps, cond[i:i + batch_size],
                                uncond, guidance, gens, model.latent_shape, extra, stats,
                                cmask[i:i + batch_size] if use_mask else None, umask if use_mask else None)
-        images.append(to_uint8(decode(model.vae, lat)))
+        images.append(to_uint8(decode(model.vae, lat.float())).cpu())  # .cpu() waits for the device too
         t_total += time.perf_counter() - t0
         t_loop += stats.seconds
         nfe = stats.model_calls

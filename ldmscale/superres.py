@@ -54,9 +54,10 @@ def condition(lr: torch.Tensor, cfg: SRConfig, vae, resolution: int, latent_side
     if cfg.condition == "pixels":
         c = to_float(lr)
     else:
-        with torch.no_grad():
-            up = to_float(resize(lr, resolution, "bicubic"))
-            c = vae.encode(up).latent_dist.mean * float(vae.config.scaling_factor)
+        from ldmscale.autoencoder import encode
+
+        mean, _ = encode(vae, to_float(resize(lr, resolution, "bicubic")))  # on the autoencoder's device, back on the CPU
+        c = mean * float(vae.config.scaling_factor)
     if cfg.noise_aug > 0:
         noise = torch.stack([torch.randn(c.shape[1:], generator=torch.Generator().manual_seed(int(s) + 7)) for s in seeds])
         c = c + cfg.noise_aug * noise

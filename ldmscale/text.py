@@ -51,7 +51,7 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode(self, captions: list[str], batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        """(states float32 [B, max_length, dim], mask bool [B, max_length]).
+        """(states float32 [B, max_length, dim], mask bool [B, max_length]), on the CPU whatever the model's device.
 
         Each distinct caption is encoded once. A zero-padding encoder (MiniLM) runs only up to the longest
         caption and is padded with zeros after: with its attention mask, the states of real tokens do not
@@ -66,9 +66,10 @@ class TextEncoder:
             tok = self.tokenizer(chunk, padding="longest" if self.zero_pad else "max_length",
                                  max_length=self.max_length, truncation=True, return_tensors="pt")
             mask = tok["attention_mask"].bool()
-            hidden = self.model(input_ids=tok["input_ids"],
-                                attention_mask=tok["attention_mask"] if self.kind == "minilm" else None,
-                                ).last_hidden_state.float()
+            dev = next(self.model.parameters()).device
+            hidden = self.model(input_ids=tok["input_ids"].to(dev),
+                                attention_mask=tok["attention_mask"].to(dev) if self.kind == "minilm" else None,
+                                ).last_hidden_state.float().cpu()
             if self.zero_pad:
                 hidden = hidden * mask[..., None]
             n = hidden.shape[1]
@@ -93,7 +94,7 @@ class TextEncoder:
         h = hashlib.sha256()
         for k, v in sorted(self.model.state_dict().items()):
             h.update(k.encode())
-            h.update(v.detach().float().contiguous().numpy().tobytes()[:4096])
+            h.update(v.detach().float().cpu().contiguous().numpy().tobytes()[:4096])
         return {"spec": self.spec, "kind": self.kind, "source": self.source, "dim": self.dim,
                 "max_length": self.max_length, "zero_pad": self.zero_pad, "weights_sha": h.hexdigest()[:16]}
 

@@ -51,17 +51,20 @@ def log_preview(cfg, s, step: int, ema_weights: dict) -> None:
     from ldmscale.diffusion import generate_latents, make_sampler
     from ldmscale.sample import _text, _vae, grid
 
-    data = s.task.resolved["data"]
-    unet = UNet2DConditionModel(**s.task.resolved["unet"]).eval()
+    from ldmscale.device import on
+
+    data, dev = s.task.resolved["data"], s.acc.device
+    unet = UNet2DConditionModel(**s.task.resolved["unet"])
     unet.load_state_dict(ema_weights)
-    text = _text(data["text_encoder"]["spec"], int(data["context_len"]))
+    unet = on(unet, dev)
+    text = _text(data["text_encoder"]["spec"], int(data["context_len"]), str(dev))
     prompts = [p for p in s.task.preview for _ in range(2)]
     cond, _ = text.encode(prompts)
     uncond, _ = text.encode([""])
     gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
     lat = generate_latents(unet, make_sampler("ddim", cfg.prediction), 20, cond, uncond, 3.0, gens,
                            tuple(data["latent_shape"]))
-    img = np.asarray(grid(to_uint8(decode(_vae(data["autoencoder"]["spec"]), lat)), 2))
+    img = np.asarray(grid(to_uint8(decode(_vae(data["autoencoder"]["spec"], str(dev)), lat)).cpu(), 2))
     tracker = s.acc.get_tracker(cfg.report_to, unwrap=True)
     if cfg.report_to == "tensorboard":
         tracker.add_image("samples", img if img.ndim == 3 else img[..., None], step, dataformats="HWC")
