@@ -31,11 +31,14 @@ def table(results: dict) -> str:
         r = results["features"]
         rows.append(f"| FID features (images/s) | {r['ldmscale_images_per_s']} | {r['baseline_images_per_s']} ({r['baseline']}) | {r['ratio']}x | |")
     if "speedups" in results:
+        def r(x):  # median (min-max), verdict
+            return f"{x['median']}x ({x['min']}-{x['max']}, {x['verdict']})" if isinstance(x, dict) else f"{x}x"
+
         for size, s in results["speedups"]["sizes"].items():
-            parts = [f"channels-last {s['channels_last']}x", f"fused AdamW {s['fused_adamw']}x",
-                     f"SDPA vs classic {s['sdpa_vs_classic']}x", f"bf16 autocast {s['bf16_autocast']}x"]
+            parts = [f"channels-last {r(s['channels_last'])}", f"fused AdamW {r(s['fused_adamw'])}",
+                     f"SDPA vs classic {r(s['sdpa_vs_classic'])}", f"bf16 autocast {r(s['bf16_autocast'])}"]
             if "heads" in s:
-                parts.insert(0, f"{s['heads']['ldmscale_heads']} heads vs 8: {s['heads']['speedup_vs_8_heads']}x (same FLOPs)")
+                parts.insert(0, f"{s['heads']['ldmscale_heads']} heads vs 8: {r(s['heads']['speedup_vs_8_heads'])} (same FLOPs)")
             rows.append(f"| train step {size}: speed work | {'; '.join(parts)} | step {s['baseline_step_s']} s | | |")
         fc = results["speedups"]["flop_cache"]
         rows.append(f"| FLOP count C=320 (s) | {fc['cached_s']} cached | {fc['cold_s']} counted | {fc['speedup']}x | |")

@@ -39,16 +39,23 @@ Writes RUN/eval/<sampler>-s<steps>-g<guidance>-n<images>-<checkpoint>-<weights>.
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--batch-size", default=250, show_default=True, type=int)
 @click.option("--lpips", default="", help="TorchScript LPIPS model (super-resolution runs).")
+@click.option("--bootstrap", default=10, show_default=True, type=click.IntRange(0, 10**4),
+              help="Poisson-bootstrap replicas for the standard errors of Frechet distances (0: none).")
+@click.option("--spacing", default="leading", show_default=True, type=click.Choice(["leading", "trailing"]),
+              help="Sampler timesteps: SD v1.5's leading spacing, or trailing (every sample starts at t=999).")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
+              help="The UNet's precision when sampling (bf16 on GPUs).")
 @click.option("--force", is_flag=True, help="Recompute even if the result file exists.")
 def eval_cmd(run_dir, sampler, steps, guidance, num_images, metric_list, reference, reference_count, classifier, clip,
-             inception, checkpoint, weights, seed, batch_size, lpips, force) -> None:
+             inception, checkpoint, weights, seed, batch_size, lpips, bootstrap, spacing, precision, force) -> None:
     """Generate images at one sampling setting and measure them (FID, classifier FD, caption accuracy, CLIP)."""
     from ldmscale.evaluate import EvalConfig, evaluate
 
     cfg = EvalConfig(sampler=sampler, steps=steps, guidance=guidance, num_images=num_images,
                      metrics=tuple(m.strip() for m in metric_list.split(",") if m.strip()), reference=reference,
                      reference_count=reference_count, checkpoint=checkpoint, weights=weights, seed=seed,
-                     batch_size=batch_size, classifier=classifier, clip=clip, inception=inception, lpips=lpips)
+                     batch_size=batch_size, classifier=classifier, clip=clip, inception=inception, lpips=lpips,
+                     bootstrap=bootstrap, spacing=spacing, precision=precision)
     r = evaluate(run_dir, cfg, force=force)
     import os
 

@@ -81,9 +81,11 @@ Writes one PNG per image, grid.png (a row per prompt; columns grouped by sampler
 @click.option("--lr", "lr_source", default="", help="Super-resolution runs: SOURCE[:SPLIT] of low-resolution inputs (first --num).")
 @click.option("--spacing", default="leading", show_default=True, type=click.Choice(["leading", "trailing"]),
               help="Sampler timesteps: SD v1.5's leading spacing, or trailing (every sample starts at t=999).")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
+              help="The UNet's precision when sampling (bf16 on GPUs).")
 @click.option("--overwrite", is_flag=True, help="Replace the samples already at --out (nothing else is ever replaced).")
 def sample_cmd(run_dir, prompts, samplers, steps, guidance, seed, num, out, which, weights, batch_size, lr_source,
-               spacing, overwrite) -> None:
+               spacing, precision, overwrite) -> None:
     """Sample images from a trained run with any sampler, step count and guidance (or super-resolve --lr inputs)."""
     import torch
 
@@ -105,7 +107,7 @@ def sample_cmd(run_dir, prompts, samplers, steps, guidance, seed, num, out, whic
         check_sampling_args(name, steps, guidance)
     if num < 1 or batch_size < 1:
         raise UserError("--num and --batch-size must be positive")
-    model = load_run(run_dir, which, weights)
+    model = load_run(run_dir, which, weights, dtype=torch.bfloat16 if precision == "bf16" else None)
     all_prompts = [p for p in prompts for _ in range(num)]
     seeds = [seed + i for i in range(len(all_prompts))]
     out.mkdir(parents=True, exist_ok=True)

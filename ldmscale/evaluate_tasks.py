@@ -26,7 +26,8 @@ def _common(model, cfg, info_seconds: float, n: int, nfe: int) -> dict:
             "seeds": [cfg.seed, cfg.seed + n - 1], "params": acc["params"], "gflops": acc["gflops"],
             "norm_cost": acc["norm_cost"], "sampling_cost": acc["norm_cost"] * cfg.steps, "model_calls_per_image": nfe,
             "latency_ms_per_image": 1000 * info_seconds / max(1, n), "latency_batch_size": cfg.batch_size,
-            "processes": 1, "distilled": bool(model.config.get("distilled", False)), "config": to_dict(cfg),
+            "processes": 1, "device": str(next(model.unet.parameters()).device),
+            "distilled": bool(model.config.get("distilled", False)), "config": to_dict(cfg),
             "flop_convention": acc.get("flop_convention"), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 

@@ -183,7 +183,9 @@ def loop(cfg: TrainConfig, run: Path, progress: bool, make_task) -> dict:
     s = setup(cfg, run, make_task)
     resume(cfg, run, s)
     if s.acc.is_main_process:  # written once everything is built: a run that fails to start leaves no config behind
-        atomic_write_json(run / "config.json", s.task.resolved)
+        machine = {"device": str(s.acc.device), "processes": s.acc.num_processes,
+                   "distributed": str(s.acc.distributed_type), "mixed_precision": cfg.mixed_precision}
+        atomic_write_json(run / "config.json", s.task.resolved | {"machine": machine})
     trackers.start(cfg, run, s)
     pbar = bar(total=s.total_steps, initial=s.start, desc=f"train {s.task.resolved['train']['size']}", unit="step",
                enabled=progress and s.acc.is_main_process)

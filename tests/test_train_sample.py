@@ -337,3 +337,42 @@ def test_fsdp_two_processes_train_resume_and_match_one_process(tmp_path, tiny_ca
 
     images, _ = generate(load_run(tmp_path / "fsdp"), ["a cat"], "ddim", 2, 2.0, [0])
     assert images.shape == (1, 1, 32, 32)
+
+
+def test_tensorboard_tracking_logs_config_curves_and_sample_grids(tmp_path, tiny_cache):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ldmscale.train import train
+
+    run = tmp_path / "run"
+    train(tiny_train_config(tiny_cache, images=16, report_to="tensorboard"), run, progress=False)
+    train(tiny_train_config(tiny_cache, images=32, report_to="tensorboard"), run, progress=False)  # resumed
+    dirs = sorted({str(p.parent) for p in run.rglob("events.out.*")})
+    events = [EventAccumulator(d, size_guidance={"images": 0}).Reload() for d in dirs]
+    scalars = {t: [e.step for ev in events if t in ev.Tags()["scalars"] for e in ev.Scalars(t)]
+               for t in ("loss", "lr", "train_flops", "images_seen")}
+    assert sorted(scalars["loss"]) == [1, 2, 3, 4] and scalars["train_flops"] and "seed" not in str(scalars)
+    images = [e.step for ev in events if "samples" in ev.Tags()["images"] for e in ev.Images("samples")]
+    assert sorted(images) == [2, 3, 4]  # a grid at each checkpoint: the end of run 1, then steps 3 and 4
+    p = run_cli("train", "--data", tiny_cache, "--size", "c8", "--out", tmp_path / "w", "--images", "8",
+                "--report-to", "wandb")
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        assert p.returncode == 2 and "needs the wandb package: pip install wandb" in p.stderr
+
+
+@pytest.mark.parametrize("verb", ["distill", "finetune sr"])
+def test_two_process_data_parallel_distillation_and_superres(verb, tmp_path, tiny_run):
+    """Distillation and super-resolution run in the same loop, so under DDP as pretraining does."""
+    if verb == "distill":
+        args = ["distill", "--teacher", tiny_run, "--images", "16", "--set", "batch_size=8"]
+    else:
+        args = ["finetune", "sr", "--init", tiny_run, "--images", "16", "--train-set", "batch_size=8",
+                "--train-set", "warmup_steps=1"]
+    run_cli(*args, "--out", tmp_path / "one", check=True)
+    _launch2(args, tmp_path / "two")
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (diff < 1e-5).float().mean() > 0.99 and diff.max() <= 2 * 1e-3 + 1e-6  # as for train (see above)
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["machine"]["processes"] == 2
