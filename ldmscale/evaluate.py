@@ -10,6 +10,7 @@ manifest does not match the evaluation are refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -141,19 +142,34 @@ def _reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return tensors
 
 
+def _stamp(path: str) -> int:
+    p = Path(path) if path else None
+    return p.stat().st_mtime_ns if p is not None and p.exists() else 0
+
+
+@functools.lru_cache(maxsize=8)
+def _extractor(kind: str, path: str, stamp: int, device: str):
+    """Feature networks are loaded once per process (a study evaluates dozens of times); the file's modification
+    time is part of the key, so a retrained classifier is loaded again."""
+    from ldmscale.features import ClassifierFeatures, ClipModel, InceptionFeatures
+
+    return {"fid": InceptionFeatures, "classifier": ClassifierFeatures, "clip": ClipModel}[kind](path or None)
+
+
 def build_extractors(cfg: EvalConfig) -> tuple[dict, object, object]:
     """The feature networks an evaluation needs, on the device: {metric: extractor} for the Frechet distances,
     the classifier (caption accuracy) and CLIP, or None."""
-    from ldmscale.features import ClassifierFeatures, ClipModel, InceptionFeatures
+    from ldmscale.device import current
 
+    dev = str(current())
     extractors, clf = {}, None
     if "fid" in cfg.metrics:
-        extractors["fid"] = InceptionFeatures(cfg.inception or None)
+        extractors["fid"] = _extractor("fid", cfg.inception, _stamp(cfg.inception), dev)
     if "fd-classifier" in cfg.metrics or "caption-accuracy" in cfg.metrics:
-        clf = ClassifierFeatures(cfg.classifier)
+        clf = _extractor("classifier", cfg.classifier, _stamp(str(Path(cfg.classifier) / "model.safetensors")), dev)
         if "fd-classifier" in cfg.metrics:
             extractors["fd-classifier"] = clf
-    return extractors, clf, ClipModel(cfg.clip) if "clip" in cfg.metrics else None
+    return extractors, clf, _extractor("clip", cfg.clip, _stamp(cfg.clip), dev) if "clip" in cfg.metrics else None
 
 
 def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: bool = False) -> dict:

@@ -143,7 +143,9 @@ def provenance(out: Path, study, rows: list[dict]) -> dict:
 
     from ldmscale.cache import read_manifest
 
-    ev, d = study.eval, study.data
+    from ldmscale.study import study_eval
+
+    ev, d = study_eval(study), study.data
     saved = out / "study.toml"
     info = {
         "ldmscale": version("ldmscale"), "torch": torch.__version__, "diffusers": version("diffusers"),
@@ -186,7 +188,9 @@ def sample_grids(a: dict, study, folder: Path, per_prompt: int = 4) -> list[dict
     budget's best configuration for that size, so the figures' differences can be seen."""
     from ldmscale.sample import generate, grid, load_run, save_png
 
-    ev, metric = study.eval, a["metric"]
+    from ldmscale.study import study_eval
+
+    ev, metric = study_eval(study), a["metric"]
     best = [r for r in a["best_over_guidance"] if not r.get("distilled") and r.get("run")]
     prompts = report_prompts(ev.reference)
     small = a["plans"][0]["budget"] if a["plans"] else None

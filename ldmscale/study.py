@@ -280,7 +280,13 @@ def study_eval(study: Study) -> EvalSection:
 
     from ldmscale.evaluate import canonical_reference
 
-    return dataclasses.replace(study.eval, reference=canonical_reference(study.eval.reference or study.data.source))
+    if study.eval.reference:
+        return study.eval
+    try:  # the split spelled out (animal-mnist -> animal-mnist:validation) when the data can tell it now
+        ref = canonical_reference(study.data.source)
+    except UserError:
+        ref = study.data.source  # data not there yet (a plan made before the shards exist): evaluate() resolves it
+    return dataclasses.replace(study.eval, reference=ref)
 
 
 def expected_shapes(study: Study, out: Path) -> dict:
