@@ -30,8 +30,10 @@ demo: $(STAMP)
 demo-full: $(STAMP)
 	$(VENV)/bin/ldmscale study run studies/downstream.toml --out demo
 
+# one pytest-xdist worker per core (TEST_WORKERS=1 for a serial run); multi-process tests share one worker
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

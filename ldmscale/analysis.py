@@ -13,12 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-LOWER_IS_BETTER = ("fid", "fd-classifier", "lpips")
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric in LOWER_IS_BETTER
+from ldmscale.registry import lower_is_better
 
 
 def _better(a: float, b: float, metric: str) -> bool:

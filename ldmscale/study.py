@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Callable, Literal
 
+from ldmscale import registry
 from ldmscale.config import Config, NonNegative, Positive, Range, UserError, from_dict, to_dict
 
 
@@ -61,6 +62,7 @@ class EvalSection(Config):
     classifier: str = ""  # an existing classifier folder; empty: train one with [classifier]
     clip: str = ""
     inception: str = ""
+    fid_resize: Literal["tf", "pytorch"] = "tf"  # FID's resize to 299 px: TF1's, as published FIDs, or pytorch-fid's
     bootstrap: Annotated[int, Range(0, 10**4)] = 10
     curve_sampler: str = "ddim"  # the setting at which training-compute curves are measured
     curve_steps: Annotated[int, Range(1, 1000)] = 20
@@ -104,7 +106,6 @@ class Study:
 
 def load_study(path: str | Path) -> Study:
     from ldmscale.autoencoder import AutoencoderConfig
-    from ldmscale.evaluate import METRICS
     from ldmscale.family import parse_size
     from ldmscale.features import ClassifierConfig
     from ldmscale.train import TrainConfig
@@ -145,19 +146,20 @@ def load_study(path: str | Path) -> Study:
         for st in ev.steps:
             for g in ev.guidance:
                 check_sampling_args(smp, st, g)
-    bad = [m for m in ev.metrics if m not in METRICS]
-    if bad:
-        raise UserError(f"{path.name}: unknown metric {bad[0]!r}; metrics: {', '.join(METRICS)}")
+    registry.check_metrics(ev.metrics, "text-to-image", f"{path.name} [eval]", clip=ev.clip)
     if ev.primary not in ev.metrics:
         raise UserError(f"{path.name}: primary metric {ev.primary!r} is not among [eval] metrics")
     if ev.agreement_metric:
-        if ev.agreement_metric not in METRICS or ev.agreement_metric in ev.metrics:
-            raise UserError(f"{path.name}: agreement_metric {ev.agreement_metric!r} must be a metric not already in "
-                            f"[eval] metrics ({', '.join(METRICS)})")
+        registry.check_metrics([ev.agreement_metric], "text-to-image", f"{path.name} [eval] agreement_metric",
+                               clip=ev.clip)
+        if ev.agreement_metric in ev.metrics:
+            raise UserError(f"{path.name}: agreement_metric {ev.agreement_metric!r} is already in [eval] metrics")
         missing = [st for st in ev.agreement_steps if st not in ev.steps]
         if len(ev.agreement_steps) < 1 or missing:
             raise UserError(f"{path.name}: agreement_steps must be a non-empty subset of [eval] steps")
     for tname, task in study.tasks.items():
+        if task.metrics:
+            registry.check_metrics(task.metrics, task.kind, f"{path.name} [tasks.{tname}]", clip=ev.clip)
         for t in task.sizes:
             if parse_size(t).name not in {parse_size(x).name for x in study.train.sizes}:
                 raise UserError(f"{path.name}: [tasks.{tname}] size {t!r} is not among [train] sizes")
@@ -181,10 +183,6 @@ class Job:
     def id(self) -> str:
         return hashlib.sha256(json.dumps({"kind": self.kind, **self.config}, sort_keys=True, default=str)
                               .encode()).hexdigest()[:16]
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric in ("fid", "fd-classifier") or metric.startswith("fd")
 
 
 def job_done(out: Path, job: Job) -> bool:
@@ -270,10 +268,6 @@ def run_jobs(out: Path, jobs: list[Job], progress: bool = True, log: Callable[[s
     return {"jobs": len(jobs), "ran": len(pending), "seconds": time.time() - t_start}
 
 
-def _hash_config(obj) -> dict:
-    return json.loads(json.dumps(to_dict(obj), default=str))
-
-
 def study_eval(study: Study) -> EvalSection:
     """The [eval] section with its defaults resolved: the reference is the study's own data unless given."""
     import dataclasses
@@ -323,6 +317,7 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
     from ldmscale.autoencoder import AutoencoderConfig, train_autoencoder
     from ldmscale.cache import PrepareConfig, prepare
     from ldmscale.config import apply_overrides
+    from ldmscale.data import label_of_prompt
     from ldmscale.evaluate import EvalConfig, evaluate
     from ldmscale.family import parse_size, size_spec
     from ldmscale.features import ClassifierConfig, train_classifier
@@ -350,7 +345,7 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
                         lambda c=clf_cfg: train_classifier(c, clf_dir, progress=progress, overwrite=True)))
     if ev.sanity and ev.primary in ("fid", "fd-classifier"):
         s_cfg = EvalConfig(metrics=(ev.primary,), reference=ev.reference, reference_count=ev.reference_count,
-                           batch_size=ev.batch_size, classifier=clf_dir, inception=ev.inception)
+                           batch_size=ev.batch_size, classifier=clf_dir, inception=ev.inception, fid_resize=ev.fid_resize)
 
         def sanity(c=s_cfg, metric=ev.primary):
             from ldmscale.cache import read_manifest
@@ -390,6 +385,7 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
                                reference=ev.reference, reference_count=(ev.agreement_reference_count or ev.reference_count)
                                if agreement else ev.reference_count, checkpoint=str(ckpt), seed=ev.seed,
                                batch_size=ev.batch_size, classifier=clf_dir, clip=ev.clip, inception=ev.inception,
+                               fid_resize=ev.fid_resize,
                                # the rank correlation needs the values only: no bootstrap (10 more 2048-d FIDs)
                                bootstrap=0 if agreement else ev.bootstrap, spacing=ev.spacing,
                                tag="agreement" if agreement else "")
@@ -455,30 +451,12 @@ def write_csv(rows: list[dict], path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def read_csv(path: Path) -> list[dict]:
-    import csv
-
-    def conv(v: str):
-        if v == "":
-            return None
-        for t in (int, float):
-            try:
-                return t(v)
-            except ValueError:
-                pass
-        return {"True": True, "False": False}.get(v, v)
-
-    if not Path(path).exists():
-        raise UserError(f"no results table at {path}; run `ldmscale study run` first")
-    with open(path, newline="") as f:
-        return [{k: conv(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run: Path, fwd: int, clf_dir: str,
               progress: bool) -> list[Job]:
     """Fine-tune (or distill) one trained size for a task, then evaluate it over the task's grid."""
     from ldmscale import flops
     from ldmscale.config import apply_overrides
+    from ldmscale.data import label_of_prompt
     from ldmscale.evaluate import EvalConfig, evaluate
     from ldmscale.family import parse_size, size_spec
     from ldmscale.train import TrainConfig
@@ -499,7 +477,9 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
 
         cfg = apply_overrides(DreamBoothConfig(init=str(init)), sets)
         fn, cost = (lambda: finetune_dreambooth(cfg, tcfg, run, progress)), 3
-        default_metrics = ("subject-ssim", "subject-fidelity", "caption-accuracy")
+        # caption accuracy only where the class prompt is one of the classifier's classes
+        default_metrics = ("subject-ssim", "subject-fidelity") + (("caption-accuracy",)
+                                                                  if label_of_prompt(cfg.class_prompt) >= 0 else ())
         steps, guidance, samplers = task.steps or ev.steps, task.guidance or ev.guidance, task.samplers or ("ddim",)
     else:
         from ldmscale.distill import configs, distill
@@ -517,13 +497,18 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
                 {"task": name, "images": task.images} | to_dict(cfg) | {"train": to_dict(tcfg)}, fn,
                 cost_flops=cost * task.images * fwd)]
     metrics_ = tuple(task.metrics or default_metrics)
+    registry.check_metrics(metrics_, task.kind, f"[tasks.{name}]", clip=ev.clip)
+    if task.kind == "dreambooth" and "caption-accuracy" in metrics_ and label_of_prompt(cfg.class_prompt) < 0:
+        raise UserError(f"[tasks.{name}]: caption-accuracy needs a class prompt among the classifier's classes, "
+                        f"not {cfg.class_prompt!r}")
     for sampler in samplers:
         for n_steps in steps:
             for g in guidance:
                 e_cfg = EvalConfig(sampler=sampler, steps=n_steps, guidance=g, num_images=task.num_images or ev.num_images,
                                    metrics=metrics_, reference=ev.reference, reference_count=ev.reference_count,
                                    seed=ev.seed, batch_size=ev.batch_size, classifier=clf_dir, clip=ev.clip,
-                                   inception=ev.inception, bootstrap=ev.bootstrap, spacing=ev.spacing)
+                                   inception=ev.inception, fid_resize=ev.fid_resize, bootstrap=ev.bootstrap,
+                                   spacing=ev.spacing)
                 calls = flops.model_calls(n_steps, g if task.kind != "consistency" else 1.0)
                 jobs.append(Job("task-eval", f"eval {name} {size} {sampler} {n_steps} step{'s' * (n_steps != 1)} g{g:g}",
                                 to_dict(e_cfg) | {"run": str(run)}, lambda c=e_cfg: evaluate(run, c, progress=False),

@@ -75,7 +75,7 @@ def widen_conv_in(state: dict, extra: int) -> dict:
 class SRData:
     """High-resolution training images with their latents and caption states; degradations drawn per sample."""
 
-    def __init__(self, cfg: SRConfig, model, progress: bool = False):
+    def __init__(self, cfg: SRConfig, model):
         from ldmscale.autoencoder import encode, to_float
         from ldmscale.data import load_images, parse_source
 
@@ -105,7 +105,7 @@ class SRData:
         return z * self.sf, self.text[idx].float(), self.mask[idx], extra
 
 
-def sr_task(sr: SRConfig, progress: bool = False):
+def sr_task(sr: SRConfig):
     """A make_task for train.train: the widened init model on super-resolution data."""
     from ldmscale import checkpoint, flops
     from ldmscale.family import parse_size
@@ -135,7 +135,7 @@ def sr_task(sr: SRConfig, progress: bool = False):
         from ldmscale.train import Task
 
         init = widen_conv_in(checkpoint.load_weights(model.ckpt, "ema"), extra)
-        return Task(resolved, SRData(sr, model, progress), Denoising(cfg.prediction, cfg.snr_gamma, cfg.text_mask),
+        return Task(resolved, SRData(sr, model), Denoising(cfg.prediction, cfg.snr_gamma, cfg.text_mask),
                     init=init)
 
     return make
@@ -146,7 +146,7 @@ def finetune_sr(sr: SRConfig, train_cfg, out: str | Path, progress: bool = True)
 
     if not sr.init:
         raise UserError("--init RUN_DIR is required")
-    return train(train_cfg, out, progress, make_task=sr_task(sr, progress))
+    return train(train_cfg, out, progress, make_task=sr_task(sr))
 
 
 def upscale(model, lr: torch.Tensor, prompts: list[str], seeds: list[int], sampler: str, steps: int,

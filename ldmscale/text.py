@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,7 +113,26 @@ def _clip_parts(source: str):
     return tokenizer, model
 
 
+@contextmanager
+def quiet_loading():
+    """transformers draws a 'Loading weights' bar for every model it loads: noise between ldmscale's own bars."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_text_encoder(spec: str, max_length: int = 77) -> TextEncoder:
+    with quiet_loading():
+        return _load_text_encoder(spec, max_length)
+
+
+def _load_text_encoder(spec: str, max_length: int) -> TextEncoder:
     name, _, arg = spec.partition(":")
     try:
         if name == "minilm":

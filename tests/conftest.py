@@ -7,6 +7,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# `make test` runs the suite in pytest-xdist workers, one per core: each worker (and every CLI subprocess it starts)
+# gets its share of the cores instead of all of them, so workers do not oversubscribe the machine
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _threads
+    import torch
+
+    torch.set_num_threads(int(_threads))
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):

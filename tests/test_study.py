@@ -152,3 +152,14 @@ def test_downstream_study_is_the_demo_plus_tasks():
     demo, full = (to_dict(load_study(ROOT / "studies" / f"{n}.toml")) for n in ("demo", "downstream"))
     assert {k: v for k, v in full.items() if k not in ("name", "tasks")} == {k: v for k, v in demo.items() if k not in ("name", "tasks")}
     assert sorted(t["kind"] for t in full["tasks"].values()) == ["consistency", "super-resolution"]
+
+
+def test_dreambooth_caption_accuracy_needs_a_class_prompt_at_planning(study_file, tmp_path):
+    # caption accuracy of a subject whose class the classifier does not know used to vanish from the results
+    study_file.write_text(study_file.read_text() + '\n[tasks.db]\nkind = "dreambooth"\nimages = 16\n'
+                          'set = { subject = "examples/subject_elephant", class_prompt = "a robot" }\n'
+                          'metrics = ["subject-ssim", "caption-accuracy"]\n')
+    p = run_cli("study", "run", study_file, "--out", tmp_path / "s", "--dry-run")
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == ("ldmscale: error: [tasks.db]: caption-accuracy needs a class prompt "
+                                                 "among the classifier's classes, not 'a robot'")

@@ -97,7 +97,7 @@ def test_sr_bad_inputs_exit_2(tiny_run, tmp_path):
     p = run_cli("finetune", "sr", "--init", tmp_path / "nothing", "--out", tmp_path / "x")
     assert p.returncode == 2 and "not a run directory" in p.stderr
     p = run_cli("eval", "--run", tiny_run, "--metrics", "psnr", "--num-images", "4")
-    assert p.returncode == 2 and "applies to super-resolution runs" in p.stderr
+    assert p.returncode == 2 and "metric 'psnr' is not computed for text-to-image runs" in p.stderr
 
 
 def test_dreambooth_resumes_exactly_and_measures_fidelity(tiny_run, tiny_cache, tiny_classifier, tmp_path, monkeypatch):

@@ -17,6 +17,9 @@ from ldmscale import checkpoint
 from ldmscale.diffusion import SAMPLERS, SampleStats, generate_latents, make_sampler, noise_scheduler
 from ldmscale.train import TrainingDiverged, train
 
+# several processes on accelerate's one rendezvous port: one worker runs them one after another
+MULTIPROCESS = pytest.mark.xdist_group("multiprocess")
+
 
 def _weights(run, which="raw"):
     return checkpoint.load_weights(checkpoint.latest(run), which)
@@ -133,6 +136,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_cache, mon
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run")] == ["step-000003"]
 
 
+@MULTIPROCESS
 def test_two_process_data_parallel_trains_the_same_model(tmp_path, tiny_cache):
     args = ["train", "--data", str(tiny_cache), "--size", "c8", "--images", "32", "--set", "batch_size=8",
             "--set", "warmup_steps=1"]
@@ -319,6 +323,7 @@ def _launch2(args, out):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@MULTIPROCESS
 def test_fsdp_two_processes_train_resume_and_match_one_process(tmp_path, tiny_cache):
     args = ["train", "--data", tiny_cache, "--size", "c8", "--set", "batch_size=8", "--set", "warmup_steps=1",
             "--set", "checkpoint_every=16"]
@@ -362,6 +367,7 @@ def test_tensorboard_tracking_logs_config_curves_and_sample_grids(tmp_path, tiny
         assert p.returncode == 2 and "needs the wandb package: pip install wandb" in p.stderr
 
 
+@MULTIPROCESS
 @pytest.mark.parametrize("verb", ["distill", "finetune sr"])
 def test_two_process_data_parallel_distillation_and_superres(verb, tmp_path, tiny_run):
     """Distillation and super-resolution run in the same loop, so under DDP as pretraining does."""
