@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 import tomllib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Callable, Literal
@@ -63,6 +64,9 @@ class EvalSection(Config):
     clip: str = ""
     inception: str = ""
     fid_resize: Literal["tf", "pytorch"] = "tf"  # FID's resize to 299 px: TF1's, as published FIDs, or pytorch-fid's
+    lpips: str = ""  # TorchScript LPIPS model, for the lpips metric of super-resolution tasks
+    weights: Literal["ema", "raw"] = "ema"
+    precision: Literal["fp32", "bf16"] = "fp32"  # the UNet's precision when sampling (bf16 on GPUs)
     bootstrap: Annotated[int, Range(0, 10**4)] = 10
     curve_sampler: str = "ddim"  # the setting at which training-compute curves are measured
     curve_steps: Annotated[int, Range(1, 1000)] = 20
@@ -74,6 +78,11 @@ class EvalSection(Config):
     agreement_images: Annotated[int, Range(0, 10**7)] = 0  # images per agreement point (0: num_images)
     agreement_reference_count: NonNegative = 0  # reference images for the agreement points (0: reference_count)
     sanity: bool = True  # the primary metric of the reference split against the train split and blurred copies
+
+
+# [eval] fields passed to every evaluation of the study where EvalConfig has a field of that name (steps and guidance
+# are grids here, and the classifier is resolved by the study: given, or trained by it)
+EVAL_SHARED = frozenset(f.name for f in dataclasses.fields(EvalSection)) - {"steps", "guidance", "classifier"}
 
 
 @dataclass(frozen=True)
@@ -146,12 +155,12 @@ def load_study(path: str | Path) -> Study:
         for st in ev.steps:
             for g in ev.guidance:
                 check_sampling_args(smp, st, g)
-    registry.check_metrics(ev.metrics, "text-to-image", f"{path.name} [eval]", clip=ev.clip)
+    registry.check_metrics(ev.metrics, "text-to-image", f"{path.name} [eval]", clip=ev.clip, lpips=ev.lpips)
     if ev.primary not in ev.metrics:
         raise UserError(f"{path.name}: primary metric {ev.primary!r} is not among [eval] metrics")
     if ev.agreement_metric:
         registry.check_metrics([ev.agreement_metric], "text-to-image", f"{path.name} [eval] agreement_metric",
-                               clip=ev.clip)
+                               clip=ev.clip, lpips=ev.lpips)
         if ev.agreement_metric in ev.metrics:
             raise UserError(f"{path.name}: agreement_metric {ev.agreement_metric!r} is already in [eval] metrics")
         missing = [st for st in ev.agreement_steps if st not in ev.steps]
@@ -159,7 +168,7 @@ def load_study(path: str | Path) -> Study:
             raise UserError(f"{path.name}: agreement_steps must be a non-empty subset of [eval] steps")
     for tname, task in study.tasks.items():
         if task.metrics:
-            registry.check_metrics(task.metrics, task.kind, f"{path.name} [tasks.{tname}]", clip=ev.clip)
+            registry.check_metrics(task.metrics, task.kind, f"{path.name} [tasks.{tname}]", clip=ev.clip, lpips=ev.lpips)
         for t in task.sizes:
             if parse_size(t).name not in {parse_size(x).name for x in study.train.sizes}:
                 raise UserError(f"{path.name}: [tasks.{tname}] size {t!r} is not among [train] sizes")
@@ -268,6 +277,16 @@ def run_jobs(out: Path, jobs: list[Job], progress: bool = True, log: Callable[[s
     return {"jobs": len(jobs), "ran": len(pending), "seconds": time.time() - t_start}
 
 
+def eval_config(ev: EvalSection, classifier: str, **job):
+    """One evaluation of the study: every EvalConfig field the [eval] section declares, then the job's own values
+    (sampler, steps, guidance, checkpoint, ...). A field added to both is passed through without another line."""
+    from ldmscale.evaluate import EvalConfig
+
+    shared = {f.name: getattr(ev, f.name) for f in dataclasses.fields(EvalConfig)
+              if f.name in EVAL_SHARED and f.name not in job}
+    return EvalConfig(**shared, classifier=classifier, **job)
+
+
 def study_eval(study: Study) -> EvalSection:
     """The [eval] section with its defaults resolved: the reference is the study's own data unless given."""
     import dataclasses
@@ -344,8 +363,7 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
         jobs.append(Job("classifier", "classifier", to_dict(clf_cfg),
                         lambda c=clf_cfg: train_classifier(c, clf_dir, progress=progress, overwrite=True)))
     if ev.sanity and ev.primary in ("fid", "fd-classifier"):
-        s_cfg = EvalConfig(metrics=(ev.primary,), reference=ev.reference, reference_count=ev.reference_count,
-                           batch_size=ev.batch_size, classifier=clf_dir, inception=ev.inception, fid_resize=ev.fid_resize)
+        s_cfg = eval_config(ev, clf_dir, metrics=(ev.primary,))
 
         def sanity(c=s_cfg, metric=ev.primary):
             from ldmscale.cache import read_manifest
@@ -380,15 +398,11 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
 
         def eval_job(label, sampler, n_steps, g, ckpt, run=run, fwd=fwd, agreement=False):
             n = (ev.agreement_images or ev.num_images) if agreement else ev.num_images
-            e_cfg = EvalConfig(sampler=sampler, steps=n_steps, guidance=g, num_images=n,
-                               metrics=(ev.primary, ev.agreement_metric) if agreement else tuple(ev.metrics),
-                               reference=ev.reference, reference_count=(ev.agreement_reference_count or ev.reference_count)
-                               if agreement else ev.reference_count, checkpoint=str(ckpt), seed=ev.seed,
-                               batch_size=ev.batch_size, classifier=clf_dir, clip=ev.clip, inception=ev.inception,
-                               fid_resize=ev.fid_resize,
-                               # the rank correlation needs the values only: no bootstrap (10 more 2048-d FIDs)
-                               bootstrap=0 if agreement else ev.bootstrap, spacing=ev.spacing,
-                               tag="agreement" if agreement else "")
+            e_cfg = eval_config(ev, clf_dir, sampler=sampler, steps=n_steps, guidance=g, num_images=n,
+                                checkpoint=str(ckpt), **(dict(
+                                    metrics=(ev.primary, ev.agreement_metric), tag="agreement",
+                                    reference_count=ev.agreement_reference_count or ev.reference_count,
+                                    bootstrap=0) if agreement else {}))  # the rank correlation needs values only
             calls = flops.model_calls(n_steps, g, 2 if sampler == "heun" else 1)
             return Job("eval", f"eval {size.name} {label}", to_dict(e_cfg) | {"run": str(run)},
                        lambda: evaluate(run, e_cfg, progress=False), cost_flops=n * calls * fwd,
@@ -497,18 +511,15 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
                 {"task": name, "images": task.images} | to_dict(cfg) | {"train": to_dict(tcfg)}, fn,
                 cost_flops=cost * task.images * fwd)]
     metrics_ = tuple(task.metrics or default_metrics)
-    registry.check_metrics(metrics_, task.kind, f"[tasks.{name}]", clip=ev.clip)
+    registry.check_metrics(metrics_, task.kind, f"[tasks.{name}]", clip=ev.clip, lpips=ev.lpips)
     if task.kind == "dreambooth" and "caption-accuracy" in metrics_ and label_of_prompt(cfg.class_prompt) < 0:
         raise UserError(f"[tasks.{name}]: caption-accuracy needs a class prompt among the classifier's classes, "
                         f"not {cfg.class_prompt!r}")
     for sampler in samplers:
         for n_steps in steps:
             for g in guidance:
-                e_cfg = EvalConfig(sampler=sampler, steps=n_steps, guidance=g, num_images=task.num_images or ev.num_images,
-                                   metrics=metrics_, reference=ev.reference, reference_count=ev.reference_count,
-                                   seed=ev.seed, batch_size=ev.batch_size, classifier=clf_dir, clip=ev.clip,
-                                   inception=ev.inception, fid_resize=ev.fid_resize, bootstrap=ev.bootstrap,
-                                   spacing=ev.spacing)
+                e_cfg = eval_config(ev, clf_dir, sampler=sampler, steps=n_steps, guidance=g,
+                                    num_images=task.num_images or ev.num_images, metrics=metrics_)
                 calls = flops.model_calls(n_steps, g if task.kind != "consistency" else 1.0)
                 jobs.append(Job("task-eval", f"eval {name} {size} {sampler} {n_steps} step{'s' * (n_steps != 1)} g{g:g}",
                                 to_dict(e_cfg) | {"run": str(run)}, lambda c=e_cfg: evaluate(run, c, progress=False),

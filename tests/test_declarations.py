@@ -1,0 +1,37 @@
+"""Configs are declared once: a field added to a config dataclass reaches the CLI and the study file, or this fails."""
+
+import dataclasses
+
+from ldmscale.cli_eval import eval_cmd
+from ldmscale.evaluate import EvalConfig
+from ldmscale.study import EVAL_SHARED, EvalSection, eval_config
+
+# EvalConfig fields a study sets per job rather than in [eval], and why
+PER_JOB = {"sampler": "[eval] samplers is a grid", "steps": "[eval] steps is a grid",
+           "guidance": "[eval] guidance is a grid", "checkpoint": "every training-curve checkpoint is a job",
+           "tag": "set by the study on agreement evaluations", "classifier": "given, or trained by the study"}
+# EvalConfig fields that are not `ldmscale eval` options, and why
+NOT_ON_EVAL_CLI = {"tag": "a study's label for its own evaluations", "metrics": "spelled --metrics (a list)"}
+
+
+def _names(fields_of) -> set[str]:
+    return {f.name for f in dataclasses.fields(fields_of)}
+
+
+def test_every_eval_field_is_an_eval_option():
+    options = {p.name for p in eval_cmd.params}
+    missing = _names(EvalConfig) - options - set(NOT_ON_EVAL_CLI)
+    assert not missing, f"EvalConfig fields without an `ldmscale eval` option: {sorted(missing)}"
+    assert "metric_list" in options and "--metrics" in next(p for p in eval_cmd.params if p.name == "metric_list").opts
+
+
+def test_every_eval_field_is_a_study_field_or_set_per_job():
+    missing = _names(EvalConfig) - _names(EvalSection) - set(PER_JOB)
+    assert not missing, f"EvalConfig fields a study file cannot set: {sorted(missing)}"
+    # and every [eval] field of the same name reaches the evaluations
+    ev = EvalSection(lpips="lp.pt", precision="bf16", weights="raw", fid_resize="pytorch", seed=7, bootstrap=3,
+                     spacing="trailing", clip="clipdir", inception="inc.pt", reference="animal-mnist:train")
+    cfg = eval_config(ev, "clf", sampler="ddim", steps=4, guidance=2.0)
+    for name in _names(EvalConfig) & EVAL_SHARED:
+        assert getattr(cfg, name) == getattr(ev, name), name
+    assert (cfg.classifier, cfg.sampler, cfg.steps, cfg.guidance) == ("clf", "ddim", 4, 2.0)
