@@ -12,8 +12,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-WAVES = {"autoencoder": 0, "classifier": 0, "prepare": 1, "train": 2, "sanity": 2, "eval": 3, "finetune": 3, "distill": 3,
-         "task-eval": 4}
+from ldmscale.tasks import KINDS
+
+# a task's training (fine-tune or distillation, from the task registry) needs its trained size; its evaluations need it
+WAVES = {"autoencoder": 0, "classifier": 0, "prepare": 1, "train": 2, "sanity": 2, "eval": 3,
+         **{k.job_kind: 3 for k in KINDS.values()}, "task-eval": 4}
 
 
 def _execute(out: str, job) -> str:

@@ -468,60 +468,28 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run: Path, fwd: int, clf_dir: str,
               progress: bool) -> list[Job]:
     """Fine-tune (or distill) one trained size for a task, then evaluate it over the task's grid."""
-    from ldmscale import flops
-    from ldmscale.config import apply_overrides
-    from ldmscale.data import label_of_prompt
-    from ldmscale.evaluate import EvalConfig, evaluate
-    from ldmscale.family import parse_size, size_spec
-    from ldmscale.train import TrainConfig
+    from ldmscale import flops, tasks
+    from ldmscale.evaluate import evaluate
 
-    ev, sets = study_eval(study), [f"{k}={v}" for k, v in task.set.items()]
-    tcfg = apply_overrides(from_dict(TrainConfig, to_dict(base) | {"images": task.images, "checkpoint_every": 0, "keep": 2}),
-                           [f"{k}={v}" for k, v in task.train_set.items()])
-    size = init.name
-    if task.kind == "super-resolution":
-        from ldmscale.superres import SRConfig, finetune_sr
-
-        cfg = apply_overrides(SRConfig(init=str(init), data=study.data.source), sets)
-        fn, cost = (lambda: finetune_sr(cfg, from_dict(TrainConfig, to_dict(tcfg) | {"data": cfg.data}), run, progress)), 3
-        default_metrics = ("psnr", "ssim") + tuple(m for m in ev.metrics if m in ("fid", "fd-classifier"))
-        steps, guidance, samplers = task.steps or ev.steps, task.guidance or (1.0,), task.samplers or ("ddim",)
-    elif task.kind == "dreambooth":
-        from ldmscale.dreambooth import DreamBoothConfig, finetune_dreambooth
-
-        cfg = apply_overrides(DreamBoothConfig(init=str(init)), sets)
-        fn, cost = (lambda: finetune_dreambooth(cfg, tcfg, run, progress)), 3
-        # caption accuracy only where the class prompt is one of the classifier's classes
-        default_metrics = ("subject-ssim", "subject-fidelity") + (("caption-accuracy",)
-                                                                  if label_of_prompt(cfg.class_prompt) >= 0 else ())
-        steps, guidance, samplers = task.steps or ev.steps, task.guidance or ev.guidance, task.samplers or ("ddim",)
-    else:
-        from ldmscale.distill import configs, distill
-
-        cfg, dtcfg = configs(str(init), task.kind, sets + [f"{k}={v}" for k, v in task.train_set.items()],
-                             base={"data": base.data, "size": size_spec(parse_size(size)), "seed": base.seed})
-        tcfg = dtcfg
-        fn, cost = (lambda: distill(cfg, dtcfg, run, task.images, progress)), 6
-        default_metrics = tuple(ev.metrics)
-        final = cfg.final_steps if task.kind == "progressive" else 4
-        steps = task.steps or ((1, 2, 4, 8) if task.kind == "consistency" else (final,))
-        guidance = task.guidance or ev.guidance
-        samplers = task.samplers or (("lcm",) if task.kind == "consistency" else ("ddim",))
-    jobs = [Job("finetune" if task.kind in ("super-resolution", "dreambooth") else "distill", f"{name} {size}",
-                {"task": name, "images": task.images} | to_dict(cfg) | {"train": to_dict(tcfg)}, fn,
-                cost_flops=cost * task.images * fwd)]
-    metrics_ = tuple(task.metrics or default_metrics)
-    registry.check_metrics(metrics_, task.kind, f"[tasks.{name}]", clip=ev.clip, lpips=ev.lpips)
-    if task.kind == "dreambooth" and "caption-accuracy" in metrics_ and label_of_prompt(cfg.class_prompt) < 0:
-        raise UserError(f"[tasks.{name}]: caption-accuracy needs a class prompt among the classifier's classes, "
-                        f"not {cfg.class_prompt!r}")
+    ev, kind = study_eval(study), tasks.kind(task.kind)
+    try:
+        built = kind.build(task, study, ev, base, init, run, progress)
+    except UserError as e:
+        raise UserError(f"[tasks.{name}]: {e}") from None
+    jobs = [Job(kind.job_kind, f"{name} {init.name}",
+                {"task": name, "images": task.images} | to_dict(built.cfg) | {"train": to_dict(built.train)}, built.run,
+                cost_flops=kind.forward_passes * task.images * fwd)]
+    metrics = tuple(task.metrics or built.metrics)
+    registry.check_metrics(metrics, task.kind, f"[tasks.{name}]", clip=ev.clip, lpips=ev.lpips)
+    samplers, steps, guidance = (task.samplers or built.grid[0], task.steps or built.grid[1],
+                                 task.guidance or built.grid[2])
     for sampler in samplers:
         for n_steps in steps:
             for g in guidance:
                 e_cfg = eval_config(ev, clf_dir, sampler=sampler, steps=n_steps, guidance=g,
-                                    num_images=task.num_images or ev.num_images, metrics=metrics_)
-                calls = flops.model_calls(n_steps, g if task.kind != "consistency" else 1.0)
-                jobs.append(Job("task-eval", f"eval {name} {size} {sampler} {n_steps} step{'s' * (n_steps != 1)} g{g:g}",
-                                to_dict(e_cfg) | {"run": str(run)}, lambda c=e_cfg: evaluate(run, c, progress=False),
-                                cost_flops=e_cfg.num_images * calls * fwd))
+                                    num_images=task.num_images or ev.num_images, metrics=metrics)
+                calls = flops.model_calls(n_steps, g if kind.guidance_doubles_calls else 1.0)
+                jobs.append(Job("task-eval", f"eval {name} {init.name} {sampler} {n_steps} step{'s' * (n_steps != 1)} "
+                                f"g{g:g}", to_dict(e_cfg) | {"run": str(run)},
+                                lambda c=e_cfg: evaluate(run, c, progress=False), cost_flops=e_cfg.num_images * calls * fwd))
     return jobs

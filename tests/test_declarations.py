@@ -35,3 +35,16 @@ def test_every_eval_field_is_a_study_field_or_set_per_job():
     for name in _names(EvalConfig) & EVAL_SHARED:
         assert getattr(cfg, name) == getattr(ev, name), name
     assert (cfg.classifier, cfg.sampler, cfg.steps, cfg.guidance) == ("clf", "ddim", 4, 2.0)
+
+
+def test_task_kinds_are_declared_once():
+    import typing
+
+    from ldmscale import registry, tasks
+    from ldmscale.cluster import WAVES
+    from ldmscale.study import TaskSection
+
+    kinds = typing.get_args(typing.get_type_hints(TaskSection)["kind"])
+    assert set(kinds) == set(tasks.KINDS)  # the study file's choices are the registry's kinds
+    for k in tasks.KINDS.values():
+        assert WAVES[k.job_kind] == 3 and k.name in registry.EVAL_KIND

@@ -163,3 +163,38 @@ def test_dreambooth_caption_accuracy_needs_a_class_prompt_at_planning(study_file
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().splitlines()[-1] == ("ldmscale: error: [tasks.db]: caption-accuracy needs a class prompt "
                                                  "among the classifier's classes, not 'a robot'")
+
+
+def test_every_task_kind_plans_its_training_and_grid(study_file, tmp_path):
+    # planning reads the task registry: one training job per (task, size), then the task's default grid
+    study_file.write_text(study_file.read_text() + """
+[tasks.sr]
+kind = "super-resolution"
+images = 16
+[tasks.db]
+kind = "dreambooth"
+images = 16
+set = { subject = "examples/subject_elephant", class_prompt = "an elephant" }
+[tasks.lcm]
+kind = "consistency"
+images = 16
+[tasks.pd]
+kind = "progressive"
+images = 16
+set = { start_steps = 4, final_steps = 2 }
+""")
+    p = run_cli("study", "run", study_file, "--out", tmp_path / "s", "--dry-run", check=True)
+    lines = p.stdout.strip().splitlines()
+    assert lines[-1].startswith("39 jobs, 39 to run")
+    names = [l.split("FLOPs", 1)[1].strip() for l in lines[:-1]]
+    for size in ("c8", "c16"):
+        assert {f"sr {size}", f"db {size}", f"lcm {size}", f"pd {size}"} <= set(names)
+        # super-resolution: ddim at the [eval] steps, no guidance; dreambooth: the [eval] grid;
+        # consistency: lcm at 1, 2, 4, 8 steps; progressive: ddim at its final round's steps
+        assert [n for n in names if n.startswith(f"eval sr {size}")] == [f"eval sr {size} ddim 2 steps g1",
+                                                                         f"eval sr {size} ddim 3 steps g1"]
+        assert [n for n in names if n.startswith(f"eval db {size}")] == [f"eval db {size} ddim 2 steps g2",
+                                                                         f"eval db {size} ddim 3 steps g2"]
+        assert [n for n in names if n.startswith(f"eval lcm {size}")] == [
+            f"eval lcm {size} lcm {s} step{'s' * (s > 1)} g2" for s in (1, 2, 4, 8)]
+        assert [n for n in names if n.startswith(f"eval pd {size}")] == [f"eval pd {size} ddim 2 steps g2"]
