@@ -37,7 +37,17 @@ COUNT = click.IntRange(0, 10**12)  # an image count, 0 meaning "all" or "default
 POSITIVE = click.IntRange(1, 10**12)
 
 
-@click.group(context_settings=CONTEXT)
+# `ldmscale --help` lists the verbs in the order of the pipeline, not alphabetically
+ORDER = ("family", "autoencoder", "data", "classifier", "train", "sample", "eval", "compare", "finetune", "distill",
+         "export", "study", "plan")
+
+
+class PipelineGroup(click.Group):
+    def list_commands(self, ctx) -> list[str]:
+        return sorted(self.commands, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+
+
+@click.group(cls=PipelineGroup, context_settings=CONTEXT)
 @click.version_option(package_name="ldmscale")
 @click.option("--device", default=None, metavar="DEVICE",
               help="Compute on this device (cpu, cuda, cuda:1; default: accelerate's choice, the GPU when there is "

@@ -11,7 +11,12 @@ from ldmscale.config import UserError, apply_overrides, from_dict, load_json
 
 @click.group("autoencoder")
 def autoencoder_group() -> None:
-    """Train a KL autoencoder (the LDM first stage) from scratch."""
+    """Train a KL autoencoder (the LDM first stage) from scratch.
+
+    \b
+    Examples:
+      ldmscale autoencoder train --source animal-mnist --out runs/ae
+    """
 
 
 @autoencoder_group.command("train", epilog="""
@@ -43,7 +48,12 @@ def autoencoder_train(source, out, config_file, overrides, overwrite) -> None:
 
 @click.group("data")
 def data_group() -> None:
-    """Prepare data: encode images and captions once into a latent cache."""
+    """Prepare data: encode images and captions once into a latent cache.
+
+    \b
+    Examples:
+      ldmscale data prepare --source animal-mnist --autoencoder runs/ae --text-encoder minilm --resolution 32 --out runs/cache
+    """
 
 
 @data_group.command("prepare", epilog="""
@@ -58,8 +68,9 @@ Examples:
 @click.option("--autoencoder", required=True, help="AutoencoderKL folder or hub id.")
 @click.option("--text-encoder", default="minilm", show_default=True, help="minilm, clip-l[:PATH], clip-h[:PATH] or clip:PATH.")
 @click.option("--resolution", default=32, show_default=True, type=int, help="Image side after center crop and resize.")
-@click.option("--shard-size", default=1000, show_default=True, type=int)
-@click.option("--batch-size", default=250, show_default=True, type=int)
+@click.option("--shard-size", default=1000, show_default=True, type=int,
+              help='Images per cache shard (a killed prepare resumes at the first missing shard).')
+@click.option("--batch-size", default=250, show_default=True, type=int, help='Images encoded per batch.')
 @click.option("--limit", default=0, type=int, help="Encode at most N items per split (0: all).")
 def data_prepare(source, out, autoencoder, text_encoder, resolution, shard_size, batch_size, limit) -> None:
     """Encode a dataset into a sharded latent + text-embedding cache."""

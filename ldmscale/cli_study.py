@@ -25,7 +25,13 @@ def _study_of(out: Path, study_file: Path | None):
 
 @click.group("study")
 def study_group() -> None:
-    """Run a scaling study (sizes x training x samplers x steps x guidance) and report on it."""
+    """Run a scaling study (sizes x training x samplers x steps x guidance) and report on it.
+
+    \b
+    Examples:
+      ldmscale study run studies/demo.toml --out demo
+      ldmscale study report demo
+    """
 
 
 @study_group.command("run", epilog="""
@@ -38,9 +44,11 @@ Examples:
 Running it again skips finished jobs; a killed study loses at most the job in flight.
 """)
 @click.argument("study_file", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help='Study folder (created, or resumed: finished jobs are skipped).')
 @click.option("--dry-run", is_flag=True, help="List the jobs and their estimated cost, run nothing.")
-@click.option("--executor", default="local", type=click.Choice(["local", "slurm", "submitit-local"]), show_default=True)
+@click.option("--executor", default="local", type=click.Choice(["local", "slurm", "submitit-local"]), show_default=True,
+              help='local (this process), slurm or submitit-local (through submitit, in dependency waves).')
 @click.option("--report/--no-report", default=True, show_default=True, help="Write the report when done.")
 def study_run(study_file, out, dry_run, executor, report) -> None:
     """Train every size and evaluate every grid point of a study file."""
@@ -128,7 +136,7 @@ Examples:
 @click.option("--budget-ms", type=FINITE, help="Budget in milliseconds per image, as measured on this hardware.")
 @click.option("--metric", default=None, help="Metric to optimize (default: the study's primary metric).")
 @click.option("--sampler", default=None, help="Only consider this sampler.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help='Print the answer as JSON.')
 def plan_cmd(out, budget, budget_ms, metric, sampler, as_json) -> None:
     """The best (size, sampler, steps, guidance) within a sampling budget, and the runner-up."""
     from ldmscale.analysis import best_over_guidance, describe_choice, final_rows, plan, plan_note

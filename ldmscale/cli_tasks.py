@@ -26,7 +26,13 @@ def _train_cfg(init: Path, out: Path, images: int | None, train_sets: tuple[str,
 
 @click.group("finetune")
 def finetune_group() -> None:
-    """Fine-tune a trained text-to-image run on a downstream task (4x super-resolution, DreamBooth)."""
+    """Fine-tune a trained text-to-image run on a downstream task (4x super-resolution, DreamBooth).
+
+    \b
+    Examples:
+      ldmscale finetune sr --init runs/c32 --out runs/c32-sr --images 20000
+      ldmscale finetune dreambooth --init runs/c32 --subject examples/subject_elephant --class-prompt "an elephant" --out runs/c32-db
+    """
 
 
 @finetune_group.command("sr", epilog="""
@@ -38,7 +44,8 @@ Examples:
 """)
 @click.option("--init", "init", required=True, type=click.Path(path_type=Path), help="Text-to-image run directory.")
 @click.option("--data", default="animal-mnist", show_default=True, help="Source of high-resolution images.")
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help='Run directory of the fine-tune (resumes if it exists).')
 @click.option("--images", type=int, help="Fine-tuning duration in images (default 20000).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="SRConfig: scale, degradation (bicubic|realesrgan), condition (pixels|latent), noise_aug, limit.")
@@ -61,15 +68,18 @@ def finetune_sr_cmd(init, data, out, images, overrides, train_sets) -> None:
 Example:
   ldmscale finetune dreambooth --init runs/c32 --subject my_dog/ --identifier sks --class-prompt "a dog" --out runs/c32-db
 """)
-@click.option("--init", "init", required=True, type=click.Path(path_type=Path))
+@click.option("--init", "init", required=True, type=click.Path(path_type=Path), help='Text-to-image run directory.')
 @click.option("--subject", required=True, type=click.Path(path_type=Path), help="Folder with 3-5 images of the subject.")
-@click.option("--identifier", default="sks", show_default=True)
+@click.option("--identifier", default="sks", show_default=True,
+              help="The rare token bound to the subject (the prompt becomes 'a sks dog').")
 @click.option("--class-prompt", required=True, help='The class of the subject, e.g. "a dog".')
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help='Run directory of the fine-tune (resumes if it exists).')
 @click.option("--images", type=int, help="Fine-tuning duration in images (default 3200).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="DreamBoothConfig: num_class_images, prior_sampler, prior_steps, prior_guidance, seed.")
-@click.option("--train-set", "train_sets", multiple=True, metavar="KEY=VALUE")
+@click.option("--train-set", "train_sets", multiple=True, metavar="KEY=VALUE",
+              help='TrainConfig override (lr, batch_size, ...).')
 def finetune_dreambooth_cmd(init, subject, identifier, class_prompt, out, images, overrides, train_sets) -> None:
     """DreamBooth: bind a subject to a rare identifier, with class-prior preservation."""
     from ldmscale.dreambooth import DreamBoothConfig, finetune_dreambooth, instance_prompt
@@ -93,8 +103,10 @@ Examples:
   accelerate launch --multi_gpu --num_processes 2 -m ldmscale distill --teacher runs/c32 --out runs/c32-lcm-ddp
 """)
 @click.option("--teacher", required=True, type=click.Path(path_type=Path), help="Text-to-image run directory.")
-@click.option("--method", default="consistency", show_default=True, type=click.Choice(["consistency", "progressive"]))
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--method", default="consistency", show_default=True, type=click.Choice(["consistency", "progressive"]),
+              help='consistency (LCM) or progressive (halving the DDIM steps per round).')
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help='Run directory of the fine-tune (resumes if it exists).')
 @click.option("--images", type=click.IntRange(1, 10**12), default=20_000, show_default=True,
               help="Images per run (consistency) or per halving round (progressive).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",

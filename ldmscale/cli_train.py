@@ -70,14 +70,16 @@ Writes one PNG per image, grid.png (a row per prompt; columns grouped by sampler
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable).")
 @click.option("--sampler", "samplers", multiple=True, help="ddim (default), ddpm, dpmsolver++, euler, euler-a, heun, unipc, lcm. Repeatable.")
-@click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000), help='Sampling steps.')
 @click.option("--guidance", default=7.5, show_default=True, type=FINITE, help="Classifier-free guidance scale (<=1: off).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1), help="Image k of prompt p uses seed + p*num + k.")
 @click.option("--num", default=4, show_default=True, type=click.IntRange(1, 10**6), help="Images per prompt (and sampler).")
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help='Output folder.')
 @click.option("--checkpoint", "which", default="latest", show_default=True, help="latest, or a step number.")
-@click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]))
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 2**16))
+@click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]),
+              help='EMA or raw training weights.')
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 2**16),
+              help='Images per sampling batch.')
 @click.option("--lr", "lr_source", default="", help="Super-resolution runs: SOURCE[:SPLIT] of low-resolution inputs (first --num).")
 @click.option("--spacing", default="leading", show_default=True, type=click.Choice(["leading", "trailing"]),
               help="Sampler timesteps: SD v1.5's leading spacing, or trailing (every sample starts at t=999).")
@@ -181,10 +183,11 @@ Example:
   ldmscale export --run runs/c16 --out export/c16
   python -c "from diffusers import StableDiffusionPipeline as P; P.from_pretrained('export/c16')"
 """)
-@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path))
-@click.option("--checkpoint", "which", default="latest", show_default=True)
-@click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]))
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help='Run directory.')
+@click.option("--out", required=True, type=click.Path(path_type=Path), help='Output folder.')
+@click.option("--checkpoint", "which", default="latest", show_default=True, help='latest, or a step number.')
+@click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]),
+              help='EMA or raw training weights.')
 @click.option("--overwrite", is_flag=True, help="Replace an export already at --out (nothing else is ever replaced).")
 def export_cmd(run_dir, out, which, weights, overwrite) -> None:
     """Export a run as a diffusers StableDiffusionPipeline folder."""

@@ -48,3 +48,26 @@ def test_task_kinds_are_declared_once():
     assert set(kinds) == set(tasks.KINDS)  # the study file's choices are the registry's kinds
     for k in tasks.KINDS.values():
         assert WAVES[k.job_kind] == 3 and k.name in registry.EVAL_KIND
+
+
+def test_every_option_has_help_every_group_an_example_and_verbs_follow_the_pipeline():
+    import click
+
+    from ldmscale.cli import ORDER, cli, register
+
+    register("cli_family", "cli_data", "cli_train", "cli_eval", "cli_study", "cli_tasks")
+    assert cli.list_commands(None) == list(ORDER)
+
+    def walk(cmd, path):
+        if isinstance(cmd, click.Group):
+            assert "Example" in (cmd.help or ""), f"{path}: group help without an example"
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, f"{path} {name}")
+        else:
+            assert "Example" in (cmd.epilog or "") + (cmd.help or ""), f"{path}: no example"
+            for p in cmd.params:
+                if isinstance(p, click.Option):
+                    yield path, p.opts[0], p.help
+
+    missing = [f"{path} {opt}" for path, opt, text in walk(cli, "ldmscale") if not text]
+    assert not missing, f"options without help: {missing}"
