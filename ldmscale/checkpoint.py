@@ -1,4 +1,4 @@
-"""Run directories and checkpoints (DESIGN.md §5).
+"""Run directories and checkpoints (the README's "Run directories and results").
 
   RUN/config.json              fully resolved config, UNet config, data identity, package versions
   RUN/metrics.jsonl            one line per log step: loss, lr, images/s and the compute ledger

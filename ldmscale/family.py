@@ -1,7 +1,7 @@
 """The model family: the Stable Diffusion v1.5 UNet with only the base width C changed.
 
 `block_out_channels=(C, 2C, 4C, 4C)`, 3x CrossAttnDownBlock2D + DownBlock2D, UpBlock2D + 3x CrossAttnUpBlock2D,
-`layers_per_block=2`, 8 attention heads, 32 norm groups (DESIGN.md §2). Below C=64 the layout needs two
+`layers_per_block=2`, 8 attention heads, 32 norm groups (the README's family section). Below C=64 the layout needs two
 adjustments, made by one rule and reported by `ldmscale family`:
 - GroupNorm needs C divisible by the group count: 32 groups when C is a multiple of 32, otherwise the largest
   divisor of C that is at most 16;

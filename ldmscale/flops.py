@@ -1,4 +1,5 @@
-"""Exact accounting (DESIGN.md §4): parameters, forward FLOPs, normalized cost, training and sampling cost.
+"""Exact accounting (the table in the README's family section): parameters, forward FLOPs, normalized cost,
+training and sampling cost.
 
 FLOP convention everywhere: a multiply-add counts as 2 FLOPs (torch.utils.flop_counter's convention).
 Forward FLOPs are per sample (batch 1), measured once per (size, latent, context) on the meta device,
