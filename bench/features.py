@@ -12,12 +12,11 @@ import argparse
 import time
 
 import torch
-
 from common import record
 
-from ldmscale import metrics
-from ldmscale.data import load_images, parse_source
-from ldmscale.features import InceptionFeatures
+from ldmscale.data.sources import load_images, parse_source
+from ldmscale.eval import metrics
+from ldmscale.eval.features import InceptionFeatures
 
 
 def rate(fn, images: torch.Tensor, batch: int) -> float:

@@ -55,7 +55,7 @@ say "distilled and fine-tuned"
 W=$W $PY - <<'PY'
 import glob, json, os, sys
 import torch
-from ldmscale.sample import load_run
+from ldmscale.diffusion.sampling import load_run
 
 w, bad = os.environ["W"], []
 for ck in glob.glob(f"{w}/*/checkpoints"):
@@ -79,8 +79,8 @@ PY
 $PY - <<'PY'
 import time, torch
 from diffusers.training_utils import EMAModel
-from ldmscale.family import build_unet, parse_size
-from ldmscale.flops import cost
+from ldmscale.model.family import build_unet, parse_size
+from ldmscale.model.flops import cost
 
 name = torch.cuda.get_device_name()
 PEAKS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "RTX 4090": 165, "A6000": 155}

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import record
 
-from ldmscale import autoencoder as ae
-from ldmscale import data
-from ldmscale.cache import PrepareConfig, prepare
-from ldmscale.text import load_text_encoder
+from ldmscale.data import autoencoder as ae
+from ldmscale.data import sources as data
+from ldmscale.data.cache import PrepareConfig, prepare
+from ldmscale.data.text import load_text_encoder
 
 
 def naive(images: int, ae_dir: str, batch: int = 250) -> float:
@@ -47,7 +46,7 @@ def main() -> None:
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
     try:
-        from ldmscale.autoencoder import AutoencoderConfig, build_autoencoder
+        from ldmscale.data.autoencoder import AutoencoderConfig, build_autoencoder
 
         vae = build_autoencoder(AutoencoderConfig())  # the default architecture; speed does not depend on weights
         vae.register_to_config(scaling_factor=0.5)

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import ROOT, matmul_peak_gflops, record
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -26,10 +25,10 @@ def main() -> None:
     from diffusers import StableDiffusionPipeline
     from fixtures import make_autoencoder
 
-    from ldmscale.cache import PrepareConfig, prepare
-    from ldmscale.export import export
-    from ldmscale.sample import encode_prompts, generate, load_run
-    from ldmscale.train import TrainConfig, train
+    from ldmscale.data.cache import PrepareConfig, prepare
+    from ldmscale.diffusion.export import export
+    from ldmscale.diffusion.sampling import encode_prompts, generate, load_run
+    from ldmscale.train.loop import TrainConfig, train
 
     p = argparse.ArgumentParser()
     p.add_argument("--size", default="c16")

@@ -19,10 +19,9 @@ import tempfile
 import time
 
 import torch
-
 from common import record
 
-from ldmscale.family import build_unet, make_size, parse_size
+from ldmscale.model.family import build_unet, make_size, parse_size
 
 
 def make_step(size, *, channels_last=False, fused=False, classic_attn=False, bf16=False, batch=64):
@@ -76,7 +75,7 @@ def ratio(base, other, repeats: int = 5) -> dict:
 
 
 def main() -> None:
-    from ldmscale.flops import cost
+    from ldmscale.model.flops import cost
 
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="c16,c32,c64")
@@ -99,7 +98,7 @@ def main() -> None:
         print(name, r, flush=True)
     with tempfile.TemporaryDirectory() as d:
         os.environ["LDMSCALE_CACHE"] = d
-        from ldmscale import flops
+        from ldmscale.model import flops
 
         flops.measure.cache_clear()
         t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Training throughput from the latent cache vs encoding on the fly, per `cpu` size, in one run.
 
-ldmscale: `ldmscale.train.train` on a latent cache (steady-state images/s from its metrics.jsonl).
+ldmscale: `ldmscale.train.loop.train` on a latent cache (steady-state images/s from its metrics.jsonl).
 Baseline ("on the fly"): the loop of diffusers' examples/text_to_image/train_text_to_image.py: every step
 loads and preprocesses the images, encodes them with the autoencoder (latent_dist.sample() x scaling factor)
 and the captions with the text encoder, then the same UNet forward/backward and AdamW step.
@@ -22,17 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from common import matmul_peak_gflops, record
 
-from ldmscale import autoencoder as ae
-from ldmscale import data
-from ldmscale.cache import PrepareConfig, prepare
-from ldmscale.diffusion import noise_scheduler
-from ldmscale.family import build_unet, parse_size
-from ldmscale.flops import cost
-from ldmscale.text import load_text_encoder
-from ldmscale.train import TrainConfig, train
+from ldmscale.data import autoencoder as ae
+from ldmscale.data import sources as data
+from ldmscale.data.cache import PrepareConfig, prepare
+from ldmscale.data.text import load_text_encoder
+from ldmscale.diffusion.samplers import noise_scheduler
+from ldmscale.model.family import build_unet, parse_size
+from ldmscale.model.flops import cost
+from ldmscale.train.loop import TrainConfig, train
 
 
 def on_the_fly(size: str, steps: int, batch: int, ae_dir: str) -> float:

@@ -21,11 +21,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ldmscale.data import ANIMAL_CLASSES, load_images  # noqa: E402
-from ldmscale.degrade import degrade, resize  # noqa: E402
-from ldmscale.evaluate import parse_reference  # noqa: E402
-from ldmscale.metrics import subject_fidelity, subject_ssim  # noqa: E402
-from ldmscale.sample import generate, load_run  # noqa: E402
+from ldmscale.data.degrade import degrade, resize  # noqa: E402
+from ldmscale.data.sources import ANIMAL_CLASSES, load_images  # noqa: E402
+from ldmscale.diffusion.sampling import generate, load_run  # noqa: E402
+from ldmscale.eval.metrics import subject_fidelity, subject_ssim  # noqa: E402
+from ldmscale.eval.reference import parse_reference  # noqa: E402
 
 DOCS = Path(__file__).parent
 
@@ -65,7 +65,7 @@ def sr_figure(runs: list[str], n: int, steps: int) -> None:
     lr = degrade(hr, scale, kind, seeds)
     cols, titles = [resize(lr, res, "nearest"), resize(lr, res, "bicubic")], [f"input {res // scale}px", "bicubic"]
     for r, m in zip(runs, models):
-        from ldmscale.superres import upscale
+        from ldmscale.tasks.superres import upscale
 
         out, _ = upscale(m, lr, caps, seeds, "ddim", steps, 1.0)
         cols.append(out)
@@ -92,8 +92,8 @@ def lcm_figure(pairs: list[str], steps: int, guidance: float) -> None:
 
 
 def dreambooth_figure(init: str, run: str, classifier: str, n: int, steps: int, guidance: float, n_stats: int) -> None:
-    from ldmscale.dreambooth import subject_images
-    from ldmscale.features import ClassifierFeatures
+    from ldmscale.eval.features import ClassifierFeatures
+    from ldmscale.tasks.dreambooth import subject_images
 
     base, db = load_run(init), load_run(run)
     task = db.config["task"]

@@ -1,4 +1,4 @@
-from ldmscale.cli import main
+from ldmscale.cli.main import main
 
 if __name__ == "__main__":
     main()

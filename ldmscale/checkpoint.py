@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldmscale.config import UserError
+from ldmscale.errors import UserError
 from ldmscale.io import atomic_dir, atomic_write_json, atomic_write_text
 
 

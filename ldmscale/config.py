@@ -14,15 +14,21 @@ import json
 import math
 import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
+from ldmscale.errors import UserError
 from ldmscale.io import atomic_write_json
 
 T = TypeVar("T")
-
-
-class UserError(Exception):
-    """Bad input from the user (a path, a name, a value). The CLI prints it and exits with code 2."""
 
 
 @dataclasses.dataclass(frozen=True)

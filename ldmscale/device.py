@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from ldmscale.config import UserError
+from ldmscale.errors import UserError
 
 ENV = "LDMSCALE_DEVICE"
 

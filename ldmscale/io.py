@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from ldmscale.errors import UserError
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -180,7 +182,6 @@ def output_kind(path: str | os.PathLike) -> str | None:
 def check_output(path: str | os.PathLike, kind: str, overwrite: bool = False) -> None:
     """The --out rule: a command writes into a new or empty folder, continues a run, cache or study of its own kind,
     and replaces an autoencoder, classifier, export or sample folder only with --overwrite; anything else is refused."""
-    from ldmscale.config import UserError
 
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -210,8 +211,7 @@ class DirLock:
     def __enter__(self) -> "DirLock":
         import fcntl
 
-        from ldmscale.config import UserError
-
+    
         if not self.enabled:
             return self
         self.created = not self.path.exists()

@@ -76,7 +76,7 @@ def make_autoencoder(out: Path, channels: int = 1, resolution: int = 32) -> Path
     """An untrained tiny AutoencoderKL (f=4) saved like a trained one: enough to test the plumbing."""
     import torch
 
-    from ldmscale.autoencoder import AutoencoderConfig, build_autoencoder
+    from ldmscale.data.autoencoder import AutoencoderConfig, build_autoencoder
 
     torch.manual_seed(0)
     vae = build_autoencoder(AutoencoderConfig(channels=channels, resolution=resolution, block_out_channels=(8, 16, 16),
@@ -115,7 +115,13 @@ def make_tiny_clip(out: Path, hidden: int = 32) -> Path:
 def make_tiny_clip_model(out: Path, image_size: int = 32) -> Path:
     """A full CLIPModel (text + vision towers) and CLIPProcessor from config, for CLIP-score tests."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
 
     make_tiny_clip(out / "_text")
     tok = CLIPTokenizer.from_pretrained(out / "_text")

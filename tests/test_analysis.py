@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ldmscale import analysis
+from ldmscale.analysis import scaling as analysis
 
 
 def test_power_law_fit_recovers_known_exponent_with_noise():

@@ -3,7 +3,8 @@ and "not measured", for the right reason."""
 
 import pytest
 
-from ldmscale import analysis, claims
+from ldmscale.analysis import claims
+from ldmscale.analysis import scaling as analysis
 
 M = "fd-classifier"
 CURVE = ("ddim", 20, 3.0)

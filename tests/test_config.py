@@ -4,7 +4,8 @@ from typing import Literal, Optional
 
 import pytest
 
-from ldmscale.config import UserError, apply_overrides, from_dict, load_json, save_json, to_dict
+from ldmscale.config import apply_overrides, from_dict, load_json, save_json, to_dict
+from ldmscale.errors import UserError
 
 
 @dataclass(frozen=True)

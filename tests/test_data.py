@@ -3,15 +3,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-
-import ldmscale.cache as cache_mod
 from conftest import run_cli
 from fixtures import caption, make_folder, make_hf, make_tars
-from ldmscale import data
-from ldmscale.cache import LatentCache, PrepareConfig, prepare, read_manifest
-from ldmscale.config import UserError
-from ldmscale.text import load_text_encoder
+from safetensors import safe_open
+
+import ldmscale.data.cache as cache_mod
+from ldmscale.data import sources as data
+from ldmscale.data.cache import LatentCache, PrepareConfig, prepare, read_manifest
+from ldmscale.data.text import load_text_encoder
+from ldmscale.errors import UserError
 
 
 def test_animal_mnist_source_and_fixed_split():
@@ -194,7 +194,7 @@ def test_autoencoder_train_cli(tmp_path):
     proc = run_cli("autoencoder", "train", "--source", f"folder:{root}", "--out", out, "--set", "steps=3",
                    "--set", "batch_size=4", "--set", "block_out_channels=8,16,16", "--set", "norm_groups=8", check=True)
     assert "validation PSNR" in proc.stdout
-    from ldmscale.autoencoder import load_autoencoder
+    from ldmscale.data.autoencoder import load_autoencoder
 
     vae = load_autoencoder(str(out))
     report = json.loads((out / "ldmscale_autoencoder.json").read_text())

@@ -2,9 +2,9 @@
 
 import dataclasses
 
-from ldmscale.cli_eval import eval_cmd
-from ldmscale.evaluate import EvalConfig
-from ldmscale.study import EVAL_SHARED, EvalSection, eval_config
+from ldmscale.cli.eval import eval_cmd
+from ldmscale.eval.evaluate import EvalConfig
+from ldmscale.study.plan import EVAL_SHARED, EvalSection, eval_config
 
 # EvalConfig fields a study sets per job rather than in [eval], and why
 PER_JOB = {"sampler": "[eval] samplers is a grid", "steps": "[eval] steps is a grid",
@@ -40,9 +40,10 @@ def test_every_eval_field_is_a_study_field_or_set_per_job():
 def test_task_kinds_are_declared_once():
     import typing
 
-    from ldmscale import registry, tasks
-    from ldmscale.cluster import WAVES
-    from ldmscale.study import TaskSection
+    from ldmscale.eval import registry
+    from ldmscale.study.cluster import WAVES
+    from ldmscale.study.plan import TaskSection
+    from ldmscale.tasks import kinds as tasks
 
     kinds = typing.get_args(typing.get_type_hints(TaskSection)["kind"])
     assert set(kinds) == set(tasks.KINDS)  # the study file's choices are the registry's kinds
@@ -53,9 +54,9 @@ def test_task_kinds_are_declared_once():
 def test_every_option_has_help_every_group_an_example_and_verbs_follow_the_pipeline():
     import click
 
-    from ldmscale.cli import ORDER, cli, register
+    from ldmscale.cli.main import ORDER, cli, register
 
-    register("cli_family", "cli_data", "cli_train", "cli_eval", "cli_study", "cli_tasks")
+    register("family", "data", "train", "eval", "study", "tasks")
     assert cli.list_commands(None) == list(ORDER)
 
     def walk(cmd, path):

@@ -17,7 +17,7 @@ def _devices(*modules):
 @pytest.fixture()
 def on_meta(monkeypatch):
     monkeypatch.setenv("LDMSCALE_DEVICE", "meta")
-    from ldmscale import sample
+    from ldmscale.diffusion import sampling as sample
 
     sample._vae.cache_clear()
     sample._text.cache_clear()
@@ -27,7 +27,7 @@ def on_meta(monkeypatch):
 
 
 def test_sampling_models_are_on_the_device(tiny_run, on_meta):
-    from ldmscale.sample import load_run
+    from ldmscale.diffusion.sampling import load_run
 
     m = load_run(tiny_run)
     assert _devices(m.unet, m.vae, m.text.model) == {META}
@@ -37,7 +37,8 @@ def test_sampling_models_are_on_the_device(tiny_run, on_meta):
 
 def test_evaluation_feature_networks_are_on_the_device(tiny_classifier, tmp_path, on_meta):
     from fixtures import make_tiny_clip_model
-    from ldmscale.evaluate import EvalConfig, build_extractors
+
+    from ldmscale.eval.evaluate import EvalConfig, build_extractors
 
     clip = make_tiny_clip_model(tmp_path / "clip")
     ex, clf, cl = build_extractors(EvalConfig(metrics=("fid", "fd-classifier", "caption-accuracy", "clip"),
@@ -47,7 +48,7 @@ def test_evaluation_feature_networks_are_on_the_device(tiny_classifier, tmp_path
 
 
 def test_prepare_encoders_are_on_the_device(tiny_ae, on_meta):
-    from ldmscale.cache import PrepareConfig, encoders
+    from ldmscale.data.cache import PrepareConfig, encoders
 
     vae, text = encoders(PrepareConfig(source="animal-mnist", autoencoder=str(tiny_ae)))
     assert _devices(vae, text.model) == {META}
@@ -64,8 +65,9 @@ def accelerator_on_meta(monkeypatch):
 def test_training_puts_model_ema_and_objective_networks_on_the_device(tiny_run, tiny_cache, tmp_path,
                                                                     accelerator_on_meta):
     from conftest import tiny_train_config
-    from ldmscale.distill import configs, distill_task
-    from ldmscale.train import setup, text_to_image_task
+
+    from ldmscale.tasks.distill import configs, distill_task
+    from ldmscale.train.loop import setup, text_to_image_task
 
     s = setup(tiny_train_config(tiny_cache), tmp_path / "run", text_to_image_task)
     assert _devices(s.model) == {META} and {t.device for t in s.ema.shadow_params} == {META}

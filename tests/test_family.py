@@ -2,11 +2,26 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli
-from ldmscale.config import UserError
-from ldmscale.family import PRESETS, build_unet, make_size, parse_size, preset_sizes, size_spec
-from ldmscale.flops import cost, count_flops, matches_paper, model_calls, sampling_cost, steps_x_gflops, training_flops
+
+from ldmscale.errors import UserError
+from ldmscale.model.family import (
+    PRESETS,
+    build_unet,
+    make_size,
+    parse_size,
+    preset_sizes,
+    size_spec,
+)
+from ldmscale.model.flops import (
+    cost,
+    count_flops,
+    matches_paper,
+    model_calls,
+    sampling_cost,
+    steps_x_gflops,
+    training_flops,
+)
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])

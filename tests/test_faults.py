@@ -15,24 +15,25 @@ from pathlib import Path
 
 import click
 import pytest
-
 from conftest import ROOT, run_cli, tiny_train_config
-from ldmscale.config import UserError, from_dict
+
+from ldmscale.config import from_dict
+from ldmscale.errors import UserError
 
 BAD = [0, -1, math.nan, math.inf, 1e40, "x"]
 ALWAYS_BAD = [math.nan, math.inf, 1e40, "x"]
 
 
 def _config_classes():
-    from ldmscale.autoencoder import AutoencoderConfig
-    from ldmscale.cache import PrepareConfig
-    from ldmscale.distill import DistillConfig
-    from ldmscale.dreambooth import DreamBoothConfig
-    from ldmscale.evaluate import EvalConfig
-    from ldmscale.features import ClassifierConfig
-    from ldmscale.study import DataSection, EvalSection, TaskSection, TrainSection
-    from ldmscale.superres import SRConfig
-    from ldmscale.train import TrainConfig
+    from ldmscale.data.autoencoder import AutoencoderConfig
+    from ldmscale.data.cache import PrepareConfig
+    from ldmscale.eval.evaluate import EvalConfig
+    from ldmscale.eval.features import ClassifierConfig
+    from ldmscale.study.plan import DataSection, EvalSection, TaskSection, TrainSection
+    from ldmscale.tasks.distill import DistillConfig
+    from ldmscale.tasks.dreambooth import DreamBoothConfig
+    from ldmscale.tasks.superres import SRConfig
+    from ldmscale.train.loop import TrainConfig
 
     return [TrainConfig, EvalConfig, PrepareConfig, AutoencoderConfig, ClassifierConfig, DistillConfig, SRConfig,
             DreamBoothConfig, DataSection, TrainSection, EvalSection, TaskSection]
@@ -79,10 +80,10 @@ def test_every_numeric_config_field_refuses_bad_values_with_a_user_error(cls, na
 
 
 def _commands(group=None, path=()):
-    from ldmscale.cli import cli, register
+    from ldmscale.cli.main import cli, register
 
     if group is None:
-        register("cli_family", "cli_data", "cli_train", "cli_eval", "cli_study", "cli_tasks")
+        register("family", "data", "train", "eval", "study", "tasks")
         group = cli
     for name, cmd in sorted(group.commands.items()):
         if isinstance(cmd, click.Group):
@@ -117,7 +118,7 @@ CLI_CASES = [(path, opt) for path, cmd in _commands() for opt in cmd.params if _
 def _main(argv, capfd):
     import logging
 
-    from ldmscale.cli import main
+    from ldmscale.cli.main import main
 
     for logger in [logging.getLogger()] + [logging.getLogger(n) for n in logging.root.manager.loggerDict]:
         for h in getattr(logger, "handlers", []):  # libraries' handlers bound to an earlier test's captured stderr
@@ -174,7 +175,7 @@ STUDY_FIELDS = [(sec, name, kind) for cls, name, kind in NUMERIC_FIELDS
 
 @pytest.mark.parametrize("section,name,kind", STUDY_FIELDS, ids=[f"{s}.{n}" for s, n, _ in STUDY_FIELDS])
 def test_every_numeric_study_field_is_checked_when_the_file_loads(section, name, kind, tmp_path):
-    from ldmscale.study import load_study
+    from ldmscale.study.plan import load_study
 
     for value in BAD:
         text = _toml(value) if kind == "scalar" else f"[{_toml(value)}]"
@@ -288,7 +289,7 @@ def dying_rmtree(path, *a, **k):
     os.unlink(os.path.join(path, files[0]))  # delete part of the checkpoint, then die
     os.kill(os.getpid(), signal.SIGKILL)
 checkpoint.shutil.rmtree = dying_rmtree
-from ldmscale.train import train, TrainConfig
+from ldmscale.train.loop import train, TrainConfig
 from ldmscale.config import from_dict
 import json
 train(from_dict(TrainConfig, json.loads(sys.argv[1])), sys.argv[2], progress=False)
@@ -300,7 +301,7 @@ def test_kill_during_a_checkpoint_prune_leaves_only_complete_checkpoints(tmp_pat
 
     from ldmscale import checkpoint
     from ldmscale.config import to_dict
-    from ldmscale.train import train
+    from ldmscale.train.loop import train
 
     cfg = tiny_train_config(tiny_cache, images=48, checkpoint_every=8, keep=1)
     run = tmp_path / "run"

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from ldmscale import analysis, metrics
-from ldmscale.diffusion import SAMPLERS, generate_latents, make_sampler
-from ldmscale.family import build_unet, parse_size
+from ldmscale.analysis import scaling as analysis
+from ldmscale.diffusion.samplers import SAMPLERS, generate_latents, make_sampler
+from ldmscale.eval import metrics
+from ldmscale.model.family import build_unet, parse_size
 
 # the first six optimizer steps of the tiny c8 run (conftest.tiny_run: seed 0, batch 8, lr 1e-3, warmup 2)
 FIRST_LOSSES = [1.1703790426254272, 1.1881029605865479, 1.139922857284546, 1.1439212560653687, 1.0681036710739136,

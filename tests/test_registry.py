@@ -2,9 +2,9 @@
 
 import pytest
 
-from ldmscale import registry
-from ldmscale.config import UserError
-from ldmscale.study import load_study
+from ldmscale.errors import UserError
+from ldmscale.eval import registry
+from ldmscale.study.plan import load_study
 
 
 def test_directions_come_from_the_registry_not_the_name():

@@ -7,16 +7,15 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
-
 from conftest import run_cli, tiny_train_config
 from fixtures import make_folder, make_tars, png_bytes, shape_image
-from ldmscale.config import UserError
+from PIL import Image
+
+from ldmscale.errors import UserError
 
 
 def test_16_bit_and_float_images_are_scaled_by_their_bit_depth(tmp_path):
-    from ldmscale.data import preprocess
+    from ldmscale.data.sources import preprocess
 
     sixteen = Image.fromarray(np.full((8, 8), 128 * 257, np.uint16))
     assert sixteen.mode.startswith("I")
@@ -28,7 +27,7 @@ def test_16_bit_and_float_images_are_scaled_by_their_bit_depth(tmp_path):
 
 
 def test_folder_with_root_metadata_naming_split_files(tmp_path):
-    from ldmscale.data import count, iterate, parse_source
+    from ldmscale.data.sources import count, iterate, parse_source
 
     root = tmp_path / "data"
     for split in ("train", "validation"):
@@ -51,7 +50,7 @@ def test_folder_with_root_metadata_naming_split_files(tmp_path):
 
 
 def test_captions_csv_row_without_caption(tmp_path):
-    from ldmscale.data import iterate, parse_source
+    from ldmscale.data.sources import iterate, parse_source
 
     make_folder(tmp_path / "f", n=2, corrupt=False)
     (tmp_path / "f" / "metadata.jsonl").unlink()
@@ -61,7 +60,7 @@ def test_captions_csv_row_without_caption(tmp_path):
 
 
 def test_webdataset_shards_that_are_cut_short_empty_or_not_tar(tmp_path):
-    from ldmscale.data import iterate, parse_source
+    from ldmscale.data.sources import iterate, parse_source
 
     pattern = make_tars(tmp_path / "w", shards=2, per_shard=3)
     first = tmp_path / "w" / "00000.tar"
@@ -82,7 +81,7 @@ def test_webdataset_shards_that_are_cut_short_empty_or_not_tar(tmp_path):
 
 
 def test_prepare_refuses_a_split_without_readable_images(tmp_path, tiny_ae):
-    from ldmscale.cache import PrepareConfig, prepare
+    from ldmscale.data.cache import PrepareConfig, prepare
 
     root = tmp_path / "bad"
     root.mkdir()
@@ -94,7 +93,7 @@ def test_prepare_refuses_a_split_without_readable_images(tmp_path, tiny_ae):
 
 
 def test_eval_reference_defaults_to_the_runs_data_and_names_carry_it(tiny_run, tiny_classifier, tmp_path):
-    from ldmscale.evaluate import EvalConfig, evaluate, result_name
+    from ldmscale.eval.evaluate import EvalConfig, evaluate, result_name
 
     cfg = EvalConfig(sampler="ddim", steps=1, guidance=1.0, num_images=4, classifier=str(tiny_classifier),
                      metrics=("fd-classifier",), reference_count=20, batch_size=4)
@@ -107,7 +106,7 @@ def test_eval_reference_defaults_to_the_runs_data_and_names_carry_it(tiny_run, t
 
 
 def test_extending_a_cosine_run_is_refused_and_a_constant_one_extends(tmp_path, tiny_cache):
-    from ldmscale.train import train
+    from ldmscale.train.loop import train
 
     train(tiny_train_config(tiny_cache, images=16, lr_schedule="cosine"), tmp_path / "cos", progress=False)
     with pytest.raises(UserError, match="cosine lr schedule planned for 16 images"):
@@ -120,7 +119,7 @@ def test_extending_a_cosine_run_is_refused_and_a_constant_one_extends(tmp_path, 
 def test_a_run_that_fails_to_start_leaves_nothing(tmp_path, tiny_cache, monkeypatch):
     import diffusers
 
-    from ldmscale.train import train
+    from ldmscale.train.loop import train
 
     def broken(**kw):
         raise MemoryError("simulated: the model does not fit")
@@ -133,7 +132,7 @@ def test_a_run_that_fails_to_start_leaves_nothing(tmp_path, tiny_cache, monkeypa
 
 def test_a_full_disk_names_the_last_good_checkpoint(tmp_path, tiny_cache, monkeypatch):
     from ldmscale import checkpoint
-    from ldmscale.train import train
+    from ldmscale.train.loop import train
 
     train(tiny_train_config(tiny_cache, images=16), tmp_path / "run", progress=False)
     real = checkpoint.save_file
@@ -149,7 +148,7 @@ def test_a_full_disk_names_the_last_good_checkpoint(tmp_path, tiny_cache, monkey
 
 
 def test_autoencoder_step_counts_and_bad_shapes(tmp_path):
-    from ldmscale.autoencoder import AutoencoderConfig, train_autoencoder
+    from ldmscale.data.autoencoder import AutoencoderConfig, train_autoencoder
 
     r = train_autoencoder(AutoencoderConfig(steps=20, batch_size=4, max_images=16, block_out_channels=(8, 8),
                                             norm_groups=4), tmp_path / "ae", progress=False)

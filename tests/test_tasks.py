@@ -3,17 +3,17 @@ import json
 import numpy as np
 import pytest
 import torch
-
-import ldmscale.train as train_mod
 from conftest import run_cli, tiny_train_config
+
+import ldmscale.train.loop as train_mod
 from ldmscale import checkpoint
-from ldmscale.config import UserError
+from ldmscale.errors import UserError
 
 
 def test_widened_first_convolution_reproduces_the_pretrained_output(tiny_run):
     from diffusers import UNet2DConditionModel
 
-    from ldmscale.superres import widen_conv_in
+    from ldmscale.tasks.superres import widen_conv_in
 
     cfg = json.loads((tiny_run / "config.json").read_text())["unet"]
     weights = checkpoint.load_weights(checkpoint.latest(tiny_run), "ema")
@@ -31,7 +31,7 @@ def test_widened_first_convolution_reproduces_the_pretrained_output(tiny_run):
 
 
 def test_degradations_shapes_and_determinism():
-    from ldmscale.degrade import bicubic_down, degrade, gaussian_blur
+    from ldmscale.data.degrade import bicubic_down, degrade, gaussian_blur
 
     x = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
     assert bicubic_down(x, 4).shape == (3, 1, 8, 8)
@@ -66,7 +66,7 @@ def _resume_exactly(tmp_path, monkeypatch, make_cmd, fn, steps=2):
 
 
 def test_sr_finetune_resumes_exactly_and_evaluates(tiny_run, tiny_cache, tiny_classifier, tmp_path, monkeypatch):
-    from ldmscale.superres import SRConfig, finetune_sr
+    from ldmscale.tasks.superres import SRConfig, finetune_sr
 
     sr = SRConfig(init=str(tiny_run), data="animal-mnist", limit=64, degradation="realesrgan", noise_aug=0.05)
     cfg = tiny_train_config(tiny_cache, images=16, checkpoint_every=8, data="animal-mnist")
@@ -84,8 +84,8 @@ def test_sr_finetune_resumes_exactly_and_evaluates(tiny_run, tiny_cache, tiny_cl
     assert r["task"] == "super-resolution" and r["num_images"] == 8
     # the bicubic baseline, recomputed independently: the validation split's first 8 images, degraded with the
     # eval's seeds (0..7), upsampled, PSNR by its definition
-    from ldmscale.data import load_images, parse_source
-    from ldmscale.degrade import degrade, resize
+    from ldmscale.data.degrade import degrade, resize
+    from ldmscale.data.sources import load_images, parse_source
 
     hr = torch.as_tensor(load_images(parse_source("animal-mnist"), "validation", 32, 1, 8)[0])
     up = resize(degrade(hr, 4, "realesrgan", list(range(8))), 32, "bicubic").double()
@@ -113,8 +113,12 @@ def test_sr_bad_inputs_exit_2(tiny_run, tmp_path):
 def test_dreambooth_resumes_exactly_and_measures_fidelity(tiny_run, tiny_cache, tiny_classifier, tmp_path, monkeypatch):
     from PIL import Image
 
-    from ldmscale.data import animal_mnist_arrays
-    from ldmscale.dreambooth import DreamBoothConfig, finetune_dreambooth, instance_prompt
+    from ldmscale.data.sources import animal_mnist_arrays
+    from ldmscale.tasks.dreambooth import (
+        DreamBoothConfig,
+        finetune_dreambooth,
+        instance_prompt,
+    )
 
     subject = tmp_path / "subject"
     subject.mkdir()
@@ -127,15 +131,15 @@ def test_dreambooth_resumes_exactly_and_measures_fidelity(tiny_run, tiny_cache, 
     cfg = tiny_train_config(tiny_cache, images=16, checkpoint_every=8)
     _resume_exactly(tmp_path, monkeypatch, None, lambda out: finetune_dreambooth(db, cfg, out, progress=False))
     run = tmp_path / "straight"
-    p = run_cli("eval", "--run", run, "--sampler", "ddim", "--steps", "3", "--guidance", "3", "--num-images", "6",
+    run_cli("eval", "--run", run, "--sampler", "ddim", "--steps", "3", "--guidance", "3", "--num-images", "6",
                 "--metrics", "subject-ssim,subject-fidelity,caption-accuracy", "--classifier", tiny_classifier, check=True)
     r = json.loads(next((run / "eval").glob("*.json")).read_text())
     assert r["task"] == "dreambooth" and r["prompt"] == "a sks dog"
     # the same numbers from the images regenerated with the eval's seeds, measured directly
-    from ldmscale import metrics
-    from ldmscale.dreambooth import subject_images
-    from ldmscale.features import ClassifierFeatures
-    from ldmscale.sample import generate, load_run
+    from ldmscale.diffusion.sampling import generate, load_run
+    from ldmscale.eval import metrics
+    from ldmscale.eval.features import ClassifierFeatures
+    from ldmscale.tasks.dreambooth import subject_images
 
     images, _ = generate(load_run(run), ["a sks dog"] * 6, "ddim", 3, 3.0, list(range(6)))
     views = subject_images(str(subject), 32, 1)
@@ -155,6 +159,6 @@ def test_dreambooth_bad_inputs_exit_2(tiny_run, tmp_path):
                 "--out", tmp_path / "x")
     assert p.returncode == 2 and "subject folder not found" in p.stderr
     with pytest.raises(UserError):
-        from ldmscale.dreambooth import subject_images
+        from ldmscale.tasks.dreambooth import subject_images
 
         subject_images(str(tmp_path / "empty"), 32, 1)

@@ -9,13 +9,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_cli, tiny_train_config
 from safetensors import safe_open
 
-import ldmscale.train as train_mod
-from conftest import ROOT, run_cli, tiny_train_config
+import ldmscale.train.loop as train_mod
 from ldmscale import checkpoint
-from ldmscale.diffusion import SAMPLERS, SampleStats, generate_latents, make_sampler, noise_scheduler
-from ldmscale.train import TrainingDiverged, train
+from ldmscale.diffusion.samplers import (
+    SAMPLERS,
+    SampleStats,
+    generate_latents,
+    make_sampler,
+    noise_scheduler,
+)
+from ldmscale.train.loop import TrainingDiverged, train
 
 # several processes on accelerate's one rendezvous port: one worker runs them one after another
 MULTIPROCESS = pytest.mark.xdist_group("multiprocess")
@@ -71,7 +77,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_cache, monkeypatch):
     steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     # a longer --images continues the same run; other changed settings are refused
-    from ldmscale.config import UserError
+    from ldmscale.errors import UserError
 
     with pytest.raises(UserError, match="lr differ"):
         train(tiny_train_config(tiny_cache, lr=0.5), tmp_path / "resumed", progress=False)
@@ -89,7 +95,7 @@ def slow(tensors, path, metadata=None):
         pathlib.Path(sys.argv[1]).write_text("saving")
         time.sleep(60)
 ck.save_file = slow
-from ldmscale.cli import main
+from ldmscale.cli.main import main
 main(sys.argv[2:])
 """
 
@@ -118,7 +124,7 @@ def test_kill9_during_save_keeps_previous_checkpoint(tmp_path, tiny_cache):
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_cache, monkeypatch):
-    from ldmscale.cache import LatentCache
+    from ldmscale.data.cache import LatentCache
 
     real = LatentCache.batch
     calls = {"n": 0}
@@ -209,7 +215,7 @@ def test_guidance_doubles_model_calls_and_lcm_runs():
 
 
 def test_same_seed_same_images_whatever_the_batch(tiny_run):
-    from ldmscale.sample import generate, load_run
+    from ldmscale.diffusion.sampling import generate, load_run
 
     model = load_run(tiny_run)
     prompts = ["a cat", "a dog", "a cat"]
@@ -269,7 +275,7 @@ def _pipeline_latents(folder, prompt_embeds=None, negative=None, prompt=None, se
 
 
 def _our_latents(run, prompts, seeds=(3, 4), steps=5, guidance=3.0):
-    from ldmscale.sample import encode_prompts, load_run
+    from ldmscale.diffusion.sampling import encode_prompts, load_run
 
     model = load_run(run)
     cond, uncond = encode_prompts(model, prompts)
@@ -279,8 +285,9 @@ def _our_latents(run, prompts, seeds=(3, 4), steps=5, guidance=3.0):
 
 def test_export_clip_pipeline_matches_ldmscale_sample(tmp_path, tiny_ae):
     from fixtures import make_tiny_clip
-    from ldmscale.cache import PrepareConfig, prepare
-    from ldmscale.export import export
+
+    from ldmscale.data.cache import PrepareConfig, prepare
+    from ldmscale.diffusion.export import export
 
     clip = make_tiny_clip(tmp_path / "clip")
     cache = tmp_path / "cache"
@@ -297,8 +304,8 @@ def test_export_clip_pipeline_matches_ldmscale_sample(tmp_path, tiny_ae):
 def test_export_minilm_pipeline_takes_plain_prompts_or_refuses(tiny_run, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from ldmscale.export import export
-    from ldmscale.sample import encode_prompts, load_run
+    from ldmscale.diffusion.export import export
+    from ldmscale.diffusion.sampling import encode_prompts, load_run
 
     export(tiny_run, tmp_path / "export")
     model = load_run(tiny_run)
@@ -338,7 +345,7 @@ def test_fsdp_two_processes_train_resume_and_match_one_process(tmp_path, tiny_ca
     assert all(torch.allclose(b[k], c[k], atol=1e-6) for k in b)
     cfg = json.loads((tmp_path / "fsdp" / "config.json").read_text())
     assert cfg["train"]["fsdp"] is True
-    from ldmscale.sample import generate, load_run
+    from ldmscale.diffusion.sampling import generate, load_run
 
     images, _ = generate(load_run(tmp_path / "fsdp"), ["a cat"], "ddim", 2, 2.0, [0])
     assert images.shape == (1, 1, 32, 32)
@@ -347,7 +354,7 @@ def test_fsdp_two_processes_train_resume_and_match_one_process(tmp_path, tiny_ca
 def test_tensorboard_tracking_logs_config_curves_and_sample_grids(tmp_path, tiny_cache):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from ldmscale.train import train
+    from ldmscale.train.loop import train
 
     run = tmp_path / "run"
     train(tiny_train_config(tiny_cache, images=16, report_to="tensorboard"), run, progress=False)

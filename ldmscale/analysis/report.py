@@ -1,0 +1,315 @@
+"""`ldmscale study report`: figures (PNG and SVG), sample grids, a Markdown summary and one self-contained HTML
+page, both rendered from templates (ldmscale/analysis/templates) over the data that `analyze` computes."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ldmscale.analysis import claims, plots
+from ldmscale.analysis import scaling as analysis
+from ldmscale.errors import UserError
+from ldmscale.eval import registry
+from ldmscale.io import atomic_write, atomic_write_json, atomic_write_text
+
+
+def task_metrics(primary: str) -> dict[str, str]:
+    """The metric each downstream task is judged by: super-resolution by the study's Frechet distance (the paper
+    reports FID; PSNR rewards the blurry mean), DreamBooth by subject identity."""
+    return {"super-resolution": primary if primary in ("fid", "fd-classifier") else "psnr", "dreambooth": "subject-ssim"}
+
+
+def default_budgets(rows: list[dict]) -> list[dict]:
+    """A small and a large sampling budget, and why: the 25th percentile and the maximum of the measured costs."""
+    costs = sorted(r["sampling_cost"] for r in rows if r.get("sampling_cost") is not None)
+    if not costs:
+        return []
+    return [{"budget": float(np.percentile(costs, 25)), "why": "small budget: the 25th percentile of the measured "
+             "sampling costs"}, {"budget": float(costs[-1]), "why": "large budget: the largest measured sampling cost"}]
+
+
+def fits_table(curves: dict, metric: str) -> tuple[dict, list[dict]]:
+    """Power-law fits per size, and one table row per size: its parameters, or why there are none."""
+    fits, table = {}, []
+    for size, pts in sorted(curves.items(), key=lambda kv: kv[1][0].get("norm_cost", 0)):
+        row = {"size": size, "points": len(pts)}
+        if len(pts) < 3:
+            row["reason"] = f"needs 3 evaluated checkpoints, has {len(pts)}"
+        else:
+            try:
+                f = analysis.fit_power_law([p["train_flops"] for p in pts], [p[metric] for p in pts],
+                                           lower_better=registry.lower_is_better(metric))
+            except (RuntimeError, ValueError) as e:
+                row["reason"] = f"the fit failed: {str(e).splitlines()[0]}"
+            else:
+                fits[size] = f
+                if f.ok:
+                    row.update(a=f.a, b=f.b, c=f.c, ci_b=f.ci.get("b"), ci_c=f.ci.get("c"))
+                else:
+                    row["reason"] = "no decaying power law: quality did not improve steadily with training compute"
+        table.append(row)
+    return fits, table
+
+
+def analyze(rows: list[dict], study) -> dict:
+    """Everything the report states, as plain data (also written to report/analysis.json)."""
+    ev = study.eval
+    metric = ev.primary
+    tagged = [r for r in rows if r.get("tag")]
+    rows = [r for r in rows if not r.get("tag")]  # the grid and the curves; tagged points have their own use
+    t2i = [r for r in rows if r.get("task", "text-to-image") == "text-to-image"]
+    final = analysis.final_rows(t2i)
+    grid = [r for r in final if not (r["sampler"] == ev.curve_sampler and r["steps"] == ev.curve_steps
+                                     and float(r["guidance"]) == ev.curve_guidance and r["guidance"] not in ev.guidance)]
+    best = analysis.best_over_guidance(grid, metric)
+    curve = (ev.curve_sampler, ev.curve_steps, ev.curve_guidance)
+    curves = analysis.training_curves(t2i, metric, *curve)
+    fits, fit_rows = fits_table(curves, metric)
+    budgets = default_budgets([r for r in best if not r.get("distilled")])
+    plans = []
+    for b in budgets:
+        p = analysis.plan(best, b["budget"], metric)
+        plans.append(p | {"why": b["why"], "note": analysis.plan_note(p, metric)})
+    samplers = sorted({r["sampler"] for r in best})
+    out = {
+        "metric": metric, "lower_is_better": registry.lower_is_better(metric), "rows": len(rows),
+        "best_over_guidance": best, "curves": curves, "fit_rows": fit_rows,
+        "fits": {s: {"a": f.a, "b": f.b, "c": f.c, "ci": f.ci, "ok": f.ok} for s, f in fits.items()},
+        "frontier": analysis.pareto_frontier(best, metric),
+        "crossovers": {smp: analysis.crossovers([r for r in best if r["sampler"] == smp and not r.get("distilled")],
+                                                metric, boot=200) for smp in samplers},
+        "crossovers_all_samplers": analysis.crossovers([r for r in best if not r.get("distilled")], metric, boot=200),
+        "plans": plans, "_fit_objects": fits,
+        "claims": [v.as_dict() for v in claims.check_claims(rows, metric, curve, task_metrics(metric))],
+    }
+    out["tasks"] = task_analysis(rows, curves, metric)
+    out["distillation"] = distillation_table(best, metric)
+    align = next((m for m in ("caption-accuracy", "clip_cosine") if any(r.get(m) is not None for r in rows)), None)
+    if align and align != metric:
+        out["alignment_metric"] = align
+        out["alignment_best"] = analysis.best_over_guidance(grid, align)
+        top = max((r for r in out["alignment_best"] if r.get(align) is not None), key=lambda r: r[align], default=None)
+        out["alignment_top"] = top
+    out["agreement"], out["agreement_points"] = None, []
+    if ev.agreement_metric:
+        pts = [r for r in tagged if r["tag"] == "agreement" and r.get(ev.agreement_metric) is not None
+               and r.get(metric) is not None]
+        out["agreement"] = claims.metric_agreement(pts, metric, ev.agreement_metric)
+        out["agreement_points"] = pts
+    return out
+
+
+def task_analysis(rows: list[dict], curves: dict, pre_metric: str) -> dict:
+    """Per downstream task: best rows over guidance, and (pretraining, downstream) quality per size."""
+    out = {}
+    for task in sorted({r.get("task") for r in rows} - {"text-to-image", None}):
+        metric = task_metrics(pre_metric).get(task, pre_metric)
+        mine_rows = [r for r in rows if r.get("task") == task]
+        if task == "dreambooth" and all(r.get(metric) is None for r in mine_rows):
+            metric = "subject-fidelity"  # results evaluated before subject-ssim existed
+        best = analysis.best_over_guidance(analysis.final_rows(mine_rows), metric)
+        points = []
+        for size in sorted({r["size"] for r in best}):
+            mine = [r for r in best if r["size"] == size]
+            top = max(r["steps"] for r in mine)
+            down = [r[metric] for r in mine if r["steps"] == top]
+            pick = min(down) if registry.lower_is_better(metric) else max(down)
+            if size in curves:
+                points.append({"size": size, "pretrain": curves[size][-1][pre_metric], "downstream": pick, "steps": top})
+        out[task] = {"metric": metric, "best_over_guidance": best, "points": points}
+    return out
+
+
+def distillation_table(best: list[dict], metric: str) -> list[dict]:
+    """The paper's comparison: each distilled model at 4 steps against the best undistilled configuration
+    of the same or lower sampling cost."""
+    plain = [r for r in best if not r.get("distilled")]
+    out = []
+    for d in sorted((r for r in best if r.get("distilled") and r["steps"] == 4), key=lambda r: r["norm_cost"]):
+        rival = analysis.plan(plain, d["sampling_cost"], metric)["best"]
+        out.append({"distilled": d["size"], "sampler": d["sampler"], "steps": 4, "sampling_cost": d["sampling_cost"],
+                    metric: d[metric], "undistilled_best": rival})
+    return out
+
+
+def provenance(out: Path, study, rows: list[dict]) -> dict:
+    """What produced the report: versions, date, study file, data, reference, images per point, machine."""
+    from importlib.metadata import version
+
+    import torch
+
+    from ldmscale.data.cache import read_manifest
+    from ldmscale.study.plan import study_eval
+
+    ev, d = study_eval(study), study.data
+    saved = out / "study.toml"
+    info = {
+        "ldmscale": version("ldmscale"), "torch": torch.__version__, "diffusers": version("diffusers"),
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "study_file": f"{saved} (sha256 {hashlib.sha256(saved.read_bytes()).hexdigest()[:12]})" if saved.exists() else "-",
+        "reference": ev.reference + (f" (first {ev.reference_count} images)" if ev.reference_count else ""),
+        "images_per_point": sorted({int(r["num_images"]) for r in rows if r.get("num_images")}),
+        "seeds": f"{ev.seed}..{ev.seed + ev.num_images - 1}", "bootstrap": ev.bootstrap, "spacing": ev.spacing,
+        "fid": ({"tf": "Inception-v3 at 299 px, TensorFlow 1's bilinear resize (as published FIDs)",
+                 "pytorch": "Inception-v3 at 299 px, torch's bilinear resize (as pytorch-fid; not comparable to "
+                            "published FIDs)"}[ev.fid_resize]
+                if "fid" in (*ev.metrics, ev.agreement_metric) else ""),
+        "machine": (torch.cuda.get_device_name(0) if torch.cuda.is_available() else
+                    f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"),
+    }
+    cache = Path(d.cache or out / "cache")
+    if (cache / "manifest.json").exists():
+        m = read_manifest(cache)
+        info["data"] = (f"{m['source']}, {m['resolution']} px, {m['total']:,} images, latents "
+                        f"{'x'.join(map(str, m['latent_shape']))}, {m['text_encoder']['spec']} text "
+                        f"{m['context_len']} tokens x {m['context_dim']}")
+    return info
+
+
+def report_prompts(reference: str, n: int = 10) -> list[str]:
+    """The sample grids' rows: one prompt per class for animal-mnist, else the first distinct reference captions."""
+    from ldmscale.data.sources import ANIMAL_CLASSES, class_prompt, iterate
+    from ldmscale.eval.reference import parse_reference
+
+    src, split = parse_reference(reference)
+    if src.kind == "animal-mnist":
+        return [class_prompt(i) for i in range(len(ANIMAL_CLASSES))]
+    seen: list[str] = []
+    for item in iterate(src, split):
+        if item.caption and item.caption not in seen:
+            seen.append(item.caption)
+        if len(seen) >= n:
+            break
+    return seen
+
+
+def sample_grids(a: dict, study, folder: Path, per_prompt: int = 4) -> list[dict]:
+    """Per size: a grid (a row per prompt, `per_prompt` seeds) at its best configuration and at the small
+    budget's best configuration for that size, so the figures' differences can be seen."""
+    from ldmscale.diffusion.sampling import generate, load_run
+    from ldmscale.images import grid, save_png
+    from ldmscale.study.plan import study_eval
+
+    ev, metric = study_eval(study), a["metric"]
+    best = [r for r in a["best_over_guidance"] if not r.get("distilled") and r.get("run")]
+    prompts = report_prompts(ev.reference)
+    small = a["plans"][0]["budget"] if a["plans"] else None
+    out = []
+    for size in plots.size_order(best):
+        mine = [r for r in best if r["size"] == size]
+        top = analysis.plan(mine, float("inf"), metric)["best"]
+        picks = [("best configuration", top)]
+        cheap = analysis.plan(mine, small, metric)["best"] if small is not None else None
+        picks.append((f"small budget ({small:.3g})", cheap))
+        model = load_run(mine[0]["run"], mine[0].get("checkpoint") or "latest")
+        for label, c in picks:
+            entry = {"size": size, "label": label}
+            if c is None or (c is not top and (c["sampler"], c["steps"], c["guidance"]) ==
+                             (top["sampler"], top["steps"], top["guidance"])):
+                entry["note"] = (f"{size} has no configuration within the small budget" if c is None else
+                                 "its best configuration fits the small budget: the grid above")
+                out.append(entry)
+                continue
+            seeds = [ev.seed + i for i in range(len(prompts) * per_prompt)]
+            images, _ = generate(model, [p for p in prompts for _ in range(per_prompt)], c["sampler"], c["steps"],
+                                 c["guidance"], seeds, batch_size=64, spacing=ev.spacing)
+            name = f"{size}-{c['sampler']}-s{c['steps']}-g{c['guidance']:g}.png"
+            save_png(grid(images, per_prompt), folder / "samples" / name)
+            entry |= {"config": c, "file": f"samples/{name}", "png": (folder / "samples" / name).read_bytes(),
+                      "caption": f"{size}, {c['sampler']} {c['steps']} steps, guidance {c['guidance']:g}: "
+                                 f"{metric} {c[metric]:.4g} (sampling cost {c['sampling_cost']:.3g})"}
+            out.append(entry)
+    return out
+
+
+def _save(fig, folder: Path, name: str) -> dict:
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    for ext in ("png", "svg"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=130)
+        data = buf.getvalue()
+        atomic_write(folder / f"{name}.{ext}", lambda tmp, d=data: Path(tmp).write_bytes(d))
+        paths[ext] = data
+    plt.close(fig)
+    return paths
+
+
+def figures(a: dict, folder: Path, overlay_paper: bool) -> dict:
+    metric, best = a["metric"], a["best_over_guidance"]
+    cost_label = "sampling cost (normalized cost x steps)"
+    figs = {"sampling_cost": ("Quality vs sampling cost (normalized cost x steps), with the Pareto frontier",
+                              plots.per_sampler(best, metric, "sampling_cost", "Quality vs sampling cost", cost_label,
+                                                frontier=True))}
+    if a["curves"]:
+        figs["training_compute"] = ("Quality vs training compute (per size, power-law fits dashed)",
+                                    plots.training_compute(a["curves"], a["_fit_objects"], metric))
+    figs["steps"] = ("Quality vs sampling steps (best guidance per point)",
+                     plots.per_sampler(best, metric, "steps", "Quality vs sampling steps", "sampling steps"))
+    figs["latency"] = ("Quality vs measured latency on this machine",
+                       plots.per_sampler(best, metric, "latency_ms_per_image", "Quality vs latency",
+                                         "ms per image (this machine)", frontier=True))
+    if "alignment_best" in a:
+        am = a["alignment_metric"]
+        figs["alignment"] = (f"Text alignment ({am}) vs sampling cost",
+                             plots.per_sampler(a["alignment_best"], am, "sampling_cost", f"{am} vs sampling cost",
+                                               cost_label))
+    if a.get("agreement"):
+        ag = a["agreement"]
+        figs["agreement"] = (f"{ag['a']} against {ag['b']} at the final checkpoints (Spearman {ag['spearman']:.2f})",
+                             plots.metric_agreement(a["agreement_points"], ag["a"], ag["b"]))
+    for task, ta in a["tasks"].items():
+        tm = ta["metric"]
+        if ta["best_over_guidance"]:
+            figs[f"{task}_cost"] = (f"{task}: {tm} vs sampling cost",
+                                    plots.per_sampler(ta["best_over_guidance"], tm, "sampling_cost",
+                                                      f"{task}: {tm} vs sampling cost", cost_label))
+        if len(ta["points"]) >= 2:
+            figs[f"{task}_vs_pretraining"] = (f"{task}: downstream vs pretraining quality",
+                                              plots.downstream_vs_pretraining(ta["points"], metric, tm, task))
+    if overlay_paper:
+        figs["paper"] = ("The paper's Table 1 beside this study", plots.paper_overlay(best, metric))
+    return {name: (title, _save(fig, folder, name)) for name, (title, fig) in figs.items()}
+
+
+def render(template: str, **context) -> str:
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("ldmscale.analysis", "templates"), undefined=jinja2.StrictUndefined,
+                             autoescape=template.endswith(".html.j2"), trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = lambda v, digits=4: "-" if v is None else f"{v:.{digits}g}"
+    env.filters["b64"] = lambda data: base64.b64encode(data).decode()
+    env.filters["choice"] = lambda c, metric: analysis.describe_choice(c, metric)
+    return env.get_template(template).render(**context)
+
+
+def build_report(out: str | Path, study, overlay_paper: bool = False, samples: bool = True) -> dict:
+    from ldmscale.study.plan import collect, write_csv
+
+    out = Path(out)
+    rows = collect(out)
+    if not rows:
+        raise UserError(f"no evaluation results under {out}; run `ldmscale study run` first")
+    write_csv(rows, out / "results.csv")
+    a = analyze(rows, study)
+    folder = out / "report"
+    figs = figures(a, folder, overlay_paper)
+    grids = sample_grids(a, study, folder) if samples else []
+    sanity = None
+    if (out / "sanity.json").exists():
+        import json
+
+        sanity = json.loads((out / "sanity.json").read_text())
+    ctx = dict(a=a, study=study, figs=figs, grids=grids, sanity=sanity, prov=provenance(out, study, rows))
+    atomic_write_text(folder / "summary.md", render("summary.md.j2", **ctx))
+    atomic_write_text(folder / "report.html", render("report.html.j2", **ctx))
+    atomic_write_json(folder / "analysis.json", {k: v for k, v in a.items() if not k.startswith("_")} | {"sanity": sanity})
+    return {"html": str(folder / "report.html"), "markdown": str(folder / "summary.md"), "plans": a["plans"],
+            "analysis": a}

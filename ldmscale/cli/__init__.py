@@ -1,0 +1,1 @@
+"""The ldmscale command line: one module per verb group."""

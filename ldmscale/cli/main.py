@@ -1,0 +1,111 @@
+"""The `ldmscale` command line. Each verb is a thin wrapper over a module's functions.
+
+Every bad input ends as one line on stderr and exit code 2 (UserError, click usage errors); a traceback
+means a bug in ldmscale.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ldmscale.errors import UserError
+
+CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=110)
+
+
+class FiniteFloat(click.ParamType):
+    """A float option that refuses nan and infinities (click's FLOAT accepts them)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+FINITE = FiniteFloat()
+COUNT = click.IntRange(0, 10**12)  # an image count, 0 meaning "all" or "default"
+POSITIVE = click.IntRange(1, 10**12)
+
+
+# `ldmscale --help` lists the verbs in the order of the pipeline, not alphabetically
+ORDER = ("family", "autoencoder", "data", "classifier", "train", "sample", "eval", "compare", "finetune", "distill",
+         "export", "study", "plan")
+
+
+class PipelineGroup(click.Group):
+    def list_commands(self, ctx) -> list[str]:
+        return sorted(self.commands, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+
+
+@click.group(cls=PipelineGroup, context_settings=CONTEXT)
+@click.version_option(package_name="ldmscale")
+@click.option("--device", default=None, metavar="DEVICE",
+              help="Compute on this device (cpu, cuda, cuda:1; default: accelerate's choice, the GPU when there is "
+                   "one). Same as LDMSCALE_DEVICE=DEVICE.")
+def cli(device) -> None:
+    """ldmscale: scaling studies of latent diffusion models.
+
+    \b
+    Train a family of SD-v1.5-layout LDMs of different widths, sample them with any sampler at any
+    step count, evaluate them (FID, CLIP score, ...), and find the best model for a sampling budget.
+
+    \b
+    Example:
+      ldmscale family --preset paper
+    """
+    if device:
+        import os
+
+        from ldmscale.device import ENV, requested
+
+        os.environ[ENV] = device
+        requested()  # refuse a device that is not there, now
+
+
+def register(*modules: str) -> None:
+    """Add the commands that each cli_* module defines (keeps this file short)."""
+    import importlib
+
+    for name in modules:
+        mod = importlib.import_module(f"ldmscale.cli.{name}")
+        for cmd in mod.COMMANDS:
+            cli.add_command(cmd)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    register("family", "data", "train", "eval", "study", "tasks")
+    try:
+        rc = cli.main(args=argv, prog_name="ldmscale", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("ldmscale: aborted", err=True)
+        sys.exit(130)
+    except click.UsageError as e:
+        cmd = e.ctx.command_path if e.ctx else "ldmscale"
+        click.echo(f"{cmd}: error: {_one_line(e.format_message())} (see {cmd} --help)", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        click.echo(f"ldmscale: error: {_one_line(e.format_message())}", err=True)
+        sys.exit(2)
+    except UserError as e:
+        click.echo(f"ldmscale: error: {_one_line(str(e))}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("ldmscale: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)

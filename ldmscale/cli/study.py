@@ -1,0 +1,183 @@
+"""`ldmscale study run|report` and `ldmscale plan`: the scaling study end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ldmscale.cli.main import FINITE
+from ldmscale.errors import UserError
+
+
+def _study_of(out: Path, study_file: Path | None):
+    from ldmscale.study.plan import load_study
+
+    if study_file:
+        return load_study(study_file)
+    saved = out / "study.toml"
+    if not saved.exists():
+        raise UserError(f"{out} is not a study folder (no study.toml); run `ldmscale study run STUDY.toml --out {out}`")
+    return load_study(saved)
+
+
+@click.group("study")
+def study_group() -> None:
+    """Run a scaling study (sizes x training x samplers x steps x guidance) and report on it.
+
+    \b
+    Examples:
+      ldmscale study run studies/demo.toml --out demo
+      ldmscale study report demo
+    """
+
+
+@study_group.command("run", epilog="""
+\b
+Examples:
+  ldmscale study run studies/demo.toml --out demo
+  ldmscale study run studies/demo.toml --out demo --dry-run
+  ldmscale study run studies/paper.toml --out /scratch/paper --executor slurm
+\b
+Running it again skips finished jobs; a killed study loses at most the job in flight.
+""")
+@click.argument("study_file", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help='Study folder (created, or resumed: finished jobs are skipped).')
+@click.option("--dry-run", is_flag=True, help="List the jobs and their estimated cost, run nothing.")
+@click.option("--executor", default="local", type=click.Choice(["local", "slurm", "submitit-local"]), show_default=True,
+              help='local (this process), slurm or submitit-local (through submitit, in dependency waves).')
+@click.option("--report/--no-report", default=True, show_default=True, help="Write the report when done.")
+def study_run(study_file, out, dry_run, executor, report) -> None:
+    """Train every size and evaluate every grid point of a study file."""
+    from ldmscale.study.plan import (
+        collect,
+        job_done,
+        load_study,
+        plan_jobs,
+        run_jobs,
+        write_csv,
+    )
+
+    study = load_study(study_file)
+    saved = out / "study.toml"
+    if saved.exists() and saved.read_text() != Path(study_file).read_text():
+        click.echo(f"note: {saved} differs from {study_file}; jobs whose resolved config changed will run again")
+    jobs = plan_jobs(study, out, progress=False)
+    if dry_run:
+        total = 0.0
+        for j in jobs:
+            state = "done" if job_done(out, j) else "todo"
+            total += 0 if state == "done" else j.cost_flops
+            cost = f"{j.cost_flops:.3e}" if j.cost_flops else "-"
+            click.echo(f"{state:4}  {j.kind:11} {cost:>10} FLOPs  {j.name}")
+        click.echo(f"{len(jobs)} jobs, {sum(not job_done(out, j) for j in jobs)} to run, "
+                   f"~{total:.3e} FLOPs to do (multiply-add = 2)")
+        return
+    from ldmscale.io import DirLock, atomic_write_text, check_output
+
+    check_output(out, "study")
+    with DirLock(out, "study"):
+        if not saved.exists() or saved.read_text() != Path(study_file).read_text():
+            atomic_write_text(saved, Path(study_file).read_text())
+        if executor == "local":
+            result = run_jobs(out, jobs, log=click.echo)
+        else:
+            from ldmscale.study.cluster import run_submitit
+
+            result = run_submitit(out, jobs, executor, log=click.echo, parameters=study.cluster)
+        rows = collect(out)
+        write_csv(rows, out / "results.csv")
+        click.echo(f"{result['ran']} jobs run in {result['seconds']:.0f} s; {len(rows)} results in {out / 'results.csv'}")
+        if report and rows:
+            _report(out, study)
+
+
+def _report(out: Path, study) -> None:
+    from ldmscale.analysis.report import build_report
+    from ldmscale.analysis.scaling import describe_choice
+
+    overlay = study.name.startswith("paper")
+    r = build_report(out, study, overlay_paper=overlay)
+    click.echo(f"report: {r['html']}")
+    metric = r["analysis"]["metric"]
+    click.echo("\nthe paper's claims at this budget (evidence in the report):")
+    for c in r["analysis"]["claims"]:
+        click.echo(f"  {c['claim']}  {c['verdict']:<14} {c['statement']}")
+        if c["verdict"] != "holds" and c["reason"]:
+            click.echo(f"     {'' if c['verdict'] == 'not measured' else 'why not: '}{c['reason']}")
+    if r["analysis"].get("agreement"):
+        ag = r["analysis"]["agreement"]
+        click.echo(f"metric check: {ag['a']} and {ag['b']} rank {ag['points']} final configurations with Spearman "
+                   f"{ag['spearman']:.2f}")
+    click.echo("")
+    for p in r["plans"]:
+        click.echo(f"plan for sampling budget {p['budget']:.3g} ({p['why']}): {describe_choice(p['best'], metric)}")
+        click.echo(f"    runner-up: {describe_choice(p['runner_up'], metric)}; {p['note']}")
+
+
+@study_group.command("report", epilog="""
+\b
+Example:
+  ldmscale study report demo
+""")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--study", "study_file", type=click.Path(path_type=Path), help="Study file (default: OUT/study.toml).")
+def study_report(out, study_file) -> None:
+    """Figures (PNG, SVG), a Markdown summary and a self-contained HTML report of a study."""
+    if not out.is_dir():
+        raise UserError(f"study folder not found: {out}")
+    _report(out, _study_of(out, study_file))
+
+
+@click.command("plan", epilog="""
+\b
+Examples:
+  ldmscale plan --study demo --budget 0.5
+  ldmscale plan --study demo --budget-ms 40 --metric caption-accuracy
+""")
+@click.option("--study", "out", required=True, type=click.Path(path_type=Path), help="Study folder.")
+@click.option("--budget", type=FINITE, help="Sampling budget in normalized-cost units (normalized cost x steps).")
+@click.option("--budget-ms", type=FINITE, help="Budget in milliseconds per image, as measured on this hardware.")
+@click.option("--metric", default=None, help="Metric to optimize (default: the study's primary metric).")
+@click.option("--sampler", default=None, help="Only consider this sampler.")
+@click.option("--json", "as_json", is_flag=True, help='Print the answer as JSON.')
+def plan_cmd(out, budget, budget_ms, metric, sampler, as_json) -> None:
+    """The best (size, sampler, steps, guidance) within a sampling budget, and the runner-up."""
+    from ldmscale.analysis.scaling import (
+        best_over_guidance,
+        describe_choice,
+        final_rows,
+        plan,
+        plan_note,
+    )
+    from ldmscale.study.plan import collect
+
+    if (budget is None) == (budget_ms is None):
+        raise UserError("give exactly one of --budget (normalized-cost units) or --budget-ms")
+    study = _study_of(out, None)
+    metric = metric or study.eval.primary
+    rows = [r for r in collect(out) if r.get("task", "text-to-image") == "text-to-image" and not r.get("tag")]
+    if not rows:
+        raise UserError(f"no evaluation results in {out}")
+    if not any(r.get(metric) is not None for r in rows):
+        raise UserError(f"no results carry the metric {metric!r}")
+    if sampler:
+        rows = [r for r in rows if r["sampler"] == sampler]
+    best = best_over_guidance(final_rows(rows), metric)
+    cost = "sampling_cost" if budget is not None else "latency_ms_per_image"
+    p = plan(best, budget if budget is not None else budget_ms, metric, cost)
+    if as_json:
+        click.echo(json.dumps(p, indent=2))
+        return
+    unit = "normalized-cost units" if budget is not None else "ms/image"
+    if p["best"] is None:
+        click.echo(p["message"])
+        return
+    click.echo(f"budget {p['budget']:g} {unit}: {describe_choice(p['best'], metric)}")
+    click.echo(f"runner-up: {describe_choice(p['runner_up'], metric)}")
+    click.echo(plan_note(p, metric))
+
+
+COMMANDS = [study_group, plan_cmd]

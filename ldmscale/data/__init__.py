@@ -1,0 +1,1 @@
+"""Data: sources, the first stage (autoencoder), text encoders, the latent cache, degradations."""

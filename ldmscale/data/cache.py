@@ -1,0 +1,279 @@
+"""The latent cache: every image and caption encoded once, so training never touches images again.
+
+Layout of a cache folder:
+  prepare.json                  the settings it was made with (a resumed prepare must match them)
+  {split}/shard-00000.safetensors
+      mean, std   float16 [N, c, h, w]   posterior of the autoencoder (unscaled)
+      text        float16 [N, L, D]      token states (trimmed to the shard's longest caption when the
+                                          encoder zero-pads; padded back with zeros on read)
+      text_len    int32 [N]              tokens per caption (the attention mask)
+      label       int64 [N]              class label, -1 if none
+      metadata: start/end source positions, keys, captions, skipped items
+  manifest.json                 written last: counts per split, resolution, encoders, scaling factor
+  skipped.json                  every unreadable item with its error
+
+Each shard is written atomically and records which source positions it consumed, so a killed prepare
+resumes at the next position with nothing duplicated or lost.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ldmscale.config import Config, NonNegative, Range, to_dict
+from ldmscale.errors import UserError
+from ldmscale.io import atomic_write, atomic_write_json
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class PrepareConfig(Config):
+    source: str
+    autoencoder: str
+    text_encoder: str = "minilm"
+    resolution: Annotated[int, Range(8, 8192)] = 32
+    shard_size: Annotated[int, Range(1, 10**7)] = 1000
+    batch_size: Annotated[int, Range(1, 2**16)] = 250
+    max_length: Annotated[int, Range(2, 512)] = 77  # text tokens kept (SD: 77)
+    limit: NonNegative = 0  # items per split (0: all); for quick trials
+
+
+def _settings(cfg: PrepareConfig) -> dict:
+    d = to_dict(cfg)
+    d.pop("batch_size")  # does not change the result
+    return d
+
+
+def _shards(split_dir: Path) -> list[Path]:
+    return sorted(split_dir.glob("shard-*.safetensors"))
+
+
+def _shard_meta(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return {k: json.loads(v) for k, v in meta.items()}
+
+
+def _write_shard(path: Path, mean, std, states, masks, labels, keys, captions, skipped, start, end, zero_pad,
+                 truncated: int = 0) -> None:
+    n = len(keys)
+    lengths = masks.sum(1).to(torch.int32) if n else torch.zeros(0, dtype=torch.int32)
+    if zero_pad and n:
+        states = states[:, : max(1, int(lengths.max()))]
+    tensors = {
+        "mean": mean.to(torch.float16).contiguous(), "std": std.to(torch.float16).contiguous(),
+        "text": states.to(torch.float16).contiguous(), "text_len": lengths.contiguous(),
+        "label": torch.as_tensor(labels, dtype=torch.int64),
+    }
+    meta = {"start": start, "end": end, "keys": keys, "captions": captions, "skipped": skipped, "truncated": truncated}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}))
+
+
+def prepare(cfg: PrepareConfig, out: str | Path, progress: bool = True) -> dict:
+    """Encode a source into a cache at `out`; resumes a partial one, under the cache's lock. Returns the manifest."""
+    from ldmscale.io import DirLock, check_output
+
+    check_output(out, "cache")
+    with DirLock(out, "latent cache"):
+        return _prepare(cfg, Path(out), progress)
+
+
+def encoders(cfg: PrepareConfig):
+    """The autoencoder and the text encoder of a prepare, on the device."""
+    from ldmscale.data.autoencoder import load_autoencoder
+    from ldmscale.data.text import load_text_encoder
+    from ldmscale.device import on
+
+    text = load_text_encoder(cfg.text_encoder, cfg.max_length)
+    text.model = on(text.model)
+    return on(load_autoencoder(cfg.autoencoder)), text
+
+
+def _prepare(cfg: PrepareConfig, out: Path, progress: bool) -> dict:
+    from ldmscale.data import autoencoder as ae
+    from ldmscale.data import sources as data
+    from ldmscale.progress import bar as progress_bar
+
+    out = Path(out)
+    src = data.parse_source(cfg.source)
+    settings = _settings(cfg)
+    if (out / "prepare.json").exists():
+        old = json.loads((out / "prepare.json").read_text())
+        diff = [k for k in settings if old.get(k) != settings[k]]
+        if diff:
+            raise UserError(f"{out} holds a cache prepared with other settings ({', '.join(diff)} differ); "
+                            "use a new --out folder")
+        if (out / MANIFEST).exists():
+            return json.loads((out / MANIFEST).read_text())
+    vae, text = encoders(cfg)
+    latent_side = ae.check_resolution(vae, cfg.resolution)
+    channels = int(vae.config.in_channels)
+    atomic_write_json(out / "prepare.json", settings)
+    for stale in out.rglob(".shard-*.tmp"):
+        stale.unlink()  # a temp file from a prepare killed mid-write
+
+    split_names = data.splits(src)
+    totals = {s: data.count(src, s) for s in split_names}
+    if cfg.limit:
+        totals = {s: min(cfg.limit, n) if n is not None else cfg.limit for s, n in totals.items()}
+    t0, encoded = time.time(), 0
+    for split in split_names:
+        sdir = out / split
+        sdir.mkdir(parents=True, exist_ok=True)
+        done = _shards(sdir)
+        pos = _shard_meta(done[-1])["end"] if done else 0
+        total = totals[split]
+        if cfg.limit and pos >= cfg.limit:
+            continue
+        bar = progress_bar(total=total, initial=pos, desc=f"prepare {split}", unit="img", enabled=progress)
+        items = data.iterate(src, split, start=pos)
+        exhausted = False
+        while not exhausted:
+            start = pos
+            want = cfg.shard_size if not cfg.limit else min(cfg.shard_size, cfg.limit - pos)
+            if want <= 0:
+                break
+            imgs, keys, caps, labels, skipped = [], [], [], [], []
+            for item in items:
+                pos += 1
+                if item.image is None:
+                    skipped.append({"key": item.key, "error": item.error})
+                else:
+                    try:
+                        imgs.append(data.preprocess(item.image, cfg.resolution, channels))
+                        keys.append(item.key)
+                        caps.append(item.caption)
+                        labels.append(item.label)
+                    except Exception as e:  # e.g. a palette image PIL cannot convert
+                        skipped.append({"key": item.key, "error": f"{type(e).__name__}: {e}"})
+                if pos - start >= want:
+                    break
+            else:
+                exhausted = True
+            if pos == start:
+                break
+            if imgs:
+                x = ae.to_float(np.stack(imgs))
+                mean, std = ae.encode(vae, x, cfg.batch_size)
+                states, masks = text.encode(caps, cfg.batch_size)
+            else:
+                mean = std = torch.zeros(0, vae.config.latent_channels, latent_side, latent_side)
+                states, masks = torch.zeros(0, cfg.max_length, text.dim), torch.zeros(0, cfg.max_length, dtype=torch.bool)
+            cut = text.truncated(caps)
+            _write_shard(sdir / f"shard-{len(_shards(sdir)):05d}.safetensors", mean, std, states, masks, labels,
+                         keys, caps, skipped, start, pos, text.zero_pad, cut)
+            if cut:
+                bar.write(f"{cut} caption(s) in {split} are longer than {cfg.max_length} tokens and were truncated")
+            encoded += len(imgs)
+            bar.update(pos - start)
+            if skipped:
+                bar.write(f"skipped {len(skipped)} unreadable item(s) in {split}, e.g. {skipped[0]['key']}: {skipped[0]['error']}")
+        bar.close()
+        metas = [_shard_meta(p) for p in _shards(sdir)]
+        if not any(m["keys"] for m in metas):  # nothing to train or evaluate on: refuse to call it a cache
+            skipped = [x for m in metas for x in m["skipped"]]
+            why = f"; e.g. {skipped[0]['key']}: {skipped[0]['error']}" if skipped else ""
+            raise UserError(f"source {src} split {split!r} has no readable image ({len(skipped)} item(s) skipped"
+                            f"{why}); the cache at {out} is left incomplete")
+    seconds = time.time() - t0
+    return _finish(out, cfg, src, vae, text, latent_side, channels, encoded, seconds)
+
+
+def _finish(out, cfg, src, vae, text, latent_side, channels, encoded, seconds) -> dict:
+    from ldmscale.data import autoencoder as ae
+
+    splits, skipped_all, truncated = {}, [], 0
+    for sdir in sorted(p for p in out.iterdir() if p.is_dir() and _shards(p)):
+        metas = [_shard_meta(s) for s in _shards(sdir)]
+        skipped = [dict(s, split=sdir.name) for m in metas for s in m["skipped"]]
+        skipped_all += skipped
+        truncated += sum(m.get("truncated", 0) for m in metas)
+        splits[sdir.name] = {"count": sum(len(m["keys"]) for m in metas), "skipped": len(skipped),
+                             "shards": [s.name for s in _shards(sdir)]}
+    empty_states, _ = text.encode([""])
+    manifest = {
+        "format": "ldmscale-latent-cache-v1",
+        "source": str(src), "resolution": cfg.resolution, "channels": channels,
+        "latent_shape": [int(vae.config.latent_channels), latent_side, latent_side],
+        "autoencoder": ae.identity(vae, cfg.autoencoder),
+        "text_encoder": text.identity(),
+        "context_len": cfg.max_length, "context_dim": text.dim,
+        "splits": splits, "total": sum(s["count"] for s in splits.values()),
+        "skipped_total": len(skipped_all), "truncated_captions": truncated,
+        "encoded_this_run": encoded, "seconds_this_run": round(seconds, 2),
+        "images_per_second": round(encoded / seconds, 1) if seconds > 0 and encoded else None,
+    }
+    empty = {"text": empty_states[0].to(torch.float16).contiguous()}
+    atomic_write(out / "empty_caption.safetensors", lambda tmp: save_file(empty, tmp))
+    atomic_write_json(out / "skipped.json", skipped_all)
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(cache_dir: str | Path) -> dict:
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise UserError(f"latent cache not found: {cache_dir}")
+    if not (cache_dir / MANIFEST).exists():
+        if (cache_dir / "prepare.json").exists():
+            raise UserError(f"latent cache {cache_dir} is incomplete: run the same `ldmscale data prepare` again to finish it")
+        raise UserError(f"{cache_dir} is not a latent cache (no {MANIFEST}); make one with `ldmscale data prepare`")
+    return json.loads((cache_dir / MANIFEST).read_text())
+
+
+class LatentCache:
+    """One split of a cache in memory (float16), with batched gathers for the training loop."""
+
+    def __init__(self, cache_dir: str | Path, split: str = "train"):
+        from safetensors.torch import load_file
+
+        self.dir = Path(cache_dir)
+        self.manifest = read_manifest(self.dir)
+        if split not in self.manifest["splits"]:
+            raise UserError(f"latent cache {self.dir} has no split {split!r}; splits: {', '.join(self.manifest['splits'])}")
+        self.context_len = int(self.manifest["context_len"])
+        parts = [load_file(str(p)) for p in _shards(self.dir / split)]
+        parts = [p for p in parts if len(p["label"])]
+        self.mean = torch.cat([p["mean"] for p in parts])
+        self.std = torch.cat([p["std"] for p in parts])
+        self.labels = torch.cat([p["label"] for p in parts])
+        self.text_len = torch.cat([p["text_len"] for p in parts])
+        self.text = torch.cat([_pad(p["text"], self.context_len) for p in parts])
+        self.captions = [c for s in _shards(self.dir / split) for c in _shard_meta(s)["captions"]]
+        self.empty_text = load_file(str(self.dir / "empty_caption.safetensors"))["text"]
+        if self.manifest["text_encoder"].get("zero_pad"):
+            self.empty_mask = self.empty_text.float().abs().sum(-1) > 0
+        else:
+            self.empty_mask = torch.ones(self.context_len, dtype=torch.bool)
+        self.scaling_factor = float(self.manifest["autoencoder"]["scaling_factor"])
+        self.shift_factor = float(self.manifest["autoencoder"].get("shift_factor", 0.0))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: torch.Tensor, latent_noise: torch.Tensor | None = None, seeds: torch.Tensor | None = None):
+        """(scaled latents float32 [B,c,h,w], text states float32 [B,L,D], text mask bool [B,L]).
+
+        With `latent_noise` (standard normal, the latents' shape) z is a posterior sample, else its mean."""
+        mean = self.mean[idx].float()
+        z = mean if latent_noise is None else mean + self.std[idx].float() * latent_noise
+        z = (z - self.shift_factor) * self.scaling_factor
+        mask = torch.arange(self.context_len)[None] < self.text_len[idx, None]
+        return z, self.text[idx].float(), mask
+
+
+def _pad(states: torch.Tensor, length: int) -> torch.Tensor:
+    if states.shape[1] >= length:
+        return states[:, :length]
+    pad = torch.zeros(states.shape[0], length - states.shape[1], states.shape[2], dtype=states.dtype)
+    return torch.cat([states, pad], 1)

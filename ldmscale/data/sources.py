@@ -1,0 +1,430 @@
+"""Data sources: each yields (image, caption) items in a fixed order, by split.
+
+Source specs:
+  animal-mnist        the 10,000 28x28 silhouettes shipped in the `animal-mnist` package (10 classes)
+  folder:PATH         image folder + metadata.jsonl (file_name, text) or captions.csv; optional split subfolders
+  wds:PATTERN         WebDataset tar shards (jpg/png + txt, img2dataset's layout); braces or globs
+  hf:NAME[:SPLIT]     a Hugging Face dataset (hub id, local dataset dir, or a save_to_disk folder)
+
+An unreadable image still yields an item, with `error` set, so that callers can skip and report it.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from ldmscale.errors import UserError
+
+ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
+ANIMAL_TEMPLATES = ("a {}", "a photo of a {}", "a silhouette of a {}", "a black and white picture of a {}",
+                    "the shape of a {}")
+ANIMAL_VAL_PER_CLASS = 100  # fixed split: 100 per class for validation, 900 per class for training
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class Item:
+    key: str
+    image: Image.Image | None
+    caption: str
+    label: int = -1
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    kind: str  # animal-mnist | folder | wds | hf
+    arg: str = ""
+    split: str = ""  # hf: the dataset split to read
+
+    def __str__(self) -> str:
+        return {"animal-mnist": "animal-mnist"}.get(self.kind, f"{self.kind}:{self.arg}" + (f":{self.split}" if self.split else ""))
+
+
+def parse_source(spec: str) -> SourceSpec:
+    spec = spec.strip()
+    if spec == "animal-mnist":
+        return SourceSpec("animal-mnist")
+    kind, _, arg = spec.partition(":")
+    if kind == "folder" and arg:
+        if not Path(arg).is_dir():
+            raise UserError(f"source {spec!r}: folder not found: {arg}")
+        return SourceSpec("folder", arg)
+    if kind == "wds" and arg:
+        if arg.startswith(("pipe:", "http:", "https:", "s3:", "gs:")):
+            raise UserError(f"source {spec!r}: only local tar shards are read (a pipe: or URL source would run or "
+                            "fetch something); download the shards first")
+        if not _wds_urls(arg):
+            raise UserError(f"source {spec!r}: no tar shards match {arg}")
+        return SourceSpec("wds", arg)
+    if kind == "hf" and arg:
+        name, _, split = arg.partition(":") if not os.path.exists(arg) else (arg, "", "")
+        return SourceSpec("hf", name, split)
+    raise UserError(f"unknown source {spec!r}: use animal-mnist, folder:PATH, wds:PATTERN or hf:NAME[:SPLIT]")
+
+
+# ---------------------------------------------------------------------------------------- animal-mnist
+
+
+def _animal_dir() -> Path:
+    import importlib.util
+
+    found = importlib.util.find_spec("animal_mnist")  # locate only: its __init__ imports tensorflow
+    if found is None or not found.submodule_search_locations:
+        raise UserError("the animal-mnist package is not installed (pip install --no-deps animal-mnist)")
+    return Path(list(found.submodule_search_locations)[0]) / "data" / "Animal_MNIST"
+
+
+@lru_cache(maxsize=1)
+def animal_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [10000, 28, 28], white silhouettes on black; labels int64 [10000])."""
+    root = _animal_dir()
+    with gzip.open(root / "animal_data_version_3.gz", "rb") as f:
+        images = np.asarray(pickle.load(f), dtype=np.uint8)
+    with gzip.open(root / "animal_label_version_3.gz", "rb") as f:
+        labels = np.asarray(pickle.load(f), dtype=np.int64)
+    return images, labels
+
+
+@lru_cache(maxsize=1)
+def animal_mnist_split_indices() -> dict[str, np.ndarray]:
+    """The fixed split: per class, a seeded permutation puts 100 in validation, 900 in train; each split in a
+    fixed shuffled order."""
+    _, labels = animal_mnist_arrays()
+    rng = np.random.default_rng(20240401)
+    train, val = [], []
+    for c in range(len(ANIMAL_CLASSES)):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        val.append(idx[:ANIMAL_VAL_PER_CLASS])
+        train.append(idx[ANIMAL_VAL_PER_CLASS:])
+    # the files are sorted by class; a fixed shuffle makes every prefix (a --limit, the first N prompts of an
+    # evaluation) a class-balanced sample
+    return {"train": rng.permutation(np.concatenate(train)), "validation": rng.permutation(np.concatenate(val))}
+
+
+def animal_caption(index: int, label: int) -> str:
+    template = ANIMAL_TEMPLATES[int(hashlib.md5(str(index).encode()).hexdigest(), 16) % len(ANIMAL_TEMPLATES)]
+    return template.format(ANIMAL_CLASSES[label])
+
+
+def class_prompt(label: int) -> str:
+    """The canonical prompt for a class (used for sampling and caption accuracy)."""
+    return f"a {ANIMAL_CLASSES[label]}"
+
+
+def label_of_prompt(prompt: str, classes: tuple[str, ...] = ANIMAL_CLASSES) -> int:
+    """The class a prompt names (the last class word in it), or -1."""
+    words = prompt.lower().replace(",", " ").split()
+    found = [classes.index(w) for w in words if w in classes]
+    return found[-1] if found else -1
+
+
+def _iter_animal(split: str, start: int) -> Iterator[Item]:
+    images, labels = animal_mnist_arrays()
+    for i in animal_mnist_split_indices()[split][start:]:
+        i = int(i)
+        yield Item(f"am-{i:05d}", Image.fromarray(images[i], mode="L"), animal_caption(i, int(labels[i])), int(labels[i]))
+
+
+# ---------------------------------------------------------------------------------------- folder
+
+
+def _folder_captions(root: Path) -> dict[str, str]:
+    """{file name relative to `root`: caption} from root/metadata.jsonl or root/captions.csv ({} when neither)."""
+    meta, table = root / "metadata.jsonl", root / "captions.csv"
+    caps: dict[str, str] = {}
+    if meta.is_file():
+        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                caps[str(row["file_name"])] = str(row.get("text", row.get("caption", "")) or "")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{meta}:{n}: each line must be a JSON object with file_name and text") from None
+    elif table.is_file():
+        with open(table, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            cols = reader.fieldnames or []
+            fcol = next((c for c in ("file_name", "file", "image", "filename") if c in cols), None)
+            tcol = next((c for c in ("text", "caption") if c in cols), None)
+            if not fcol or not tcol:
+                raise UserError(f"{table}: needs a file_name and a text (or caption) column; has {cols}")
+            for n, row in enumerate(reader, 2):
+                if not row.get(fcol):
+                    raise UserError(f"{table}:{n}: the row has no {fcol}")
+                caps[row[fcol]] = row.get(tcol) or ""  # a short row has no caption: an empty one
+    return caps
+
+
+def _folder_split_dirs(root: Path) -> dict[str, Path]:
+    subs = {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and d.name in ("train", "validation", "test")}
+    return subs or {"train": root}
+
+
+def _folder_entries(root: Path, split: str) -> list[tuple[str, Path | None, str, str]]:
+    """(key, path, caption, error) for every item of a split, in a fixed order: the captioned files, then the
+    image files that have no caption (reported, not read). The captions come from the split folder's own
+    metadata, else from the root's, whose paths are then relative to the root. A path outside the folder is an
+    error item, never read."""
+    base = _folder_split_dirs(root)[split]
+    caps, rel = _folder_captions(base), base
+    if not caps and base != root:
+        caps, rel = _folder_captions(root), root
+    top = base.resolve()
+    images = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    if not caps:
+        return [(name, base / name, "", "") for name in images]
+    out, listed = [], set()
+    for name in sorted(caps):
+        path = (rel / name).resolve()
+        if Path(name).is_absolute() or not path.is_relative_to(rel.resolve()):
+            out.append((name, None, caps[name], "path outside the dataset folder (not read)"))
+        elif not path.is_relative_to(top):
+            continue  # root metadata: an entry of another split
+        else:
+            out.append((name, path, caps[name], ""))
+            listed.add(str(path.relative_to(top)))
+    out += [(name, None, "", "no caption in the metadata") for name in images if name not in listed]
+    return out
+
+
+def _iter_folder(root: Path, split: str, start: int) -> Iterator[Item]:
+    for key, path, caption, error in _folder_entries(root, split)[start:]:
+        if error:
+            yield Item(key, None, caption, error=error)
+            continue
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            yield Item(key, _decode(data), caption)
+        except Exception as e:  # any unreadable file is reported, never fatal
+            yield Item(key, None, caption, error=f"{type(e).__name__}: {e}")
+
+
+def _decode(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()  # force a full decode: a truncated file fails here, not later
+    return img
+
+
+# ---------------------------------------------------------------------------------------- webdataset
+
+
+def _wds_urls(pattern: str) -> list[str]:
+    """Local shard paths, absolute (so that webdataset-style URL prefixes in a file name mean nothing)."""
+    if "{" in pattern:
+        import braceexpand
+
+        urls = list(braceexpand.braceexpand(pattern))
+        urls = urls if all(os.path.isfile(u) for u in urls) else []
+    else:
+        urls = sorted(u for u in glob.glob(pattern) if os.path.isfile(u))
+    return [os.path.abspath(u) for u in urls]
+
+
+def _tar_samples(path: str) -> Iterator[dict]:
+    """The samples of one tar shard in order, members grouped by name as webdataset groups them; a shard that is
+    empty, not a tar or cut short ends with {"__error__": ...} after the samples it did hold."""
+    from webdataset.tariterators import base_plus_ext
+
+    n, sample = 0, {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for m in tar:
+                if not m.isreg():
+                    continue
+                key, ext = base_plus_ext(m.name)
+                if key is None:
+                    continue
+                if sample and key != sample["__key__"]:
+                    yield sample
+                    n, sample = n + 1, {}
+                sample.setdefault("__key__", key)
+                sample[ext.lower()] = tar.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        what = "is not a tar file" if n == 0 and not sample else f"is cut short after {n} samples"
+        yield {"__key__": f"{os.path.basename(path)}:{n}", "__error__": f"shard {path} {what} ({e})"}
+        return
+    if sample:
+        yield sample
+
+
+def _iter_wds(pattern: str, start: int) -> Iterator[Item]:
+    n = 0
+    for url in _wds_urls(pattern):
+        for sample in _tar_samples(url):
+            n += 1
+            if n <= start:
+                continue
+            key = sample["__key__"]
+            if "__error__" in sample:
+                yield Item(key, None, "", error=sample["__error__"])
+                continue
+            caption = ""
+            for ext in ("txt", "caption", "text"):
+                if ext in sample:
+                    caption = sample[ext].decode("utf-8", "replace").strip()
+                    break
+            data = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+            if data is None:
+                yield Item(key, None, caption, error="no jpg/png/webp member")
+                continue
+            try:
+                yield Item(key, _decode(data), caption)
+            except Exception as e:
+                yield Item(key, None, caption, error=f"{type(e).__name__}: {e}")
+
+
+# ---------------------------------------------------------------------------------------- Hugging Face
+
+
+@lru_cache(maxsize=8)
+def _hf_dataset(name: str):
+    import datasets
+
+    try:
+        p = Path(name)
+        if p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
+            return datasets.load_from_disk(name)
+        return datasets.load_dataset(name)
+    except FileNotFoundError as e:
+        raise UserError(f"hf:{name}: {e}") from None
+    except Exception as e:
+        raise UserError(f"hf:{name}: cannot load ({type(e).__name__}: {e})") from None
+
+
+def _hf_splits(name: str) -> dict:
+    import datasets
+
+    ds = _hf_dataset(name)
+    return dict(ds) if isinstance(ds, datasets.DatasetDict) else {"train": ds}
+
+
+def _hf_columns(ds) -> tuple[str, str]:
+    cols = ds.column_names
+    img = next((c for c in ("image", "img", "jpg", "png") if c in cols), None)
+    txt = next((c for c in ("text", "caption", "prompt", "sentence") if c in cols), None)
+    if img is None:
+        raise UserError(f"hf dataset has no image column (columns: {cols})")
+    return img, txt or ""
+
+
+def _iter_hf(name: str, split: str, start: int) -> Iterator[Item]:
+    import datasets
+
+    ds = _hf_splits(name)[split]
+    img_col, txt_col = _hf_columns(ds)
+    ds = ds.cast_column(img_col, datasets.Image(decode=False))  # decode ourselves, to catch bad files
+    for n in range(start, len(ds)):
+        row = ds[n]
+        caption = str(row[txt_col]) if txt_col else ""
+        label = int(row["label"]) if isinstance(row.get("label"), int) else -1
+        ref = row[img_col] or {}
+        try:
+            data = ref.get("bytes") or Path(ref["path"]).read_bytes()
+            yield Item(str(n), _decode(data), caption, label)
+        except Exception as e:
+            yield Item(str(n), None, caption, label, error=f"{type(e).__name__}: {e}")
+
+
+# ---------------------------------------------------------------------------------------- public
+
+
+def splits(src: SourceSpec) -> list[str]:
+    if src.kind == "animal-mnist":
+        return ["train", "validation"]
+    if src.kind == "folder":
+        return list(_folder_split_dirs(Path(src.arg)))
+    if src.kind == "wds":
+        return ["train"]
+    names = list(_hf_splits(src.arg))
+    if src.split:
+        if src.split not in names:
+            raise UserError(f"hf:{src.arg}: no split {src.split!r}; splits: {', '.join(names)}")
+        return [src.split]
+    return names
+
+
+def count(src: SourceSpec, split: str) -> int | None:
+    """Number of items in a split, when known without reading it (None for tar shards)."""
+    if src.kind == "animal-mnist":
+        return len(animal_mnist_split_indices()[split])
+    if src.kind == "hf":
+        return len(_hf_splits(src.arg)[split])
+    if src.kind == "folder":
+        return len(_folder_entries(Path(src.arg), split))
+    return None
+
+
+def iterate(src: SourceSpec, split: str, start: int = 0) -> Iterator[Item]:
+    """Items of one split in their fixed order, from position `start` (for resuming)."""
+    if split not in splits(src):
+        raise UserError(f"source {src}: no split {split!r}; splits: {', '.join(splits(src))}")
+    if src.kind == "animal-mnist":
+        return _iter_animal(split, start)
+    if src.kind == "folder":
+        return _iter_folder(Path(src.arg), split, start)
+    if src.kind == "wds":
+        return _iter_wds(src.arg, start)
+    return _iter_hf(src.arg, split, start)
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """8-bit by the image's own bit depth: 16-bit integers are divided by 257, floats are read as 0..1.
+    (PIL's convert clips instead: a 16-bit image turns near white, a 0..1 float image black.)"""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode != "I" or arr.max(initial=0) <= 65535 else 2.0**32 - 1
+        return Image.fromarray(np.clip(np.round(arr / top * 255), 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        return Image.fromarray(np.clip(np.round(arr * 255), 0, 255).astype(np.uint8), "L")
+    return img
+
+
+def preprocess(img: Image.Image, resolution: int, channels: int) -> np.ndarray:
+    """8-bit (to_8bit), center-crop to a square, resize (Lanczos down, bicubic up), to uint8 [channels, H, W]."""
+    img = to_8bit(img).convert("L" if channels == 1 else "RGB")
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if side != resolution:
+        method = Image.LANCZOS if side > resolution else Image.BICUBIC
+        img = img.resize((resolution, resolution), method)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
+
+
+def load_images(src: SourceSpec, split: str, resolution: int, channels: int, limit: int | None = None,
+                ) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """A whole split in memory (small datasets, tests, reference sets): uint8 [N,C,H,W], captions, labels."""
+    imgs, caps, labels = [], [], []
+    for item in iterate(src, split):
+        if limit is not None and len(imgs) >= limit:
+            break
+        if item.image is None:
+            continue
+        imgs.append(preprocess(item.image, resolution, channels))
+        caps.append(item.caption)
+        labels.append(item.label)
+    if not imgs:
+        raise UserError(f"source {src} split {split!r}: no readable images")
+    return np.stack(imgs), caps, np.asarray(labels, dtype=np.int64)

@@ -1,0 +1,1 @@
+"""Diffusion: noise schedule and samplers, sampling from a run, diffusers pipeline export."""

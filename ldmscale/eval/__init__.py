@@ -1,0 +1,1 @@
+"""Evaluation: feature networks, metrics and their registry, reference statistics, evaluate."""

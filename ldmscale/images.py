@@ -1,0 +1,34 @@
+"""Image helpers shared by sampling, the report and degradations: uint8 tensors to PIL, grids, PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldmscale.io import atomic_write
+
+
+def to_pil(img: torch.Tensor | np.ndarray) -> Image.Image:
+    arr = np.asarray(img)
+    if arr.shape[0] == 1:
+        return Image.fromarray(arr[0], "L")
+    return Image.fromarray(arr.transpose(1, 2, 0), "RGB")
+
+
+def grid(images: torch.Tensor, ncol: int, min_cell: int = 96, pad: int = 2) -> Image.Image:
+    """Images [N,C,H,W] uint8 in rows of `ncol`, upscaled (nearest) so small images stay visible."""
+    n, c, h, w = images.shape
+    scale = max(1, min_cell // h)
+    nrow = (n + ncol - 1) // ncol
+    out = Image.new("L" if c == 1 else "RGB", (ncol * (w * scale + pad) + pad, nrow * (h * scale + pad) + pad), 128)
+    for i in range(n):
+        tile = to_pil(images[i]).resize((w * scale, h * scale), Image.NEAREST)
+        out.paste(tile, (pad + (i % ncol) * (w * scale + pad), pad + (i // ncol) * (h * scale + pad)))
+    return out
+
+
+def save_png(img: Image.Image, path: Path) -> None:
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))

@@ -1,0 +1,1 @@
+"""The model family: sizes, exact parameter and FLOP accounting, FSDP sharding."""

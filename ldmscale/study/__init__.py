@@ -1,0 +1,1 @@
+"""Studies: study files, job planning and running, cluster waves."""

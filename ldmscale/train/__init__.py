@@ -1,0 +1,1 @@
+"""Training: the one loop (accelerate), its objectives, experiment trackers."""

@@ -1,0 +1,396 @@
+"""The training loop: one UNet of the family, from a latent cache, on accelerate (1 CPU, N GPUs, many nodes).
+
+Determinism is by construction: the global batch of optimizer step s (indices, noise, timesteps, caption
+dropout) is drawn from a generator seeded by (seed, s) and each process takes its slice. So a resumed run
+equals an uninterrupted one, and 2 processes train the same model as 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+
+from ldmscale import checkpoint
+from ldmscale.config import (
+    Config,
+    Fraction,
+    NonNegative,
+    Positive,
+    Range,
+    from_dict,
+    to_dict,
+)
+from ldmscale.errors import UserError
+from ldmscale.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from ldmscale.model import flops, fsdp
+from ldmscale.train import trackers
+from ldmscale.train.objectives import Batch
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    data: str = ""  # latent cache folder
+    size: str = "c16"  # family size: c<width>, a paper label, or c<width>:h<heads>:g<groups>
+    images: Positive = 200_000  # duration, in training images seen
+    batch_size: Annotated[int, Range(1, 2**20)] = 64  # global batch (all processes, all accumulation steps)
+    grad_accum: Annotated[int, Range(1, 2**16)] = 1
+    lr: Annotated[float, Range(0.0, 10.0, lo_open=True)] = 1e-3  # the paper: 1e-4 at batch 2048; tiny models take more
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: NonNegative = 100
+    weight_decay: Annotated[float, Range(0.0, 10.0)] = 0.01
+    betas: tuple[Annotated[float, Range(0.0, 0.99999)], Annotated[float, Range(0.0, 0.99999999)]] = (0.9, 0.999)
+    grad_clip: Annotated[float, Range(0.0, 1e6)] = 1.0  # 0: no clipping
+    ema_decay: Annotated[float, Range(0.0, 1.0)] = 0.999
+    ema_warmup: bool = True  # diffusers' EMA warm-up: decay (1 + s) / (10 + s) until it reaches ema_decay
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
+    cfg_dropout: Fraction = 0.1  # caption dropout for classifier-free guidance
+    snr_gamma: Annotated[float, Range(0.0, 1e6)] = 0.0  # Min-SNR weighting (Hang et al. 2023); 0: plain MSE
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: Annotated[int, Range(0, 2**31 - 1)] = 0
+    checkpoint_every: NonNegative = 0  # images between checkpoints (0: 4 per run)
+    keep: Annotated[int, Range(1, 10**6)] = 2  # checkpoints kept (besides those of checkpoint_at)
+    checkpoint_at: tuple[Positive, ...] = ()  # optimizer steps that also get a checkpoint, never pruned (curves)
+    log_every: Annotated[int, Range(1, 10**9)] = 20  # optimizer steps between log lines
+    latent_sample: bool = True  # sample z from the cached posterior (else use its mean)
+    text_mask: bool = False  # mask padded text tokens in cross-attention (SD does not)
+    report_to: Literal["", "tensorboard", "wandb"] = ""  # an accelerate tracker (losses, lr, ledger, sample grids)
+    project: str = "ldmscale"  # the tracker's project
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (2B/5B sizes)
+    activation_checkpointing: bool = True  # with fsdp: recompute block activations in the backward pass
+
+
+# settings that may change when a run is continued, without making it a different run
+CONTINUABLE = {"images", "checkpoint_every", "checkpoint_at", "keep", "log_every", "report_to", "project"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the run stopped without saving."""
+
+
+def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
+    """The dataset indices of optimizer step `step`: a fresh seeded permutation per epoch, batches in order."""
+    out, pos = [], step * batch
+    while sum(len(o) for o in out) < batch:
+        epoch, off = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        take = min(batch - sum(len(o) for o in out), n - off)
+        out.append(perm[off:off + take])
+        pos += take
+    return torch.cat(out)
+
+
+def resolve_run(cfg: TrainConfig, run: Path) -> dict:
+    """The fully resolved config of a run; checks a continued run matches the one on disk."""
+    from importlib.metadata import version
+
+    from ldmscale.data.cache import read_manifest
+    from ldmscale.model.family import parse_size, size_spec, unet_config
+
+    size = parse_size(cfg.size)
+    m = read_manifest(cfg.data)
+    c, h, _ = m["latent_shape"]
+    if h % 8:
+        raise UserError(f"latent size {h} of cache {cfg.data} is not a multiple of 8 (the UNet downsamples 3 times)")
+    cost = flops.cost(size, h, m["context_len"], m["context_dim"], c)
+    resolved = {
+        "kind": "text-to-image",
+        "train": to_dict(cfg) | {"data": str(Path(cfg.data).resolve()), "size": size_spec(size)},
+        "unet": unet_config(size, h, m["context_dim"], c),
+        "data": {k: m[k] for k in ("source", "resolution", "channels", "latent_shape", "context_len", "context_dim",
+                                   "autoencoder", "text_encoder")},
+        "accounting": {"params": cost.params, "forward_flops": cost.flops, "gflops": cost.gflops,
+                       "norm_cost": cost.norm_cost, "flop_convention": flops.FLOP_CONVENTION},
+        "versions": {p: version(p) for p in ("ldmscale", "torch", "diffusers", "accelerate", "transformers")},
+    }
+    check_continuation(run, resolved)
+    return resolved
+
+
+def check_continuation(run: str | Path, resolved: dict) -> None:
+    """A run folder that exists must have been made with the same settings (bar CONTINUABLE ones)."""
+    path = Path(run) / "config.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    before, now = old.get("train", {}), resolved["train"]
+    if before.get("lr_schedule") == "cosine" and before.get("images") != now.get("images"):
+        # the cosine schedule is planned for the run's length: another length would jump the lr mid-run
+        raise UserError(f"{run} has a cosine lr schedule planned for {before.get('images'):,} images; it cannot be "
+                        f"extended or shortened to {now.get('images'):,}: start a new run (or use lr_schedule=constant, "
+                        "whose runs extend)")
+    diff = [k for k, v in resolved["train"].items() if k not in CONTINUABLE and old.get("train", {}).get(k) != v]
+    diff += [k for k in ("kind", "task", "init") if json.dumps(old.get(k), sort_keys=True) != json.dumps(resolved.get(k), sort_keys=True)]
+    if diff:
+        raise UserError(f"{run} is a run with other settings ({', '.join(diff)} differ); "
+                        "use a new --out or the same settings to continue it")
+
+
+@dataclass
+class Task:
+    """What the loop trains: the resolved run config, the data, the objective, and the initial weights of a
+    fine-tune or a student.
+
+    data: len(data); data.batch(idx, latent_noise, seeds) -> (z, text, mask) or (z, text, mask, extra) where
+    `extra` is concatenated to the noisy latent at the UNet input (super-resolution); data.empty_text/_mask.
+    preview: prompts for the sample grid logged to a tracker at each checkpoint (text-to-image runs)."""
+
+    resolved: dict
+    data: object
+    objective: object = None
+    init: dict | None = None
+    preview: list[str] | None = None
+
+
+def text_to_image_task(cfg: TrainConfig, run: Path) -> Task:
+    from ldmscale.data.cache import LatentCache
+    from ldmscale.train.objectives import Denoising
+
+    data = LatentCache(cfg.data, "train")
+    prompts = list(dict.fromkeys(data.captions))[:4]
+    return Task(resolve_run(cfg, run), data, Denoising(cfg.prediction, cfg.snr_gamma, cfg.text_mask), preview=prompts)
+
+
+def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=text_to_image_task) -> dict:
+    """Train (or continue) the run at `run`, holding its lock; the main process checks --out first."""
+    from ldmscale.io import DirLock, check_output, is_main_process
+
+    run, main = Path(run), is_main_process()
+    trackers.check(cfg.report_to)
+    if main:
+        check_output(run, "run")
+    with DirLock(run, "run", enabled=main):
+        return loop(cfg, run, progress, make_task)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+@dataclass
+class State:
+    """Everything the loop carries between stages."""
+
+    acc: object
+    task: Task
+    model: torch.nn.Module
+    ema: object
+    opt: torch.optim.Optimizer
+    sched: object
+    total_steps: int
+    ckpt_steps: int
+    start: int = 0
+
+
+def loop(cfg: TrainConfig, run: Path, progress: bool, make_task) -> dict:
+    """setup -> resume -> (step, log, save) until the budget -> the ledger at the end."""
+    from ldmscale.progress import bar
+
+    s = setup(cfg, run, make_task)
+    resume(cfg, run, s)
+    if s.acc.is_main_process:  # written once everything is built: a run that fails to start leaves no config behind
+        machine = {"device": str(s.acc.device), "processes": s.acc.num_processes,
+                   "distributed": str(s.acc.distributed_type), "mixed_precision": cfg.mixed_precision}
+        atomic_write_json(run / "config.json", s.task.resolved | {"machine": machine})
+    trackers.start(cfg, run, s)
+    pbar = bar(total=s.total_steps, initial=s.start, desc=f"train {s.task.resolved['train']['size']}", unit="step",
+               enabled=progress and s.acc.is_main_process)
+    window = {"t": time.perf_counter(), "images": 0, "loss": 0.0, "n": 0}
+    s.model.train()
+    for step in range(s.start, s.total_steps):
+        loss = train_step(cfg, run, s, step)
+        window["images"] += cfg.batch_size
+        window["loss"], window["n"] = window["loss"] + loss, window["n"] + 1
+        pbar.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == s.total_steps:
+            log(cfg, run, s, done, window, pbar)
+        if done % s.ckpt_steps == 0 or done == s.total_steps or done in cfg.checkpoint_at:
+            save(cfg, run, s, done, loss)
+    pbar.close()
+    s.acc.end_training()
+    return ledger(cfg, s, max(s.start, s.total_steps), float("nan")) | {"run": str(run), "is_main": s.acc.is_main_process}
+
+
+def setup(cfg: TrainConfig, run: Path, make_task) -> State:
+    """Accelerate, the task, the model (from its initial weights), the EMA, the optimizer and the lr schedule."""
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from ldmscale.device import accelerator_kwargs
+
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                      log_with=cfg.report_to or None, project_dir=str(run), **accelerator_kwargs())
+    world = acc.num_processes
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise UserError(f"batch_size {cfg.batch_size} is not divisible by processes x grad_accum = {world * cfg.grad_accum}")
+    if cfg.fsdp and (world < 2 or cfg.grad_accum != 1):
+        raise UserError("fsdp needs a launch with 2 or more processes and grad_accum = 1")
+    task = make_task(cfg, run)
+    if acc.is_main_process:  # under the run's lock, so no other process is saving here
+        checkpoint.clean_stale(run)
+    torch.manual_seed(cfg.seed)
+    model = UNet2DConditionModel(**task.resolved["unet"])
+    if task.init is not None:
+        model.load_state_dict(task.init)
+    last = checkpoint.latest(run)
+    if last is not None:  # before sharding, so every process loads the full tensors
+        model.load_state_dict(checkpoint.load_weights(last, "raw"))
+    model.to(acc.device)
+    if cfg.fsdp:
+        fsdp.shard(model, cfg.mixed_precision, cfg.activation_checkpointing)
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True,
+                   min_decay=0.0 if cfg.ema_warmup else cfg.ema_decay)  # no warm-up: a constant decay
+    # fused AdamW on CPU and CUDA (1.07-1.10x at c16-c64 on 2 CPU cores, make bench); FSDP's sharded DTensors and
+    # other devices take the foreach path
+    fused = acc.device.type in ("cpu", "cuda") and not cfg.fsdp
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                            fused=fused, foreach=None if fused else True)
+    total = math.ceil(cfg.images / cfg.batch_size)
+    rounds = getattr(task.objective, "rounds", 1)  # progressive distillation restarts the cosine every round
+    name = {"constant": "constant_with_warmup", "cosine": "cosine" if rounds == 1 else "cosine_with_restarts"}
+    sched = get_scheduler(name[cfg.lr_schedule], opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total,
+                          **({"num_cycles": rounds} if rounds > 1 and cfg.lr_schedule == "cosine" else {}))
+    if not cfg.fsdp:
+        model, opt = acc.prepare(model, opt)
+    task.objective.setup(acc.unwrap_model(model), ema, acc.device)
+    every = cfg.checkpoint_every or max(cfg.batch_size, cfg.images // 4)
+    return State(acc, task, model, ema, opt, sched, total, max(1, every // cfg.batch_size))
+
+
+def resume(cfg: TrainConfig, run: Path, s: State) -> None:
+    """Continue from the last checkpoint (its weights are in the model already): EMA, optimizer, schedule, the
+    objective's own state; the metrics log keeps only the lines up to that checkpoint."""
+    last = checkpoint.latest(run)
+    if last is None:
+        return
+    model = s.acc.unwrap_model(s.model)  # its weights were loaded in setup()
+    state = checkpoint.load_optimizer(last)
+    ema_state = dict(state["ema"])
+    ema_state["shadow_params"] = [fsdp.like(t, p).to(p.device) for t, p in zip(ema_state["shadow_params"],
+                                                                              model.parameters())]
+    s.ema.load_state_dict(ema_state)
+    if cfg.fsdp:
+        fsdp.load_optimizer_state(model, s.opt, state["optimizer"])
+    else:
+        s.opt.load_state_dict(state["optimizer"])
+    s.sched.load_state_dict(state["scheduler"])
+    s.task.objective.load_state_dict(state.get("objective", {}))
+    s.start = checkpoint.load_state(last)["step"]
+    if s.acc.is_main_process:  # drop log lines written after that checkpoint by the run that died
+        kept = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("step", 0) <= s.start]
+        atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def train_step(cfg: TrainConfig, run: Path, s: State, step: int) -> float:
+    """One optimizer step. The global batch's randomness comes from a generator seeded by (seed, step) and each
+    process takes its slice, so a resumed run equals an uninterrupted one and N processes train as 1."""
+    acc, data, obj = s.acc, s.task.data, s.task.objective
+    world, rank, B = acc.num_processes, acc.process_index, cfg.batch_size
+    micro = B // (world * cfg.grad_accum)
+    shape = tuple(s.task.resolved["data"]["latent_shape"])
+    obj.before_step(step, acc.unwrap_model(s.model))
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    idx = batch_indices(step, B, len(data), cfg.seed)
+    seeds = torch.arange(B) + (cfg.seed * 1_000_003 + step) * B  # per-sample randomness of the data (degradations)
+    rand = obj.draw(g, B, shape)
+    latent_eps = torch.randn(B, *shape, generator=g)
+    drop = torch.rand(B, generator=g) < cfg.cfg_dropout
+    empty, empty_mask = data.empty_text.float(), data.empty_mask
+    dev = acc.device
+    for a in range(cfg.grad_accum):
+        sel = torch.arange(B).view(cfg.grad_accum, world, micro)[a, rank]
+        out = data.batch(idx[sel], latent_noise=latent_eps[sel] if cfg.latent_sample else None, seeds=seeds[sel])
+        text = torch.where(drop[sel, None, None], empty[None], out[1])
+        mask = torch.where(drop[sel, None], empty_mask[None], out[2])
+        b = Batch(out[0].to(dev), text.to(dev), mask.to(dev), out[3].to(dev) if len(out) > 3 else None,
+                  empty.to(dev))
+        with (contextlib.nullcontext() if cfg.fsdp else acc.accumulate(s.model)), \
+                (contextlib.nullcontext() if cfg.fsdp else acc.autocast()):
+            loss = obj.loss(s.model, b, {k: v[sel].to(dev) for k, v in rand.items()}).mean()
+            if cfg.fsdp:  # the sharded model reduces its own gradients; the mp policy does the casting
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
+            else:
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.grad_clip > 0:
+                    acc.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
+            s.opt.step()
+            s.opt.zero_grad(set_to_none=True)
+        mean_loss = acc.reduce(loss.detach(), "mean").item()
+        if not math.isfinite(mean_loss):
+            good = checkpoint.latest(run)
+            raise TrainingDiverged(
+                f"loss is {mean_loss} at step {step + 1} (images seen {step * B}); stopped without saving; last "
+                f"good checkpoint: {good.name if good else 'none'}; try a lower lr")
+    s.sched.step()
+    s.ema.step(acc.unwrap_model(s.model).parameters())
+    return mean_loss
+
+
+def ledger(cfg: TrainConfig, s: State, step: int, loss: float) -> dict:
+    """The compute ledger at an optimizer step: images seen, FLOPs (network evaluations x forward FLOPs), the
+    paper's steps x GFLOPs."""
+    fwd = s.task.resolved["accounting"]["forward_flops"]
+    images = step * cfg.batch_size
+    evals = s.task.objective.evals_until(step)
+    return {"step": step, "images_seen": images, "epoch": images / len(s.task.data), "loss": loss,
+            "gflops_per_sample": fwd / 1e9, "train_flops": evals * cfg.batch_size * fwd,
+            "network_evals_per_image": s.task.objective.evals(max(0, step - 1)),
+            "steps_x_gflops": flops.steps_x_gflops(step, fwd), "flop_convention": flops.FLOP_CONVENTION,
+            "seed": cfg.seed, "rng_note": "per-step generators seeded by (seed, step); no global RNG is used"}
+
+
+def log(cfg: TrainConfig, run: Path, s: State, done: int, window: dict, pbar) -> None:
+    dt = time.perf_counter() - window["t"]
+    rec = ledger(cfg, s, done, window["loss"] / window["n"]) | {"lr": s.sched.get_last_lr()[0],
+                                                                 "images_per_s": window["images"] / dt,
+                                                                 "time": time.time()}
+    pbar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}")
+    if s.acc.is_main_process:
+        append_jsonl(run / "metrics.jsonl", rec)
+    if cfg.report_to:
+        s.acc.log({k: rec[k] for k in ("loss", "lr", "images_per_s", "images_seen", "train_flops", "epoch")}, step=done)
+    window.update(t=time.perf_counter(), images=0, loss=0.0, n=0)
+
+
+def save(cfg: TrainConfig, run: Path, s: State, step: int, loss: float) -> None:
+    """A checkpoint: raw and EMA weights, optimizer, schedule, EMA and objective state, the ledger. Under fsdp every
+    process takes part in gathering the full tensors; only the main one writes."""
+    acc, unwrapped = s.acc, s.acc.unwrap_model(s.model)
+    model = fsdp.model_state(unwrapped) if cfg.fsdp else unwrapped.state_dict()
+    ema_state = s.ema.state_dict()
+    ema_state["shadow_params"] = [fsdp.full_tensor(t).cpu() for t in ema_state["shadow_params"]]
+    opt_state = fsdp.optimizer_state(unwrapped, s.opt) if cfg.fsdp else s.opt.state_dict()
+    if acc.is_main_process:
+        ema_model = dict(model)
+        ema_model.update(zip([n for n, _ in unwrapped.named_parameters()], ema_state["shadow_params"]))
+        extra = {"optimizer": opt_state, "scheduler": s.sched.state_dict(), "ema": ema_state,
+                 "objective": s.task.objective.state_dict()}
+        checkpoint.save(run, step, s.task.resolved, model, ema_model, extra, ledger(cfg, s, step, loss), cfg.keep,
+                        protect={f"step-{x:06d}" for x in cfg.checkpoint_at})
+        if cfg.report_to and s.task.preview:
+            trackers.log_preview(cfg, s, step, ema_model)
+    acc.wait_for_everyone()
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """A TrainConfig from a JSON file: the config itself or a run's config.json (its "train" section)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return from_dict(TrainConfig, data.get("train", data), where=path.name)

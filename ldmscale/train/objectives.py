@@ -1,0 +1,81 @@
+"""What the training loop minimizes: an objective turns a batch into a per-sample loss.
+
+The loop (train.py) owns everything else: data order, caption dropout, accelerate, the EMA, the optimizer,
+checkpoints and the ledger. An objective declares
+  draw(g, n, shape)          its per-sample randomness for the global batch, from the step's generator
+                             (each process takes its slice, so 1 and N processes train the same model)
+  loss(model, batch, rand)   the per-sample loss of the model being trained
+  setup(model, ema, device)  networks it needs beside the model (a teacher, a target), on the device
+  before_step(step, model)   a hook at each optimizer step (progressive distillation changes teacher)
+  evals(step), evals_until(step)   network evaluations per training image at a step (3 = forward +
+                             backward), and their sum over the steps before it: the compute ledger counts them
+  state_dict / load_state_dict   what a checkpoint must hold to resume it exactly
+Denoising (this file) covers text-to-image pretraining, super-resolution and DreamBooth; distill.py has the
+consistency and progressive distillation objectives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ldmscale.diffusion.samplers import noise_scheduler
+
+
+@dataclass
+class Batch:
+    """One micro-batch on the device: scaled latents, text states and mask, the UNet's extra input channels
+    (super-resolution), and the empty-caption states (the unconditional branch of guidance)."""
+
+    z: torch.Tensor
+    text: torch.Tensor
+    mask: torch.Tensor
+    extra: torch.Tensor | None
+    empty: torch.Tensor
+
+
+class Denoising:
+    """The DDPM objective on SD v1.5's schedule: predict the noise (or v) of a noised latent; optional Min-SNR-gamma
+    weighting (Hang et al. 2023) and attention masks over the text."""
+
+    def __init__(self, prediction: str = "epsilon", snr_gamma: float = 0.0, text_mask: bool = False):
+        self.prediction, self.snr_gamma, self.text_mask = prediction, snr_gamma, text_mask
+        self.sched = noise_scheduler(prediction)
+
+    def setup(self, model, ema, device) -> None:
+        self.alphas = self.sched.alphas_cumprod.to(device)
+
+    def draw(self, g: torch.Generator, n: int, shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        return {"noise": torch.randn(n, *shape, generator=g),
+                "t": torch.randint(0, self.sched.config.num_train_timesteps, (n,), generator=g)}
+
+    def before_step(self, step: int, model) -> None:
+        pass
+
+    def evals(self, step: int) -> float:
+        return 3.0
+
+    def evals_until(self, step: int) -> float:
+        return 3.0 * step
+
+    def loss(self, model, b: Batch, rand: dict[str, torch.Tensor]) -> torch.Tensor:
+        noise, t = rand["noise"], rand["t"]
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * b.z + (1 - a).sqrt() * noise
+        if b.extra is not None:
+            noisy = torch.cat([noisy, b.extra], dim=1)
+        target = noise if self.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * b.z
+        pred = model(noisy, t, encoder_hidden_states=b.text,
+                     encoder_attention_mask=b.mask if self.text_mask else None).sample
+        per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
+        if self.snr_gamma > 0:  # down-weight the easy, low-noise timesteps
+            snr = (a / (1 - a)).flatten()
+            per_sample = per_sample * snr.clamp(max=self.snr_gamma) / (snr if self.prediction == "epsilon" else snr + 1)
+        return per_sample
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
