@@ -4,7 +4,7 @@ import dataclasses
 
 from ldmscale.cli.eval import eval_cmd
 from ldmscale.eval.evaluate import EvalConfig
-from ldmscale.study.plan import EVAL_SHARED, EvalSection, eval_config
+from ldmscale.study.spec import EVAL_SHARED, EvalSection, eval_config
 
 # EvalConfig fields a study sets per job rather than in [eval], and why
 PER_JOB = {"sampler": "[eval] samplers is a grid", "steps": "[eval] steps is a grid",
@@ -42,7 +42,7 @@ def test_task_kinds_are_declared_once():
 
     from ldmscale.eval import registry
     from ldmscale.study.cluster import WAVES
-    from ldmscale.study.plan import TaskSection
+    from ldmscale.study.spec import TaskSection
     from ldmscale.tasks import kinds as tasks
 
     kinds = typing.get_args(typing.get_type_hints(TaskSection)["kind"])

@@ -29,7 +29,7 @@ def _config_classes():
     from ldmscale.data.cache import PrepareConfig
     from ldmscale.eval.evaluate import EvalConfig
     from ldmscale.eval.features import ClassifierConfig
-    from ldmscale.study.plan import DataSection, EvalSection, TaskSection, TrainSection
+    from ldmscale.study.spec import DataSection, EvalSection, TaskSection, TrainSection
     from ldmscale.tasks.distill import DistillConfig
     from ldmscale.tasks.dreambooth import DreamBoothConfig
     from ldmscale.tasks.superres import SRConfig
@@ -175,7 +175,7 @@ STUDY_FIELDS = [(sec, name, kind) for cls, name, kind in NUMERIC_FIELDS
 
 @pytest.mark.parametrize("section,name,kind", STUDY_FIELDS, ids=[f"{s}.{n}" for s, n, _ in STUDY_FIELDS])
 def test_every_numeric_study_field_is_checked_when_the_file_loads(section, name, kind, tmp_path):
-    from ldmscale.study.plan import load_study
+    from ldmscale.study.spec import load_study
 
     for value in BAD:
         text = _toml(value) if kind == "scalar" else f"[{_toml(value)}]"

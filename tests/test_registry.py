@@ -4,7 +4,7 @@ import pytest
 
 from ldmscale.errors import UserError
 from ldmscale.eval import registry
-from ldmscale.study.plan import load_study
+from ldmscale.study.spec import load_study
 
 
 def test_directions_come_from_the_registry_not_the_name():

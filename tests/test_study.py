@@ -117,7 +117,8 @@ def test_bad_study_files_exit_2(study_file, tmp_path, edit, needle):
 def test_paper_study_plans_the_papers_compute(tmp_path):
     from ldmscale.model.family import make_size
     from ldmscale.model.flops import cost
-    from ldmscale.study.plan import load_study, plan_jobs
+    from ldmscale.study.plan import plan_jobs
+    from ldmscale.study.spec import load_study
 
     study = load_study(ROOT / "studies" / "paper.toml")
     jobs = plan_jobs(study, tmp_path / "paper")
@@ -146,7 +147,7 @@ def test_submitit_local_executor_runs_and_skips_like_local(study_file, tmp_path)
 def test_downstream_study_is_the_demo_plus_tasks():
     """`make demo-full` runs into the demo's folder: every shared setting must match so no finished job reruns."""
     from ldmscale.config import to_dict
-    from ldmscale.study.plan import load_study
+    from ldmscale.study.spec import load_study
 
     demo, full = (to_dict(load_study(ROOT / "studies" / f"{n}.toml")) for n in ("demo", "downstream"))
     assert {k: v for k, v in full.items() if k not in ("name", "tasks")} == {k: v for k, v in demo.items() if k not in ("name", "tasks")}

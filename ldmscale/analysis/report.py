@@ -145,7 +145,7 @@ def provenance(out: Path, study, rows: list[dict]) -> dict:
     import torch
 
     from ldmscale.data.cache import read_manifest
-    from ldmscale.study.plan import study_eval
+    from ldmscale.study.spec import study_eval
 
     ev, d = study_eval(study), study.data
     saved = out / "study.toml"
@@ -194,7 +194,7 @@ def sample_grids(a: dict, study, folder: Path, per_prompt: int = 4) -> list[dict
     budget's best configuration for that size, so the figures' differences can be seen."""
     from ldmscale.diffusion.sampling import generate, load_run
     from ldmscale.images import grid, save_png
-    from ldmscale.study.plan import study_eval
+    from ldmscale.study.spec import study_eval
 
     ev, metric = study_eval(study), a["metric"]
     best = [r for r in a["best_over_guidance"] if not r.get("distilled") and r.get("run")]

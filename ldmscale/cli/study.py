@@ -12,7 +12,7 @@ from ldmscale.errors import UserError
 
 
 def _study_of(out: Path, study_file: Path | None):
-    from ldmscale.study.plan import load_study
+    from ldmscale.study.spec import load_study
 
     if study_file:
         return load_study(study_file)
@@ -51,14 +51,9 @@ Running it again skips finished jobs; a killed study loses at most the job in fl
 @click.option("--report/--no-report", default=True, show_default=True, help="Write the report when done.")
 def study_run(study_file, out, dry_run, executor, report) -> None:
     """Train every size and evaluate every grid point of a study file."""
-    from ldmscale.study.plan import (
-        collect,
-        job_done,
-        load_study,
-        plan_jobs,
-        run_jobs,
-        write_csv,
-    )
+    from ldmscale.study.jobs import job_done, run_jobs
+    from ldmscale.study.plan import collect, plan_jobs, write_csv
+    from ldmscale.study.spec import load_study
 
     study = load_study(study_file)
     saved = out / "study.toml"

@@ -20,7 +20,7 @@ WAVES = {"autoencoder": 0, "classifier": 0, "prepare": 1, "train": 2, "sanity": 
 
 
 def _execute(out: str, job) -> str:
-    from ldmscale.study.plan import mark_done
+    from ldmscale.study.jobs import mark_done
 
     t0 = time.time()
     job.run()
@@ -32,7 +32,7 @@ def run_submitit(out: Path, jobs: list, executor: str, log: Callable[[str], None
                  parameters: dict | None = None) -> dict:
     import submitit
 
-    from ldmscale.study.plan import job_done
+    from ldmscale.study.jobs import job_done
 
     out = Path(out)
     if executor == "slurm":

@@ -1,0 +1,115 @@
+"""Study jobs: identified by the hash of their resolved config, run in order with one progress bar and an
+ETA, marked done when they finish (so a killed study loses at most the job in flight)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass
+class Job:
+    kind: str  # autoencoder | classifier | prepare | train | eval | (task kinds)
+    name: str
+    config: dict
+    run: Callable[[], object]
+    cost_flops: float = 0.0  # estimate, for --dry-run and the ETA
+    extra_seconds: float = 0.0  # work that is not UNet FLOPs (Inception features), for the ETA
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(json.dumps({"kind": self.kind, **self.config}, sort_keys=True, default=str)
+                              .encode()).hexdigest()[:16]
+
+
+def job_done(out: Path, job: Job) -> bool:
+    return (out / "jobs" / f"{job.id}.json").exists()
+
+
+def mark_done(out: Path, job: Job, seconds: float) -> None:
+    from ldmscale.io import atomic_write_json
+
+    atomic_write_json(out / "jobs" / f"{job.id}.json", {"kind": job.kind, "name": job.name, "config": job.config,
+                                                        "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+# A first guess of each job's seconds, measured on a 2-core CPU: UNet FLOPs at NOMINAL_FLOPS, a fixed cost per
+# optimizer step (small models are bound by per-layer overheads), and fixed seconds per job (decoding, features,
+# loading). Only the ETA uses them, and it rescales them by what each kind of job really takes here.
+NOMINAL_FLOPS = 6.4e10
+
+
+SECONDS_PER_STEP = 0.09
+
+
+OVERHEAD_S = {"prepare": 15.0, "sanity": 5.0, "eval": 1.5, "task-eval": 3.0, "train": 3.0, "finetune": 10.0,
+              "distill": 10.0}
+
+
+FID_SECONDS_PER_IMAGE = 0.16  # Inception-v3 at 299 px, and the 2048-d Frechet distance
+
+
+def estimated_seconds(job: Job) -> float:
+    if job.kind == "autoencoder":
+        return 0.22 * float(job.config.get("steps", 300))
+    if job.kind == "classifier":
+        return 20.0 * float(job.config.get("epochs", 2)) * float(job.config.get("width", 32)) / 32
+    steps = float(job.config.get("images", 0)) / float(job.config.get("batch_size", 1)) if job.kind == "train" else 0
+    return job.cost_flops / NOMINAL_FLOPS + steps * SECONDS_PER_STEP + OVERHEAD_S.get(job.kind, 5.0) + job.extra_seconds
+
+
+class Eta:
+    """Remaining time = the estimate of each pending job, scaled by how fast jobs of its kind have actually run so far
+    (all kinds together until a kind has finished one). Averages since the start, so a loaded machine stretches
+    the whole forecast instead of making it jump."""
+
+    def __init__(self):
+        self.spent: dict[str, list[float]] = {}  # kind -> [actual seconds, estimated seconds]
+
+    def record(self, job: Job, seconds: float) -> None:
+        a = self.spent.setdefault(job.kind, [0.0, 0.0])
+        a[0] += seconds
+        a[1] += estimated_seconds(job)
+
+    def _ratio(self, kind: str) -> float:
+        if kind in self.spent and self.spent[kind][1] > 0:
+            return self.spent[kind][0] / self.spent[kind][1]
+        actual, est = (sum(v[i] for v in self.spent.values()) for i in (0, 1))
+        return actual / est if est > 0 else 1.0
+
+    def remaining(self, pending: list[Job]) -> float:
+        return sum(estimated_seconds(j) * self._ratio(j.kind) for j in pending)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"
+
+
+def run_jobs(out: Path, jobs: list[Job], progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Run the jobs in order, skipping finished ones; one progress bar over estimated seconds, with an ETA that
+    learns each kind of job's real speed on this machine."""
+    from ldmscale.progress import bar
+
+    pending = [j for j in jobs if not job_done(out, j)]
+    done0 = len(jobs) - len(pending)
+    log(f"study {out}: {len(jobs)} jobs, {done0} already done, {len(pending)} to run")
+    weights = [estimated_seconds(j) for j in pending]
+    pbar = bar(total=sum(weights), desc="study", unit="est-s", enabled=progress,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]")
+    eta, t_start = Eta(), time.time()
+    for n, (job, w) in enumerate(zip(pending, weights)):
+        left = _clock(eta.remaining(pending[n:])) if eta.spent else "?"
+        pbar.set_postfix_str(f"<{left} left, jobs {done0 + n}/{len(jobs)}, now: {job.name}")
+        t0 = time.time()
+        job.run()
+        mark_done(out, job, time.time() - t0)
+        eta.record(job, time.time() - t0)
+        pbar.update(w)
+    pbar.set_postfix_str(f"jobs {len(jobs)}/{len(jobs)}")
+    pbar.close()
+    return {"jobs": len(jobs), "ran": len(pending), "seconds": time.time() - t_start}

@@ -1,0 +1,196 @@
+"""Study files: the sections of a study (TOML, values only), loaded and validated completely at load time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+from ldmscale.config import Config, NonNegative, Positive, Range, from_dict
+from ldmscale.errors import UserError
+from ldmscale.eval import registry
+
+
+@dataclass(frozen=True)
+class DataSection(Config):
+    source: str = "animal-mnist"
+    resolution: Annotated[int, Range(8, 8192)] = 32
+    text_encoder: str = "minilm"
+    autoencoder: str = ""  # folder or hub id; empty: train one with [autoencoder]
+    cache: str = ""  # an existing latent cache (skips prepare)
+    latent_size: Annotated[int, Range(0, 1024)] = 0  # expected latent side for estimates before the cache exists
+    # (0: from the autoencoder)
+    context_len: Annotated[int, Range(2, 512)] = 77  # text tokens kept (SD's 77; the demo's captions fit in 16):
+
+
+@dataclass(frozen=True)
+class TrainSection(Config):
+    sizes: tuple[str, ...] = ("c8", "c16", "c32")
+    budget: Literal["images", "compute"] = "images"  # equal images per size (the paper) or equal training FLOPs
+    images: Positive = 50_000  # per size, budget = images
+    flops: Annotated[float, Range(0.0, 1e30)] = 0.0  # per size, budget = compute
+    curve_points: Annotated[int, Range(1, 100)] = 4  # checkpoints evaluated for the quality-vs-training-compute curves
+    curve_spacing: Literal["log", "linear"] = "log"  # log: each point doubles the compute (from 1/2^(n-1) of the
+    # run, at most 1/64), as the training-compute axis is read; linear: equally spaced
+    set: dict[str, str] = field(default_factory=dict)  # TrainConfig overrides (lr, batch_size, ...)
+
+
+@dataclass(frozen=True)
+class EvalSection(Config):
+    samplers: tuple[str, ...] = ("ddim", "ddpm", "dpmsolver++")
+    steps: tuple[Annotated[int, Range(1, 1000)], ...] = (2, 5, 10, 20, 50)
+    guidance: tuple[Annotated[float, Range(0.0, 100.0)], ...] = (2.0, 4.0)
+    max_steps: dict[str, Annotated[int, Range(1, 1000)]] = field(default_factory=dict)  # per sampler, e.g.
+    # {"dpmsolver++" = 20}
+    metrics: tuple[str, ...] = ("fd-classifier", "caption-accuracy")
+    primary: str = "fd-classifier"  # the metric analysis and the planner optimize (lower is better for FD/FID)
+    num_images: Annotated[int, Range(2, 10**7)] = 200
+    seed: Annotated[int, Range(0, 2**31 - 1)] = 0
+    batch_size: Annotated[int, Range(1, 2**16)] = 250
+    reference: str = ""  # SOURCE[:SPLIT] of real images and captions ("": the study's data, its validation split)
+    reference_count: NonNegative = 0
+    classifier: str = ""  # an existing classifier folder; empty: train one with [classifier]
+    clip: str = ""
+    inception: str = ""
+    fid_resize: Literal["tf", "pytorch"] = "tf"  # FID's resize to 299 px: TF1's, as published FIDs, or pytorch-fid's
+    lpips: str = ""  # TorchScript LPIPS model, for the lpips metric of super-resolution tasks
+    weights: Literal["ema", "raw"] = "ema"
+    precision: Literal["fp32", "bf16"] = "fp32"  # the UNet's precision when sampling (bf16 on GPUs)
+    bootstrap: Annotated[int, Range(0, 10**4)] = 10
+    curve_sampler: str = "ddim"  # the setting at which training-compute curves are measured
+    curve_steps: Annotated[int, Range(1, 1000)] = 20
+    curve_guidance: Annotated[float, Range(0.0, 100.0)] = 3.0
+    spacing: Literal["leading", "trailing"] = "leading"  # sampler timesteps: SD v1.5's leading, or trailing (t=999 first)
+    agreement_metric: str = ""  # a second metric (e.g. "fid") measured beside the primary at the final checkpoints,
+    agreement_steps: tuple[Annotated[int, Range(1, 1000)], ...] = ()  # ... at these steps of the first sampler and guidance: the report gives
+    # the Spearman rank correlation of the two (does the primary metric rank models as FID would?)
+    agreement_images: Annotated[int, Range(0, 10**7)] = 0  # images per agreement point (0: num_images)
+    agreement_reference_count: NonNegative = 0  # reference images for the agreement points (0: reference_count)
+    sanity: bool = True  # the primary metric of the reference split against the train split and blurred copies
+
+
+# [eval] fields passed to every evaluation of the study where EvalConfig has a field of that name (steps and guidance
+# are grids here, and the classifier is resolved by the study: given, or trained by it)
+EVAL_SHARED = frozenset(f.name for f in dataclasses.fields(EvalSection)) - {"steps", "guidance", "classifier"}
+
+
+@dataclass(frozen=True)
+class TaskSection(Config):
+    """A downstream task or a distillation applied to every trained size, then evaluated over its own grid."""
+
+    kind: Literal["super-resolution", "dreambooth", "consistency", "progressive"] = "super-resolution"
+    images: Positive = 10_000  # fine-tuning images (per round for progressive)
+    set: dict[str, str] = field(default_factory=dict)  # SRConfig / DreamBoothConfig / DistillConfig overrides
+    train_set: dict[str, str] = field(default_factory=dict)  # TrainConfig overrides (fine-tunes)
+    samplers: tuple[str, ...] = ()  # default: lcm (consistency), ddim (others)
+    steps: tuple[Annotated[int, Range(1, 1000)], ...] = ()  # default: 1, 2, 4, 8 (consistency), the final round (progressive), [eval] steps
+    guidance: tuple[Annotated[float, Range(0.0, 100.0)], ...] = ()  # default: 1 (super-resolution, no guidance, as the paper), else [eval] guidance
+    metrics: tuple[str, ...] = ()  # default: psnr, ssim + [eval] Frechet metrics (SR), [eval] metrics otherwise
+    num_images: Annotated[int, Range(0, 10**7)] = 0  # default: [eval] num_images
+    sizes: tuple[str, ...] = ()  # the trained sizes this task applies to (default: all of [train] sizes)
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str = "study"
+    data: DataSection = field(default_factory=DataSection)
+    autoencoder: dict[str, object] = field(default_factory=dict)  # AutoencoderConfig overrides
+    classifier: dict[str, object] = field(default_factory=dict)  # ClassifierConfig overrides
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    tasks: dict[str, TaskSection] = field(default_factory=dict)  # downstream tasks and distillation, by name
+    cluster: dict[str, object] = field(default_factory=dict)  # submitit parameters (slurm_partition, gpus_per_node, ...)
+
+
+def load_study(path: str | Path) -> Study:
+    from ldmscale.data.autoencoder import AutoencoderConfig
+    from ldmscale.eval.features import ClassifierConfig
+    from ldmscale.model.family import parse_size
+    from ldmscale.train.loop import TrainConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    def strings(d):
+        return {k: json.dumps(v) if not isinstance(v, str) else v for k, v in d.items()} if isinstance(d, dict) else d
+
+    if isinstance(raw.get("train"), dict) and "set" in raw["train"]:
+        raw["train"]["set"] = strings(raw["train"]["set"])
+    for t in (raw.get("tasks") or {}).values():
+        if isinstance(t, dict):
+            for key in ("set", "train_set"):
+                if key in t:
+                    t[key] = strings(t[key])
+    study = from_dict(Study, raw, where=path.name)
+    from_dict(AutoencoderConfig, dict(study.autoencoder), where=f"{path.name} [autoencoder]")
+    from_dict(ClassifierConfig, dict(study.classifier), where=f"{path.name} [classifier]")
+    from ldmscale.config import apply_overrides
+
+    apply_overrides(TrainConfig(), [f"{k}={v}" for k, v in study.train.set.items()])
+    for s in study.train.sizes:
+        parse_size(s)
+    ev = study.eval
+    if not study.train.sizes:
+        raise UserError(f"{path.name}: [train] sizes is empty")
+    if not ev.samplers or not ev.steps or not ev.guidance:
+        raise UserError(f"{path.name}: the evaluation grid is empty (samplers, steps and guidance each need a value)")
+    from ldmscale.diffusion.samplers import check_sampling_args
+
+    for smp in ev.samplers:
+        for st in ev.steps:
+            for g in ev.guidance:
+                check_sampling_args(smp, st, g)
+    registry.check_metrics(ev.metrics, "text-to-image", f"{path.name} [eval]", clip=ev.clip, lpips=ev.lpips)
+    if ev.primary not in ev.metrics:
+        raise UserError(f"{path.name}: primary metric {ev.primary!r} is not among [eval] metrics")
+    if ev.agreement_metric:
+        registry.check_metrics([ev.agreement_metric], "text-to-image", f"{path.name} [eval] agreement_metric",
+                               clip=ev.clip, lpips=ev.lpips)
+        if ev.agreement_metric in ev.metrics:
+            raise UserError(f"{path.name}: agreement_metric {ev.agreement_metric!r} is already in [eval] metrics")
+        missing = [st for st in ev.agreement_steps if st not in ev.steps]
+        if len(ev.agreement_steps) < 1 or missing:
+            raise UserError(f"{path.name}: agreement_steps must be a non-empty subset of [eval] steps")
+    for tname, task in study.tasks.items():
+        if task.metrics:
+            registry.check_metrics(task.metrics, task.kind, f"{path.name} [tasks.{tname}]", clip=ev.clip, lpips=ev.lpips)
+        for t in task.sizes:
+            if parse_size(t).name not in {parse_size(x).name for x in study.train.sizes}:
+                raise UserError(f"{path.name}: [tasks.{tname}] size {t!r} is not among [train] sizes")
+    if not 1 <= study.data.context_len <= 512:
+        raise UserError(f"{path.name}: [data] context_len must be between 1 and 512, got {study.data.context_len}")
+    if study.train.budget == "compute" and study.train.flops <= 0:
+        raise UserError(f"{path.name}: budget = \"compute\" needs [train] flops > 0")
+    return study
+
+
+def eval_config(ev: EvalSection, classifier: str, **job):
+    """One evaluation of the study: every EvalConfig field the [eval] section declares, then the job's own values
+    (sampler, steps, guidance, checkpoint, ...). A field added to both is passed through without another line."""
+    from ldmscale.eval.evaluate import EvalConfig
+
+    shared = {f.name: getattr(ev, f.name) for f in dataclasses.fields(EvalConfig)
+              if f.name in EVAL_SHARED and f.name not in job}
+    return EvalConfig(**shared, classifier=classifier, **job)
+
+
+def study_eval(study: Study) -> EvalSection:
+    """The [eval] section with its defaults resolved: the reference is the study's own data unless given."""
+    import dataclasses
+
+    from ldmscale.eval.reference import canonical_reference
+
+    if study.eval.reference:
+        return study.eval
+    try:  # the split spelled out (animal-mnist -> animal-mnist:validation) when the data can tell it now
+        ref = canonical_reference(study.data.source)
+    except UserError:
+        ref = study.data.source  # data not there yet (a plan made before the shards exist): evaluate() resolves it
+    return dataclasses.replace(study.eval, reference=ref)
