@@ -105,7 +105,12 @@ def test_claim2_downstream_follows_pretraining():
     tm = {"super-resolution": "psnr"}
     assert claims.claim2(pre + sr_rows([15, 17, 18], [12, 20, 22]), M, CURVE, tm).verdict == "holds"
     v = claims.claim2(pre + sr_rows([15, 17, 23], [12, 20, 22]), M, CURVE, tm)
-    assert v.verdict == "does not hold" and "large is better pretrained than small but worse at super-resolution" in v.reason
+    assert v.verdict == "does not hold" and v.reason == ("large is better pretrained than small but worse at "
+                                                         "super-resolution (psnr 22 vs 23, 7.1 standard errors)")
+    # a downstream difference within two standard errors neither shows nor refutes the claim
+    v = claims.claim2(pre + sr_rows([15, 17, 22], [12, 20, 22.2]), M, CURVE, tm)
+    assert v.verdict == "not measured" and v.reason == ("large is better pretrained than small, and at "
+                                                        "super-resolution +1.4 standard errors (22.2 vs 22): within noise")
     assert claims.claim2(pre, M, CURVE, tm).verdict == "not measured"
 
 

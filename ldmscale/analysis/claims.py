@@ -206,7 +206,7 @@ def claim2(rows: list[dict], metric: str, curve: tuple[str, int, float], task_me
     curves = analysis.training_curves(_pretraining(rows), metric, *curve)
     pre = {s: pts[-1] for s, pts in curves.items()}
     tasks = sorted({r.get("task") for r in rows} & {"super-resolution", "dreambooth"})
-    parts, bad, measured = [], [], False
+    parts, bad, noise, shown, measured = [], [], [], False, False
     for t in tasks:
         tm = task_metrics[t]
         best = analysis.best_over_guidance(analysis.final_rows([r for r in rows if r.get("task") == t]), tm)
@@ -223,14 +223,25 @@ def claim2(rows: list[dict], metric: str, curve: tuple[str, int, float], task_me
                                            for s in sizes))
         for i, a in enumerate(sizes):
             for b in sizes[i + 1:]:
-                if margin(pre[b], pre[a], metric) > 0 and margin(down[b], down[a], tm) < 0:
-                    bad.append(f"{b} is better pretrained than {a} but worse at {t} ({tm} {down[b][tm]:.4g} vs "
-                               f"{down[a][tm]:.4g})")
-                if margin(pre[a], pre[b], metric) > 0 and margin(down[a], down[b], tm) < 0:
-                    bad.append(f"{a} is better pretrained than {b} but worse at {t}")
+                hi, lo = (b, a) if margin(pre[b], pre[a], metric) > 0 else (a, b)
+                if margin(pre[hi], pre[lo], metric) <= 2:
+                    continue  # pretrained alike: nothing to follow
+                m = margin(down[hi], down[lo], tm)
+                if m < -2:
+                    bad.append(f"{hi} is better pretrained than {lo} but worse at {t} ({tm} {down[hi][tm]:.4g} vs "
+                               f"{down[lo][tm]:.4g}, {-m:.1f} standard errors)")
+                elif m <= 2:
+                    noise.append(f"{hi} is better pretrained than {lo}, and at {t} {m:+.1f} standard errors "
+                                 f"({down[hi][tm]:.4g} vs {down[lo][tm]:.4g}): within noise")
+                else:
+                    shown = True
     if not measured:
         return Verdict(2, NOT_MEASURED, "", "no downstream task fine-tuned from two or more sizes")
-    return Verdict(2, FAILS if bad else HOLDS, "; ".join(parts), "; ".join(bad))
+    if bad:
+        return Verdict(2, FAILS, "; ".join(parts), "; ".join(bad))
+    if noise and not shown:  # a difference counts only beyond two standard errors
+        return Verdict(2, NOT_MEASURED, "; ".join(parts), "; ".join(noise))
+    return Verdict(2, HOLDS, "; ".join(parts + noise), "")
 
 
 # --------------------------------------------------------------------------------- claim 6: distillation
