@@ -12,14 +12,12 @@ An unreadable image still yields an item, with `error` set, so that callers can 
 from __future__ import annotations
 
 import csv
-import glob
 import gzip
 import hashlib
 import io
 import json
 import os
 import pickle
-import tarfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from ldmscale.data.shards import shard_paths, tar_samples
 from ldmscale.errors import UserError
 
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
@@ -69,7 +68,7 @@ def parse_source(spec: str) -> SourceSpec:
         if arg.startswith(("pipe:", "http:", "https:", "s3:", "gs:")):
             raise UserError(f"source {spec!r}: only local tar shards are read (a pipe: or URL source would run or "
                             "fetch something); download the shards first")
-        if not _wds_urls(arg):
+        if not shard_paths(arg):
             raise UserError(f"source {spec!r}: no tar shards match {arg}")
         return SourceSpec("wds", arg)
     if kind == "hf" and arg:
@@ -227,49 +226,10 @@ def _decode(data: bytes) -> Image.Image:
 # ---------------------------------------------------------------------------------------- webdataset
 
 
-def _wds_urls(pattern: str) -> list[str]:
-    """Local shard paths, absolute (so that webdataset-style URL prefixes in a file name mean nothing)."""
-    if "{" in pattern:
-        import braceexpand
-
-        urls = list(braceexpand.braceexpand(pattern))
-        urls = urls if all(os.path.isfile(u) for u in urls) else []
-    else:
-        urls = sorted(u for u in glob.glob(pattern) if os.path.isfile(u))
-    return [os.path.abspath(u) for u in urls]
-
-
-def _tar_samples(path: str) -> Iterator[dict]:
-    """The samples of one tar shard in order, members grouped by name as webdataset groups them; a shard that is
-    empty, not a tar or cut short ends with {"__error__": ...} after the samples it did hold."""
-    from webdataset.tariterators import base_plus_ext
-
-    n, sample = 0, {}
-    try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for m in tar:
-                if not m.isreg():
-                    continue
-                key, ext = base_plus_ext(m.name)
-                if key is None:
-                    continue
-                if sample and key != sample["__key__"]:
-                    yield sample
-                    n, sample = n + 1, {}
-                sample.setdefault("__key__", key)
-                sample[ext.lower()] = tar.extractfile(m).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        what = "is not a tar file" if n == 0 and not sample else f"is cut short after {n} samples"
-        yield {"__key__": f"{os.path.basename(path)}:{n}", "__error__": f"shard {path} {what} ({e})"}
-        return
-    if sample:
-        yield sample
-
-
 def _iter_wds(pattern: str, start: int) -> Iterator[Item]:
     n = 0
-    for url in _wds_urls(pattern):
-        for sample in _tar_samples(url):
+    for url in shard_paths(pattern):
+        for sample in tar_samples(url):
             n += 1
             if n <= start:
                 continue
