@@ -33,12 +33,12 @@ $L autoencoder train --out $W/ae --set steps=300
 $L data prepare --source animal-mnist --autoencoder $W/ae --resolution 32 --out $W/cache
 $L classifier train --out $W/clf --set epochs=2
 say "first stage, cache, classifier"
-$L train --data $W/cache --size c16 --out $W/c16 --images 12800 --set mixed_precision=bf16 --set batch_size=64
-$VENV/bin/torchrun --standalone --nproc_per_node 1 -m ldmscale train --data $W/cache --size c16 --out $W/c16-ddp \
-    --images 3200 --set mixed_precision=bf16 --set batch_size=64
+$L train --cache $W/cache --size c16 --out $W/c16 --images 12800 --mixed-precision bf16 --batch-size 64
+$VENV/bin/torchrun --standalone --nproc_per_node 1 -m ldmscale train --cache $W/cache --size c16 --out $W/c16-ddp \
+    --images 3200 --mixed-precision bf16 --batch-size 64
 say "trained (bf16; DDP under torchrun)"
 $L sample --run $W/c16 --prompt "a cat" --prompt "a zebra" --sampler ddim --sampler dpmsolver++ --steps 20 \
-    --guidance 3 --num 4 --out $W/samples
+    --guidance 3 --num-images 4 --out $W/samples
 $L eval --run $W/c16 --sampler ddim --steps 20 --guidance 3 --num-images 300 --batch-size 100 \
     --metrics fd-classifier,fid,caption-accuracy --classifier $W/clf
 $L eval --run $W/c16 --sampler ddim --steps 20 --guidance 3 --num-images 300 --batch-size 100 \

@@ -119,7 +119,7 @@ def test_two_step_distillation_resumes_exactly(tiny_run, tmp_path, monkeypatch, 
 def test_distilled_model_samples_with_lcm_and_is_marked(tiny_run, tiny_classifier, tmp_path):
     _distill(tiny_run, tmp_path / "lcm")
     p = run_cli("sample", "--run", tmp_path / "lcm", "--prompt", "a cat", "--sampler", "lcm", "--steps", "4",
-                "--guidance", "3", "--num", "2", "--out", tmp_path / "s", check=True)
+                "--guidance", "3", "--num-images", "2", "--out", tmp_path / "s", check=True)
     assert "4 model calls/image" in p.stdout  # guidance is embedded: no second (unconditional) call
     from ldmscale.diffusion.sampling import load_run
 

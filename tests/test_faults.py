@@ -102,11 +102,11 @@ def _numeric(param):
 BASE = {
     ("family",): ["--size", "c8"],
     ("data", "prepare"): ["--source", "folder:/nonexistent", "--autoencoder", "/nonexistent", "--out", "{tmp}/c"],
-    ("train",): ["--data", "/nonexistent", "--size", "c8", "--out", "{tmp}/r"],
+    ("train",): ["--cache", "/nonexistent", "--size", "c8", "--out", "{tmp}/r"],
     ("sample",): ["--run", "/nonexistent", "--prompt", "a cat", "--out", "{tmp}/s"],
     ("eval",): ["--run", "/nonexistent"],
     ("compare",): ["--a", "folder:/nonexistent", "--b", "folder:/nonexistent"],
-    ("plan",): ["--study", "/nonexistent"],
+    ("plan",): ["/nonexistent"],
     ("finetune", "sr"): ["--init", "/nonexistent", "--out", "{tmp}/f"],
     ("finetune", "dreambooth"): ["--init", "/nonexistent", "--subject", "/nonexistent", "--class-prompt", "a cat",
                                  "--out", "{tmp}/d"],
@@ -212,9 +212,9 @@ def _writers(o, tiny_run, tiny_cache):
     return {
         "autoencoder train": ["autoencoder", "train", "--set", "steps=1"],
         "classifier train": ["classifier", "train", "--set", "epochs=1"],
-        "data prepare": ["data", "prepare", "--source", "animal-mnist", "--autoencoder", str(tiny_cache), "--limit", "4"],
-        "train": ["train", "--data", str(tiny_cache), "--size", "c8", "--images", "8"],
-        "sample": ["sample", "--run", str(tiny_run), "--prompt", "a cat", "--steps", "1", "--num", "1"],
+        "data prepare": ["data", "prepare", "--source", "animal-mnist", "--autoencoder", str(tiny_cache), "--num-images", "4"],
+        "train": ["train", "--cache", str(tiny_cache), "--size", "c8", "--images", "8"],
+        "sample": ["sample", "--run", str(tiny_run), "--prompt", "a cat", "--steps", "1", "--num-images", "1"],
         "export": ["export", "--run", str(tiny_run)],
         "finetune sr": ["finetune", "sr", "--init", str(tiny_run), "--images", "8"],
         "distill": ["distill", "--teacher", str(tiny_run), "--images", "8"],
@@ -262,7 +262,7 @@ def _wait_for(pred, timeout=120):
 
 def test_a_run_in_use_is_locked_and_the_lock_dies_with_its_process(tmp_path, tiny_cache):
     run = tmp_path / "run"
-    args = ["train", "--data", tiny_cache, "--size", "c8", "--images", "100000", "--set", "batch_size=8",
+    args = ["train", "--cache", tiny_cache, "--size", "c8", "--images", "100000", "--set", "batch_size=8",
             "--set", "checkpoint_every=8", "--out", run]
     first = subprocess.Popen([sys.executable, "-m", "ldmscale", *map(str, args)], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

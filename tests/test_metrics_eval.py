@@ -209,7 +209,7 @@ def test_compare_cli_blur_increases_distance(tiny_classifier):
     vals = []
     for blur in (0.0, 1.0):
         p = run_cli("compare", "--a", "animal-mnist:validation", "--b", "animal-mnist:validation", "--blur-b", blur,
-                    "--metric", "fd-classifier", "--classifier", tiny_classifier, "--limit", "300", check=True)
+                    "--metric", "fd-classifier", "--classifier", tiny_classifier, "--num-images", "300", check=True)
         vals.append(json.loads(p.stdout)["value"])
     assert abs(vals[0]) < 1e-6 and vals[1] > 0.1
 

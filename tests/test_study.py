@@ -90,12 +90,12 @@ def test_killed_study_resumes_without_redoing_finished_jobs(study_file, tmp_path
     assert len(analysis["sanity"]) == 4 and analysis["sanity"][0]["images"] == "train split"
     again = run_cli("study", "run", study_file, "--out", out, "--no-report", check=True)
     assert "13 already done, 0 to run" in again.stdout
-    plan = run_cli("plan", "--study", out, "--budget", "1000", "--json", check=True)
+    plan = run_cli("plan", out, "--budget", "1000", "--format", "json", check=True)
     best = json.loads(plan.stdout)["best"]
     assert best["size"] in ("c8", "c16") and best["steps"] in (2, 3) and best["fd-classifier_std"] > 0
-    p = run_cli("plan", "--study", out, "--budget", "1e-9")
+    p = run_cli("plan", out, "--budget", "1e-9")
     assert p.returncode == 0 and "nothing fits" in p.stdout
-    p = run_cli("plan", "--study", out)
+    p = run_cli("plan", out)
     assert p.returncode == 2 and "exactly one of --budget" in p.stderr
 
 

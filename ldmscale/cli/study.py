@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ldmscale.cli.main import FINITE
+from ldmscale.cli.options import Verb
 from ldmscale.errors import UserError
 
 
@@ -112,13 +113,13 @@ def _report(out: Path, study) -> None:
         click.echo(f"    runner-up: {describe_choice(p['runner_up'], metric)}; {p['note']}")
 
 
-@study_group.command("report", epilog="""
+@study_group.command("report", cls=Verb, aliases={"--study": ["--study-file"]}, epilog="""
 \b
 Example:
   ldmscale study report demo
 """)
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--study", "study_file", type=click.Path(path_type=Path), help="Study file (default: OUT/study.toml).")
+@click.option("--study-file", "study_file", type=click.Path(path_type=Path), help="Study file (default: OUT/study.toml).")
 def study_report(out, study_file) -> None:
     """Figures (PNG, SVG), a Markdown summary and a self-contained HTML report of a study."""
     if not out.is_dir():
@@ -126,19 +127,20 @@ def study_report(out, study_file) -> None:
     _report(out, _study_of(out, study_file))
 
 
-@click.command("plan", epilog="""
+@click.command("plan", cls=Verb, aliases={"--study": [], "--json": ["--format", "json"]}, epilog="""
 \b
 Examples:
-  ldmscale plan --study demo --budget 0.5
-  ldmscale plan --study demo --budget-ms 40 --metric caption-accuracy
+  ldmscale plan demo --budget 0.5
+  ldmscale plan demo --budget-ms 40 --metric caption-accuracy --format json
 """)
-@click.option("--study", "out", required=True, type=click.Path(path_type=Path), help="Study folder.")
+@click.argument("out", type=click.Path(path_type=Path))
 @click.option("--budget", type=FINITE, help="Sampling budget in normalized-cost units (normalized cost x steps).")
 @click.option("--budget-ms", type=FINITE, help="Budget in milliseconds per image, as measured on this hardware.")
 @click.option("--metric", default=None, help="Metric to optimize (default: the study's primary metric).")
 @click.option("--sampler", default=None, help="Only consider this sampler.")
-@click.option("--json", "as_json", is_flag=True, help='Print the answer as JSON.')
-def plan_cmd(out, budget, budget_ms, metric, sampler, as_json) -> None:
+@click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "json"]),
+              help="Print the answer as text or JSON.")
+def plan_cmd(out, budget, budget_ms, metric, sampler, fmt) -> None:
     """The best (size, sampler, steps, guidance) within a sampling budget, and the runner-up."""
     from ldmscale.analysis.scaling import (
         best_over_guidance,
@@ -163,7 +165,7 @@ def plan_cmd(out, budget, budget_ms, metric, sampler, as_json) -> None:
     best = best_over_guidance(final_rows(rows), metric)
     cost = "sampling_cost" if budget is not None else "latency_ms_per_image"
     p = plan(best, budget if budget is not None else budget_ms, metric, cost)
-    if as_json:
+    if fmt == "json":
         click.echo(json.dumps(p, indent=2))
         return
     unit = "normalized-cost units" if budget is not None else "ms/image"

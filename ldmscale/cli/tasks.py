@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ldmscale.cli.options import Verb
 from ldmscale.config import apply_overrides, from_dict, to_dict
 
 
@@ -35,15 +36,15 @@ def finetune_group() -> None:
     """
 
 
-@finetune_group.command("sr", epilog="""
+@finetune_group.command("sr", cls=Verb, aliases={"--data": ["--source"]}, epilog="""
 \b
 Examples:
-  ldmscale finetune sr --init runs/c32 --data animal-mnist --out runs/c32-sr --images 20000
-  ldmscale finetune sr --init runs/c32 --data animal-mnist --out runs/c32-sr-real --set degradation=realesrgan \\
+  ldmscale finetune sr --init runs/c32 --source animal-mnist --out runs/c32-sr --images 20000
+  ldmscale finetune sr --init runs/c32 --source animal-mnist --out runs/c32-sr-real --set degradation=realesrgan \\
       --set condition=latent --set noise_aug=0.1
 """)
 @click.option("--init", "init", required=True, type=click.Path(path_type=Path), help="Text-to-image run directory.")
-@click.option("--data", default="animal-mnist", show_default=True, help="Source of high-resolution images.")
+@click.option("--source", "data", default="animal-mnist", show_default=True, help="SOURCE[:SPLIT] of high-resolution images.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help='Run directory of the fine-tune (resumes if it exists).')
 @click.option("--images", type=int, help="Fine-tuning duration in images (default 20000).")
@@ -112,7 +113,7 @@ Examples:
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help='Run directory of the fine-tune (resumes if it exists).')
 @click.option("--images", type=click.IntRange(1, 10**12), default=20_000, show_default=True,
-              help="Images per run (consistency) or per halving round (progressive).")
+              help="Training duration in images: per run (consistency) or per halving round (progressive).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="DistillConfig (w_min, w_max, loss, loss_space, solver_steps, start_steps, final_steps, ...) or "
                    "TrainConfig (lr, lr_schedule, batch_size, ema_decay, mixed_precision, seed, ...) field.")

@@ -8,34 +8,32 @@ from pathlib import Path
 import click
 
 from ldmscale.cli.main import FINITE
-from ldmscale.config import apply_overrides, from_dict
+from ldmscale.cli.options import Verb, config_options, given_overrides
+from ldmscale.config import apply_overrides
 from ldmscale.errors import UserError
+from ldmscale.train.config import TrainConfig
+
+# TrainConfig fields spelled with another word on the command line (the vocabulary's: a latent cache is --cache)
+CLI_NAMES = {"data": "cache"}
 
 
-@click.command("train", epilog="""
+@click.command("train", cls=Verb, aliases={"--data": ["--cache"]}, epilog="""
 \b
 Examples:
-  ldmscale train --data runs/cache --size c16 --out runs/c16 --images 200000
-  ldmscale train --data runs/cache --size c32 --out runs/c32 --set lr=5e-4 --set prediction=v_prediction
-  accelerate launch --multi_gpu --num_processes 2 -m ldmscale train --data runs/cache --size c16 --out runs/c16-ddp
+  ldmscale train --cache runs/cache --size c16 --out runs/c16 --images 200000
+  ldmscale train --cache runs/cache --size c32 --out runs/c32 --lr 5e-4 --prediction v_prediction
+  accelerate launch --multi_gpu --num_processes 2 -m ldmscale train --cache runs/cache --size c16 --out runs/c16-ddp
 \b
-Running the same command again continues from the last checkpoint (a larger --images extends the run).
+Every TrainConfig field is an option; --set KEY=VALUE sets the same fields. Running the same command again
+continues from the last checkpoint (a larger --images extends the run).
 """)
-@click.option("--data", help="Latent cache folder (from `ldmscale data prepare`).")
-@click.option("--size", help="Family size: c<width> (c8, c16, c32, c64, ...), a paper label (83M) or c<w>:h<heads>:g<groups>.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
-@click.option("--images", type=int, help="Training duration in images seen.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TrainConfig JSON (or a run's config.json).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a TrainConfig field (lr, batch_size, ...).")
-@click.option("--report-to", default=None, type=click.Choice(["", "tensorboard", "wandb"]), help="Log to an accelerate tracker.")
-def train_cmd(data, size, out, images, config_file, overrides, report_to) -> None:
+@config_options(TrainConfig, rename=CLI_NAMES)
+def train_cmd(out, config_file, overrides, **fields) -> None:
     """Train one family member from a latent cache (compute ledger, exact resume)."""
-    from ldmscale.train.loop import (
-        TrainConfig,
-        TrainingDiverged,
-        load_train_config,
-        train,
-    )
+    from ldmscale.train.loop import TrainingDiverged, load_train_config, train
 
     if config_file:
         if not Path(config_file).is_file():
@@ -45,12 +43,9 @@ def train_cmd(data, size, out, images, config_file, overrides, report_to) -> Non
         cfg = load_train_config(out / "config.json")  # continue a run with its own settings
     else:
         cfg = TrainConfig()
-    given = {k: v for k, v in (("data", data), ("size", size), ("images", images), ("report_to", report_to))
-             if v is not None}
-    cfg = from_dict(TrainConfig, {**_plain(cfg), **given})
-    cfg = apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, [*given_overrides(TrainConfig, fields), *overrides])
     if not cfg.data:
-        raise UserError("--data is required (a latent cache folder)")
+        raise UserError("--cache is required (a latent cache folder)")
     try:
         result = train(cfg, out)
     except TrainingDiverged as e:
@@ -63,10 +58,10 @@ def train_cmd(data, size, out, images, config_file, overrides, report_to) -> Non
                f"{result['flop_convention']})")
 
 
-@click.command("sample", epilog="""
+@click.command("sample", cls=Verb, aliases={"--num": ["--num-images"], "--lr": ["--lowres"]}, epilog="""
 \b
 Examples:
-  ldmscale sample --run runs/c16 --prompt "a cat" --prompt "a zebra" --sampler ddim --steps 50 --guidance 3 --num 8 --out samples/
+  ldmscale sample --run runs/c16 --prompt "a cat" --prompt "a zebra" --sampler ddim --steps 50 --guidance 3 --num-images 8 --out samples/
   ldmscale sample --run runs/c16 --prompt "a horse" --sampler dpmsolver++ --sampler ddpm --steps 20 --seed 7 --out samples/cmp
 \b
 Writes one PNG per image, grid.png (a row per prompt; columns grouped by sampler) and sample.json
@@ -77,15 +72,15 @@ Writes one PNG per image, grid.png (a row per prompt; columns grouped by sampler
 @click.option("--sampler", "samplers", multiple=True, help="ddim (default), ddpm, dpmsolver++, euler, euler-a, heun, unipc, lcm. Repeatable.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000), help='Sampling steps.')
 @click.option("--guidance", default=7.5, show_default=True, type=FINITE, help="Classifier-free guidance scale (<=1: off).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1), help="Image k of prompt p uses seed + p*num + k.")
-@click.option("--num", default=4, show_default=True, type=click.IntRange(1, 10**6), help="Images per prompt (and sampler).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1), help="Image k of prompt p uses seed + p*N + k (N: --num-images).")
+@click.option("--num-images", "num", default=4, show_default=True, type=click.IntRange(1, 10**6), help="Images per prompt (and sampler).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help='Output folder.')
 @click.option("--checkpoint", "which", default="latest", show_default=True, help="latest, or a step number.")
 @click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]),
               help='EMA or raw training weights.')
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 2**16),
               help='Images per sampling batch.')
-@click.option("--lr", "lr_source", default="", help="Super-resolution runs: SOURCE[:SPLIT] of low-resolution inputs (first --num).")
+@click.option("--lowres", "lr_source", default="", help="Super-resolution runs: SOURCE[:SPLIT] of low-resolution inputs (the first --num-images).")
 @click.option("--spacing", default="leading", show_default=True, type=click.Choice(["leading", "trailing"]),
               help="Sampler timesteps: SD v1.5's leading spacing, or trailing (every sample starts at t=999).")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
@@ -93,7 +88,7 @@ Writes one PNG per image, grid.png (a row per prompt; columns grouped by sampler
 @click.option("--overwrite", is_flag=True, help="Replace the samples already at --out (nothing else is ever replaced).")
 def sample_cmd(run_dir, prompts, samplers, steps, guidance, seed, num, out, which, weights, batch_size, lr_source,
                spacing, precision, overwrite) -> None:
-    """Sample images from a trained run with any sampler, step count and guidance (or super-resolve --lr inputs)."""
+    """Sample images from a trained run with any sampler, step count and guidance (or super-resolve --lowres inputs)."""
     import torch
 
     from ldmscale.diffusion.samplers import check_sampling_args
@@ -113,7 +108,7 @@ def sample_cmd(run_dir, prompts, samplers, steps, guidance, seed, num, out, whic
     for name in samplers:
         check_sampling_args(name, steps, guidance)
     if num < 1 or batch_size < 1:
-        raise UserError("--num and --batch-size must be positive")
+        raise UserError("--num-images and --batch-size must be positive")
     model = load_run(run_dir, which, weights, dtype=torch.bfloat16 if precision == "bf16" else None)
     all_prompts = [p for p in prompts for _ in range(num)]
     seeds = [seed + i for i in range(len(all_prompts))]
@@ -156,7 +151,7 @@ def _sample_sr(run_dir, lr_source, prompts, samplers, steps, guidance, seed, num
 
     model = load_run(run_dir, which, weights)
     if model.config.get("kind") != "super-resolution":
-        raise UserError(f"--lr is for super-resolution runs; {run_dir} is a {model.config.get('kind')} run")
+        raise UserError(f"--lowres is for super-resolution runs; {run_dir} is a {model.config.get('kind')} run")
     sr = from_dict(SRConfig, model.config["task"])
     res, ch = int(model.config["data"]["resolution"]), int(model.config["data"]["channels"])
     src, split = parse_reference(lr_source)
@@ -209,12 +204,6 @@ def export_cmd(run_dir, out, which, weights, overwrite) -> None:
     if cfg.get("distilled"):
         click.echo("note: a distilled run; sample the pipeline with LCMScheduler (consistency) or DDIM "
                    "at its distilled step count (progressive)", err=True)
-
-
-def _plain(cfg) -> dict:
-    from ldmscale.config import to_dict
-
-    return to_dict(cfg)
 
 
 COMMANDS = [train_cmd, sample_cmd, export_cmd]

@@ -13,61 +13,17 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
 
 from ldmscale import checkpoint
-from ldmscale.config import (
-    Config,
-    Fraction,
-    NonNegative,
-    Positive,
-    Range,
-    from_dict,
-    to_dict,
-)
+from ldmscale.config import from_dict, to_dict
 from ldmscale.errors import UserError
 from ldmscale.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from ldmscale.model import flops, fsdp
 from ldmscale.train import trackers
+from ldmscale.train.config import CONTINUABLE, TrainConfig  # noqa: F401  (re-exported)
 from ldmscale.train.objectives import Batch
-
-
-@dataclass(frozen=True)
-class TrainConfig(Config):
-    data: str = ""  # latent cache folder
-    size: str = "c16"  # family size: c<width>, a paper label, or c<width>:h<heads>:g<groups>
-    images: Positive = 200_000  # duration, in training images seen
-    batch_size: Annotated[int, Range(1, 2**20)] = 64  # global batch (all processes, all accumulation steps)
-    grad_accum: Annotated[int, Range(1, 2**16)] = 1
-    lr: Annotated[float, Range(0.0, 10.0, lo_open=True)] = 1e-3  # the paper: 1e-4 at batch 2048; tiny models take more
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: NonNegative = 100
-    weight_decay: Annotated[float, Range(0.0, 10.0)] = 0.01
-    betas: tuple[Annotated[float, Range(0.0, 0.99999)], Annotated[float, Range(0.0, 0.99999999)]] = (0.9, 0.999)
-    grad_clip: Annotated[float, Range(0.0, 1e6)] = 1.0  # 0: no clipping
-    ema_decay: Annotated[float, Range(0.0, 1.0)] = 0.999
-    ema_warmup: bool = True  # diffusers' EMA warm-up: decay (1 + s) / (10 + s) until it reaches ema_decay
-    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
-    cfg_dropout: Fraction = 0.1  # caption dropout for classifier-free guidance
-    snr_gamma: Annotated[float, Range(0.0, 1e6)] = 0.0  # Min-SNR weighting (Hang et al. 2023); 0: plain MSE
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: Annotated[int, Range(0, 2**31 - 1)] = 0
-    checkpoint_every: NonNegative = 0  # images between checkpoints (0: 4 per run)
-    keep: Annotated[int, Range(1, 10**6)] = 2  # checkpoints kept (besides those of checkpoint_at)
-    checkpoint_at: tuple[Positive, ...] = ()  # optimizer steps that also get a checkpoint, never pruned (curves)
-    log_every: Annotated[int, Range(1, 10**9)] = 20  # optimizer steps between log lines
-    latent_sample: bool = True  # sample z from the cached posterior (else use its mean)
-    text_mask: bool = False  # mask padded text tokens in cross-attention (SD does not)
-    report_to: Literal["", "tensorboard", "wandb"] = ""  # an accelerate tracker (losses, lr, ledger, sample grids)
-    project: str = "ldmscale"  # the tracker's project
-    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (2B/5B sizes)
-    activation_checkpointing: bool = True  # with fsdp: recompute block activations in the backward pass
-
-
-# settings that may change when a run is continued, without making it a different run
-CONTINUABLE = {"images", "checkpoint_every", "checkpoint_at", "keep", "log_every", "report_to", "project"}
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,0 +1,117 @@
+"""The CLI's shared vocabulary: deprecated spellings, and options generated from a config dataclass.
+
+One word per concept across every verb (tests/test_vocabulary.py holds the table): `--source` a data source
+(SOURCE[:SPLIT]), `--cache` a latent cache, `--num-images` images to produce or read, `--images` a training
+duration, `--batch-size`, `--format`, and a study folder as the positional DIR. Old spellings still work for one
+release: `Verb` rewrites them before parsing and says so on stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import typing
+
+import click
+
+# deprecated spellings are accepted until this release; then the aliases go
+REMOVED_IN = "0.2"
+
+
+class Verb(click.Command):
+    """A command that accepts deprecated option spellings: `aliases` maps an old flag to the tokens that replace it
+    (`{"--data": ["--cache"]}`; `["--format", "json"]` for a flag that became a value; `[]` for an option that
+    became the positional argument)."""
+
+    def __init__(self, *args, aliases: dict[str, list[str]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.aliases = aliases or {}
+        if self.aliases:
+            said = "; ".join(f"{old} -> {' '.join(new) or 'the positional argument'}"
+                             for old, new in self.aliases.items())
+            self.epilog = (self.epilog or "") + f"\n\b\nDeprecated spellings (removed in {REMOVED_IN}): {said}.\n"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        out = []
+        for tok in args:
+            flag, eq, value = tok.partition("=")
+            if flag in self.aliases and tok.startswith("--"):
+                new = self.aliases[flag]
+                click.echo(f"{ctx.command_path}: {flag} is deprecated, use "
+                           f"{' '.join(new) or 'the positional argument'} (removed in {REMOVED_IN})", err=True)
+                out += new + ([value] if eq else [])
+            else:
+                out.append(tok)
+        return super().parse_args(ctx, out)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's help text: the comment after its declaration in the class body (declared once, there)."""
+    text: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+            if m:
+                text[m.group(1)] = m.group(2).strip()
+    return text
+
+
+class ConfigValue(click.ParamType):
+    """A config field's value as typed on the command line; `apply_overrides` parses and checks it, so the CLI,
+    `--set` and the config file share one set of rules. The name says the kind (the fault sweep reads it)."""
+
+    def __init__(self, tp):
+        base = tp
+        while typing.get_origin(base) is typing.Annotated:
+            base = typing.get_args(base)[0]
+        self.name = {int: "integer", float: "float"}.get(base, "text")
+        self.metavar_text = {int: "INT", float: "FLOAT", str: "TEXT"}.get(base, "A,B,...")
+
+    def get_metavar(self, param, ctx=None):
+        return self.metavar_text
+
+    def convert(self, value, param, ctx):
+        return str(value)
+
+
+def config_options(cls: type, rename: dict[str, str] | None = None, skip: tuple[str, ...] = ()):
+    """A decorator adding one option per field of a config dataclass (`--batch-size` for batch_size; `rename`
+    gives another word, e.g. data -> cache). The command receives `<field>` kwargs, None when not given;
+    `given_overrides` turns them into `field=value` overrides."""
+    rename = rename or {}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    helps = field_help(cls)
+
+    def decorate(fn):
+        for f in reversed([f for f in dataclasses.fields(cls) if f.name not in skip]):
+            tp, base = hints[f.name], hints[f.name]
+            while typing.get_origin(base) is typing.Annotated:
+                base = typing.get_args(base)[0]
+            flag = "--" + rename.get(f.name, f.name).replace("_", "-")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            doc = helps.get(f.name, "")
+            text = f"{doc[:1].upper()}{doc[1:]} [default: {shown if shown != '' else 'none'}]" if doc else ""
+            if base is bool:
+                fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=text)(fn)
+            elif typing.get_origin(base) is typing.Literal:
+                fn = click.option(flag, f.name, type=click.Choice([str(c) for c in typing.get_args(base)]),
+                                  default=None, help=text)(fn)
+            else:
+                fn = click.option(flag, f.name, type=ConfigValue(tp), default=None, help=text)(fn)
+        return fn
+
+    return decorate
+
+
+def given_overrides(cls: type, kwargs: dict) -> list[str]:
+    """`field=value` for every generated option the user gave (in field order), for `apply_overrides`."""
+    out = []
+    for f in dataclasses.fields(cls):
+        v = kwargs.get(f.name)
+        if v is not None:
+            out.append(f"{f.name}={str(v).lower() if isinstance(v, bool) else v}")
+    return out

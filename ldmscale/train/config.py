@@ -1,0 +1,45 @@
+"""TrainConfig: every setting of a training run, declared once (the `train` options, `--set` and a study's
+[train] section are generated from or checked against it; the comment after a field is its help text)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from ldmscale.config import Config, Fraction, NonNegative, Positive, Range
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    data: str = ""  # latent cache folder
+    size: str = "c16"  # family size: c<width>, a paper label, or c<width>:h<heads>:g<groups>
+    images: Positive = 200_000  # duration, in training images seen
+    batch_size: Annotated[int, Range(1, 2**20)] = 64  # global batch (all processes, all accumulation steps)
+    grad_accum: Annotated[int, Range(1, 2**16)] = 1  # gradient accumulation steps per optimizer step
+    lr: Annotated[float, Range(0.0, 10.0, lo_open=True)] = 1e-3  # learning rate (the paper: 1e-4 at batch 2048; tiny models take more)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine decays to 0 at `images` (cannot be extended)
+    warmup_steps: NonNegative = 100  # linear lr warm-up, in optimizer steps
+    weight_decay: Annotated[float, Range(0.0, 10.0)] = 0.01  # AdamW's decoupled weight decay
+    betas: tuple[Annotated[float, Range(0.0, 0.99999)], Annotated[float, Range(0.0, 0.99999999)]] = (0.9, 0.999)  # AdamW's betas
+    grad_clip: Annotated[float, Range(0.0, 1e6)] = 1.0  # gradient-norm clipping (0: none)
+    ema_decay: Annotated[float, Range(0.0, 1.0)] = 0.999  # EMA of the weights (sampling uses the EMA by default)
+    ema_warmup: bool = True  # diffusers' EMA warm-up: decay (1 + s) / (10 + s) until it reaches ema_decay
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"  # the network's target: noise (SD v1.5) or v
+    cfg_dropout: Fraction = 0.1  # caption dropout for classifier-free guidance
+    snr_gamma: Annotated[float, Range(0.0, 1e6)] = 0.0  # Min-SNR weighting (Hang et al. 2023); 0: plain MSE
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # accelerate's autocast (bf16 on GPUs)
+    seed: Annotated[int, Range(0, 2**31 - 1)] = 0  # initialization, data order and noise
+    checkpoint_every: NonNegative = 0  # images between checkpoints (0: 4 per run)
+    keep: Annotated[int, Range(1, 10**6)] = 2  # checkpoints kept (besides those of checkpoint_at)
+    checkpoint_at: tuple[Positive, ...] = ()  # optimizer steps that also get a checkpoint, never pruned (curves)
+    log_every: Annotated[int, Range(1, 10**9)] = 20  # optimizer steps between log lines
+    latent_sample: bool = True  # sample z from the cached posterior (else use its mean)
+    text_mask: bool = False  # mask padded text tokens in cross-attention (SD does not)
+    report_to: Literal["", "tensorboard", "wandb"] = ""  # an accelerate tracker (losses, lr, ledger, sample grids)
+    project: str = "ldmscale"  # the tracker's project
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (2B/5B sizes)
+    activation_checkpointing: bool = True  # with fsdp: recompute block activations in the backward pass
+
+
+# settings that may change when a run is continued, without making it a different run
+CONTINUABLE = {"images", "checkpoint_every", "checkpoint_at", "keep", "log_every", "report_to", "project"}
