@@ -161,8 +161,29 @@ def test_eval_writes_result_with_provenance_and_one_equals_two_processes(tiny_ru
     assert r1["num_images"] == 24 and r1["seeds"] == [0, 23] and r1["model_calls_per_image"] == 6
     assert r1["sampling_cost"] == pytest.approx(3 * r1["norm_cost"]) and r1["latency_ms_per_image"] > 0
     assert r1["reference"]["fd-classifier"]["images"] == 200 and r1["processes"] == 1
-    assert 0 <= r1["metrics"]["caption-accuracy"] <= 1 and r1["metrics"]["fd-classifier"] > 0
-    assert 0 < r1["metrics"]["fd-classifier_std"] < r1["metrics"]["fd-classifier"]
+    # the numbers, recomputed outside evaluate(): the same prompts (seeded shuffle of the validation captions) and
+    # seeds, images regenerated in one batch, the classifier's accuracy and the Frechet distance by definition
+    from ldmscale.data.sources import iterate, label_of_prompt, parse_source
+    from ldmscale.diffusion.sampling import generate, load_run
+    from ldmscale.eval import metrics
+    from ldmscale.eval.evaluate import EvalConfig
+    from ldmscale.eval.features import ClassifierFeatures
+    from ldmscale.eval.reference import reference_stats
+
+    caps = [it.caption for it in iterate(parse_source("animal-mnist"), "validation") if not it.error]
+    order = torch.randperm(len(caps), generator=torch.Generator().manual_seed(0))
+    prompts = [caps[int(order[i])] for i in range(24)]
+    images, _ = generate(load_run(tiny_run), prompts, "ddim", 3, 2.0, list(range(24)), 24)
+    clf = ClassifierFeatures(tiny_classifier)
+    labels = torch.tensor([label_of_prompt(p) for p in prompts])
+    acc = float((clf.predict(images) == labels).double().mean())
+    assert r1["metrics"]["caption-accuracy"] == pytest.approx(acc, abs=1e-12)
+    assert r1["metrics"]["caption-accuracy_std"] == pytest.approx((acc * (1 - acc) / 24) ** 0.5, abs=1e-12)
+    ref, _ = reference_stats(EvalConfig(reference="animal-mnist:validation", reference_count=200), clf, 32, 1)
+    gen = metrics.stats_of([images], clf, clf.num_features)
+    assert r1["metrics"]["fd-classifier"] == pytest.approx(metrics.fd_of(gen, ref), rel=1e-6)
+    # 10 bootstrap replicates of 24 images: a spread of the FD, well below the FD itself
+    assert 0 < r1["metrics"]["fd-classifier_std"] < 0.5 * r1["metrics"]["fd-classifier"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldmscale",
            *map(str, _eval_args(run2, tiny_classifier))]
