@@ -72,3 +72,27 @@ def test_every_option_has_help_every_group_an_example_and_verbs_follow_the_pipel
 
     missing = [f"{path} {opt}" for path, opt, text in walk(cli, "ldmscale") if not text]
     assert not missing, f"options without help: {missing}"
+
+
+def test_every_prepare_field_is_a_data_prepare_option_with_the_same_default():
+    from ldmscale.cli.data import data_group
+    from ldmscale.data.cache import PrepareConfig
+
+    params = {p.name: p for p in data_group.commands["prepare"].params}
+    for f in dataclasses.fields(PrepareConfig):
+        assert f.name in params, f"PrepareConfig.{f.name} has no `ldmscale data prepare` option"
+        if f.default is not dataclasses.MISSING:
+            assert params[f.name].default == f.default, (f.name, params[f.name].default, f.default)
+    assert params["max_length"].opts == ["--context-len"] and params["limit"].opts == ["--num-images"]
+
+
+def test_train_option_defaults_are_the_config_defaults():
+    """Generated options default to None (a continued run keeps its settings); the help shows the config's."""
+    from ldmscale.cli.train import train_cmd
+    from ldmscale.train.config import TrainConfig
+
+    params = {p.name: p for p in train_cmd.params}
+    for f in dataclasses.fields(TrainConfig):
+        assert params[f.name].default is None
+        shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        assert f"[default: {shown if shown != '' else 'none'}]" in params[f.name].help, f.name

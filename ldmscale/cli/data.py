@@ -73,15 +73,18 @@ Examples:
 @click.option("--shard-size", default=1000, show_default=True, type=int,
               help='Images per cache shard (a killed prepare resumes at the first missing shard).')
 @click.option("--batch-size", default=250, show_default=True, type=int, help='Images encoded per batch.')
+@click.option("--context-len", "max_length", default=77, show_default=True, type=click.IntRange(2, 512),
+              help="Text tokens kept per caption (SD: 77); FLOPs and normalized cost follow it.")
 @click.option("--num-images", "limit", default=0, type=int, help="Encode at most N images per split (0: all).")
-def data_prepare(source, out, autoencoder, text_encoder, resolution, shard_size, batch_size, limit) -> None:
+def data_prepare(source, out, autoencoder, text_encoder, resolution, shard_size, batch_size, max_length,
+                 limit) -> None:
     """Encode a dataset into a sharded latent + text-embedding cache."""
     from ldmscale.data.cache import PrepareConfig, prepare
 
     if resolution < 1 or shard_size < 1 or batch_size < 1 or limit < 0:
         raise UserError("resolution, shard size and batch size must be positive")
     cfg = PrepareConfig(source=source, autoencoder=autoencoder, text_encoder=text_encoder, resolution=resolution,
-                        shard_size=shard_size, batch_size=batch_size, limit=limit)
+                        shard_size=shard_size, batch_size=batch_size, max_length=max_length, limit=limit)
     m = prepare(cfg, out)
     counts = ", ".join(f"{k} {v['count']}" for k, v in m["splits"].items())
     rate = f", {m['images_per_second']} images/s" if m.get("images_per_second") else ""
