@@ -1,0 +1,154 @@
+"""The compute-optimal question, by Chinchilla's IsoFLOP method (Hoffmann et al. 2022, approach 2) as Liang et al.
+(2024) apply it to diffusion transformers. Pure functions of a table of (budget, params, loss) rows.
+
+- per training budget C: loss against log(params) with a fitted parabola; its minimum gives N_opt(C), L_opt(C);
+- across budgets: N_opt(C) = k C^a and L_opt(C) = e C^-b as power laws (least squares in log-log), with
+  bootstrap intervals (resampling each budget's rows, refitting everything);
+- a prediction for a budget outside the fitted ones, with its interval, to check against a run trained to it;
+- the relation of validation loss to a sample metric (Spearman, and a line fit in log loss), so a predicted loss
+  reads as a predicted quality.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Parabola:
+    budget: float
+    a: float  # loss = a x^2 + b x + c, x = log10(params)
+    b: float
+    c: float
+    points: int
+    lo: float  # the fitted sizes' range, log10(params)
+    hi: float
+
+    @property
+    def ok(self) -> bool:
+        """A minimum exists (a > 0) and lies within the sizes trained at this budget: else the optimum is
+        outside them and N_opt is not measured (reported, not extrapolated)."""
+        return self.a > 0 and self.lo <= self.x_opt <= self.hi
+
+    @property
+    def x_opt(self) -> float:
+        return -self.b / (2 * self.a) if self.a else math.nan
+
+    @property
+    def n_opt(self) -> float:
+        return 10 ** self.x_opt
+
+    @property
+    def loss_opt(self) -> float:
+        x = self.x_opt
+        return self.a * x * x + self.b * x + self.c
+
+    @property
+    def why(self) -> str:
+        if self.a <= 0:
+            return "loss is not convex in log(size) here: no interior optimum"
+        if not self.ok:
+            side = "largest" if self.x_opt > self.hi else "smallest"
+            return f"the optimum lies beyond the {side} size trained at this budget"
+        return ""
+
+
+def fit_parabola(budget: float, params: list[float], losses: list[float]) -> Parabola:
+    x = np.log10(np.asarray(params, dtype=float))
+    y = np.asarray(losses, dtype=float)
+    if len(set(x.tolist())) < 3:
+        return Parabola(budget, math.nan, math.nan, math.nan, len(x), float(x.min()), float(x.max()))
+    a, b, c = np.polyfit(x, y, 2)
+    return Parabola(budget, float(a), float(b), float(c), len(x), float(x.min()), float(x.max()))
+
+
+@dataclass
+class LogLine:
+    """y = k * C^a, fitted as log10 y = log10 k + a log10 C."""
+
+    a: float
+    log_k: float
+    interval_a: tuple[float, float] = (math.nan, math.nan)
+    replicates: list[tuple[float, float]] = field(default_factory=list)  # bootstrap (a, log_k)
+
+    def __call__(self, c: float) -> float:
+        return 10 ** (self.log_k + self.a * math.log10(c))
+
+    def interval(self, c: float, level: float = 0.9) -> tuple[float, float]:
+        if not self.replicates:
+            return (math.nan, math.nan)
+        ys = [10 ** (lk + a * math.log10(c)) for a, lk in self.replicates]
+        q = (1 - level) / 2
+        return float(np.quantile(ys, q)), float(np.quantile(ys, 1 - q))
+
+
+def _line(cs: list[float], ys: list[float]) -> tuple[float, float]:
+    a, lk = np.polyfit(np.log10(cs), np.log10(ys), 1)
+    return float(a), float(lk)
+
+
+def _group(rows: list[dict]) -> dict[float, list[dict]]:
+    out: dict[float, list[dict]] = {}
+    for r in rows:
+        out.setdefault(float(r["budget"]), []).append(r)
+    return dict(sorted(out.items()))
+
+
+def _fits(groups: dict[float, list[dict]], loss_key: str) -> list[Parabola]:
+    return [fit_parabola(c, [r["params"] for r in g], [r[loss_key] for r in g]) for c, g in groups.items()]
+
+
+@dataclass
+class IsoFlop:
+    parabolas: list[Parabola]
+    n_opt: LogLine | None  # N_opt(C)
+    loss_opt: LogLine | None  # L_opt(C), a decaying power law: a < 0
+    why: str = ""  # when a law could not be fitted
+
+    def predict(self, budget: float, level: float = 0.9) -> dict:
+        if self.n_opt is None or self.loss_opt is None:
+            return {"budget": budget, "why": self.why}
+        return {"budget": budget, "n_opt": self.n_opt(budget), "n_opt_interval": self.n_opt.interval(budget, level),
+                "loss": self.loss_opt(budget), "loss_interval": self.loss_opt.interval(budget, level)}
+
+
+def isoflop(rows: list[dict], loss_key: str = "val_loss", bootstrap: int = 200, seed: int = 0) -> IsoFlop:
+    """rows: {"budget": training FLOPs, "params": N, loss_key: loss}, several sizes per budget."""
+    groups = _group([r for r in rows if r.get(loss_key) is not None and math.isfinite(r[loss_key])])
+    parabolas = _fits(groups, loss_key)
+    good = [p for p in parabolas if p.ok]
+    if len(good) < 2:
+        why = (f"an interior optimum at {len(good)} of {len(parabolas)} budgets; the power laws need 2 or more "
+               "(train smaller and larger sizes around the optimum)")
+        return IsoFlop(parabolas, None, None, why)
+    n_line = LogLine(*_line([p.budget for p in good], [p.n_opt for p in good]))
+    l_line = LogLine(*_line([p.budget for p in good], [p.loss_opt for p in good]))
+    rng = np.random.default_rng(seed)
+    for _ in range(bootstrap):  # resample each budget's rows, refit the parabolas and the lines
+        boot = {c: [g[i] for i in rng.integers(0, len(g), len(g))] for c, g in groups.items()}
+        fits = [p for p in _fits(boot, loss_key) if p.ok]
+        if len(fits) >= 2:
+            n_line.replicates.append(_line([p.budget for p in fits], [p.n_opt for p in fits]))
+            l_line.replicates.append(_line([p.budget for p in fits], [p.loss_opt for p in fits]))
+    for line in (n_line, l_line):
+        if line.replicates:
+            a = [r[0] for r in line.replicates]
+            line.interval_a = (float(np.quantile(a, 0.05)), float(np.quantile(a, 0.95)))
+    return IsoFlop(parabolas, n_line, l_line)
+
+
+def loss_to_metric(rows: list[dict], metric: str, loss_key: str = "val_loss") -> dict | None:
+    """How validation loss reads as sample quality across checkpoints: Spearman's rho and metric = u + v log10(loss)."""
+    from scipy.stats import spearmanr
+
+    pts = [(r[loss_key], r[metric]) for r in rows if r.get(loss_key) is not None and r.get(metric) is not None]
+    if len(pts) < 3:
+        return None
+    x, y = np.log10([p[0] for p in pts]), np.asarray([p[1] for p in pts], dtype=float)
+    v, u = np.polyfit(x, y, 1)
+    rho = spearmanr(x, y).statistic
+    return {"points": len(pts), "spearman": float(rho), "intercept": float(u), "slope": float(v), "metric": metric,
+            "read": lambda loss: float(u + v * math.log10(loss))}

@@ -1,0 +1,73 @@
+"""The IsoFLOP analysis on synthetic tables with known laws: the fit recovers the exponents, its bootstrap interval
+covers them under noise, and a held-out budget is predicted within the interval."""
+
+import math
+
+import numpy as np
+import pytest
+
+from ldmscale.analysis.isoflop import fit_parabola, isoflop, loss_to_metric
+
+BUDGETS = [1e12, 1e13, 1e14]
+SIZES = [10 ** x for x in np.arange(7.5, 11.51, 0.5)]
+A_TRUE, B_TRUE = 0.5, 0.1  # N_opt = 1e3 C^0.5, L_opt = 50 C^-0.1
+
+
+def n_opt(c):
+    return 1e3 * c**A_TRUE
+
+
+def l_opt(c):
+    return 50 * c**-B_TRUE
+
+
+def table(noise=0.0, repeats=1, seed=0, budgets=BUDGETS):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in budgets:
+        for n in SIZES:
+            for _ in range(repeats):
+                loss = l_opt(c) + 0.05 * (math.log10(n) - math.log10(n_opt(c))) ** 2
+                rows.append({"budget": c, "params": n, "val_loss": loss + noise * rng.standard_normal()})
+    return rows
+
+
+def test_exact_table_recovers_the_laws():
+    fit = isoflop(table(), bootstrap=20)
+    assert [p.ok for p in fit.parabolas] == [True, True, True]
+    for p, c in zip(fit.parabolas, BUDGETS):
+        assert p.n_opt == pytest.approx(n_opt(c), rel=1e-9)
+        assert p.loss_opt == pytest.approx(l_opt(c), rel=1e-9)
+    assert fit.n_opt.a == pytest.approx(A_TRUE, abs=1e-9)
+    assert fit.loss_opt.a == pytest.approx(-B_TRUE, abs=1e-9)
+    assert fit.n_opt(1e16) == pytest.approx(n_opt(1e16), rel=1e-6)
+
+
+def test_noisy_table_interval_covers_the_truth_and_predicts_a_held_out_budget():
+    fit = isoflop(table(noise=0.01, repeats=3, seed=1), bootstrap=300)
+    lo, hi = fit.n_opt.interval_a
+    assert lo < A_TRUE < hi and hi - lo < 0.3
+    lo, hi = fit.loss_opt.interval_a
+    assert lo < -B_TRUE < hi
+    held_out = 1e15
+    p = fit.predict(held_out)
+    measured = isoflop(table(noise=0.01, repeats=3, seed=2, budgets=[held_out]), bootstrap=0).parabolas[0]
+    assert p["n_opt_interval"][0] < measured.n_opt < p["n_opt_interval"][1]
+    assert p["loss_interval"][0] < measured.loss_opt < p["loss_interval"][1]
+
+
+def test_an_optimum_outside_the_sizes_is_not_extrapolated():
+    rows = [r for r in table() if r["params"] < 0.9 * n_opt(r["budget"])]  # only sizes below the optimum
+    fit = isoflop(rows, bootstrap=0)
+    assert not any(p.ok for p in fit.parabolas) and fit.n_opt is None
+    assert "beyond the largest size" in fit.parabolas[0].why and "2 or more" in fit.why
+    assert fit.predict(1e15)["why"] == fit.why
+    assert not fit_parabola(1.0, [1, 10], [1.0, 2.0]).ok  # two sizes: no parabola
+
+
+def test_loss_reads_as_quality():
+    rows = [{"val_loss": l, "fd": 10 + 40 * math.log10(l)} for l in (0.2, 0.3, 0.5, 0.8)]
+    rel = loss_to_metric(rows, "fd")
+    assert rel["spearman"] == pytest.approx(1.0) and rel["slope"] == pytest.approx(40.0)
+    assert rel["read"](0.4) == pytest.approx(10 + 40 * math.log10(0.4))
+    assert loss_to_metric(rows[:2], "fd") is None
