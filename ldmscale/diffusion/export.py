@@ -33,6 +33,11 @@ def export(run: str | Path, out: str | Path, which: str = "latest", weights: str
     model = load_run(run, which, weights, device="cpu")  # saved from the CPU, whatever the machine
     if model.config.get("kind") != "text-to-image":
         raise UserError(f"run {run} is a {model.config.get('kind')} model; only text-to-image runs export as a pipeline")
+    if "unet" not in model.config or model.prediction == "flow":
+        # PixArt-alpha / SD3 pipeline folders (their T5/CLIP text stacks around ldmscale's encoder) are not written yet
+        raise UserError(f"run {run} ({model.config.get('backbone', 'unet-sd15')}, prediction={model.prediction}): "
+                        "export writes StableDiffusionPipeline folders for UNet runs on the DDPM objective only; "
+                        "sample this run with `ldmscale sample`")
     scheduler = make_sampler("ddim", model.prediction)
     tok = model.text.tokenizer
     tok.model_max_length = model.text.max_length  # the pipeline pads prompts to this length

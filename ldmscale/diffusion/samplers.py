@@ -34,10 +34,22 @@ def _classes():
         "heun": (d.HeunDiscreteScheduler, {}),
         "unipc": (d.UniPCMultistepScheduler, {}),
         "lcm": (d.LCMScheduler, {}),
+        # for the rectified-flow objective (SD3's): Euler and Heun on the straight path, sigma 1 -> 0
+        "flow-euler": (d.FlowMatchEulerDiscreteScheduler, {"shift": 1.0}),
+        "flow-heun": (d.FlowMatchHeunDiscreteScheduler, {"shift": 1.0}),
     }
 
 
-SAMPLERS = ("ddim", "ddpm", "dpmsolver++", "euler", "euler-a", "heun", "unipc", "lcm")
+SAMPLERS = ("ddim", "ddpm", "dpmsolver++", "euler", "euler-a", "heun", "unipc", "lcm", "flow-euler", "flow-heun")
+FLOW_SAMPLERS = ("flow-euler", "flow-heun")
+
+
+def check_sampler_fits(name: str, prediction: str) -> None:
+    """A flow-trained network predicts a velocity on the straight path: only the flow samplers read it, and they
+    read nothing else."""
+    if (name in FLOW_SAMPLERS) != (prediction == "flow"):
+        fits = ", ".join(FLOW_SAMPLERS) if prediction == "flow" else "ddim, ddpm, dpmsolver++, ... (not flow-*)"
+        raise UserError(f"sampler {name!r} does not fit a run trained with prediction={prediction}; use {fits}")
 
 
 def _build(cls, config: dict):
@@ -115,7 +127,7 @@ def generate_latents(unet, sampler, steps: int, cond: torch.Tensor, uncond: torc
 
     latents = randn_tensor((B, *latent_shape), generator=generators, device=device, dtype=dtype)
     sampler.set_timesteps(steps, device=device)
-    latents = latents * sampler.init_noise_sigma
+    latents = latents * getattr(sampler, "init_noise_sigma", 1.0)  # flow schedulers start at sigma 1
     embedded_w = getattr(unet.config, "time_cond_proj_dim", None)
     do_cfg = guidance > 1.0 and uncond is not None and not embedded_w
     timestep_cond = None
@@ -135,7 +147,8 @@ def generate_latents(unet, sampler, steps: int, cond: torch.Tensor, uncond: torc
     t0 = time.perf_counter()
     for t in sampler.timesteps:
         inp = torch.cat([latents] * 2) if do_cfg else latents
-        inp = sampler.scale_model_input(inp, t)
+        if hasattr(sampler, "scale_model_input"):
+            inp = sampler.scale_model_input(inp, t)
         if extra_channels is not None:
             inp = torch.cat([inp, torch.cat([extra_channels] * 2) if do_cfg else extra_channels], dim=1)
         pred = unet(inp, t, encoder_hidden_states=context, timestep_cond=timestep_cond,

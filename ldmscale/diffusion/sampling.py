@@ -35,8 +35,11 @@ class RunModel:
 
     def sampler(self, name: str, spacing: str = "leading"):
         """The named sampler for this run: a distilled student steps on the grid it was distilled on; others on
-        SD v1.5's leading timestep spacing or on the trailing one (every sample starts at t=999)."""
-        from ldmscale.diffusion.samplers import make_sampler
+        SD v1.5's leading timestep spacing or on the trailing one (every sample starts at t=999). A flow run takes
+        the flow samplers only (they start at sigma 1 whatever the spacing)."""
+        from ldmscale.diffusion.samplers import check_sampler_fits, make_sampler
+
+        check_sampler_fits(name, self.prediction)
 
         distill = self.config.get("task", {}).get("distill", {})
         if name == "lcm" and distill.get("solver_steps"):
@@ -68,15 +71,14 @@ def load_run(run: str | Path, which: str = "latest", weights: str = "ema", devic
              dtype: torch.dtype | None = None) -> RunModel:
     """A run's UNet (its EMA or raw weights, in `dtype` when given: bf16 inference), autoencoder and text encoder,
     all on the device (ldmscale.device.current() unless given)."""
-    from diffusers import UNet2DConditionModel
-
     from ldmscale.device import current, on
+    from ldmscale.model.family import build_network
 
     device = torch.device(device) if device is not None else current()
     run = Path(run)
     ckpt = checkpoint.resolve(run, which)
     config = checkpoint.read_run_config(run)
-    unet = UNet2DConditionModel(**config["unet"])
+    unet = build_network(config)
     unet.load_state_dict(checkpoint.load_weights(ckpt, weights))
     unet = on(unet, device, dtype)
     data = config["data"]

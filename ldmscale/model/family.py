@@ -100,10 +100,14 @@ def make_size(C: int, heads: int | None = None, norm_groups: int | None = None, 
     return ModelSize(C=C, heads=heads, norm_groups=groups, layers_per_block=layers_per_block)
 
 
-def parse_size(name: str) -> ModelSize:
+def parse_size(name: str):
     """'c64', '64', '39M' (paper label) or 'sd1.5' -> ModelSize. Heads/groups by the rule above;
-    'c48:h4:g8' sets them explicitly."""
+    'c48:h4:g8' sets them explicitly. 'dit-...' and 'mmdit-...' are transformer sizes (model/transformers.py)."""
     text = str(name).strip().lower()
+    if text.startswith(("dit-", "mmdit-")):
+        from ldmscale.model.transformers import parse_transformer
+
+        return parse_transformer(text)
     parts = text.split(":")
     base, opts = parts[0], parts[1:]
     if base in _ALIASES:
@@ -129,8 +133,10 @@ def parse_size(name: str) -> ModelSize:
     return make_size(C, heads, groups)
 
 
-def size_spec(size: ModelSize) -> str:
+def size_spec(size) -> str:
     """Inverse of parse_size: a name that rebuilds exactly this size."""
+    if not isinstance(size, ModelSize):
+        return size.name  # a transformer's name carries its options
     spec = size.name
     if size.heads != default_heads(size.C):
         spec += f":h{size.heads}"
@@ -193,3 +199,36 @@ def paper_params(label: str) -> float:
     if not label:
         return math.nan
     return float(label[:-1]) * (1e6 if label.endswith("M") else 1e9)
+
+
+def backbone_of(size) -> str:
+    return "unet-sd15" if isinstance(size, ModelSize) else size.backbone
+
+
+def network_config(size, latent_size: int, context_dim: int, latent_channels: int = 4,
+                   extra_in_channels: int = 0) -> dict:
+    """The run config's description of the network: {"unet": kwargs} for the UNet family (as every run before
+    backbones had), {"backbone": "dit"|"mmdit", "transformer": kwargs} for the transformers."""
+    if isinstance(size, ModelSize):
+        if latent_size % 8:
+            raise UserError(f"latent size {latent_size} must be a multiple of 8 (the UNet downsamples 3 times)")
+        return {"unet": unet_config(size, latent_size, context_dim, latent_channels, extra_in_channels)}
+    from ldmscale.model.transformers import transformer_config
+
+    return {"backbone": size.backbone,
+            "transformer": transformer_config(size, latent_size, context_dim, latent_channels, extra_in_channels)}
+
+
+def build_network(config: dict, device: str | None = None):
+    """The network a run config (or network_config's dict) describes, randomly initialised; 'meta' for counting."""
+    if "transformer" in config:
+        from ldmscale.model.transformers import build_transformer
+
+        return build_transformer(config["backbone"], config["transformer"], device)
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    if device == "meta":
+        with torch.device("meta"):
+            return UNet2DConditionModel(**config["unet"])
+    return UNet2DConditionModel(**config["unet"])

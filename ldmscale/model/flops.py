@@ -14,7 +14,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldmscale.model.family import REFERENCE_C, ModelSize, build_unet, make_size
+from ldmscale.model.family import (
+    REFERENCE_C,
+    ModelSize,
+    build_network,
+    make_size,
+    network_config,
+)
 
 FLOP_CONVENTION = "multiply-add = 2 FLOPs"
 
@@ -37,10 +43,12 @@ def _cache_file() -> Path:
     return Path(root) / "flops-v1.json"
 
 
-def _key(size: ModelSize, latent_size: int, context_len: int, context_dim: int, latent_channels: int,
-         extra_in: int) -> str:
+def _key(size, latent_size: int, context_len: int, context_dim: int, latent_channels: int, extra_in: int) -> str:
     from importlib.metadata import version
 
+    if not isinstance(size, ModelSize):
+        return (f"diffusers{version('diffusers')}-{size.backbone}-w{size.hidden}-d{size.depth}-h{size.heads}-"
+                f"p{size.patch}-lat{latent_channels}x{latent_size}-ctx{context_len}x{context_dim}-in{extra_in}")
     return (f"diffusers{version('diffusers')}-C{size.C}-h{size.heads}-g{size.norm_groups}-l{size.layers_per_block}-lat{latent_channels}x{latent_size}"
             f"-ctx{context_len}x{context_dim}-in{extra_in}")
 
@@ -78,16 +86,17 @@ def count_flops(module, *args, **kwargs) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def measure(size: ModelSize, latent_size: int, context_len: int, context_dim: int,
+def measure(size, latent_size: int, context_len: int, context_dim: int,
             latent_channels: int = 4, extra_in_channels: int = 0) -> tuple[int, int]:
-    """(params, forward FLOPs per sample) of one UNet, counted on the meta device (cached on disk too)."""
+    """(params, forward FLOPs per sample) of one network of any backbone, counted on the meta device (cached on
+    disk too)."""
     key = _key(size, latent_size, context_len, context_dim, latent_channels, extra_in_channels)
     cached = _load_disk_cache().get(key)
     if cached:
         return int(cached[0]), int(cached[1])
     import torch
 
-    unet = build_unet(size, latent_size, context_dim, latent_channels, extra_in_channels, device="meta")
+    unet = build_network(network_config(size, latent_size, context_dim, latent_channels, extra_in_channels), "meta")
     params = sum(p.numel() for p in unet.parameters())
     x = torch.empty(1, latent_channels + extra_in_channels, latent_size, latent_size, device="meta")
     ctx = torch.empty(1, context_len, context_dim, device="meta")
@@ -138,13 +147,18 @@ def family_rows(sizes: list[ModelSize], latent_size: int, context_len: int, cont
     rows = []
     for size in bar(sizes, desc="counting", unit="model", enabled=progress, leave=False):
         c = cost(size, latent_size, context_len, context_dim, latent_channels)
+        if not isinstance(size, ModelSize):
+            rows.append(_transformer_row(size, c, latent_size, latent_channels, context_len, context_dim))
+            continue
         label = paper_label(size.C)
         # parameters depend on the text width, so compare with the paper only at its 1024-wide context
         comparable = label and context_dim == 1024 and latent_channels == 4 and not size.adjusted
         ref_params = paper_params(label) if comparable else float("nan")
         rows.append({
             "name": size.name,
+            "backbone": "unet-sd15",
             "C": size.C,
+            "depth": None,
             "heads": size.heads,
             "norm_groups": size.norm_groups,
             "params": c.params,
@@ -168,3 +182,11 @@ def matches_paper(params: int, label: str) -> bool:
 
     unit = 1e9 if label.endswith("B") else 1e6
     return round(params / unit) == round(paper_params(label) / unit)
+
+
+def _transformer_row(size, c: Cost, latent_size: int, latent_channels: int, context_len: int, context_dim: int) -> dict:
+    return {"name": size.name, "backbone": size.backbone, "C": size.hidden, "depth": size.depth, "heads": size.heads,
+            "norm_groups": None, "params": c.params, "params_m": round(c.params / 1e6, 2), "paper_label": "",
+            "params_vs_paper_pct": None, "matches_paper": None, "gflops": round(c.gflops, 3),
+            "norm_cost": round(c.norm_cost, 4), "latent": f"{latent_size}x{latent_size}x{latent_channels}",
+            "context": f"{context_len}x{context_dim}", "layout": size.layout, "flops_convention": FLOP_CONVENTION}

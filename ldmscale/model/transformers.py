@@ -26,8 +26,9 @@ from ldmscale.errors import UserError
 BACKBONES = ("unet-sd15", "dit", "mmdit")
 DIT_NAMED = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "xl": (1152, 28, 16)}
 PRESETS = {  # tiny CPU sizes of each backbone, then the published ones
-    "dit": {"cpu": ("dit-32x2", "dit-64x4", "dit-96x6"), "paper": ("dit-s", "dit-b", "dit-l", "dit-xl")},
-    "mmdit": {"cpu": ("mmdit-d2:a16", "mmdit-d4:a16", "mmdit-d6:a16"),
+    # cpu: the FLOPs of c8, c16 and c32 at the demo's 8x8x4 latent and 16-token context
+    "dit": {"cpu": ("dit-64x6", "dit-128x6", "dit-192x8"), "paper": ("dit-s", "dit-b", "dit-l", "dit-xl")},
+    "mmdit": {"cpu": ("mmdit-d2:a32", "mmdit-d4:a32", "mmdit-d6:a32"),
               "paper": ("mmdit-d12", "mmdit-d18", "mmdit-d24", "mmdit-d30")},
 }
 

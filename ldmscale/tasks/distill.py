@@ -279,6 +279,9 @@ def distill_task(cfg: DistillConfig, images_per_round: int):
         if tconf.get("kind") != "text-to-image" or tconf.get("distilled"):
             raise UserError(f"teacher {cfg.teacher} is a {'distilled ' if tconf.get('distilled') else ''}"
                             f"{tconf.get('kind')} run; distillation needs an undistilled text-to-image run")
+        if "unet" not in tconf or tconf["train"].get("prediction") == "flow":
+            raise UserError(f"teacher {cfg.teacher}: distillation (LCM, progressive) is implemented for UNet teachers "
+                            "trained on the DDPM objective")
         if tcfg.fsdp:
             raise UserError("fsdp shards pretraining; distillation keeps a full teacher and target per process")
         rounds = cfg.rounds

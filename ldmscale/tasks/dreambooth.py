@@ -109,16 +109,22 @@ class DreamBoothData:
 
 def dreambooth_task(db: DreamBoothConfig):
     from ldmscale import checkpoint
-    from ldmscale.diffusion.samplers import check_sampling_args
+    from ldmscale.diffusion.samplers import check_sampler_fits, check_sampling_args
     from ldmscale.diffusion.sampling import load_run
-    from ldmscale.train.loop import Task, check_continuation
-    from ldmscale.train.objectives import Denoising
+    from ldmscale.train.loop import (
+        Task,
+        check_continuation,
+        check_same_objective,
+        objective_for,
+    )
 
     def make(cfg, run):
         model = load_run(db.init, db.checkpoint, "ema")
         if model.config.get("kind") != "text-to-image":
             raise UserError(f"--init {db.init} is a {model.config.get('kind')} run; DreamBooth starts from a text-to-image run")
         check_sampling_args(db.prior_sampler, db.prior_steps, db.prior_guidance)
+        check_sampler_fits(db.prior_sampler, model.prediction)
+        check_same_objective(model.prediction, cfg)
         if db.num_class_images < 1:
             raise UserError("num_class_images must be positive")
         resolved = dict(model.config)
@@ -129,7 +135,7 @@ def dreambooth_task(db: DreamBoothConfig):
         resolved["train"] = to_dict(cfg) | {"size": model.config["train"]["size"], "data": str(db.subject)}
         check_continuation(run, resolved)
         data = DreamBoothData(db, model)
-        return Task(resolved, data, Denoising(cfg.prediction, cfg.snr_gamma, cfg.text_mask),
+        return Task(resolved, data, objective_for(cfg),
                     init=checkpoint.load_weights(model.ckpt, "ema"))
 
     return make

@@ -112,12 +112,16 @@ def sr_task(sr: SRConfig):
     from ldmscale.diffusion.sampling import load_run
     from ldmscale.model import flops
     from ldmscale.model.family import parse_size
-    from ldmscale.train.loop import check_continuation
+    from ldmscale.train.loop import check_continuation, check_same_objective
 
     def make(cfg, run):
         model = load_run(sr.init, sr.checkpoint, "ema")
         if model.config.get("kind") != "text-to-image":
             raise UserError(f"--init {sr.init} is a {model.config.get('kind')} run; super-resolution starts from a text-to-image run")
+        if "unet" not in model.config:
+            raise UserError(f"--init {sr.init} is a {model.config.get('backbone')} run; super-resolution widens a UNet's "
+                            "input convolution (UNet runs only in this version)")
+        check_same_objective(model.prediction, cfg)
         c, h, _ = model.latent_shape
         resolution, channels = int(model.config["data"]["resolution"]), int(model.config["data"]["channels"])
         check_shapes(sr, resolution, h)
@@ -133,12 +137,10 @@ def sr_task(sr: SRConfig):
         resolved["accounting"] = dict(model.config["accounting"], params=cost.params, forward_flops=cost.flops,
                                       gflops=cost.gflops, norm_cost=cost.norm_cost)
         check_continuation(run, resolved)
-        from ldmscale.train.loop import Task
-        from ldmscale.train.objectives import Denoising
+        from ldmscale.train.loop import Task, objective_for
 
         init = widen_conv_in(checkpoint.load_weights(model.ckpt, "ema"), extra)
-        return Task(resolved, SRData(sr, model), Denoising(cfg.prediction, cfg.snr_gamma, cfg.text_mask),
-                    init=init)
+        return Task(resolved, SRData(sr, model), objective_for(cfg), init=init)
 
     return make
 

@@ -24,7 +24,8 @@ class TrainConfig(Config):
     grad_clip: Annotated[float, Range(0.0, 1e6)] = 1.0  # gradient-norm clipping (0: none)
     ema_decay: Annotated[float, Range(0.0, 1.0)] = 0.999  # EMA of the weights (sampling uses the EMA by default)
     ema_warmup: bool = True  # diffusers' EMA warm-up: decay (1 + s) / (10 + s) until it reaches ema_decay
-    prediction: Literal["epsilon", "v_prediction"] = "epsilon"  # the network's target: noise (SD v1.5) or v
+    prediction: Literal["epsilon", "v_prediction", "flow"] = "epsilon"  # the objective: DDPM noise (SD v1.5) or v
+    # prediction, or flow (SD3's rectified flow: velocity, logit-normal timesteps; sample with flow-euler/flow-heun)
     cfg_dropout: Fraction = 0.1  # caption dropout for classifier-free guidance
     snr_gamma: Annotated[float, Range(0.0, 1e6)] = 0.0  # Min-SNR weighting (Hang et al. 2023); 0: plain MSE
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # accelerate's autocast (bf16 on GPUs)

@@ -21,6 +21,7 @@ from ldmscale.config import from_dict, to_dict
 from ldmscale.errors import UserError
 from ldmscale.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from ldmscale.model import flops, fsdp
+from ldmscale.model.family import build_network
 from ldmscale.train import trackers
 from ldmscale.train.config import CONTINUABLE, TrainConfig  # noqa: F401  (re-exported)
 from ldmscale.train.objectives import Batch
@@ -47,18 +48,17 @@ def resolve_run(cfg: TrainConfig, run: Path) -> dict:
     from importlib.metadata import version
 
     from ldmscale.data.cache import read_manifest
-    from ldmscale.model.family import parse_size, size_spec, unet_config
+    from ldmscale.model.family import network_config, parse_size, size_spec
 
     size = parse_size(cfg.size)
     m = read_manifest(cfg.data)
     c, h, _ = m["latent_shape"]
-    if h % 8:
-        raise UserError(f"latent size {h} of cache {cfg.data} is not a multiple of 8 (the UNet downsamples 3 times)")
+    network = network_config(size, h, m["context_dim"], c)
     cost = flops.cost(size, h, m["context_len"], m["context_dim"], c)
     resolved = {
         "kind": "text-to-image",
         "train": to_dict(cfg) | {"data": str(Path(cfg.data).resolve()), "size": size_spec(size)},
-        "unet": unet_config(size, h, m["context_dim"], c),
+        **network,
         "data": {k: m[k] for k in ("source", "resolution", "channels", "latent_shape", "context_len", "context_dim",
                                    "autoencoder", "text_encoder")},
         "accounting": {"params": cost.params, "forward_flops": cost.flops, "gflops": cost.gflops,
@@ -106,11 +106,30 @@ class Task:
 
 def text_to_image_task(cfg: TrainConfig, run: Path) -> Task:
     from ldmscale.data.cache import LatentCache
-    from ldmscale.train.objectives import Denoising
 
     data = LatentCache(cfg.data, "train")
     prompts = list(dict.fromkeys(data.captions))[:4]
-    return Task(resolve_run(cfg, run), data, Denoising(cfg.prediction, cfg.snr_gamma, cfg.text_mask), preview=prompts)
+    return Task(resolve_run(cfg, run), data, objective_for(cfg), preview=prompts)
+
+
+def check_same_objective(init_prediction: str, cfg: TrainConfig) -> None:
+    """A fine-tune keeps its initial model's objective family: a flow model read as a noise predictor (or back)
+    would train and sample silently wrong."""
+    if (init_prediction == "flow") != (cfg.prediction == "flow"):
+        raise UserError(f"the initial run was trained with prediction={init_prediction}; fine-tune it with "
+                        f"--train-set prediction={init_prediction}, not {cfg.prediction}")
+
+
+def objective_for(cfg: TrainConfig):
+    """The pretraining objective: DDPM noise (or v) prediction on SD's schedule, or SD3's rectified flow."""
+    from ldmscale.train.objectives import Denoising, RectifiedFlow
+
+    if cfg.prediction == "flow":
+        if cfg.snr_gamma > 0:
+            raise UserError("snr_gamma (Min-SNR) weights the DDPM objective; the flow objective samples its timesteps "
+                            "logit-normally instead: set snr_gamma=0")
+        return RectifiedFlow(cfg.text_mask)
+    return Denoising(cfg.prediction, cfg.snr_gamma, cfg.text_mask)
 
 
 def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=text_to_image_task) -> dict:
@@ -176,7 +195,6 @@ def loop(cfg: TrainConfig, run: Path, progress: bool, make_task) -> dict:
 def setup(cfg: TrainConfig, run: Path, make_task) -> State:
     """Accelerate, the task, the model (from its initial weights), the EMA, the optimizer and the lr schedule."""
     from accelerate import Accelerator
-    from diffusers import UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -193,7 +211,9 @@ def setup(cfg: TrainConfig, run: Path, make_task) -> State:
     if acc.is_main_process:  # under the run's lock, so no other process is saving here
         checkpoint.clean_stale(run)
     torch.manual_seed(cfg.seed)
-    model = UNet2DConditionModel(**task.resolved["unet"])
+    if cfg.fsdp and "unet" not in task.resolved:
+        raise UserError("fsdp shards the UNet's blocks; transformer backbones train with DDP in this version")
+    model = build_network(task.resolved)
     if task.init is not None:
         model.load_state_dict(task.init)
     last = checkpoint.latest(run)

@@ -45,16 +45,16 @@ def flat_config(resolved: dict, prefix: str = "") -> dict:
 def log_preview(cfg, s, step: int, ema_weights: dict) -> None:
     """A sample grid of the EMA weights (4 prompts x 2 seeds, DDIM 20 steps, guidance 3) in the tracker."""
     import numpy as np
-    from diffusers import UNet2DConditionModel
 
     from ldmscale.data.autoencoder import decode, to_uint8
     from ldmscale.device import on
     from ldmscale.diffusion.samplers import generate_latents, make_sampler
     from ldmscale.diffusion.sampling import _text, _vae
     from ldmscale.images import grid
+    from ldmscale.model.family import build_network
 
     data, dev = s.task.resolved["data"], s.acc.device
-    unet = UNet2DConditionModel(**s.task.resolved["unet"])
+    unet = build_network(s.task.resolved)
     unet.load_state_dict(ema_weights)
     unet = on(unet, dev)
     text = _text(data["text_encoder"]["spec"], int(data["context_len"]), str(dev))
@@ -62,7 +62,7 @@ def log_preview(cfg, s, step: int, ema_weights: dict) -> None:
     cond, _ = text.encode(prompts)
     uncond, _ = text.encode([""])
     gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    lat = generate_latents(unet, make_sampler("ddim", cfg.prediction), 20, cond, uncond, 3.0, gens,
+    lat = generate_latents(unet, make_sampler("flow-euler" if cfg.prediction == "flow" else "ddim", cfg.prediction), 20, cond, uncond, 3.0, gens,
                            tuple(data["latent_shape"]))
     img = np.asarray(grid(to_uint8(decode(_vae(data["autoencoder"]["spec"], str(dev)), lat)).cpu(), 2))
     tracker = s.acc.get_tracker(cfg.report_to, unwrap=True)
