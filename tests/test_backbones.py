@@ -181,3 +181,39 @@ def test_a_sampler_must_fit_the_objective_and_export_says_what_it_writes(tiny_ca
     p = run_cli("train", "--cache", tiny_cache, "--size", "c8", "--prediction", "flow", "--snr-gamma", "5",
                 "--out", tmp_path / "g", "--images", "8")
     assert p.returncode == 2 and "snr_gamma" in p.stderr
+
+
+def test_validation_loss_is_logged_at_every_checkpoint_and_reaches_the_eval_result(tiny_run, tiny_classifier,
+                                                                                   tmp_path):
+    """The number is the objective's loss on fixed validation triples, with the EMA weights: recomputed here by hand."""
+    from ldmscale import checkpoint
+    from ldmscale.data.cache import LatentCache
+    from ldmscale.diffusion.sampling import load_run
+    from ldmscale.io import read_jsonl
+    from ldmscale.train.loop import ValidationLoss
+    from ldmscale.train.objectives import Batch, Denoising
+
+    logged = [r for r in read_jsonl(tiny_run / "metrics.jsonl") if "val_loss" in r]
+    ckpts = checkpoint.list_checkpoints(tiny_run)
+    assert [r["step"] for r in logged][-len(ckpts):] == [int(c.name[5:]) for c in ckpts]
+    last = checkpoint.load_state(ckpts[-1])
+    assert last["val_loss"] == logged[-1]["val_loss"]
+    rc = json.loads((tiny_run / "config.json").read_text())
+    val = LatentCache(rc["train"]["data"], "validation")
+    n = min(256, len(val))
+    z, text, mask = val.batch(torch.arange(n))
+    obj = Denoising()
+    obj.setup(None, None, "cpu")
+    rand = obj.draw(torch.Generator().manual_seed(ValidationLoss.SEED), n, tuple(z.shape[1:]))
+    model = load_run(tiny_run, weights="ema").unet
+    with torch.no_grad():
+        by_hand = float(obj.loss(model, Batch(z, text, mask, None, val.empty_text.float()), rand).mean())
+    assert last["val_loss"] == pytest.approx(by_hand, rel=1e-5)
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    run_cli("eval", "--run", run, "--steps", "2", "--num-images", "4", "--classifier", tiny_classifier,
+            "--metrics", "fd-classifier", "--bootstrap", "0", "--reference-count", "20", check=True)
+    r = json.loads(next((run / "eval").glob("*.json")).read_text())
+    assert r["val_loss"] == last["val_loss"] and r["backbone"] == "unet-sd15" and r["prediction"] == "epsilon"

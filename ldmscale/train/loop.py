@@ -102,6 +102,7 @@ class Task:
     objective: object = None
     init: dict | None = None
     preview: list[str] | None = None
+    validation: object = None  # ValidationLoss: the objective on fixed validation triples, at every checkpoint
 
 
 def text_to_image_task(cfg: TrainConfig, run: Path) -> Task:
@@ -109,7 +110,46 @@ def text_to_image_task(cfg: TrainConfig, run: Path) -> Task:
 
     data = LatentCache(cfg.data, "train")
     prompts = list(dict.fromkeys(data.captions))[:4]
-    return Task(resolve_run(cfg, run), data, objective_for(cfg), preview=prompts)
+    objective = objective_for(cfg)
+    val = None
+    if "validation" in data.manifest["splits"]:
+        val = ValidationLoss(LatentCache(cfg.data, "validation"), objective)
+    return Task(resolve_run(cfg, run), data, objective, preview=prompts, validation=val)
+
+
+class ValidationLoss:
+    """The objective's loss on a fixed set of (latent, noise, timestep) triples from the validation split: the first
+    `n` validation latents (posterior means), captions as given, noise and timesteps from one fixed generator. The
+    same triples for every run of a cache and objective, so the number compares across sizes and backbones (not
+    across objectives: eps, v and flow losses are different quantities). Measured on the EMA weights, as sampled."""
+
+    SEED = 20240101
+
+    def __init__(self, data, objective, n: int = 256, batch: int = 64):
+        self.objective, self.batch_size = objective, batch
+        idx = torch.arange(min(n, len(data)))
+        self.z, self.text, self.mask = data.batch(idx)[:3]
+        self.empty = data.empty_text.float()
+        self.rand = objective.draw(torch.Generator().manual_seed(self.SEED), len(idx), tuple(self.z.shape[1:]))
+
+    @torch.no_grad()
+    def __call__(self, model, ema) -> float:
+        dev = next(model.parameters()).device
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+        was_training = model.training
+        model.eval()
+        try:
+            total = 0.0
+            for i in range(0, len(self.z), self.batch_size):
+                sl = slice(i, i + self.batch_size)
+                b = Batch(self.z[sl].float().to(dev), self.text[sl].float().to(dev), self.mask[sl].to(dev), None,
+                          self.empty.to(dev))
+                total += float(self.objective.loss(model, b, {k: v[sl].to(dev) for k, v in self.rand.items()}).sum())
+            return total / len(self.z)
+        finally:
+            ema.restore(model.parameters())
+            model.train(was_training)
 
 
 def check_same_objective(init_prediction: str, cfg: TrainConfig) -> None:
@@ -346,12 +386,17 @@ def save(cfg: TrainConfig, run: Path, s: State, step: int, loss: float) -> None:
     ema_state = s.ema.state_dict()
     ema_state["shadow_params"] = [fsdp.full_tensor(t).cpu() for t in ema_state["shadow_params"]]
     opt_state = fsdp.optimizer_state(unwrapped, s.opt) if cfg.fsdp else s.opt.state_dict()
+    val = None
+    if acc.is_main_process and s.task.validation is not None and not cfg.fsdp:
+        val = s.task.validation(unwrapped, s.ema)
+        append_jsonl(run / "metrics.jsonl", {"step": step, "val_loss": val, "time": time.time()})
     if acc.is_main_process:
         ema_model = dict(model)
         ema_model.update(zip([n for n, _ in unwrapped.named_parameters()], ema_state["shadow_params"]))
         extra = {"optimizer": opt_state, "scheduler": s.sched.state_dict(), "ema": ema_state,
                  "objective": s.task.objective.state_dict()}
-        checkpoint.save(run, step, s.task.resolved, model, ema_model, extra, ledger(cfg, s, step, loss), cfg.keep,
+        checkpoint.save(run, step, s.task.resolved, model, ema_model, extra,
+                        ledger(cfg, s, step, loss) | {"val_loss": val}, cfg.keep,
                         protect={f"step-{x:06d}" for x in cfg.checkpoint_at})
         if cfg.report_to and s.task.preview:
             trackers.log_preview(cfg, s, step, ema_model)
