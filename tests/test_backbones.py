@@ -193,7 +193,7 @@ def test_validation_loss_is_logged_at_every_checkpoint_and_reaches_the_eval_resu
     from ldmscale.train.loop import ValidationLoss
     from ldmscale.train.objectives import Batch, Denoising
 
-    logged = [r for r in read_jsonl(tiny_run / "metrics.jsonl") if "val_loss" in r]
+    logged = read_jsonl(tiny_run / "validation.jsonl")
     ckpts = checkpoint.list_checkpoints(tiny_run)
     assert [r["step"] for r in logged][-len(ckpts):] == [int(c.name[5:]) for c in ckpts]
     last = checkpoint.load_state(ckpts[-1])
@@ -217,3 +217,59 @@ def test_validation_loss_is_logged_at_every_checkpoint_and_reaches_the_eval_resu
             "--metrics", "fd-classifier", "--bootstrap", "0", "--reference-count", "20", check=True)
     r = json.loads(next((run / "eval").glob("*.json")).read_text())
     assert r["val_loss"] == last["val_loss"] and r["backbone"] == "unet-sd15" and r["prediction"] == "epsilon"
+
+
+ISO = """
+name = "iso"
+[data]
+cache = "{cache}"
+[train]
+sizes = ["c8", "c12", "c16", "dit-64x4", "dit-96x4"]
+budget = "isoflop"
+budgets = [1e10, 2e10, 4e10]
+[train.set]
+batch_size = 8
+warmup_steps = 1
+[eval]
+samplers = ["ddim"]
+steps = [2]
+guidance = [2.0]
+metrics = ["fd-classifier"]
+classifier = "{classifier}"
+num_images = 8
+batch_size = 8
+reference_count = 50
+bootstrap = 0
+sanity = false
+curve_steps = 2
+curve_guidance = 2.0
+"""
+
+
+def test_isoflop_study_trains_every_size_to_each_budget_and_reports_per_backbone(tiny_cache, tiny_classifier,
+                                                                                tmp_path):
+    study = tmp_path / "iso.toml"
+    study.write_text(ISO.format(cache=tiny_cache, classifier=tiny_classifier))
+    out = tmp_path / "s"
+    run_cli("study", "run", study, "--out", out, check=True)
+    rows = [r for r in json.loads((out / "report" / "analysis.json").read_text())["isoflop"].values()]
+    a = json.loads((out / "report" / "analysis.json").read_text())
+    assert set(a["isoflop"]) == {"unet-sd15", "dit"} and set(a["by_backbone"]) == {"unet-sd15", "dit"}
+    unet = a["isoflop"]["unet-sd15"]
+    # every size has a checkpoint at every budget, within the rounding of whole optimizer steps
+    assert sorted((p["size"], p["budget"]) for p in unet["points"]) == sorted(
+        (s, b) for s in ("c8", "c12", "c16") for b in (1e10, 2e10, 4e10))
+    for p in unet["points"]:
+        assert abs(p["train_flops"] / p["budget"] - 1) < 0.25 and p["val_loss"] > 0
+    # three sizes per budget: a parabola each; two DiT sizes: none, and the report says why
+    assert len(unet["parabolas"]) == 3 and all(pb["points"] == 3 for pb in unet["parabolas"])
+    assert "2 or more" in a["isoflop"]["dit"]["why"] and rows[0]["held_out"]["budget"] == 4e10
+    assert "IsoFLOP" in (out / "report" / "report.html").read_text()
+    assert "within each backbone" in (out / "report" / "summary.md").read_text()
+    csv = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"val_loss", "backbone", "prediction"} <= set(csv)
+    p = run_cli("plan", out, "--train-flops", "8e10", "--format", "json", check=True)
+    answer = json.loads(p.stdout)
+    assert set(answer) == {"unet-sd15", "dit"} and "why" in answer["dit"]
+    p = run_cli("plan", out, "--budget", "1")
+    assert p.returncode == 0, p.stderr

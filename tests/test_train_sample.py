@@ -130,6 +130,8 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_cache, mon
     calls = {"n": 0}
 
     def poisoned(self, idx, latent_noise=None, seeds=None):
+        if self.split != "train":  # the validation loss's fixed batch
+            return real(self, idx, latent_noise)
         calls["n"] += 1
         z, text, mask = real(self, idx, latent_noise)
         if calls["n"] == 5:
@@ -184,7 +186,7 @@ class ToyGaussianDenoiser(torch.nn.Module):
         return SimpleNamespace(sample=eps)
 
 
-@pytest.mark.parametrize("name", [s for s in SAMPLERS if s != "lcm"])
+@pytest.mark.parametrize("name", [s for s in SAMPLERS if s != "lcm" and not s.startswith("flow-")])
 def test_samplers_recover_a_gaussian_with_its_exact_denoiser(name):
     model = ToyGaussianDenoiser(mu=0.5, s=0.7)
     # Ancestral samplers (ddpm, euler-a) add only the posterior's own variance at each jump, which

@@ -116,7 +116,8 @@ def claim1(rows: list[dict], metric: str, curve: tuple[str, int, float]) -> Verd
         failing.append(f"at the largest training compute {largest} ({_fmt(final[largest], metric)}) is not better than "
                        f"{weakest[0]} ({_fmt(final[weakest[0]], metric)}) by two standard errors")
     data = {"curves": {s: [(p["train_flops"], p[metric], p.get(f"{metric}_std")) for p in curves[s]] for s in sizes},
-            "largest": largest, "margin_over_next_best": weakest[1]}
+            "largest": largest,
+            "margin_over_next_best": weakest[1] if math.isfinite(weakest[1]) else None}  # None: no standard errors
     return Verdict(1, FAILS if failing else HOLDS, "; ".join(parts), "; ".join(failing), data)
 
 

@@ -152,3 +152,78 @@ def loss_to_metric(rows: list[dict], metric: str, loss_key: str = "val_loss") ->
     rho = spearmanr(x, y).statistic
     return {"points": len(pts), "spearman": float(rho), "intercept": float(u), "slope": float(v), "metric": metric,
             "read": lambda loss: float(u + v * math.log10(loss))}
+
+
+def _parabola_dict(p: Parabola) -> dict:
+    return {"budget": p.budget, "a": p.a, "b": p.b, "c": p.c, "points": p.points, "ok": p.ok, "why": p.why,
+            "n_opt": p.n_opt if p.ok else None, "loss_opt": p.loss_opt if p.ok else None}
+
+
+def _law_dict(line: LogLine | None) -> dict | None:
+    if line is None:
+        return None
+    return {"exponent": line.a, "log10_k": line.log_k, "interval": list(line.interval_a),
+            "replicates": len(line.replicates)}
+
+
+def study_isoflop(rows: list[dict], budgets: list[float], metric: str, curve: tuple, loss_key: str = "val_loss",
+                  bootstrap: int = 200) -> dict:
+    """A study's IsoFLOP analysis, per backbone: each size's checkpoints at the budgets (evaluated at the curve
+    setting), the parabolas, N_opt(C) and L_opt(C) on all budgets, the largest budget predicted from the others
+    and measured, and how loss reads as the primary metric over every checkpoint."""
+    sampler, steps, guidance = curve
+    on_curve = [r for r in rows if r.get("sampler") == sampler and int(r.get("steps", -1)) == steps
+                and float(r.get("guidance", -1)) == float(guidance) and not r.get("tag")
+                and r.get("task", "text-to-image") == "text-to-image" and r.get(loss_key) is not None]
+    held = max(budgets)
+    out = {}
+    for bb in sorted({r.get("backbone", "unet-sd15") for r in on_curve}):
+        mine = [r for r in on_curve if r.get("backbone", "unet-sd15") == bb]
+        pts = []
+        for r in mine:  # a checkpoint belongs to the budget it reached (steps are whole: within a few percent)
+            b = min(budgets, key=lambda x: abs(math.log10(float(r["train_flops"]) / x)))
+            if abs(math.log10(float(r["train_flops"]) / b)) < 0.1:
+                pts.append({"budget": b, "params": int(r["params"]), "size": r["size"], loss_key: float(r[loss_key]),
+                            metric: r.get(metric), "train_flops": float(r["train_flops"])})
+        full = isoflop(pts, loss_key, bootstrap)
+        fit = isoflop([p for p in pts if p["budget"] != held], loss_key, bootstrap)
+        measured = next((p for p in full.parabolas if p.budget == held), None)
+        rel = loss_to_metric(mine, metric, loss_key)
+        out[bb] = {
+            "points": sorted(pts, key=lambda p: (p["budget"], p["params"])),
+            "parabolas": [_parabola_dict(p) for p in full.parabolas],
+            "n_opt": _law_dict(full.n_opt), "loss_opt": _law_dict(full.loss_opt), "why": full.why,
+            "held_out": {"budget": held, "predicted": {k: v for k, v in fit.predict(held).items()},
+                         "fitted_on": sorted({p["budget"] for p in pts} - {held}),
+                         "measured": _parabola_dict(measured) if measured else None,
+                         "best_trained": min((p for p in pts if p["budget"] == held), key=lambda p: p[loss_key],
+                                             default=None)},
+            "loss_to_metric": {k: v for k, v in rel.items() if k != "read"} if rel else None,
+        }
+        out[bb] = _finite(out[bb]) | {"_fit": full, "_rel": rel}
+    return out
+
+
+def _finite(obj):
+    """nan and inf (a parabola through fewer than 3 sizes, an empty interval) as None: JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def plan_training(iso: dict, budget: float, sizes: list[dict], metric: str) -> dict:
+    """For a training budget: the compute-optimal size (N_opt), the trained size nearest to it, the images that
+    budget buys at that size's forward FLOPs, and the predicted loss and sample quality."""
+    fit, rel = iso["_fit"], iso["_rel"]
+    pred = fit.predict(budget)
+    if "n_opt" not in pred:
+        return {"budget": budget, "why": pred["why"]}
+    near = min(sizes, key=lambda s: abs(math.log10(s["params"] / pred["n_opt"])))
+    return pred | {"size": near["size"], "size_params": near["params"],
+                   "images": int(budget / (3 * near["forward_flops"])),
+                   "quality": rel["read"](pred["loss"]) if rel else None, "metric": metric,
+                   "quality_spearman": rel["spearman"] if rel else None}

@@ -158,3 +158,43 @@ def metric_agreement(rows: list[dict], a: str, b: str):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def isoflop(iso: dict):
+    """Three panels per study: validation loss against parameters at each training budget (the IsoFLOP curves, a
+    parabola in log N through each budget's sizes), N_opt against compute, and the loss frontier L_opt(C)."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    markers = {"unet-sd15": "o", "dit": "s", "mmdit": "^"}
+    budgets = sorted({p["budget"] for bb in iso.values() for p in bb["points"]})
+    cmap = plt.get_cmap("plasma")
+    bcolor = {b: cmap(i / max(1, len(budgets) - 1) * 0.85) for i, b in enumerate(budgets)}
+    for bb, res in iso.items():
+        m = markers.get(bb, "o")
+        for par in res["parabolas"]:
+            pts = [p for p in res["points"] if p["budget"] == par["budget"]]
+            axes[0].plot([p["params"] for p in pts], [p["val_loss"] for p in pts], m, color=bcolor[par["budget"]],
+                         label=f"{bb} {par['budget']:.2g} FLOPs")
+            if par["a"] is not None:
+                xs = np.linspace(np.log10(min(p["params"] for p in pts)), np.log10(max(p["params"] for p in pts)), 50)
+                axes[0].plot(10 ** xs, par["a"] * xs**2 + par["b"] * xs + par["c"], "--", color=bcolor[par["budget"]],
+                             lw=1)
+            if par["ok"]:
+                axes[0].plot(par["n_opt"], par["loss_opt"], "*", color=bcolor[par["budget"]], ms=11, mec="k")
+        good = [p for p in res["parabolas"] if p["ok"]]
+        cs = np.array([p["budget"] for p in good])
+        for ax, key, law in ((axes[1], "n_opt", res["n_opt"]), (axes[2], "loss_opt", res["loss_opt"])):
+            ax.plot(cs, [p[key] for p in good], m, label=bb)
+            if law:
+                xs = np.geomspace(min(budgets), max(budgets) * 2, 20)
+                ax.plot(xs, 10 ** (law["log10_k"] + law["exponent"] * np.log10(xs)), "--", lw=1,
+                        label=f"{bb}: C^{law['exponent']:.2f}")
+    axes[0].set(xscale="log", xlabel="parameters", ylabel="validation loss", title="IsoFLOP curves (star: minimum)")
+    axes[1].set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="compute-optimal parameters N_opt",
+                title="N_opt(C)")
+    axes[2].set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="loss at N_opt", title="Loss frontier L(C)")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -14,6 +14,7 @@ import numpy as np
 
 from ldmscale.analysis import claims, plots
 from ldmscale.analysis import scaling as analysis
+from ldmscale.analysis.isoflop import study_isoflop
 from ldmscale.errors import UserError
 from ldmscale.eval import registry
 from ldmscale.io import atomic_write, atomic_write_json, atomic_write_text
@@ -88,6 +89,18 @@ def analyze(rows: list[dict], study) -> dict:
         "plans": plans, "_fit_objects": fits,
         "claims": [v.as_dict() for v in claims.check_claims(rows, metric, curve, task_metrics(metric))],
     }
+    if study.train.budget == "isoflop":
+        iso = study_isoflop(t2i, list(study.train.budgets), metric, curve)
+        out["_isoflop"] = {bb: (v.pop("_fit"), v.pop("_rel")) for bb, v in iso.items()}
+        out["isoflop"] = iso
+    backbones = sorted({r.get("backbone", "unet-sd15") for r in t2i})
+    if len(backbones) > 1:  # the paper's claims within each family, beside the claims across all models
+        out["by_backbone"] = {
+            bb: {"claims": [v.as_dict() for v in claims.check_claims(
+                     [r for r in rows if r.get("backbone", "unet-sd15") == bb], metric, curve, task_metrics(metric))],
+                 "crossovers": analysis.crossovers([r for r in best if r.get("backbone", "unet-sd15") == bb
+                                                    and not r.get("distilled")], metric, boot=200)}
+            for bb in backbones}
     out["tasks"] = task_analysis(rows, curves, metric)
     out["distillation"] = distillation_table(best, metric)
     align = next((m for m in ("caption-accuracy", "clip_cosine") if any(r.get(m) is not None for r in rows)), None)
@@ -265,6 +278,9 @@ def figures(a: dict, folder: Path, overlay_paper: bool) -> dict:
         ag = a["agreement"]
         figs["agreement"] = (f"{ag['a']} against {ag['b']} at the final checkpoints (Spearman {ag['spearman']:.2f})",
                              plots.metric_agreement(a["agreement_points"], ag["a"], ag["b"]))
+    if a.get("isoflop"):
+        figs["isoflop"] = ("IsoFLOP curves, compute-optimal size and loss frontier (validation loss)",
+                           plots.isoflop(a["isoflop"]))
     for task, ta in a["tasks"].items():
         tm = ta["metric"]
         if ta["best_over_guidance"]:

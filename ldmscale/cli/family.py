@@ -101,6 +101,8 @@ def family_cmd(preset, sizes, backbone, fmt, latent_size, latent_channels, conte
                     ("latent channels", latent_channels)):
         if v is not None and v < 1:
             raise UserError(f"{name} must be positive, got {v}")
+    if latent % 8 and any(isinstance(s, ModelSize) for s in chosen):
+        raise UserError(f"latent size {latent} must be a multiple of 8 (the UNet downsamples 3 times)")
     rows = family_rows(chosen, latent, context_len or p.context_len, context_dim or p.context_dim,
                        latent_channels or p.latent_channels, progress=fmt == "table")
     if fmt == "json":

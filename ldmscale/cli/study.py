@@ -132,15 +132,18 @@ def study_report(out, study_file) -> None:
 Examples:
   ldmscale plan demo --budget 0.5
   ldmscale plan demo --budget-ms 40 --metric caption-accuracy --format json
+  ldmscale plan backbones --train-flops 2e13      # an isoflop study: the compute-optimal size per backbone
 """)
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--budget", type=FINITE, help="Sampling budget in normalized-cost units (normalized cost x steps).")
 @click.option("--budget-ms", type=FINITE, help="Budget in milliseconds per image, as measured on this hardware.")
+@click.option("--train-flops", type=FINITE, help="A training budget in FLOPs (isoflop studies): the compute-optimal size, "
+                                                  "its images, predicted loss and quality, per backbone.")
 @click.option("--metric", default=None, help="Metric to optimize (default: the study's primary metric).")
 @click.option("--sampler", default=None, help="Only consider this sampler.")
 @click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "json"]),
               help="Print the answer as text or JSON.")
-def plan_cmd(out, budget, budget_ms, metric, sampler, fmt) -> None:
+def plan_cmd(out, budget, budget_ms, train_flops, metric, sampler, fmt) -> None:
     """The best (size, sampler, steps, guidance) within a sampling budget, and the runner-up."""
     from ldmscale.analysis.scaling import (
         best_over_guidance,
@@ -151,9 +154,11 @@ def plan_cmd(out, budget, budget_ms, metric, sampler, fmt) -> None:
     )
     from ldmscale.study.plan import collect
 
-    if (budget is None) == (budget_ms is None):
-        raise UserError("give exactly one of --budget (normalized-cost units) or --budget-ms")
+    if sum(x is not None for x in (budget, budget_ms, train_flops)) != 1:
+        raise UserError("give exactly one of --budget (normalized-cost units), --budget-ms or --train-flops")
     study = _study_of(out, None)
+    if train_flops is not None:
+        return _plan_training(out, study, train_flops, metric or study.eval.primary, fmt)
     metric = metric or study.eval.primary
     rows = [r for r in collect(out) if r.get("task", "text-to-image") == "text-to-image" and not r.get("tag")]
     if not rows:
@@ -175,6 +180,41 @@ def plan_cmd(out, budget, budget_ms, metric, sampler, fmt) -> None:
     click.echo(f"budget {p['budget']:g} {unit}: {describe_choice(p['best'], metric)}")
     click.echo(f"runner-up: {describe_choice(p['runner_up'], metric)}")
     click.echo(plan_note(p, metric))
+
+
+def _plan_training(out, study, train_flops: float, metric: str, fmt: str) -> None:
+    from ldmscale.analysis.isoflop import plan_training, study_isoflop
+    from ldmscale.analysis.scaling import final_rows
+    from ldmscale.study.plan import collect
+
+    if study.train.budget != "isoflop":
+        raise UserError(f"--train-flops reads an isoflop study ([train] budget = \"isoflop\"); {out} is budget = "
+                        f"{study.train.budget!r}")
+    if not train_flops > 0:
+        raise UserError(f"--train-flops must be positive, got {train_flops:g}")
+    rows = [r for r in collect(out) if r.get("task", "text-to-image") == "text-to-image"]
+    ev = study.eval
+    iso = study_isoflop(rows, list(study.train.budgets), metric, (ev.curve_sampler, ev.curve_steps, ev.curve_guidance),
+                        bootstrap=200)
+    answers = {}
+    for bb, res in iso.items():
+        sizes = {r["size"]: {"size": r["size"], "params": int(r["params"]), "forward_flops": float(r["gflops"]) * 1e9}
+                 for r in final_rows(rows) if r.get("backbone", "unet-sd15") == bb}
+        answers[bb] = plan_training(res, train_flops, list(sizes.values()), metric)
+    if not answers:
+        raise UserError(f"no validation losses in {out}: its runs predate validation loss, or nothing has run")
+    if fmt == "json":
+        click.echo(json.dumps(answers, indent=2))
+        return
+    for bb, p in answers.items():
+        if "n_opt" not in p:
+            click.echo(f"{bb}: not predicted: {p['why']}")
+            continue
+        q = f", {metric} ~ {p['quality']:.3g}" if p.get("quality") is not None else ""
+        click.echo(f"{bb}: for {train_flops:.3g} training FLOPs the compute-optimal size is {p['n_opt']:.3g} parameters "
+                   f"(90% interval {p['n_opt_interval'][0]:.3g}-{p['n_opt_interval'][1]:.3g}); nearest trained: "
+                   f"{p['size']} ({p['size_params']:,}) for {p['images']:,} images; predicted validation loss "
+                   f"{p['loss']:.4f} ({p['loss_interval'][0]:.4f}-{p['loss_interval'][1]:.4f}){q}")
 
 
 COMMANDS = [study_group, plan_cmd]

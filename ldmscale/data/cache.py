@@ -237,7 +237,7 @@ class LatentCache:
     def __init__(self, cache_dir: str | Path, split: str = "train"):
         from safetensors.torch import load_file
 
-        self.dir = Path(cache_dir)
+        self.dir, self.split = Path(cache_dir), split
         self.manifest = read_manifest(self.dir)
         if split not in self.manifest["splits"]:
             raise UserError(f"latent cache {self.dir} has no split {split!r}; splits: {', '.join(self.manifest['splits'])}")

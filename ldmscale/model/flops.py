@@ -156,9 +156,7 @@ def family_rows(sizes: list[ModelSize], latent_size: int, context_len: int, cont
         ref_params = paper_params(label) if comparable else float("nan")
         rows.append({
             "name": size.name,
-            "backbone": "unet-sd15",
             "C": size.C,
-            "depth": None,
             "heads": size.heads,
             "norm_groups": size.norm_groups,
             "params": c.params,
@@ -172,6 +170,8 @@ def family_rows(sizes: list[ModelSize], latent_size: int, context_len: int, cont
             "context": f"{context_len}x{context_dim}",
             "layout": size.adjusted or "SD v1.5",
             "flops_convention": FLOP_CONVENTION,
+            "backbone": "unet-sd15",
+            "depth": None,
         })
     return rows
 
@@ -185,8 +185,8 @@ def matches_paper(params: int, label: str) -> bool:
 
 
 def _transformer_row(size, c: Cost, latent_size: int, latent_channels: int, context_len: int, context_dim: int) -> dict:
-    return {"name": size.name, "backbone": size.backbone, "C": size.hidden, "depth": size.depth, "heads": size.heads,
-            "norm_groups": None, "params": c.params, "params_m": round(c.params / 1e6, 2), "paper_label": "",
+    return {"name": size.name, "C": size.hidden, "heads": size.heads, "norm_groups": None, "params": c.params, "params_m": round(c.params / 1e6, 2), "paper_label": "",
             "params_vs_paper_pct": None, "matches_paper": None, "gflops": round(c.gflops, 3),
             "norm_cost": round(c.norm_cost, 4), "latent": f"{latent_size}x{latent_size}x{latent_channels}",
-            "context": f"{context_len}x{context_dim}", "layout": size.layout, "flops_convention": FLOP_CONVENTION}
+            "context": f"{context_len}x{context_dim}", "layout": size.layout, "flops_convention": FLOP_CONVENTION,
+            "backbone": size.backbone, "depth": size.depth}

@@ -91,12 +91,17 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
         fwd = flops.cost(size, shapes["latent"], shapes["ctx_len"], shapes["ctx_dim"], shapes["channels"]).flops
         if study.train.budget == "images":
             images = study.train.images
-        else:
+        elif study.train.budget == "compute":
             images = int(study.train.flops / (3 * fwd))
+        else:
+            images = int(max(study.train.budgets) / (3 * fwd))
         steps = max(1, round(images / base.batch_size))
         points = max(1, study.train.curve_points)
         every = max(1, steps // points)
         curve_steps = curve_checkpoints(steps, points, study.train.curve_spacing)
+        if study.train.budget == "isoflop":  # the curve points are the budgets: where each size's run reaches them
+            curve_steps = budget_steps(study.train.budgets, fwd, base.batch_size)
+            every = steps
         t_cfg = TrainConfig(**(to_dict(base) | {"size": size_spec(size), "images": steps * base.batch_size,
                                                 "checkpoint_every": every * base.batch_size, "keep": 2,
                                                 "checkpoint_at": curve_steps}))
@@ -135,6 +140,11 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
             jobs += task_jobs(tname, task, study, base, run, out / "tasks" / tname / size.name, fwd, clf_dir, progress)
     seen: set[str] = set()  # a curve point can coincide with a grid point: one job
     return [j for j in jobs if not (j.id in seen or seen.add(j.id))]
+
+
+def budget_steps(budgets, forward_flops: int, batch_size: int) -> tuple[int, ...]:
+    """The optimizer steps at which a run reaches each training-FLOP budget (3 x forward FLOPs an image)."""
+    return tuple(sorted({max(1, round(b / (3 * forward_flops * batch_size))) for b in budgets}))
 
 
 def curve_checkpoints(steps: int, points: int, spacing: str = "log") -> tuple[int, ...]:

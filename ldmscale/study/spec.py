@@ -29,9 +29,12 @@ class DataSection(Config):
 @dataclass(frozen=True)
 class TrainSection(Config):
     sizes: tuple[str, ...] = ("c8", "c16", "c32")
-    budget: Literal["images", "compute"] = "images"  # equal images per size (the paper) or equal training FLOPs
+    budget: Literal["images", "compute", "isoflop"] = "images"  # equal images per size (the paper), equal training
+    # FLOPs, or isoflop: every size trained to each of `budgets` (one run per size, checkpoints at the budgets)
     images: Positive = 50_000  # per size, budget = images
     flops: Annotated[float, Range(0.0, 1e30)] = 0.0  # per size, budget = compute
+    budgets: tuple[Annotated[float, Range(0.0, 1e30, lo_open=True)], ...] = ()  # training FLOPs, budget = isoflop;
+    # the largest is held out: the laws fitted on the others predict it, and the runs measure it
     curve_points: Annotated[int, Range(1, 100)] = 4  # checkpoints evaluated for the quality-vs-training-compute curves
     curve_spacing: Literal["log", "linear"] = "log"  # log: each point doubles the compute (from 1/2^(n-1) of the
     # run, at most 1/64), as the training-compute axis is read; linear: equally spaced
@@ -168,6 +171,21 @@ def load_study(path: str | Path) -> Study:
         raise UserError(f"{path.name}: [data] context_len must be between 1 and 512, got {study.data.context_len}")
     if study.train.budget == "compute" and study.train.flops <= 0:
         raise UserError(f"{path.name}: budget = \"compute\" needs [train] flops > 0")
+    train_cfg = apply_overrides(TrainConfig(), [f"{k}={v}" for k, v in study.train.set.items()])
+    if study.train.budget == "isoflop":
+        if len(set(study.train.budgets)) < 3 or len(study.train.sizes) < 3:
+            raise UserError(f"{path.name}: budget = \"isoflop\" needs 3 or more [train] budgets (two to fit the laws, "
+                            "the largest to check them) and 3 or more sizes (a parabola per budget)")
+        if train_cfg.lr_schedule != "constant":
+            raise UserError(f"{path.name}: budget = \"isoflop\" reads every budget off one run per size, which needs "
+                            "lr_schedule = \"constant\" (a cosine schedule is planned for one length)")
+    from ldmscale.diffusion.samplers import check_sampler_fits
+
+    for smp in sorted({*ev.samplers, ev.curve_sampler}):
+        try:
+            check_sampler_fits(smp, train_cfg.prediction)
+        except UserError as e:
+            raise UserError(f"{path.name} [eval]: {e}") from None
     return study
 
 

@@ -301,8 +301,9 @@ def resume(cfg: TrainConfig, run: Path, s: State) -> None:
     s.task.objective.load_state_dict(state.get("objective", {}))
     s.start = checkpoint.load_state(last)["step"]
     if s.acc.is_main_process:  # drop log lines written after that checkpoint by the run that died
-        kept = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("step", 0) <= s.start]
-        atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        for log_file in ("metrics.jsonl", "validation.jsonl"):
+            kept = [r for r in read_jsonl(run / log_file) if r.get("step", 0) <= s.start]
+            atomic_write_text(run / log_file, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def train_step(cfg: TrainConfig, run: Path, s: State, step: int) -> float:
@@ -389,7 +390,8 @@ def save(cfg: TrainConfig, run: Path, s: State, step: int, loss: float) -> None:
     val = None
     if acc.is_main_process and s.task.validation is not None and not cfg.fsdp:
         val = s.task.validation(unwrapped, s.ema)
-        append_jsonl(run / "metrics.jsonl", {"step": step, "val_loss": val, "time": time.time()})
+        append_jsonl(run / "validation.jsonl", {"step": step, "val_loss": val, "train_flops": ledger(
+            cfg, s, step, loss)["train_flops"], "time": time.time()})
     if acc.is_main_process:
         ema_model = dict(model)
         ema_model.update(zip([n for n, _ in unwrapped.named_parameters()], ema_state["shadow_params"]))
