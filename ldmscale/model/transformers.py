@@ -58,9 +58,8 @@ class TransformerSize:
 
     @property
     def layout(self) -> str:
-        kind = "DiT (PixArt-alpha, adaLN-single, cross-attention)" if self.backbone == "dit" else \
-            "MM-DiT (SD3, joint attention)"
-        return f"{kind}, hidden {self.hidden}, depth {self.depth}, {self.heads} heads, patch {self.patch}"
+        kind = "DiT (PixArt-alpha)" if self.backbone == "dit" else "MM-DiT (SD3)"
+        return f"{kind}, {self.heads} heads, patch {self.patch}"
 
 
 def parse_transformer(text: str) -> TransformerSize:
