@@ -116,7 +116,9 @@ class IsoFlop:
 
 
 def isoflop(rows: list[dict], loss_key: str = "val_loss", bootstrap: int = 200, seed: int = 0) -> IsoFlop:
-    """rows: {"budget": training FLOPs, "params": N, loss_key: loss}, several sizes per budget."""
+    """rows: {"budget": training FLOPs, "params": N, loss_key: loss}, several sizes per budget. With standard errors
+    (`<loss_key>_std` on every row) the bootstrap redraws each loss from its error (one row per size and budget
+    is the usual table); without them it resamples each budget's rows (repeated runs per size)."""
     groups = _group([r for r in rows if r.get(loss_key) is not None and math.isfinite(r[loss_key])])
     parabolas = _fits(groups, loss_key)
     good = [p for p in parabolas if p.ok]
@@ -127,8 +129,14 @@ def isoflop(rows: list[dict], loss_key: str = "val_loss", bootstrap: int = 200, 
     n_line = LogLine(*_line([p.budget for p in good], [p.n_opt for p in good]))
     l_line = LogLine(*_line([p.budget for p in good], [p.loss_opt for p in good]))
     rng = np.random.default_rng(seed)
-    for _ in range(bootstrap):  # resample each budget's rows, refit the parabolas and the lines
-        boot = {c: [g[i] for i in rng.integers(0, len(g), len(g))] for c, g in groups.items()}
+    std_key = f"{loss_key}_std"
+    parametric = all(r.get(std_key) is not None for g in groups.values() for r in g)
+    for _ in range(bootstrap):  # redraw, refit the parabolas and the lines
+        if parametric:
+            boot = {c: [r | {loss_key: r[loss_key] + r[std_key] * rng.standard_normal()} for r in g]
+                    for c, g in groups.items()}
+        else:
+            boot = {c: [g[i] for i in rng.integers(0, len(g), len(g))] for c, g in groups.items()}
         fits = [p for p in _fits(boot, loss_key) if p.ok]
         if len(fits) >= 2:
             n_line.replicates.append(_line([p.budget for p in fits], [p.n_opt for p in fits]))
@@ -184,7 +192,8 @@ def study_isoflop(rows: list[dict], budgets: list[float], metric: str, curve: tu
             b = min(budgets, key=lambda x: abs(math.log10(float(r["train_flops"]) / x)))
             if abs(math.log10(float(r["train_flops"]) / b)) < 0.1:
                 pts.append({"budget": b, "params": int(r["params"]), "size": r["size"], loss_key: float(r[loss_key]),
-                            metric: r.get(metric), "train_flops": float(r["train_flops"])})
+                            f"{loss_key}_std": r.get(f"{loss_key}_std"), metric: r.get(metric),
+                            "train_flops": float(r["train_flops"])})
         full = isoflop(pts, loss_key, bootstrap)
         fit = isoflop([p for p in pts if p["budget"] != held], loss_key, bootstrap)
         measured = next((p for p in full.parabolas if p.budget == held), None)

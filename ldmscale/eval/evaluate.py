@@ -230,7 +230,7 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
         "run": str(Path(run).resolve()), "size": model.config["train"]["size"], "kind": model.config.get("kind"),
         "checkpoint": model.ckpt.name, "weights": cfg.weights, "images_seen": ck_state.get("images_seen"),
         "train_flops": ck_state.get("train_flops"), "steps_x_gflops": ck_state.get("steps_x_gflops"),
-        "val_loss": ck_state.get("val_loss"), "backbone": model.config.get("backbone", "unet-sd15"),
+        "val_loss": ck_state.get("val_loss"), "val_loss_std": ck_state.get("val_loss_std"), "backbone": model.config.get("backbone", "unet-sd15"),
         "prediction": model.prediction, "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance, "spacing": cfg.spacing,
         "num_images": cfg.num_images, "tag": cfg.tag,
         "seeds": [cfg.seed, cfg.seed + cfg.num_images - 1], "metrics": values, "warnings": warnings,

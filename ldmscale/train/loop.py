@@ -133,20 +133,22 @@ class ValidationLoss:
         self.rand = objective.draw(torch.Generator().manual_seed(self.SEED), len(idx), tuple(self.z.shape[1:]))
 
     @torch.no_grad()
-    def __call__(self, model, ema) -> float:
+    def __call__(self, model, ema) -> tuple[float, float]:
+        """(mean loss, its standard error over the triples)."""
         dev = next(model.parameters()).device
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
         was_training = model.training
         model.eval()
         try:
-            total = 0.0
+            losses = []
             for i in range(0, len(self.z), self.batch_size):
                 sl = slice(i, i + self.batch_size)
                 b = Batch(self.z[sl].float().to(dev), self.text[sl].float().to(dev), self.mask[sl].to(dev), None,
                           self.empty.to(dev))
-                total += float(self.objective.loss(model, b, {k: v[sl].to(dev) for k, v in self.rand.items()}).sum())
-            return total / len(self.z)
+                losses.append(self.objective.loss(model, b, {k: v[sl].to(dev) for k, v in self.rand.items()}).double())
+            per = torch.cat(losses).cpu()
+            return float(per.mean()), float(per.std() / len(per) ** 0.5) if len(per) > 1 else 0.0
         finally:
             ema.restore(model.parameters())
             model.train(was_training)
@@ -387,10 +389,11 @@ def save(cfg: TrainConfig, run: Path, s: State, step: int, loss: float) -> None:
     ema_state = s.ema.state_dict()
     ema_state["shadow_params"] = [fsdp.full_tensor(t).cpu() for t in ema_state["shadow_params"]]
     opt_state = fsdp.optimizer_state(unwrapped, s.opt) if cfg.fsdp else s.opt.state_dict()
-    val = None
+    val = {}
     if acc.is_main_process and s.task.validation is not None and not cfg.fsdp:
-        val = s.task.validation(unwrapped, s.ema)
-        append_jsonl(run / "validation.jsonl", {"step": step, "val_loss": val, "train_flops": ledger(
+        mean, se = s.task.validation(unwrapped, s.ema)
+        val = {"val_loss": mean, "val_loss_std": se}
+        append_jsonl(run / "validation.jsonl", {"step": step, **val, "train_flops": ledger(
             cfg, s, step, loss)["train_flops"], "time": time.time()})
     if acc.is_main_process:
         ema_model = dict(model)
@@ -398,7 +401,7 @@ def save(cfg: TrainConfig, run: Path, s: State, step: int, loss: float) -> None:
         extra = {"optimizer": opt_state, "scheduler": s.sched.state_dict(), "ema": ema_state,
                  "objective": s.task.objective.state_dict()}
         checkpoint.save(run, step, s.task.resolved, model, ema_model, extra,
-                        ledger(cfg, s, step, loss) | {"val_loss": val}, cfg.keep,
+                        ledger(cfg, s, step, loss) | val, cfg.keep,
                         protect={f"step-{x:06d}" for x in cfg.checkpoint_at})
         if cfg.report_to and s.task.preview:
             trackers.log_preview(cfg, s, step, ema_model)
