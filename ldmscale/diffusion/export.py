@@ -1,4 +1,5 @@
-"""Export a run as a diffusers pipeline folder that `StableDiffusionPipeline.from_pretrained` loads.
+"""Export a run as a diffusers pipeline folder that `StableDiffusionPipeline.from_pretrained` loads (a DiT run:
+`PixArtAlphaPipeline`).
 
 unet (EMA weights by default), vae, scheduler (DDIM with SD v1.5's schedule), text_encoder and tokenizer.
 With a CLIP text encoder the pipeline runs as is. With MiniLM the text encoder is ldmscale's zero-padding
@@ -33,11 +34,13 @@ def export(run: str | Path, out: str | Path, which: str = "latest", weights: str
     model = load_run(run, which, weights, device="cpu")  # saved from the CPU, whatever the machine
     if model.config.get("kind") != "text-to-image":
         raise UserError(f"run {run} is a {model.config.get('kind')} model; only text-to-image runs export as a pipeline")
-    if "unet" not in model.config or model.prediction == "flow":
-        # PixArt-alpha / SD3 pipeline folders (their T5/CLIP text stacks around ldmscale's encoder) are not written yet
-        raise UserError(f"run {run} ({model.config.get('backbone', 'unet-sd15')}, prediction={model.prediction}): "
-                        "export writes StableDiffusionPipeline folders for UNet runs on the DDPM objective only; "
-                        "sample this run with `ldmscale sample`")
+    backbone = model.config.get("backbone", "unet-sd15")
+    if backbone == "mmdit" or model.prediction == "flow":
+        # SD3's pipeline encodes prompts with three text encoders of its own and starts flow sampling from
+        # init_noise_sigma-less schedulers that PixArt's pipeline cannot step: not written yet
+        raise UserError(f"run {run} ({backbone}, prediction={model.prediction}): export writes StableDiffusionPipeline "
+                        "(UNet) and PixArtAlphaPipeline (DiT) folders for the DDPM objective; sample this run with "
+                        "`ldmscale sample`")
     scheduler = make_sampler("ddim", model.prediction)
     tok = model.text.tokenizer
     tok.model_max_length = model.text.max_length  # the pipeline pads prompts to this length
@@ -48,9 +51,15 @@ def export(run: str | Path, out: str | Path, which: str = "latest", weights: str
         text_encoder = MiniLMTextEncoder(text_encoder.config)
         text_encoder.load_state_dict(model.text.model.state_dict())
         text_encoder.config.use_attention_mask = True  # the pipeline then passes the mask it tokenized
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=text_encoder, tokenizer=tok, unet=model.unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    if backbone == "dit":  # the bare PixArtTransformer2DModel; prompts go in as ldmscale's states (see below)
+        from diffusers import PixArtAlphaPipeline
+
+        pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=model.vae, transformer=model.unet.net,
+                                   scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=text_encoder, tokenizer=tok, unet=model.unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if model.text.zero_pad:  # the class travels with the folder as remote code
@@ -65,5 +74,9 @@ def export(run: str | Path, out: str | Path, which: str = "latest", weights: str
             (Path(tmp) / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (Path(tmp) / "ldmscale_source.txt").write_text(
             f"run: {Path(run).resolve()}\ncheckpoint: {model.ckpt.name}\nweights: {weights}\n"
-            f"text encoder: {model.text.spec} (zero-padded states: {model.text.zero_pad})\n")
+            f"text encoder: {model.text.spec} (zero-padded states: {model.text.zero_pad})\n"
+            + ("PixArtAlphaPipeline: the DiT attends to every token of ldmscale's states; call the pipeline with "
+               "prompt_embeds from ldmscale's encoder and all-ones prompt_attention_mask / "
+               "negative_prompt_attention_mask, use_resolution_binning=False (its own prompt encoding masks padding "
+               "and pads to 120 tokens)\n" if backbone == "dit" else ""))
     return Path(out)
