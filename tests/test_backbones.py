@@ -177,7 +177,7 @@ def test_a_sampler_must_fit_the_objective_and_export_says_what_it_writes(tiny_ca
     images, info = generate(m, ["a cat"], "flow-heun", 2, 2.0, [0])
     assert images.shape == (1, 1, 32, 32) and info["model_calls_per_image"] == 2 * (2 * 2 - 1)
     p = run_cli("export", "--run", tmp_path / "f", "--out", tmp_path / "e")
-    assert p.returncode == 2 and "for the DDPM objective" in p.stderr
+    assert p.returncode == 2 and "no diffusers pipeline samples this combination" in p.stderr
     p = run_cli("train", "--cache", tiny_cache, "--size", "c8", "--prediction", "flow", "--snr-gamma", "5",
                 "--out", tmp_path / "g", "--images", "8")
     assert p.returncode == 2 and "snr_gamma" in p.stderr
@@ -299,3 +299,29 @@ def test_dit_export_loads_as_pixart_and_reproduces_ldmscale_latents(tiny_cache, 
                   output_type="latent", height=size, width=size, use_resolution_binning=False).images
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
     assert "PixArtAlphaPipeline" in (tmp_path / "export" / "ldmscale_source.txt").read_text()
+
+
+def test_flow_mmdit_export_loads_as_sd3_and_reproduces_ldmscale_latents(tiny_cache, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from ldmscale.diffusion.export import SD3_TEXT_SLOTS, export
+    from ldmscale.diffusion.samplers import generate_latents, make_sampler
+    from ldmscale.diffusion.sampling import encode_prompts, load_run
+    from ldmscale.train.loop import train
+
+    train(tiny_train_config(tiny_cache, size="mmdit-d2:a16", prediction="flow", images=16), tmp_path / "run",
+          progress=False)
+    export(tmp_path / "run", tmp_path / "export")
+    m = load_run(tmp_path / "run", device="cpu")
+    cond, uncond = encode_prompts(m, ["a cat", "a zebra"])
+    ours = generate_latents(m.unet, make_sampler("flow-euler"), 5, cond, uncond, 3.0,
+                            [torch.Generator().manual_seed(s) for s in (3, 4)], m.latent_shape)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "export", **{k: None for k in SD3_TEXT_SLOTS})
+    pipe.set_progress_bar_config(disable=True)
+    neg = uncond.expand(2, -1, -1)
+    size = m.latent_shape[1] * pipe.vae_scale_factor
+    theirs = pipe(prompt_embeds=cond, pooled_prompt_embeds=cond.mean(1), negative_prompt_embeds=neg,
+                  negative_pooled_prompt_embeds=neg.mean(1), num_inference_steps=5, guidance_scale=3.0,
+                  generator=[torch.Generator().manual_seed(s) for s in (3, 4)], output_type="latent", height=size,
+                  width=size).images
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()

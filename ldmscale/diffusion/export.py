@@ -35,12 +35,16 @@ def export(run: str | Path, out: str | Path, which: str = "latest", weights: str
     if model.config.get("kind") != "text-to-image":
         raise UserError(f"run {run} is a {model.config.get('kind')} model; only text-to-image runs export as a pipeline")
     backbone = model.config.get("backbone", "unet-sd15")
-    if backbone == "mmdit" or model.prediction == "flow":
-        # SD3's pipeline encodes prompts with three text encoders of its own and starts flow sampling from
-        # init_noise_sigma-less schedulers that PixArt's pipeline cannot step: not written yet
-        raise UserError(f"run {run} ({backbone}, prediction={model.prediction}): export writes StableDiffusionPipeline "
-                        "(UNet) and PixArtAlphaPipeline (DiT) folders for the DDPM objective; sample this run with "
-                        "`ldmscale sample`")
+    # the pipeline that samples each (backbone, objective) as ldmscale does: SD's and PixArt's step DDPM
+    # schedulers, SD3's the flow ones
+    pipeline = {("unet-sd15", False): "StableDiffusionPipeline", ("dit", False): "PixArtAlphaPipeline",
+                ("mmdit", True): "StableDiffusion3Pipeline"}.get((backbone, model.prediction == "flow"))
+    if pipeline is None:
+        raise UserError(f"run {run} ({backbone}, prediction={model.prediction}): no diffusers pipeline samples this "
+                        "combination as ldmscale does (UNet and DiT runs on the DDPM objective, MM-DiT runs on flow "
+                        "export); sample it with `ldmscale sample`")
+    if pipeline == "StableDiffusion3Pipeline":
+        return _export_sd3(model, run, out, weights)
     scheduler = make_sampler("ddim", model.prediction)
     tok = model.text.tokenizer
     tok.model_max_length = model.text.max_length  # the pipeline pads prompts to this length
@@ -79,4 +83,33 @@ def export(run: str | Path, out: str | Path, which: str = "latest", weights: str
                "prompt_embeds from ldmscale's encoder and all-ones prompt_attention_mask / "
                "negative_prompt_attention_mask, use_resolution_binning=False (its own prompt encoding masks padding "
                "and pads to 120 tokens)\n" if backbone == "dit" else ""))
+    return Path(out)
+
+
+# SD3's pipeline encodes prompts with its own three text encoders; an ldmscale MM-DiT reads ldmscale's states,
+# so the folder has none and prompts go in as embeddings
+SD3_TEXT_SLOTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+
+
+def _export_sd3(model, run, out, weights: str) -> Path:
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.utils import logging as d_logging
+
+    from ldmscale.diffusion.samplers import make_sampler
+
+    pipe = StableDiffusion3Pipeline(transformer=model.unet.net, scheduler=make_sampler("flow-euler"), vae=model.vae,
+                                    **{k: None for k in SD3_TEXT_SLOTS})
+    level = d_logging.get_verbosity()
+    d_logging.set_verbosity_error()  # "None cannot be saved", once per empty text slot
+    try:
+        with atomic_dir(out) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            (Path(tmp) / "ldmscale_source.txt").write_text(
+                f"run: {Path(run).resolve()}\ncheckpoint: {model.ckpt.name}\nweights: {weights}\n"
+                f"text encoder: {model.text.spec} (not in this folder)\n"
+                "StableDiffusion3Pipeline.from_pretrained(folder, text_encoder=None, tokenizer=None, text_encoder_2=None, "
+                "tokenizer_2=None, text_encoder_3=None, tokenizer_3=None); call it with prompt_embeds from ldmscale's "
+                "encoder and pooled_prompt_embeds = prompt_embeds.mean(1) (and the same for the empty prompt)\n")
+    finally:
+        d_logging.set_verbosity(level)
     return Path(out)
