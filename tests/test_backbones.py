@@ -264,7 +264,9 @@ def test_isoflop_study_trains_every_size_to_each_budget_and_reports_per_backbone
     # three sizes per budget: a parabola each; two DiT sizes: none, and the report says why
     assert len(unet["parabolas"]) == 3 and all(pb["points"] == 3 for pb in unet["parabolas"])
     assert "2 or more" in a["isoflop"]["dit"]["why"] and rows[0]["held_out"]["budget"] == 4e10
-    assert "IsoFLOP" in (out / "report" / "report.html").read_text()
+    html = (out / "report" / "report.html").read_text()
+    assert "IsoFLOP" in html and "Training budget 8e+10 FLOPs, unet-sd15" in html
+    assert set(a["training_plans"]) == {"unet-sd15", "dit"} and "why" in a["training_plans"]["dit"]
     assert "within each backbone" in (out / "report" / "summary.md").read_text()
     csv = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert {"val_loss", "backbone", "prediction"} <= set(csv)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ldmscale.analysis import claims, plots
 from ldmscale.analysis import scaling as analysis
-from ldmscale.analysis.isoflop import study_isoflop
+from ldmscale.analysis.isoflop import plan_training, study_isoflop
 from ldmscale.errors import UserError
 from ldmscale.eval import registry
 from ldmscale.io import atomic_write, atomic_write_json, atomic_write_text
@@ -91,6 +91,13 @@ def analyze(rows: list[dict], study) -> dict:
     }
     if study.train.budget == "isoflop":
         iso = study_isoflop(t2i, list(study.train.budgets), metric, curve)
+        # the training-budget answer beside the sampling-budget ones: twice the study's largest budget
+        budget = 2 * max(study.train.budgets)
+        out["training_plans"] = {}
+        for bb, v in iso.items():
+            sizes = {r["size"]: {"size": r["size"], "params": int(r["params"]), "forward_flops": float(r["gflops"]) * 1e9}
+                     for r in final if r.get("backbone", "unet-sd15") == bb}
+            out["training_plans"][bb] = _finite_plan(plan_training(v, budget, list(sizes.values()), metric))
         out["_isoflop"] = {bb: (v.pop("_fit"), v.pop("_rel")) for bb, v in iso.items()}
         out["isoflop"] = iso
     backbones = sorted({r.get("backbone", "unet-sd15") for r in t2i})
@@ -116,6 +123,13 @@ def analyze(rows: list[dict], study) -> dict:
         out["agreement"] = claims.metric_agreement(pts, metric, ev.agreement_metric)
         out["agreement_points"] = pts
     return out
+
+
+def _finite_plan(p: dict) -> dict:
+    import math
+
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else
+                [None if not math.isfinite(x) else x for x in v] if isinstance(v, tuple) else v) for k, v in p.items()}
 
 
 def task_analysis(rows: list[dict], curves: dict, pre_metric: str) -> dict:

@@ -111,6 +111,13 @@ def _report(out: Path, study) -> None:
     for p in r["plans"]:
         click.echo(f"plan for sampling budget {p['budget']:.3g} ({p['why']}): {describe_choice(p['best'], metric)}")
         click.echo(f"    runner-up: {describe_choice(p['runner_up'], metric)}; {p['note']}")
+    for bb, p in (r["analysis"].get("training_plans") or {}).items():
+        if p.get("n_opt"):
+            click.echo(f"plan for training budget {p['budget']:.3g} FLOPs, {bb}: compute-optimal size {p['n_opt']:.3g} "
+                       f"parameters, nearest trained {p['size']} for {p['images']:,} images, predicted validation loss "
+                       f"{p['loss']:.4f}")
+        else:
+            click.echo(f"plan for training budget {p['budget']:.3g} FLOPs, {bb}: not predicted ({p['why']})")
 
 
 @study_group.command("report", cls=Verb, aliases={"--study": ["--study-file"]}, epilog="""
