@@ -190,8 +190,7 @@ def test_validation_loss_is_logged_at_every_checkpoint_and_reaches_the_eval_resu
     from ldmscale.data.cache import LatentCache
     from ldmscale.diffusion.sampling import load_run
     from ldmscale.io import read_jsonl
-    from ldmscale.train.loop import ValidationLoss
-    from ldmscale.train.objectives import Batch, Denoising
+    from ldmscale.train.objectives import Batch, Denoising, ValidationLoss
 
     logged = read_jsonl(tiny_run / "validation.jsonl")
     ckpts = checkpoint.list_checkpoints(tiny_run)

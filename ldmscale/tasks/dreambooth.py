@@ -111,12 +111,8 @@ def dreambooth_task(db: DreamBoothConfig):
     from ldmscale import checkpoint
     from ldmscale.diffusion.samplers import check_sampler_fits, check_sampling_args
     from ldmscale.diffusion.sampling import load_run
-    from ldmscale.train.loop import (
-        Task,
-        check_continuation,
-        check_same_objective,
-        objective_for,
-    )
+    from ldmscale.train.loop import Task, check_continuation
+    from ldmscale.train.objectives import check_same_objective, objective_for
 
     def make(cfg, run):
         model = load_run(db.init, db.checkpoint, "ema")

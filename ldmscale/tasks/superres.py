@@ -112,7 +112,8 @@ def sr_task(sr: SRConfig):
     from ldmscale.diffusion.sampling import load_run
     from ldmscale.model import flops
     from ldmscale.model.family import parse_size
-    from ldmscale.train.loop import check_continuation, check_same_objective
+    from ldmscale.train.loop import check_continuation
+    from ldmscale.train.objectives import check_same_objective, objective_for
 
     def make(cfg, run):
         model = load_run(sr.init, sr.checkpoint, "ema")
@@ -137,7 +138,7 @@ def sr_task(sr: SRConfig):
         resolved["accounting"] = dict(model.config["accounting"], params=cost.params, forward_flops=cost.flops,
                                       gflops=cost.gflops, norm_cost=cost.norm_cost)
         check_continuation(run, resolved)
-        from ldmscale.train.loop import Task, objective_for
+        from ldmscale.train.loop import Task
 
         init = widen_conv_in(checkpoint.load_weights(model.ckpt, "ema"), extra)
         return Task(resolved, SRData(sr, model), objective_for(cfg), init=init)

@@ -24,7 +24,12 @@ from ldmscale.model import flops, fsdp
 from ldmscale.model.family import build_network
 from ldmscale.train import trackers
 from ldmscale.train.config import CONTINUABLE, TrainConfig  # noqa: F401  (re-exported)
-from ldmscale.train.objectives import Batch
+from ldmscale.train.objectives import (  # noqa: F401
+    Batch,
+    ValidationLoss,
+    check_same_objective,
+    objective_for,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -115,63 +120,6 @@ def text_to_image_task(cfg: TrainConfig, run: Path) -> Task:
     if "validation" in data.manifest["splits"]:
         val = ValidationLoss(LatentCache(cfg.data, "validation"), objective)
     return Task(resolve_run(cfg, run), data, objective, preview=prompts, validation=val)
-
-
-class ValidationLoss:
-    """The objective's loss on a fixed set of (latent, noise, timestep) triples from the validation split: the first
-    `n` validation latents (posterior means), captions as given, noise and timesteps from one fixed generator. The
-    same triples for every run of a cache and objective, so the number compares across sizes and backbones (not
-    across objectives: eps, v and flow losses are different quantities). Measured on the EMA weights, as sampled."""
-
-    SEED = 20240101
-
-    def __init__(self, data, objective, n: int = 256, batch: int = 64):
-        self.objective, self.batch_size = objective, batch
-        idx = torch.arange(min(n, len(data)))
-        self.z, self.text, self.mask = data.batch(idx)[:3]
-        self.empty = data.empty_text.float()
-        self.rand = objective.draw(torch.Generator().manual_seed(self.SEED), len(idx), tuple(self.z.shape[1:]))
-
-    @torch.no_grad()
-    def __call__(self, model, ema) -> tuple[float, float]:
-        """(mean loss, its standard error over the triples)."""
-        dev = next(model.parameters()).device
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
-        was_training = model.training
-        model.eval()
-        try:
-            losses = []
-            for i in range(0, len(self.z), self.batch_size):
-                sl = slice(i, i + self.batch_size)
-                b = Batch(self.z[sl].float().to(dev), self.text[sl].float().to(dev), self.mask[sl].to(dev), None,
-                          self.empty.to(dev))
-                losses.append(self.objective.loss(model, b, {k: v[sl].to(dev) for k, v in self.rand.items()}).double())
-            per = torch.cat(losses).cpu()
-            return float(per.mean()), float(per.std() / len(per) ** 0.5) if len(per) > 1 else 0.0
-        finally:
-            ema.restore(model.parameters())
-            model.train(was_training)
-
-
-def check_same_objective(init_prediction: str, cfg: TrainConfig) -> None:
-    """A fine-tune keeps its initial model's objective family: a flow model read as a noise predictor (or back)
-    would train and sample silently wrong."""
-    if (init_prediction == "flow") != (cfg.prediction == "flow"):
-        raise UserError(f"the initial run was trained with prediction={init_prediction}; fine-tune it with "
-                        f"--train-set prediction={init_prediction}, not {cfg.prediction}")
-
-
-def objective_for(cfg: TrainConfig):
-    """The pretraining objective: DDPM noise (or v) prediction on SD's schedule, or SD3's rectified flow."""
-    from ldmscale.train.objectives import Denoising, RectifiedFlow
-
-    if cfg.prediction == "flow":
-        if cfg.snr_gamma > 0:
-            raise UserError("snr_gamma (Min-SNR) weights the DDPM objective; the flow objective samples its timesteps "
-                            "logit-normally instead: set snr_gamma=0")
-        return RectifiedFlow(cfg.text_mask)
-    return Denoising(cfg.prediction, cfg.snr_gamma, cfg.text_mask)
 
 
 def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=text_to_image_task) -> dict:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from ldmscale.diffusion.samplers import noise_scheduler
+from ldmscale.errors import UserError
+from ldmscale.train.config import TrainConfig
 
 
 @dataclass
@@ -119,3 +121,58 @@ class RectifiedFlow:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def check_same_objective(init_prediction: str, cfg: TrainConfig) -> None:
+    """A fine-tune keeps its initial model's objective family: a flow model read as a noise predictor (or back)
+    would train and sample silently wrong."""
+    if (init_prediction == "flow") != (cfg.prediction == "flow"):
+        raise UserError(f"the initial run was trained with prediction={init_prediction}; fine-tune it with "
+                        f"--train-set prediction={init_prediction}, not {cfg.prediction}")
+
+
+def objective_for(cfg: TrainConfig):
+    """The pretraining objective: DDPM noise (or v) prediction on SD's schedule, or SD3's rectified flow."""
+    if cfg.prediction == "flow":
+        if cfg.snr_gamma > 0:
+            raise UserError("snr_gamma (Min-SNR) weights the DDPM objective; the flow objective samples its timesteps "
+                            "logit-normally instead: set snr_gamma=0")
+        return RectifiedFlow(cfg.text_mask)
+    return Denoising(cfg.prediction, cfg.snr_gamma, cfg.text_mask)
+
+
+class ValidationLoss:
+    """The objective's loss on a fixed set of (latent, noise, timestep) triples from the validation split: the first
+    `n` validation latents (posterior means), captions as given, noise and timesteps from one fixed generator. The
+    same triples for every run of a cache and objective, so the number compares across sizes and backbones (not
+    across objectives: eps, v and flow losses are different quantities). Measured on the EMA weights, as sampled."""
+
+    SEED = 20240101
+
+    def __init__(self, data, objective, n: int = 256, batch: int = 64):
+        self.objective, self.batch_size = objective, batch
+        idx = torch.arange(min(n, len(data)))
+        self.z, self.text, self.mask = data.batch(idx)[:3]
+        self.empty = data.empty_text.float()
+        self.rand = objective.draw(torch.Generator().manual_seed(self.SEED), len(idx), tuple(self.z.shape[1:]))
+
+    @torch.no_grad()
+    def __call__(self, model, ema) -> tuple[float, float]:
+        """(mean loss, its standard error over the triples)."""
+        dev = next(model.parameters()).device
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+        was_training = model.training
+        model.eval()
+        try:
+            losses = []
+            for i in range(0, len(self.z), self.batch_size):
+                sl = slice(i, i + self.batch_size)
+                b = Batch(self.z[sl].float().to(dev), self.text[sl].float().to(dev), self.mask[sl].to(dev), None,
+                          self.empty.to(dev))
+                losses.append(self.objective.loss(model, b, {k: v[sl].to(dev) for k, v in self.rand.items()}).double())
+            per = torch.cat(losses).cpu()
+            return float(per.mean()), float(per.std() / len(per) ** 0.5) if len(per) > 1 else 0.0
+        finally:
+            ema.restore(model.parameters())
+            model.train(was_training)
