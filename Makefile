@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-full test bench venv clean
+.PHONY: demo demo-full backbones test bench venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(STAMP)
 # folder: the demo's finished jobs are reused.
 demo-full: $(STAMP)
 	$(VENV)/bin/ldmscale study run studies/downstream.toml --out demo
+
+# UNets against DiTs at three training budgets (IsoFLOP) on the demo's data: docs/backbones.md
+backbones: $(STAMP)
+	$(VENV)/bin/ldmscale study run studies/backbones.toml --out backbones
 
 # one pytest-xdist worker per core (TEST_WORKERS=1 for a serial run); multi-process tests share one worker
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)

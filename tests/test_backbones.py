@@ -223,7 +223,7 @@ name = "iso"
 [data]
 cache = "{cache}"
 [train]
-sizes = ["c8", "c12", "c16", "dit-64x4", "dit-96x4"]
+sizes = ["c8", "c12", "c16", "dit-64x4"]
 budget = "isoflop"
 budgets = [1e10, 2e10, 4e10]
 [train.set]
@@ -260,7 +260,7 @@ def test_isoflop_study_trains_every_size_to_each_budget_and_reports_per_backbone
         (s, b) for s in ("c8", "c12", "c16") for b in (1e10, 2e10, 4e10))
     for p in unet["points"]:
         assert abs(p["train_flops"] / p["budget"] - 1) < 0.25 and p["val_loss"] > 0
-    # three sizes per budget: a parabola each; two DiT sizes: none, and the report says why
+    # three sizes per budget: a parabola each; one DiT size: none, and the report says why
     assert len(unet["parabolas"]) == 3 and all(pb["points"] == 3 for pb in unet["parabolas"])
     assert "2 or more" in a["isoflop"]["dit"]["why"] and rows[0]["held_out"]["budget"] == 4e10
     html = (out / "report" / "report.html").read_text()
