@@ -52,10 +52,17 @@ def field_help(cls: type) -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
+        last = None
         for line in inspect.getsource(klass).splitlines():
             m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+            more = re.match(r"\s+#\s*(.+)$", line)
             if m:
-                text[m.group(1)] = m.group(2).strip()
+                last = m.group(1)
+                text[last] = m.group(2).strip()
+            elif more and last:  # a comment continued on the next line
+                text[last] += " " + more.group(1).strip()
+            else:
+                last = None
     return text
 
 

@@ -12,7 +12,8 @@ from ldmscale.config import Config, Fraction, NonNegative, Positive, Range
 @dataclass(frozen=True)
 class TrainConfig(Config):
     data: str = ""  # latent cache folder
-    size: str = "c16"  # family size: c<width>, a paper label, or c<width>:h<heads>:g<groups>
+    size: str = "c16"  # family size: c<width> (the UNet), a paper label (83M), dit-s..dit-xl, dit-<hidden>x<depth>,
+    # mmdit-d<depth>
     images: Positive = 200_000  # duration, in training images seen
     batch_size: Annotated[int, Range(1, 2**20)] = 64  # global batch (all processes, all accumulation steps)
     grad_accum: Annotated[int, Range(1, 2**16)] = 1  # gradient accumulation steps per optimizer step
