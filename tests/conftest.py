@@ -82,3 +82,31 @@ def tiny_classifier(tmp_path_factory):
     out = tmp_path_factory.mktemp("clf") / "classifier"
     train_classifier(ClassifierConfig(width=16, feature_dim=32, epochs=2, batch_size=128), out, progress=False)
     return out
+
+
+def resume_exactly(tmp_path, monkeypatch, fn, kill_at=1, steps=2, weights=("raw",), atol=1e-6):
+    """Run fn(out) straight, then killed at optimizer step `kill_at` and resumed: the same final weights."""
+    import torch
+
+    import ldmscale.train.loop as train_mod
+    from ldmscale import checkpoint
+
+    fn(tmp_path / "straight")
+    real = train_mod.batch_indices
+
+    def dies(step, *a):
+        if step == kill_at:
+            raise KeyboardInterrupt
+        return real(step, *a)
+
+    monkeypatch.setattr(train_mod, "batch_indices", dies)
+    with pytest.raises(KeyboardInterrupt):
+        fn(tmp_path / "resumed")
+    monkeypatch.setattr(train_mod, "batch_indices", real)
+    assert checkpoint.latest(tmp_path / "resumed").name == f"step-{kill_at:06d}"
+    fn(tmp_path / "resumed")
+    assert checkpoint.latest(tmp_path / "resumed").name == f"step-{steps:06d}"
+    for w in weights:
+        a = checkpoint.load_weights(checkpoint.latest(tmp_path / "straight"), w)
+        b = checkpoint.load_weights(checkpoint.latest(tmp_path / "resumed"), w)
+        assert all(torch.allclose(a[k], b[k], atol=atol, rtol=0) for k in a), w

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, tiny_train_config
+from conftest import resume_exactly, run_cli, tiny_train_config
 
 from ldmscale.errors import UserError
 from ldmscale.model import flops
@@ -141,27 +141,11 @@ def test_flow_objective_interpolates_and_targets_the_velocity():
 @pytest.mark.parametrize("size,prediction", [("dit-32x2", "epsilon"), ("dit-32x2", "flow"), ("mmdit-d2:a16", "epsilon"),
                                              ("mmdit-d2:a16", "flow"), ("c8", "flow")])
 def test_every_backbone_and_objective_resumes_exactly(size, prediction, tiny_cache, tmp_path, monkeypatch):
-    from ldmscale import checkpoint
-    from ldmscale.train import loop as train_mod
+    from ldmscale.train.loop import train
 
     cfg = tiny_train_config(tiny_cache, size=size, prediction=prediction, images=24, checkpoint_every=8)
-    train_mod.train(cfg, tmp_path / "straight", progress=False)
-    real = train_mod.batch_indices
-
-    def dies(step, *a):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(step, *a)
-
-    monkeypatch.setattr(train_mod, "batch_indices", dies)
-    with pytest.raises(KeyboardInterrupt):
-        train_mod.train(cfg, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(train_mod, "batch_indices", real)
-    train_mod.train(cfg, tmp_path / "resumed", progress=False)
-    for w in ("raw", "ema"):
-        a = checkpoint.load_weights(checkpoint.latest(tmp_path / "straight"), w)
-        b = checkpoint.load_weights(checkpoint.latest(tmp_path / "resumed"), w)
-        assert all(torch.equal(a[k], b[k]) for k in a), w
+    resume_exactly(tmp_path, monkeypatch, lambda out: train(cfg, out, progress=False), kill_at=2, steps=3,
+                   weights=("raw", "ema"), atol=0.0)  # bit-equal
     rc = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert ("transformer" in rc) == (size != "c8") and rc["train"]["prediction"] == prediction
 

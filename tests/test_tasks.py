@@ -3,9 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, tiny_train_config
+from conftest import resume_exactly, run_cli, tiny_train_config
 
-import ldmscale.train.loop as train_mod
 from ldmscale import checkpoint
 from ldmscale.errors import UserError
 
@@ -43,34 +42,12 @@ def test_degradations_shapes_and_determinism():
     assert torch.equal(gaussian_blur(flat, 1.5), flat)
 
 
-def _resume_exactly(tmp_path, monkeypatch, make_cmd, fn, steps=2):
-    """Run fn(out) straight, then killed after step 1 and resumed: same final weights."""
-    fn(tmp_path / "straight")
-    real = train_mod.batch_indices
-
-    def dies(step, *a):
-        if step == 1:
-            raise KeyboardInterrupt
-        return real(step, *a)
-
-    monkeypatch.setattr(train_mod, "batch_indices", dies)
-    with pytest.raises(KeyboardInterrupt):
-        fn(tmp_path / "resumed")
-    monkeypatch.setattr(train_mod, "batch_indices", real)
-    assert checkpoint.latest(tmp_path / "resumed").name == "step-000001"
-    fn(tmp_path / "resumed")
-    a = checkpoint.load_weights(checkpoint.latest(tmp_path / "straight"), "raw")
-    b = checkpoint.load_weights(checkpoint.latest(tmp_path / "resumed"), "raw")
-    assert checkpoint.latest(tmp_path / "resumed").name == f"step-{steps:06d}"
-    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
-
-
 def test_sr_finetune_resumes_exactly_and_evaluates(tiny_run, tiny_cache, tiny_classifier, tmp_path, monkeypatch):
     from ldmscale.tasks.superres import SRConfig, finetune_sr
 
     sr = SRConfig(init=str(tiny_run), data="animal-mnist", limit=64, degradation="realesrgan", noise_aug=0.05)
     cfg = tiny_train_config(tiny_cache, images=16, checkpoint_every=8, data="animal-mnist")
-    _resume_exactly(tmp_path, monkeypatch, None, lambda out: finetune_sr(sr, cfg, out, progress=False))
+    resume_exactly(tmp_path, monkeypatch, lambda out: finetune_sr(sr, cfg, out, progress=False))
     run = tmp_path / "straight"
     rc = json.loads((run / "config.json").read_text())
     assert rc["kind"] == "super-resolution" and rc["unet"]["in_channels"] == 5
@@ -129,7 +106,7 @@ def test_dreambooth_resumes_exactly_and_measures_fidelity(tiny_run, tiny_cache, 
                           prior_steps=2)
     assert instance_prompt(db) == "a sks dog"
     cfg = tiny_train_config(tiny_cache, images=16, checkpoint_every=8)
-    _resume_exactly(tmp_path, monkeypatch, None, lambda out: finetune_dreambooth(db, cfg, out, progress=False))
+    resume_exactly(tmp_path, monkeypatch, lambda out: finetune_dreambooth(db, cfg, out, progress=False))
     run = tmp_path / "straight"
     run_cli("eval", "--run", run, "--sampler", "ddim", "--steps", "3", "--guidance", "3", "--num-images", "6",
                 "--metrics", "subject-ssim,subject-fidelity,caption-accuracy", "--classifier", tiny_classifier, check=True)

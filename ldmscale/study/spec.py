@@ -112,7 +112,7 @@ def load_study(path: str | Path) -> Study:
     from ldmscale.data.autoencoder import AutoencoderConfig
     from ldmscale.eval.features import ClassifierConfig
     from ldmscale.model.family import parse_size
-    from ldmscale.train.loop import TrainConfig
+    from ldmscale.train.config import TrainConfig
 
     path = Path(path)
     if not path.is_file():
@@ -136,7 +136,7 @@ def load_study(path: str | Path) -> Study:
     from_dict(ClassifierConfig, dict(study.classifier), where=f"{path.name} [classifier]")
     from ldmscale.config import apply_overrides
 
-    apply_overrides(TrainConfig(), [f"{k}={v}" for k, v in study.train.set.items()])
+    train_cfg = apply_overrides(TrainConfig(), [f"{k}={v}" for k, v in study.train.set.items()])
     for s in study.train.sizes:
         parse_size(s)
     ev = study.eval
@@ -171,7 +171,6 @@ def load_study(path: str | Path) -> Study:
         raise UserError(f"{path.name}: [data] context_len must be between 1 and 512, got {study.data.context_len}")
     if study.train.budget == "compute" and study.train.flops <= 0:
         raise UserError(f"{path.name}: budget = \"compute\" needs [train] flops > 0")
-    train_cfg = apply_overrides(TrainConfig(), [f"{k}={v}" for k, v in study.train.set.items()])
     if study.train.budget == "isoflop":
         if len(set(study.train.budgets)) < 3 or len(study.train.sizes) < 3:
             raise UserError(f"{path.name}: budget = \"isoflop\" needs 3 or more [train] budgets (two to fit the laws, "

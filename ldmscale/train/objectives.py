@@ -37,7 +37,30 @@ class Batch:
     empty: torch.Tensor
 
 
-class Denoising:
+class Pretraining:
+    """What the pretraining objectives share: one forward and backward pass per image, no state of their own,
+    nothing to do between steps."""
+
+    def setup(self, model, ema, device) -> None:
+        pass
+
+    def before_step(self, step: int, model) -> None:
+        pass
+
+    def evals(self, step: int) -> float:
+        return 3.0
+
+    def evals_until(self, step: int) -> float:
+        return 3.0 * step
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class Denoising(Pretraining):
     """The DDPM objective on SD v1.5's schedule: predict the noise (or v) of a noised latent; optional Min-SNR-gamma
     weighting (Hang et al. 2023) and attention masks over the text."""
 
@@ -51,15 +74,6 @@ class Denoising:
     def draw(self, g: torch.Generator, n: int, shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
         return {"noise": torch.randn(n, *shape, generator=g),
                 "t": torch.randint(0, self.sched.config.num_train_timesteps, (n,), generator=g)}
-
-    def before_step(self, step: int, model) -> None:
-        pass
-
-    def evals(self, step: int) -> float:
-        return 3.0
-
-    def evals_until(self, step: int) -> float:
-        return 3.0 * step
 
     def loss(self, model, b: Batch, rand: dict[str, torch.Tensor]) -> torch.Tensor:
         noise, t = rand["noise"], rand["t"]
@@ -76,14 +90,8 @@ class Denoising:
             per_sample = per_sample * snr.clamp(max=self.snr_gamma) / (snr if self.prediction == "epsilon" else snr + 1)
         return per_sample
 
-    def state_dict(self) -> dict:
-        return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class RectifiedFlow:
+class RectifiedFlow(Pretraining):
     """SD3's rectified flow (Esser et al. 2024): x_t = (1 - t) x0 + t noise on a straight path, the network predicts
     the velocity noise - x0 at timestep 1000 t, and t is drawn logit-normal(0, 1), which weights the middle of the
     path. The flow samplers (FlowMatchEuler/Heun, sigma = t) integrate the same velocity from t = 1 to 0."""
@@ -91,20 +99,8 @@ class RectifiedFlow:
     def __init__(self, text_mask: bool = False, mean: float = 0.0, std: float = 1.0):
         self.text_mask, self.mean, self.std = text_mask, mean, std
 
-    def setup(self, model, ema, device) -> None:
-        pass
-
     def draw(self, g: torch.Generator, n: int, shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
         return {"noise": torch.randn(n, *shape, generator=g), "u": torch.randn(n, generator=g)}
-
-    def before_step(self, step: int, model) -> None:
-        pass
-
-    def evals(self, step: int) -> float:
-        return 3.0
-
-    def evals_until(self, step: int) -> float:
-        return 3.0 * step
 
     def loss(self, model, b: Batch, rand: dict[str, torch.Tensor]) -> torch.Tensor:
         noise = rand["noise"]
@@ -115,12 +111,6 @@ class RectifiedFlow:
         pred = model(noisy, 1000 * t.flatten(), encoder_hidden_states=b.text,
                      encoder_attention_mask=b.mask if self.text_mask else None).sample
         return (pred.float() - (noise - b.z)).pow(2).flatten(1).mean(1)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def check_same_objective(init_prediction: str, cfg: TrainConfig) -> None:
