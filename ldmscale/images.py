@@ -30,5 +30,19 @@ def grid(images: torch.Tensor, ncol: int, min_cell: int = 96, pad: int = 2) -> I
     return out
 
 
+def label_rows(img: Image.Image, labels: list[str], font_size: int = 14, pad: int = 8) -> Image.Image:
+    """The grid with one label per row written to its left (the prompt each row was sampled with)."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=font_size)
+    width = max(int(font.getlength(t)) for t in labels) + 2 * pad if labels else 0
+    out = Image.new("RGB", (img.width + width, img.height), "white")
+    out.paste(img.convert("RGB"), (width, 0))
+    draw, row = ImageDraw.Draw(out), img.height / max(1, len(labels))
+    for i, text in enumerate(labels):
+        draw.text((pad, int((i + 0.5) * row)), text, fill="black", font=font, anchor="lm")
+    return out
+
+
 def save_png(img: Image.Image, path: Path) -> None:
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))

@@ -48,37 +48,46 @@ def test_frontier_and_crossover_on_a_hand_made_table():
     front = analysis.pareto_frontier(best, "fd-classifier")
     assert [(r["size"], r["steps"]) for r in front] == [("small", 5), ("small", 20), ("small", 50), ("large", 20), ("large", 50)]
     (x,) = analysis.crossovers(best, "fd-classifier")
-    # envelopes: small 28 @0.5, 20 @2, 18 @5; large 35 @5, 12 @20 -> where both run, small wins at 5; large from 20
-    assert (x["smaller"], x["larger"], x["crossover"], x["kind"]) == ("small", "large", 20.0, "crossover")
-    assert x["budgets_where_smaller_wins"] == 1
+    # at matched executed cost (2 calls a step): small 1, 4, 10; large 10, 40, 100. They meet at 10 only, where
+    # small's 50 steps (18) beat large's 5 (35); the envelope rule called large's 20 steps at 40 a crossover
+    assert (x["smaller"], x["larger"], x["crossover"], x["kind"]) == ("small", "large", None, "smaller wins at every budget")
+    assert (x["budgets_where_smaller_wins"], x["budgets"], x["range"]) == (1, 1, (10.0, 10.0))
+    more = TABLE + [_row("small", 0.1, "ddim", 200, 2.0, 17.0), _row("small", 0.1, "ddim", 500, 2.0, 16.5)]
+    (x,) = analysis.crossovers(analysis.best_over_guidance(more, "fd-classifier"), "fd-classifier")
+    # small now reaches 100: at 40 large (20 steps, 12) beats small (200 steps, 17), and at 100 again
+    assert (x["kind"], x["crossover"], x["range"]) == ("crossover", 40.0, (10.0, 100.0))
 
 
 def test_crossover_edge_cases():
     only_small_better = [_row("s", 0.1, "ddim", 5, 2, 1.0), _row("l", 1.0, "ddim", 5, 2, 9.0)]
-    assert analysis.crossovers(only_small_better, "fd-classifier")[0]["crossover"] is None
+    x = analysis.crossovers(only_small_better, "fd-classifier")[0]
+    assert x["crossover"] is None and x["kind"] == "no budget where both run"
     large_better = [_row("s", 0.1, "ddim", 50, 2, 9.0), _row("l", 1.0, "ddim", 5, 2, 1.0)]
     x = analysis.crossovers(large_better, "fd-classifier")[0]
-    # below cost 5 only the small model runs: no contest, so no crossover
     assert x["crossover"] is None and x["kind"] == "larger wins wherever both run"
-    higher_better = [dict(r, **{"caption-accuracy": 1 / r["fd-classifier"]}) for r in TABLE]
+    more = TABLE + [_row("small", 0.1, "ddim", 200, 2.0, 17.0), _row("small", 0.1, "ddim", 500, 2.0, 16.5)]
+    higher_better = [dict(r, **{"caption-accuracy": 1 / r["fd-classifier"]}) for r in more]
     (x,) = analysis.crossovers(analysis.best_over_guidance(higher_better, "caption-accuracy"), "caption-accuracy")
-    assert x["crossover"] == 20.0
+    assert x["crossover"] == 40.0
 
 
 def test_planner_choice_on_a_hand_made_table():
     best = analysis.best_over_guidance(TABLE, "fd-classifier")
-    p = analysis.plan(best, 3.0, "fd-classifier")
+    p = analysis.plan(best, 3.0, "fd-classifier", "sampling_cost")
     assert (p["best"]["size"], p["best"]["steps"], p["best"]["guidance"]) == ("small", 20, 2.0)
     assert p["best"]["fd-classifier_std"] == 0.1 and p["runner_up"] is None  # nothing of another size fits
-    p = analysis.plan(best, 100.0, "fd-classifier")
+    p = analysis.plan(best, 100.0, "fd-classifier", "sampling_cost")
     assert (p["best"]["size"], p["best"]["steps"]) == ("large", 50)
     assert (p["runner_up"]["size"], p["runner_up"]["steps"]) == ("small", 50)
-    p = analysis.plan(best, 0.1, "fd-classifier")
+    p = analysis.plan(best, 0.1, "fd-classifier", "sampling_cost")
     assert p["best"] is None and "cheapest configuration costs 0.5" in p["message"]
     p = analysis.plan(best, 60.0, "fd-classifier", cost="latency_ms_per_image")
     assert (p["best"]["size"], p["best"]["steps"]) == ("small", 50)
+    # the default axis is executed cost (2 calls a step here): a budget of 3 buys small's 5 steps, not its 20
+    p = analysis.plan(analysis.with_costs(best), 3.0, "fd-classifier")
+    assert (p["cost"], p["best"]["steps"], p["best"]["executed_cost"]) == ("executed_cost", 5, 1.0)
     assert "small with ddim at 20 steps, guidance 2: fd-classifier 20 ± 0.1" in analysis.describe_choice(
-        analysis.plan(best, 3.0, "fd-classifier")["best"], "fd-classifier")
+        analysis.plan(best, 3.0, "fd-classifier", "sampling_cost")["best"], "fd-classifier")
 
 
 def test_final_rows_and_training_curves():

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import run_cli
 
+from ldmscale.diffusion.samplers import model_calls
 from ldmscale.errors import UserError
 from ldmscale.model.family import (
     PRESETS,
@@ -17,7 +18,6 @@ from ldmscale.model.flops import (
     cost,
     count_flops,
     matches_paper,
-    model_calls,
     sampling_cost,
     steps_x_gflops,
     training_flops,
@@ -117,9 +117,8 @@ def test_accounting_functions():
     assert training_flops(1000, 10**9) == 3e12
     assert steps_x_gflops(500_000, 804_257_464_320) == pytest.approx(500_000 * 804.25746432)
     assert sampling_cost(0.124, 50) == pytest.approx(6.2)
-    assert model_calls(50, 7.5) == 100
-    assert model_calls(50, 1.0) == 50
-    assert model_calls(10, 3.0, calls_per_step=2) == 40
+    assert model_calls("ddim", 50, 7.5) == 100 and model_calls("ddim", 50, 1.0) == 50
+    assert model_calls("heun", 10, 3.0) == 38 and model_calls("lcm", 4, 8.0, guidance_embedded=True) == 4
 
 
 def test_family_cli_json():

@@ -71,12 +71,12 @@ def test_killed_study_resumes_without_redoing_finished_jobs(study_file, tmp_path
     rows = (out / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 10
     # the report: figures, Markdown, self-contained HTML, planner answers
-    assert "report: " in p.stdout and "plan for sampling budget" in p.stdout
-    for name in ("training_compute", "steps", "sampling_cost", "latency", "alignment"):
+    assert "report: " in p.stdout and "plan for executed-cost budget" in p.stdout
+    for name in ("training_compute", "steps", "sampling_cost", "executed_cost", "latency", "alignment"):
         assert (out / "report" / f"{name}.png").stat().st_size > 5000 and (out / "report" / f"{name}.svg").exists()
     html = (out / "report" / "report.html").read_text()
     grids = sorted((out / "report" / "samples").glob("*.png"))
-    assert len(grids) >= 2 and html.count("data:image/png;base64,") == 5 + len(grids) and "Pareto frontier" in html
+    assert len(grids) >= 2 and html.count("data:image/png;base64,") == 6 + len(grids) and "Pareto frontier" in html
     analysis = json.loads((out / "report" / "analysis.json").read_text())
     assert len(analysis["best_over_guidance"]) == 8 and analysis["metric"] == "fd-classifier"
     # the paper's claims: six verdicts in the report, the summary and the command's output
@@ -97,6 +97,26 @@ def test_killed_study_resumes_without_redoing_finished_jobs(study_file, tmp_path
     assert p.returncode == 0 and "nothing fits" in p.stdout
     p = run_cli("plan", out)
     assert p.returncode == 2 and "exactly one of --budget" in p.stderr
+    # seeds: the same study trained with [0, 1] reuses every job of seed 0 and adds seed 1's training and evaluations
+    study_file.write_text(study_file.read_text().replace("curve_points = 2", "curve_points = 2\nseeds = [0, 1]"))
+    p = run_cli("study", "run", study_file, "--out", out, check=True)
+    assert "13 already done, 12 to run" in p.stdout
+    assert (out / "runs" / "c8-seed1" / "config.json").exists() and (out / "runs" / "c16-seed1").is_dir()
+    import csv
+
+    table = list(csv.DictReader(open(out / "results.csv")))
+    assert len(table) == 20 and sorted({r["train_seed"] for r in table}) == ["0", "1"]
+    seed1 = [r for r in table if r["train_seed"] == "1"]
+    assert all(json.loads((out / r["file"]).read_text())["seeds"][0] == 1_000_000 for r in seed1)  # its own images
+    analysis = json.loads((out / "report" / "analysis.json").read_text())
+    assert analysis["seeds"] == [0, 1] and len(analysis["best_over_guidance"]) == 8
+    assert all(c["noise"] == "training-seed spread (2 seeds) and evaluation noise" for c in analysis["claims"])
+    assert "training-seed spread (2 seeds)" in p.stdout
+    control = analysis["negative_control"]
+    assert control["size"] in ("c8", "c16") and control["seeds"] == [0, 1] and control["holds"] == []
+    assert set(analysis["calibration"]) == {"1", "2", "3", "4", "5", "6"}
+    best = json.loads(run_cli("plan", out, "--budget", "1000", "--format", "json", check=True).stdout)["best"]
+    assert best["n_seeds"] == 2
 
 
 @pytest.mark.parametrize("edit,needle", [
@@ -152,6 +172,26 @@ def test_downstream_study_is_the_demo_plus_tasks():
     demo, full = (to_dict(load_study(ROOT / "studies" / f"{n}.toml")) for n in ("demo", "downstream"))
     assert {k: v for k, v in full.items() if k not in ("name", "tasks")} == {k: v for k, v in demo.items() if k not in ("name", "tasks")}
     assert sorted(t["kind"] for t in full["tasks"].values()) == ["consistency", "super-resolution"]
+
+
+def test_seeds_study_is_the_demo_with_seeds_and_reuses_its_jobs(tmp_path):
+    """`make demo-seeds` runs into the demo's folder: every job of the demo is one of its jobs (seed 0)."""
+    from ldmscale.config import to_dict
+    from ldmscale.study.plan import plan_jobs
+    from ldmscale.study.spec import load_study
+
+    demo, seeds = (load_study(ROOT / "studies" / f"{n}.toml") for n in ("demo", "demo-seeds"))
+    a, b = to_dict(demo), to_dict(seeds)
+    assert b["train"].pop("seeds") == [0, 1, 2] and a["train"].pop("seeds") == [0]
+    assert {k: v for k, v in a.items() if k != "name"} == {k: v for k, v in b.items() if k != "name"}
+    ids = {j.id for j in plan_jobs(demo, tmp_path / "demo")}
+    more = plan_jobs(seeds, tmp_path / "demo")
+    assert ids <= {j.id for j in more}
+    extra = [j for j in more if j.id not in ids]
+    assert sorted(j.name for j in extra if j.kind == "train") == [
+        "train c16 seed 1 (32,000 images)", "train c16 seed 2 (32,000 images)", "train c32 seed 1 (32,000 images)",
+        "train c32 seed 2 (32,000 images)", "train c8 seed 1 (91,520 images)", "train c8 seed 2 (91,520 images)"]
+    assert not [j for j in extra if "agreement" in j.name]  # the metric check is made once, on seed 0
 
 
 def test_dreambooth_caption_accuracy_needs_a_class_prompt_at_planning(study_file, tmp_path):

@@ -1,8 +1,16 @@
 """The paper's six claims, checked on a study's results table: one verdict per claim, with its evidence.
 
-Each check is a pure function of the rows (as study.collect makes them) and returns a Verdict: "holds",
-"does not hold" (with a one-line reason) or "not measured" (the study has no rows that test it). A difference
-counts only when it is larger than twice its standard error (the bootstrap spread of each point, combined).
+Each check is a pure function of the rows (as study.collect makes them, one per training seed) and returns a
+Verdict: "holds" (the evidence supports every part of the claim beyond noise), "does not hold" (it contradicts a
+part beyond noise) or "not measured" (no rows test it, or what they show is within noise; the reason says which,
+and what would measure it). The rules (docs/claims.md; calibrated by tests/test_calibration.py):
+
+- rows of one configuration trained with several seeds are averaged, their error holding both noises
+  (stats.aggregate_seeds); a value without a standard error is never significant;
+- sizes are compared at matched cost only, each read off its own curve inside the range both were measured
+  (stats.matched): training compute for claim 1, executed sampling cost (normalized cost x model calls) for 3-6;
+- a comparison is significant when its one-sided p-value is below ALPHA (two standard errors) after Holm's
+  correction over every comparison the claim looks at.
 """
 
 from __future__ import annotations
@@ -11,10 +19,13 @@ import math
 from dataclasses import dataclass, field
 
 from ldmscale.analysis import scaling as analysis
+from ldmscale.analysis import stats
 from ldmscale.eval import registry
 
 HOLDS, FAILS, NOT_MEASURED = "holds", "does not hold", "not measured"
 PAPER_SAMPLERS = ("ddim", "ddpm", "dpmsolver++")
+SMALL_STEPS = 20  # claim 5: "at small step counts"
+COST = "executed_cost"  # the axis of claims 3-6: normalized cost x model calls per image, as each sampler runs
 STATEMENTS = {
     1: "Pretraining quality improves with training compute, and the bigger model wins with enough of it.",
     2: "Downstream quality (super-resolution, DreamBooth) follows pretraining quality.",
@@ -32,6 +43,7 @@ class Verdict:
     evidence: str
     reason: str = ""
     data: dict = field(default_factory=dict)
+    noise: str = ""  # which noise the standard errors behind the verdict hold
 
     @property
     def statement(self) -> str:
@@ -39,24 +51,15 @@ class Verdict:
 
     def as_dict(self) -> dict:
         return {"claim": self.claim, "statement": self.statement, "verdict": self.verdict, "evidence": self.evidence,
-                "reason": self.reason, "data": self.data}
+                "reason": self.reason, "noise": self.noise, "data": self.data}
 
 
-def _se(r: dict, metric: str) -> float:
-    v = r.get(f"{metric}_std")
-    return float(v) if v is not None and math.isfinite(float(v)) else 0.0
+def _fmt(y: float, e: float | None) -> str:
+    return f"{y:.4g}" + (f" ± {e:.2g}" if e is not None else " (no standard error)")
 
 
-def _fmt(r: dict, metric: str) -> str:
-    se = r.get(f"{metric}_std")
-    return f"{r[metric]:.4g}" + (f" ± {se:.2g}" if se is not None else "")
-
-
-def margin(a: dict, b: dict, metric: str) -> float:
-    """How many combined standard errors a is better than b (negative: worse; inf when both are exact)."""
-    diff = (b[metric] - a[metric]) if registry.lower_is_better(metric) else (a[metric] - b[metric])
-    se = math.hypot(_se(a, metric), _se(b, metric))
-    return diff / se if se > 0 else math.copysign(math.inf, diff) if diff else 0.0
+def _row(r: dict, metric: str) -> str:
+    return _fmt(r[metric], stats.std(r, metric))
 
 
 def _pretraining(rows: list[dict]) -> list[dict]:
@@ -70,144 +73,181 @@ def _by_cost(rows: list[dict]) -> list[str]:
     return sorted(sizes, key=sizes.get)
 
 
+def _p_worse(c: dict) -> float:
+    """One-sided p-value of the opposite direction of a comparison (a worse than b)."""
+    return float(stats.sf(-c["z"])) if c["se"] else 1.0
+
+
 # --------------------------------------------------------------------------------- claim 1: training compute
 
 
-def improves(points: list[dict], metric: str) -> tuple[bool, str]:
-    """A training curve improves when a decaying power law fits it, or when no checkpoint is significantly worse
-    than the one before and the last is significantly better than the first."""
-    if len(points) >= 3:
-        try:
-            fit = analysis.fit_power_law([p["train_flops"] for p in points], [p[metric] for p in points],
-                                         boot=50, lower_better=registry.lower_is_better(metric))
-            if fit.ok:
-                return True, f"power law, exponent b = {fit.b:.2f}"
-        except (RuntimeError, ValueError):
-            pass
-    worse = [i for i in range(1, len(points)) if margin(points[i], points[i - 1], metric) < -2]
-    if worse:
-        i = worse[0]
-        return False, (f"checkpoint {i + 1} ({_fmt(points[i], metric)}) is worse than checkpoint {i} "
-                       f"({_fmt(points[i - 1], metric)}) beyond noise")
-    m = margin(points[-1], points[0], metric)
-    if m <= 2:
-        return False, f"the last checkpoint is not better than the first beyond noise ({m:.1f} standard errors)"
-    return True, f"monotone within noise, {m:.1f} standard errors better at the end"
-
-
 def claim1(rows: list[dict], metric: str, curve: tuple[str, int, float]) -> Verdict:
+    """Every size improves with training compute (a significant slope against log compute), and at the largest
+    training compute where two sizes were both measured the larger is better (Holm over the pairs)."""
     curves = analysis.training_curves(_pretraining(rows), metric, *curve)
     curves = {s: pts for s, pts in curves.items() if len(pts) >= 2}
     if len(curves) < 2:
         return Verdict(1, NOT_MEASURED, "", "needs at least two sizes with two or more evaluated checkpoints")
     sizes = _by_cost([pts[0] for pts in curves.values()])
-    parts, failing = [], []
-    for s in sizes:
-        ok, how = improves(curves[s], metric)
-        parts.append(f"{s} {_fmt(curves[s][0], metric)} -> {_fmt(curves[s][-1], metric)} ({how})")
-        if not ok:
-            failing.append(f"{s} does not improve with training: {how}")
-    largest = sizes[-1]
-    final = {s: curves[s][-1] for s in sizes}
-    rivals = [(s, margin(final[largest], final[s], metric)) for s in sizes[:-1]]
-    weakest = min(rivals, key=lambda t: t[1])
-    parts.append(f"at the largest training compute {largest} beats {weakest[0]} by {weakest[1]:.1f} standard errors")
-    if weakest[1] <= 2:
-        failing.append(f"at the largest training compute {largest} ({_fmt(final[largest], metric)}) is not better than "
-                       f"{weakest[0]} ({_fmt(final[weakest[0]], metric)}) by two standard errors")
-    data = {"curves": {s: [(p["train_flops"], p[metric], p.get(f"{metric}_std")) for p in curves[s]] for s in sizes},
-            "largest": largest,
-            "margin_over_next_best": weakest[1] if math.isfinite(weakest[1]) else None}  # None: no standard errors
-    return Verdict(1, FAILS if failing else HOLDS, "; ".join(parts), "; ".join(failing), data)
+    trends = {s: stats.trend(curves[s], "train_flops", metric) for s in sizes}
+    parts = [f"{s} {_row(curves[s][0], metric)} -> {_row(curves[s][-1], metric)} (trend z = {trends[s]['z']:.1f})"
+             for s in sizes]
+    worse = [s for s in sizes if trends[s]["se"] and stats.sf(-trends[s]["z"]) < stats.ALPHA]
+    flat = [s for s in sizes if not trends[s]["p"] < stats.ALPHA]
+    pairs, missing = [], []
+    for i, small in enumerate(sizes):
+        for large in sizes[i + 1:]:
+            a, b = (stats.curve(curves[s], "train_flops", metric) for s in (large, small))
+            ov = stats.overlap(a, b)
+            if ov is None:
+                missing.append((small, large, a[-1][0]))
+                continue
+            top = stats.matched(a, b, metric)[-1]
+            final = [s for s, c in ((large, a), (small, b)) if abs(top["x"] - c[-1][0]) <= 1e-9 * top["x"]]
+            pairs.append({"smaller": small, "larger": large, "flops": top["x"], "lower": ov[0], "final": final} | top)
+    wins, _ = stats.holm([p["p"] for p in pairs])
+    losses, _ = stats.holm([_p_worse(p) for p in pairs])
+    for p, w, lo in zip(pairs, wins, losses):
+        p["larger_wins"], p["smaller_wins"] = w, lo
+        where = ("both final checkpoints" if len(p["final"]) == 2 else
+                 f"{' and '.join(s for s in (p['larger'], p['smaller']) if s not in p['final'])} before the end of its run")
+        parts.append(f"at {p['flops']:.3g} training FLOPs (the largest both reached; {where}) {p['larger']} "
+                     f"{_fmt(p['a'], p['a_std'])} vs {p['smaller']} {_fmt(p['b'], p['b_std'])}: z = {p['z']:.1f}")
+    data = {"trends": trends, "pairs": pairs,
+            "unmatched": [{"smaller": s, "larger": large, "needed_flops": f} for s, large, f in missing]}
+    evidence = "; ".join(parts)
+    need = "; ".join(f"train {s} to {f:.3g} FLOPs ({large}'s final compute) to compare them where {large} is best"
+                     for s, large, f in missing)
+    if worse:
+        return Verdict(1, FAILS, evidence, "; ".join(f"{s} gets worse with training compute (trend z = "
+                                                     f"{trends[s]['z']:.1f})" for s in worse), data)
+    if not pairs:
+        return Verdict(1, NOT_MEASURED, evidence, f"no two sizes were evaluated at a common training compute: {need}",
+                       data)
+    if any(wins):
+        if flat:
+            return Verdict(1, NOT_MEASURED, evidence, "the larger model wins at matched compute, but the improvement "
+                           f"of {', '.join(flat)} with training compute is within noise", data)
+        return Verdict(1, HOLDS, evidence, "", data)
+    if all(losses):
+        return Verdict(1, FAILS, evidence, "at the largest training compute both reached, the smaller size is better "
+                       "in every pair: the bigger model has not won at this study's compute" + (f"; {need}" if need else
+                                                                                             ""), data)
+    return Verdict(1, NOT_MEASURED, evidence, "at the largest training compute both reached, no larger size is better "
+                   "beyond noise after correcting for the pairs tested" + (f"; {need}" if need else ""), data)
 
 
 # --------------------------------------------------------------------------------- claims 3, 4, 5: crossovers
 
 
-def _winner(rows: list[dict], metric: str, budget: float) -> dict | None:
-    return analysis.plan(rows, budget, metric)["best"]
+def crossover_tests(rows: list[dict], metric: str, cost: str = COST) -> list[dict]:
+    """Per sampler and pair of sizes, at matched cost inside the range both were measured: is the smaller better at
+    some budget (the smallest p over the budgets, times their number), and the larger at the top of that range?
+    `p` is the larger of the two: both must hold (an intersection-union test)."""
+    rows = analysis.with_costs(rows) if cost == COST else rows
+    best = [r for r in analysis.best_over_guidance(analysis.final_rows(rows), metric) if r.get(cost) is not None]
+    tests = []
+    for sampler in sorted({r["sampler"] for r in best}):
+        mine = [r for r in best if r["sampler"] == sampler]
+        sizes = _by_cost(mine)
+        for i, small in enumerate(sizes):
+            for large in sizes[i + 1:]:
+                a, b = (stats.curve([r for r in mine if r["size"] == s], cost, metric) for s in (small, large))
+                m = stats.matched(a, b, metric)
+                if not m:
+                    continue
+                k = min(range(len(m)), key=lambda j: m[j]["p"])
+                p_small = stats.bonferroni_min([c["p"] for c in m])
+                p_large = _p_worse(m[-1])
+                tests.append({"sampler": sampler, "smaller": small, "larger": large, "budgets": m, "small_best": m[k],
+                              "top": m[-1], "p_small": p_small, "p_large": p_large, "p": max(p_small, p_large),
+                              "p_reversed": _p_worse(m[0]) if len(m) > 1 else 1.0,
+                              "p_small_top": m[-1]["p"]})
+    return tests
 
 
-def crossover_claim(claim: int, rows: list[dict], metric: str, label: str = "") -> Verdict:
-    """A smaller size wins at the smallest budgets where both run, a larger one at the largest: some pair of sizes
-    has a crossover inside the measured range, present in at least 80% of bootstrap replicates."""
-    best = analysis.best_over_guidance(analysis.final_rows(rows), metric)
-    best = [r for r in best if r.get("sampling_cost") is not None]
-    sizes = _by_cost(best)
-    if len(sizes) < 2:
-        return Verdict(claim, NOT_MEASURED, "", f"needs at least two sizes{label}")
-    found = []
-    for i, s in enumerate(sizes):
-        for big in sizes[i + 1:]:
-            rs, rl = [r for r in best if r["size"] == s], [r for r in best if r["size"] == big]
-            x = analysis.crossover_with_interval(rs, rl, metric)
-            if x["crossover"] is None:
-                continue
-            lo = max(r["sampling_cost"] for r in rs + rl if r["sampling_cost"] < x["crossover"])
-            ws, wl = _winner(rs, metric, lo), _winner(rl, metric, lo)
-            hi = max(r["sampling_cost"] for r in rs + rl)
-            top_s, top_l = _winner(rs, metric, hi), _winner(rl, metric, hi)
-            iv = x["interval"]
-            text = (f"{s} -> {big} at sampling cost {x['crossover']:.3g} (90% interval {iv[0]:.3g}-{iv[1]:.3g}, "
-                    f"in {100 * x['share']:.0f}% of replicates): at {lo:.3g} {s} {_fmt(ws, metric)} "
-                    f"({ws['sampler']} {ws['steps']}) beats {big} {_fmt(wl, metric)}; at {hi:.3g} {big} "
-                    f"{_fmt(top_l, metric)} beats {s} {_fmt(top_s, metric)}")
-            found.append((x["share"], text, {"smaller": s, "larger": big} | x))
-    robust = [f for f in found if f[0] >= 0.8]
-    if robust:
-        return Verdict(claim, HOLDS, "; ".join(f[1] for f in robust), data={"crossovers": [f[2] for f in robust]})
-    if found:
-        return Verdict(claim, FAILS, "; ".join(f[1] for f in found),
-                       f"crossovers are within noise (at most {100 * max(f[0] for f in found):.0f}% of replicates){label}",
-                       {"crossovers": [f[2] for f in found]})
-    hi = max(r["sampling_cost"] for r in best)
-    top = _winner(best, metric, hi)
-    small_top = top["size"] == sizes[0]
-    why = (f"the smallest size {sizes[0]} is best at every budget, even the largest ({hi:.3g})" if small_top else
-           f"no smaller size beats a larger one at any budget where both run{label}")
-    return Verdict(claim, FAILS, f"best at the largest budget {hi:.3g}: {top['size']} {_fmt(top, metric)}", why)
+def _describe(t: dict, cost: str = COST) -> str:
+    s, top = t["small_best"], t["top"]
+    return (f"{t['smaller']} -> {t['larger']} with {t['sampler']}: at {cost.replace('_', ' ')} {s['x']:.3g} "
+            f"{t['smaller']} {_fmt(s['a'], s['a_std'])} vs {t['larger']} {_fmt(s['b'], s['b_std'])} (z = {s['z']:.1f}); "
+            f"at {top['x']:.3g} {t['larger']} {_fmt(top['b'], top['b_std'])} vs {t['smaller']} "
+            f"{_fmt(top['a'], top['a_std'])} (z = {-top['z']:.1f})")
+
+
+def judge_crossovers(claim: int, tests: list[dict], label: str = "") -> Verdict:
+    """Holds when some (sampler, pair) passes after Holm; does not hold when every one is contradicted beyond noise
+    (the larger better even at the cheapest budget both run, or the smaller better even at the top)."""
+    if not tests:
+        return Verdict(claim, NOT_MEASURED, "", f"needs two sizes measured over a common range of sampling cost{label}")
+    passed, adjusted = stats.holm([t["p"] for t in tests])
+    against, _ = stats.holm([min(t["p_reversed"], t["p_small_top"]) for t in tests])
+    for t, ok, adj, no in zip(tests, passed, adjusted, against):
+        t["significant"], t["p_adjusted"], t["contradicted"] = ok, adj, no
+    data = {"tests": [{k: v for k, v in t.items() if k != "budgets"} for t in tests]}
+    if any(passed):
+        return Verdict(claim, HOLDS, "; ".join(f"{_describe(t)}; Holm-adjusted p = {t['p_adjusted']:.2g}"
+                                               for t in tests if t["significant"]), data=data)
+    strongest = min(tests, key=lambda t: t["p"])
+    evidence = f"closest: {_describe(strongest)}; Holm-adjusted p = {strongest['p_adjusted']:.2g}"
+    if all(against):
+        return Verdict(claim, FAILS, evidence, "in every pair the larger size is better even at the cheapest budget "
+                       f"where both run, or the smaller even at the top{label}", data)
+    return Verdict(claim, NOT_MEASURED, evidence, "no smaller size is better at a small budget and the larger at the "
+                   f"top beyond noise, after correcting for the {len(tests)} comparisons{label}", data)
 
 
 def claim3(rows: list[dict], metric: str) -> Verdict:
-    return crossover_claim(3, _pretraining(rows), metric)
+    return judge_crossovers(3, crossover_tests(_pretraining(rows), metric))
 
 
 def claim4(rows: list[dict], metric: str) -> Verdict:
     t2i = _pretraining(rows)
-    present = [s for s in PAPER_SAMPLERS if any(r["sampler"] == s for r in t2i)]
+    tests = [t for t in crossover_tests(t2i, metric) if t["sampler"] in PAPER_SAMPLERS]
+    present = sorted({t["sampler"] for t in tests})
     if len(present) < 2:
-        return Verdict(4, NOT_MEASURED, "", "needs at least two of DDIM, DDPM and DPM-Solver++")
-    per = {s: crossover_claim(4, [r for r in t2i if r["sampler"] == s], metric, f" with {s}") for s in present}
-    evidence = "; ".join(f"{s}: {v.verdict} ({v.evidence.split(': at')[0] if v.verdict == HOLDS else v.reason})"
-                         for s, v in per.items())
-    bad = [s for s, v in per.items() if v.verdict != HOLDS]
-    return Verdict(4, FAILS if bad else HOLDS, evidence,
-                   f"no robust crossover with {', '.join(bad)}" if bad else "", {s: v.as_dict() for s, v in per.items()})
+        return Verdict(4, NOT_MEASURED, "", "needs at least two of DDIM, DDPM and DPM-Solver++ measured on two sizes")
+    overall = judge_crossovers(4, tests)  # one family: Holm over every pair and sampler
+    per = {s: [t for t in tests if t["sampler"] == s] for s in present}
+    ok = [s for s in present if any(t["significant"] for t in per[s])]
+    bad = [s for s in present if all(t["contradicted"] for t in per[s])]
+    evidence = "; ".join(f"{s}: " + ("crossover beyond noise" if s in ok else "contradicted" if s in bad else
+                                     "within noise") for s in present)
+    if len(ok) == len(present):
+        return Verdict(4, HOLDS, evidence, "", overall.data)
+    if bad:
+        return Verdict(4, FAILS, evidence, f"with {', '.join(bad)} no smaller size wins at any budget where both run, or "
+                       "the smaller wins even at the top", overall.data)
+    return Verdict(4, NOT_MEASURED, evidence, f"within noise with {', '.join(s for s in present if s not in ok)}",
+                   overall.data)
 
 
 def claim5(rows: list[dict], task_metrics: dict[str, str]) -> Verdict:
     tasks = sorted({r.get("task") for r in rows} & {"super-resolution", "dreambooth"})
     if not tasks:
         return Verdict(5, NOT_MEASURED, "", "no downstream task in this study")
-    per = {t: crossover_claim(5, [r for r in rows if r.get("task") == t], task_metrics[t], f" for {t}") for t in tasks}
+    per = {t: judge_crossovers(5, crossover_tests([r for r in rows if r.get("task") == t and r["steps"] < SMALL_STEPS],
+                                                  task_metrics[t]), f" for {t}") for t in tasks}
     measured = {t: v for t, v in per.items() if v.verdict != NOT_MEASURED}
-    if not measured:
-        return Verdict(5, NOT_MEASURED, "", "downstream tasks need at least two sizes")
-    bad = [t for t, v in measured.items() if v.verdict != HOLDS]
-    evidence = "; ".join(f"{t} ({task_metrics[t]}): {v.evidence}" for t, v in measured.items())
-    return Verdict(5, FAILS if bad else HOLDS, evidence, "; ".join(measured[t].reason for t in bad))
+    evidence = "; ".join(f"{t} ({task_metrics[t]}): {v.evidence or v.reason}" for t, v in per.items())
+    if measured and all(v.verdict == HOLDS for v in measured.values()) and len(measured) == len(per):
+        return Verdict(5, HOLDS, evidence)
+    bad = [t for t, v in measured.items() if v.verdict == FAILS]
+    if bad:
+        return Verdict(5, FAILS, evidence, "; ".join(per[t].reason for t in bad))
+    return Verdict(5, NOT_MEASURED, evidence, "; ".join(v.reason for v in per.values() if v.verdict == NOT_MEASURED))
 
 
 # --------------------------------------------------------------------------------- claim 2: downstream follows
 
 
 def claim2(rows: list[dict], metric: str, curve: tuple[str, int, float], task_metrics: dict[str, str]) -> Verdict:
-    """For every pair of sizes, the better-pretrained one is the better downstream model (at the task's largest
-    step count, best guidance)."""
+    """For every pair of sizes whose pretraining differs beyond noise, does the better-pretrained one make the better
+    downstream model (at the task's largest step count, best guidance)? Holds with a supporting pair and no
+    contradicting one (each family Holm-corrected)."""
     curves = analysis.training_curves(_pretraining(rows), metric, *curve)
     pre = {s: pts[-1] for s, pts in curves.items()}
     tasks = sorted({r.get("task") for r in rows} & {"super-resolution", "dreambooth"})
-    parts, bad, noise, shown, measured = [], [], [], False, False
+    parts, tests = [], []
     for t in tasks:
         tm = task_metrics[t]
         best = analysis.best_over_guidance(analysis.final_rows([r for r in rows if r.get("task") == t]), tm)
@@ -219,77 +259,113 @@ def claim2(rows: list[dict], metric: str, curve: tuple[str, int, float], task_me
         sizes = [s for s in _by_cost(list(down.values())) if s in pre]
         if len(sizes) < 2:
             continue
-        measured = True
-        parts.append(f"{t}: " + ", ".join(f"{s} pretraining {_fmt(pre[s], metric)} -> {tm} {_fmt(down[s], tm)}"
+        parts.append(f"{t}: " + ", ".join(f"{s} pretraining {_row(pre[s], metric)} -> {tm} {_row(down[s], tm)}"
                                            for s in sizes))
         for i, a in enumerate(sizes):
             for b in sizes[i + 1:]:
-                hi, lo = (b, a) if margin(pre[b], pre[a], metric) > 0 else (a, b)
-                if margin(pre[hi], pre[lo], metric) <= 2:
-                    continue  # pretrained alike: nothing to follow
-                m = margin(down[hi], down[lo], tm)
-                if m < -2:
-                    bad.append(f"{hi} is better pretrained than {lo} but worse at {t} ({tm} {down[hi][tm]:.4g} vs "
-                               f"{down[lo][tm]:.4g}, {-m:.1f} standard errors)")
-                elif m <= 2:
-                    noise.append(f"{hi} is better pretrained than {lo}, and at {t} {m:+.1f} standard errors "
-                                 f"({down[hi][tm]:.4g} vs {down[lo][tm]:.4g}): within noise")
-                else:
-                    shown = True
-    if not measured:
+                c = stats.compare(pre[b][metric], stats.std(pre[b], metric), pre[a][metric], stats.std(pre[a], metric),
+                                  metric)
+                hi, lo = (b, a) if c["z"] > 0 else (a, b)
+                c_pre = c if hi == b else stats.compare(pre[a][metric], stats.std(pre[a], metric), pre[b][metric],
+                                                        stats.std(pre[b], metric), metric)
+                d = stats.compare(down[hi][tm], stats.std(down[hi], tm), down[lo][tm], stats.std(down[lo], tm), tm)
+                tests.append({"task": t, "metric": tm, "better": hi, "worse": lo, "p_pre": c_pre["p"], "z_down": d["z"],
+                              "p_support": max(c_pre["p"], d["p"]), "p_against": max(c_pre["p"], _p_worse(d)),
+                              "text": f"{hi} {'better' if c_pre['z'] > 0 else 'no worse'} pretrained than {lo} "
+                                      f"(z = {c_pre['z']:.1f}), at {t} z = {d['z']:+.1f}"})
+    if not tests:
         return Verdict(2, NOT_MEASURED, "", "no downstream task fine-tuned from two or more sizes")
-    if bad:
-        return Verdict(2, FAILS, "; ".join(parts), "; ".join(bad))
-    if noise and not shown:  # a difference counts only beyond two standard errors
-        return Verdict(2, NOT_MEASURED, "; ".join(parts), "; ".join(noise))
-    return Verdict(2, HOLDS, "; ".join(parts + noise), "")
+    support, _ = stats.holm([x["p_support"] for x in tests])
+    against, _ = stats.holm([x["p_against"] for x in tests])
+    evidence = "; ".join(parts + [x["text"] for x in tests])
+    data = {"tests": tests}
+    if any(against):
+        return Verdict(2, FAILS, evidence, "; ".join(f"{x['better']} is better pretrained than {x['worse']} but worse at "
+                                                     f"{x['task']} beyond noise" for x, n in zip(tests, against) if n),
+                       data)
+    if any(support):
+        return Verdict(2, HOLDS, evidence, "", data)
+    return Verdict(2, NOT_MEASURED, evidence, "no pair of sizes differs beyond noise both in pretraining and downstream "
+                   f"(after correcting for the {len(tests)} pairs)", data)
 
 
 # --------------------------------------------------------------------------------- claim 6: distillation
 
 
 def claim6(rows: list[dict], metric: str) -> Verdict:
-    """Each distilled model at 4 steps (its fewest-step point if it has no 4) against the best undistilled
-    configuration of a smaller size within the same sampling cost."""
-    t2i = [r for r in analysis.final_rows([r for r in rows if r.get("task", "text-to-image") == "text-to-image"])]
-    best = analysis.best_over_guidance(t2i, metric)
+    """At every step count a distilled model was evaluated at, against each smaller undistilled size (each sampler)
+    at the same executed cost: holds when a smaller one is still better beyond noise somewhere (the crossover
+    survives distillation), does not hold when the distilled model is better beyond noise at every step count against
+    every smaller size that reaches its cost (distillation removes the crossover)."""
+    t2i = analysis.final_rows([r for r in analysis.with_costs(rows) if r.get("task", "text-to-image") == "text-to-image"])
+    best = [r for r in analysis.best_over_guidance(t2i, metric) if r.get(COST) is not None]
     distilled = [r for r in best if r.get("distilled")]
-    plain = [r for r in best if not r.get("distilled")]
     if not distilled:
         return Verdict(6, NOT_MEASURED, "", "no distilled model in this study")
+    plain = [r for r in best if not r.get("distilled")]
     order = {s: i for i, s in enumerate(_by_cost(best))}
-    parts, bad, measured = [], [], False
+    without = {(t["smaller"], t["larger"], t["sampler"]): t for t in crossover_tests(plain, metric)}
+    tests, parts = [], []
     for size in sorted({r["size"] for r in distilled}, key=order.get):
-        mine = [r for r in distilled if r["size"] == size]
-        d = next((r for r in mine if r["steps"] == 4), min(mine, key=lambda r: r["steps"]))
-        smaller = [r for r in plain if order[r["size"]] < order[size]]
-        rival = analysis.plan(smaller, d["sampling_cost"], metric)["best"] if smaller else None
-        if rival is None:
-            parts.append(f"{size} distilled at {d['steps']} steps {_fmt(d, metric)}: no smaller undistilled model "
-                         f"fits its cost {d['sampling_cost']:.3g}")
-            continue
-        measured = True
-        rival_row = next(r for r in smaller if (r["size"], r["sampler"], r["steps"]) ==
-                         (rival["size"], rival["sampler"], rival["steps"]))
-        m = margin(d, rival_row, metric)
-        parts.append(f"{size} distilled, {d['steps']} steps (cost {d['sampling_cost']:.3g}): {_fmt(d, metric)} vs "
-                     f"{rival['size']} undistilled {rival['sampler']} {rival['steps']} steps: {_fmt(rival_row, metric)}")
-        if m > 2:
-            bad.append(f"distilled {size} beats every smaller undistilled model within its cost by {m:.1f} standard "
-                       f"errors: distillation moves the crossover")
-    if not measured:
-        return Verdict(6, NOT_MEASURED, "; ".join(parts), "no smaller undistilled model within a distilled model's cost")
-    return Verdict(6, FAILS if bad else HOLDS, "; ".join(parts), "; ".join(bad))
+        for d in sorted((r for r in distilled if r["size"] == size), key=lambda r: r["steps"]):
+            for small in [s for s in order if order[s] < order[size]]:
+                for sampler in sorted({r["sampler"] for r in plain if r["size"] == small}):
+                    c = stats.curve([r for r in plain if r["size"] == small and r["sampler"] == sampler], COST, metric)
+                    v = stats.at(c, d[COST])
+                    if v is None:
+                        continue
+                    cmp = stats.compare(v[0], v[1], d[metric], stats.std(d, metric), metric)
+                    tests.append({"distilled": size, "steps": d["steps"], "cost": d[COST], "smaller": small,
+                                  "sampler": sampler, "small": v[0], "small_std": v[1], "value": d[metric],
+                                  "value_std": stats.std(d, metric)} | cmp)
+    if not tests:
+        return Verdict(6, NOT_MEASURED, "", "no smaller undistilled size was measured at a distilled model's executed "
+                       "cost")
+    survives, _ = stats.holm([t["p"] for t in tests])
+    removed, _ = stats.holm([_p_worse(t) for t in tests])
+    for t, s, r in zip(tests, survives, removed):
+        t["smaller_wins"], t["distilled_wins"] = s, r
+    for size in sorted({t["distilled"] for t in tests}, key=order.get):
+        before = [x for (s, large, _), x in without.items() if large == size]
+        known = [x for x in before if x["p"] < stats.ALPHA]
+        parts.append(f"without distillation {size}'s crossover with a smaller size is "
+                     + ("beyond noise" if known else "not shown") + " (unadjusted)")
+        for t in (t for t in tests if t["distilled"] == size):
+            parts.append(f"distilled {size} at {t['steps']} steps (executed cost {t['cost']:.3g}) "
+                         f"{_fmt(t['value'], t['value_std'])} vs {t['smaller']} {t['sampler']} "
+                         f"{_fmt(t['small'], t['small_std'])} (z = {t['z']:+.1f} for {t['smaller']})")
+    data = {"tests": tests}
+    evidence = "; ".join(parts)
+    if any(survives):
+        return Verdict(6, HOLDS, evidence, "", data)
+    if all(t["distilled_wins"] for t in tests):
+        return Verdict(6, FAILS, evidence, "the distilled model is better beyond noise than every smaller undistilled "
+                       "size at its executed cost, at every step count: distillation removes the crossover", data)
+    return Verdict(6, NOT_MEASURED, evidence, f"within noise at the {len(tests)} matched comparisons", data)
 
 
 # --------------------------------------------------------------------------------- all six, and metric agreement
 
 
+def check(claim: int, agg: list[dict], metric: str, curve: tuple[str, int, float],
+          task_metrics: dict[str, str] | None = None) -> Verdict:
+    """One claim's verdict on rows already averaged over seeds (stats.aggregate_seeds)."""
+    tm = {"super-resolution": "psnr", "dreambooth": "subject-ssim"} | dict(task_metrics or {})
+    return {1: lambda: claim1(agg, metric, curve), 2: lambda: claim2(agg, metric, curve, tm),
+            3: lambda: claim3(agg, metric), 4: lambda: claim4(agg, metric), 5: lambda: claim5(agg, tm),
+            6: lambda: claim6(agg, metric)}[claim]()
+
+
 def check_claims(rows: list[dict], metric: str, curve: tuple[str, int, float],
                  task_metrics: dict[str, str] | None = None) -> list[Verdict]:
-    tm = {"super-resolution": "psnr", "dreambooth": "subject-ssim"} | dict(task_metrics or {})
-    return [claim1(rows, metric, curve), claim2(rows, metric, curve, tm), claim3(rows, metric),
-            claim4(rows, metric), claim5(rows, tm), claim6(rows, metric)]
+    """The six verdicts on the rows of every training seed: seeds are averaged first, and each verdict says which
+    noise its standard errors hold."""
+    agg = analysis.with_costs(stats.aggregate_seeds(rows))
+    verdicts = [check(n, agg, metric, curve, task_metrics) for n in range(1, 7)]
+    noise = stats.noise_of([r for r in agg if r.get(metric) is not None] or agg)
+    for v in verdicts:
+        v.noise = noise
+    return verdicts
 
 
 def metric_agreement(rows: list[dict], a: str, b: str) -> dict | None:
@@ -303,4 +379,6 @@ def metric_agreement(rows: list[dict], a: str, b: str) -> dict | None:
     rho = float(spearmanr([r[a] for r in pts], [r[b] for r in pts]).statistic)
     if registry.lower_is_better(a) != registry.lower_is_better(b):
         rho = -rho
+    if math.isnan(rho):
+        return None
     return {"a": a, "b": b, "spearman": rho, "points": len(pts)}

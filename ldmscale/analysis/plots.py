@@ -110,6 +110,37 @@ def per_sampler(best: list[dict], metric: str, x: str, title: str, xlabel: str, 
     return fig
 
 
+def all_samplers(best: list[dict], metric: str, x: str, xlabel: str):
+    """Every sampler on one axis (a colour per size, a marker per sampler), with the Pareto frontier: on executed
+    cost, samplers with different calls per step compare where they really stand."""
+    sizes, samplers = size_order(best), sorted({r["sampler"] for r in best})
+    colors, markers = _colors(sizes), dict(zip(samplers, "osD^v<>p*h"))
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    pts = [r for r in best if r.get(x) is not None and r.get(metric) is not None]
+    for size in sizes:
+        for smp in samplers:
+            for distilled in (False, True):
+                mine = sorted((r for r in pts if r["size"] == size and r["sampler"] == smp
+                               and bool(r.get("distilled")) == distilled), key=lambda r: r[x])
+                if mine:
+                    ax.errorbar([r[x] for r in mine], [r[metric] for r in mine],
+                                yerr=[r.get(f"{metric}_std") or 0 for r in mine], fmt=markers[smp] + ("--" if distilled else "-"),
+                                color=colors[size], capsize=2, alpha=0.85, ms=5,
+                                label=f"{size}{' distilled' if distilled else ''} {smp}")
+    front = pareto_frontier(pts, metric, x)
+    if front:
+        ax.step([p[x] for p in front], [p[metric] for p in front], where="post", color="k", lw=1, alpha=0.6,
+                label="Pareto frontier")
+    log_axis(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(_label(metric))
+    ax.set_title("Quality vs executed cost, all samplers")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
 def paper_overlay(best: list[dict], metric: str = "fid"):
     """The paper's Table 1 (FID vs normalized cost, 50-step DDIM) next to this study's points at 50 steps."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))

@@ -12,12 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ldmscale.analysis import claims, plots
+from ldmscale.analysis import claims, plots, stats
 from ldmscale.analysis import scaling as analysis
 from ldmscale.analysis.isoflop import plan_training, study_isoflop
 from ldmscale.errors import UserError
 from ldmscale.eval import registry
 from ldmscale.io import atomic_write, atomic_write_json, atomic_write_text
+
+
+CALIBRATION_STUDIES = 200  # simulated studies per world in every report (`ldmscale study calibrate` runs more)
 
 
 def task_metrics(primary: str) -> dict[str, str]:
@@ -26,13 +29,13 @@ def task_metrics(primary: str) -> dict[str, str]:
     return {"super-resolution": primary if primary in ("fid", "fd-classifier") else "psnr", "dreambooth": "subject-ssim"}
 
 
-def default_budgets(rows: list[dict]) -> list[dict]:
+def default_budgets(rows: list[dict], cost: str = "executed_cost") -> list[dict]:
     """A small and a large sampling budget, and why: the 25th percentile and the maximum of the measured costs."""
-    costs = sorted(r["sampling_cost"] for r in rows if r.get("sampling_cost") is not None)
+    costs = sorted(r[cost] for r in rows if r.get(cost) is not None)
     if not costs:
         return []
     return [{"budget": float(np.percentile(costs, 25)), "why": "small budget: the 25th percentile of the measured "
-             "sampling costs"}, {"budget": float(costs[-1]), "why": "large budget: the largest measured sampling cost"}]
+             "executed costs"}, {"budget": float(costs[-1]), "why": "large budget: the largest measured executed cost"}]
 
 
 def fits_table(curves: dict, metric: str) -> tuple[dict, list[dict]]:
@@ -63,7 +66,9 @@ def analyze(rows: list[dict], study) -> dict:
     ev = study.eval
     metric = ev.primary
     tagged = [r for r in rows if r.get("tag")]
-    rows = [r for r in rows if not r.get("tag")]  # the grid and the curves; tagged points have their own use
+    raw = [r for r in rows if not r.get("tag")]  # the grid and the curves; tagged points have their own use
+    # one row per configuration, averaged over training seeds: every figure, table, fit and plan reads these
+    rows = analysis.with_costs(stats.aggregate_seeds(raw))
     t2i = [r for r in rows if r.get("task", "text-to-image") == "text-to-image"]
     final = analysis.final_rows(t2i)
     grid = [r for r in final if not (r["sampler"] == ev.curve_sampler and r["steps"] == ev.curve_steps
@@ -75,19 +80,21 @@ def analyze(rows: list[dict], study) -> dict:
     budgets = default_budgets([r for r in best if not r.get("distilled")])
     plans = []
     for b in budgets:
-        p = analysis.plan(best, b["budget"], metric)
+        p = analysis.plan(best, b["budget"], metric, "executed_cost")
         plans.append(p | {"why": b["why"], "note": analysis.plan_note(p, metric)})
     samplers = sorted({r["sampler"] for r in best})
     out = {
         "metric": metric, "lower_is_better": registry.lower_is_better(metric), "rows": len(rows),
         "best_over_guidance": best, "curves": curves, "fit_rows": fit_rows,
         "fits": {s: {"a": f.a, "b": f.b, "c": f.c, "ci": f.ci, "ok": f.ok} for s, f in fits.items()},
-        "frontier": analysis.pareto_frontier(best, metric),
+        "frontier": analysis.pareto_frontier(best, metric, "executed_cost"),
         "crossovers": {smp: analysis.crossovers([r for r in best if r["sampler"] == smp and not r.get("distilled")],
                                                 metric, boot=200) for smp in samplers},
-        "crossovers_all_samplers": analysis.crossovers([r for r in best if not r.get("distilled")], metric, boot=200),
-        "plans": plans, "_fit_objects": fits,
-        "claims": [v.as_dict() for v in claims.check_claims(rows, metric, curve, task_metrics(metric))],
+        "training_frontier": analysis.training_frontier(curves, metric, boot=200),
+        "plans": plans, "_fit_objects": fits, "noise": stats.noise_of([r for r in rows if r.get(metric) is not None]),
+        "seeds": sorted({int(r.get(stats.SEED) or 0) for r in raw}),
+        "claims": [v.as_dict() for v in claims.check_claims(raw, metric, curve, task_metrics(metric))],
+        "side_costs": side_costs(best),
     }
     if study.train.budget == "isoflop":
         iso = study_isoflop(t2i, list(study.train.budgets), metric, curve)
@@ -104,10 +111,18 @@ def analyze(rows: list[dict], study) -> dict:
     if len(backbones) > 1:  # the paper's claims within each family, beside the claims across all models
         out["by_backbone"] = {
             bb: {"claims": [v.as_dict() for v in claims.check_claims(
-                     [r for r in rows if r.get("backbone", "unet-sd15") == bb], metric, curve, task_metrics(metric))],
+                     [r for r in raw if r.get("backbone", "unet-sd15") == bb], metric, curve, task_metrics(metric))],
                  "crossovers": analysis.crossovers([r for r in best if r.get("backbone", "unet-sd15") == bb
                                                     and not r.get("distilled")], metric, boot=200)}
             for bb in backbones}
+    # the rules on this study's own grid and noise: false "holds" where size has no effect, and power
+    from ldmscale.analysis import calibrate
+
+    out["calibration"] = calibrate.summary(calibrate.profile(raw, metric), metric, curve, len(out["seeds"]),
+                                           CALIBRATION_STUDIES, task_metrics=task_metrics(metric))
+    out["calibration_studies"] = CALIBRATION_STUDIES
+    out["negative_control"] = calibrate.negative_control(raw, metric, curve, task_metrics(metric))
+    out["headline"] = headline(out)
     out["tasks"] = task_analysis(rows, curves, metric)
     out["distillation"] = distillation_table(best, metric)
     align = next((m for m in ("caption-accuracy", "clip_cosine") if any(r.get(m) is not None for r in rows)), None)
@@ -123,6 +138,37 @@ def analyze(rows: list[dict], study) -> dict:
         out["agreement"] = claims.metric_agreement(pts, metric, ev.agreement_metric)
         out["agreement_points"] = pts
     return out
+
+
+def side_costs(best: list[dict]) -> list[dict]:
+    """Per size, in normalized units (the C=320 UNet's forward pass = 1): one UNet call, and what the paper's axis
+    leaves out, the text encoder on one prompt and the decoder on one image."""
+    out = {}
+    for r in best:
+        if r.get("text_encoder_cost") is not None and r["size"] not in out:
+            out[r["size"]] = {"size": r["size"], "unet": r["norm_cost"], "text_encoder": r["text_encoder_cost"],
+                              "decoder": r["decoder_cost"]}
+    return sorted(out.values(), key=lambda x: x["unet"])
+
+
+def headline(a: dict) -> str:
+    """What a reader should conclude, in one line: the verdicts, the planner's two answers, the noise they hold."""
+    by = {}
+    for c in a["claims"]:
+        by.setdefault(c["verdict"], []).append(str(c["claim"]))
+    verdicts = "; ".join(f"claim{'s' * (len(v) > 1)} {', '.join(v)} {k}" for k, v in by.items())
+    plans = [p for p in a["plans"] if p["best"]]
+    answer = ""
+    if plans:
+        answer = " Best within a small budget: " + _short(plans[0]["best"])
+        if len(plans) > 1:
+            answer += "; within the largest: " + _short(plans[-1]["best"])
+        answer += "."
+    return f"{verdicts}.{answer} Uncertainty: {a['noise']}."
+
+
+def _short(c: dict) -> str:
+    return f"{c['size']}{' (distilled)' if c.get('distilled') else ''} {c['sampler']} {c['steps']} steps"
 
 
 def _finite_plan(p: dict) -> dict:
@@ -154,14 +200,16 @@ def task_analysis(rows: list[dict], curves: dict, pre_metric: str) -> dict:
 
 
 def distillation_table(best: list[dict], metric: str) -> list[dict]:
-    """The paper's comparison: each distilled model at 4 steps against the best undistilled configuration
-    of the same or lower sampling cost."""
+    """The paper's comparison at every step count a distilled model was evaluated at: the distilled model against
+    the best undistilled configuration of any smaller size within the same executed cost."""
     plain = [r for r in best if not r.get("distilled")]
     out = []
-    for d in sorted((r for r in best if r.get("distilled") and r["steps"] == 4), key=lambda r: r["norm_cost"]):
-        rival = analysis.plan(plain, d["sampling_cost"], metric)["best"]
-        out.append({"distilled": d["size"], "sampler": d["sampler"], "steps": 4, "sampling_cost": d["sampling_cost"],
-                    metric: d[metric], "undistilled_best": rival})
+    for d in sorted((r for r in best if r.get("distilled")), key=lambda r: (r["norm_cost"], r["steps"])):
+        smaller = [r for r in plain if r["norm_cost"] < d["norm_cost"]]
+        rival = analysis.plan(smaller, d["executed_cost"], metric, "executed_cost")["best"] if smaller else None
+        out.append({"distilled": d["size"], "sampler": d["sampler"], "steps": d["steps"],
+                    "executed_cost": d["executed_cost"], "sampling_cost": d["sampling_cost"], metric: d[metric],
+                    f"{metric}_std": d.get(f"{metric}_std"), "undistilled_best": rival})
     return out
 
 
@@ -220,7 +268,7 @@ def sample_grids(a: dict, study, folder: Path, per_prompt: int = 4) -> list[dict
     """Per size: a grid (a row per prompt, `per_prompt` seeds) at its best configuration and at the small
     budget's best configuration for that size, so the figures' differences can be seen."""
     from ldmscale.diffusion.sampling import generate, load_run
-    from ldmscale.images import grid, save_png
+    from ldmscale.images import grid, label_rows, save_png
     from ldmscale.study.spec import study_eval
 
     ev, metric = study_eval(study), a["metric"]
@@ -230,9 +278,9 @@ def sample_grids(a: dict, study, folder: Path, per_prompt: int = 4) -> list[dict
     out = []
     for size in plots.size_order(best):
         mine = [r for r in best if r["size"] == size]
-        top = analysis.plan(mine, float("inf"), metric)["best"]
+        top = analysis.plan(mine, float("inf"), metric, "executed_cost")["best"]
         picks = [("best configuration", top)]
-        cheap = analysis.plan(mine, small, metric)["best"] if small is not None else None
+        cheap = analysis.plan(mine, small, metric, "executed_cost")["best"] if small is not None else None
         picks.append((f"small budget ({small:.3g})", cheap))
         model = load_run(mine[0]["run"], mine[0].get("checkpoint") or "latest")
         for label, c in picks:
@@ -247,10 +295,11 @@ def sample_grids(a: dict, study, folder: Path, per_prompt: int = 4) -> list[dict
             images, _ = generate(model, [p for p in prompts for _ in range(per_prompt)], c["sampler"], c["steps"],
                                  c["guidance"], seeds, batch_size=64, spacing=ev.spacing)
             name = f"{size}-{c['sampler']}-s{c['steps']}-g{c['guidance']:g}.png"
-            save_png(grid(images, per_prompt), folder / "samples" / name)
+            save_png(label_rows(grid(images, per_prompt), prompts), folder / "samples" / name)
             entry |= {"config": c, "file": f"samples/{name}", "png": (folder / "samples" / name).read_bytes(),
                       "caption": f"{size}, {c['sampler']} {c['steps']} steps, guidance {c['guidance']:g}: "
-                                 f"{metric} {c[metric]:.4g} (sampling cost {c['sampling_cost']:.3g})"}
+                                 f"{metric} {c[metric]:.4g} (executed cost {c['executed_cost']:.3g}, sampling cost "
+                                 f"{c['sampling_cost']:.3g})"}
             out.append(entry)
     return out
 
@@ -258,7 +307,7 @@ def sample_grids(a: dict, study, folder: Path, per_prompt: int = 4) -> list[dict
 def _save(fig, folder: Path, name: str) -> dict:
     import matplotlib.pyplot as plt
 
-    paths = {}
+    paths = {"wide": len(fig.axes) > 1}  # several panels: the report gives the figure the page's full width
     for ext in ("png", "svg"):
         buf = io.BytesIO()
         fig.savefig(buf, format=ext, dpi=130)
@@ -278,6 +327,10 @@ def figures(a: dict, folder: Path, overlay_paper: bool) -> dict:
     if a["curves"]:
         figs["training_compute"] = ("Quality vs training compute (per size, power-law fits dashed)",
                                     plots.training_compute(a["curves"], a["_fit_objects"], metric))
+    figs["executed_cost"] = ("Quality vs executed cost (normalized cost x model calls per image), every sampler on one "
+                             "axis, with the Pareto frontier",
+                             plots.all_samplers(best, metric, "executed_cost",
+                                                "executed cost (normalized cost x model calls per image)"))
     figs["steps"] = ("Quality vs sampling steps (best guidance per point)",
                      plots.per_sampler(best, metric, "steps", "Quality vs sampling steps", "sampling steps"))
     figs["latency"] = ("Quality vs measured latency on this machine",

@@ -2,7 +2,8 @@
 
 - power-law fits of quality against training compute, metric = a * compute^-b + c, with bootstrap CIs;
 - quality against sampling cost at the best guidance per (size, sampler, steps), as the paper does;
-- the Pareto frontier, the crossover budgets below which a smaller model beats a larger one;
+- the Pareto frontier, and the crossovers: the budget from which a larger model beats a smaller one, both read off
+  their own curves at matched cost (executed sampling cost, or training compute);
 - the planner: the best (size, sampler, steps, guidance) within a budget, and the runner-up.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ldmscale.analysis import stats
 from ldmscale.eval.registry import lower_is_better
 
 
@@ -134,44 +136,49 @@ def pareto_frontier(rows: list[dict], metric: str, cost: str = "sampling_cost") 
     return front
 
 
-def envelope(rows: list[dict], metric: str, cost: str, budgets) -> list[float | None]:
-    """The best metric reachable at each budget (cost <= budget), or None where nothing fits."""
+def with_costs(rows: list[dict]) -> list[dict]:
+    """Each row with `executed_cost`: normalized cost x model calls per image, as the sampler and guidance actually
+    ran (Heun's two calls a step, guidance's two, an LCM step's one), beside the paper's `sampling_cost`
+    (normalized cost x steps, guidance's 2x not counted)."""
     out = []
-    for b in budgets:
-        vals = [r[metric] for r in rows if r.get(cost) is not None and r[cost] <= b + 1e-12 and r.get(metric) is not None]
-        out.append((min(vals) if lower_is_better(metric) else max(vals)) if vals else None)
+    for r in rows:
+        calls, norm = r.get("model_calls_per_image"), r.get("norm_cost")
+        ex = float(norm) * float(calls) if calls not in (None, "") and norm not in (None, "") else r.get("executed_cost")
+        out.append(dict(r, executed_cost=ex))
     return out
 
 
-def crossover(small: list[dict], large: list[dict], metric: str, cost: str = "sampling_cost") -> dict:
-    """Where a larger model overtakes a smaller one, on their envelopes (best metric within each budget).
-
-    The smaller one must win at some budget where the larger can also run (a budget the larger cannot afford
-    is no contest) and the larger must win at the largest budget measured; the crossover is the smallest budget
-    from which the larger is at least as good everywhere. Otherwise `crossover` is None and `kind` says why."""
-    budgets = sorted({r[cost] for r in small + large if r.get(cost) is not None})
-    es, el = envelope(small, metric, cost, budgets), envelope(large, metric, cost, budgets)
-    both = [i for i, (s, l) in enumerate(zip(es, el)) if s is not None and l is not None]
-    small_wins = [i for i in both if _better(es[i], el[i], metric)]
-    if not both:
+def crossover(small: list[dict], large: list[dict], metric: str, cost: str = "executed_cost") -> dict:
+    """Where a larger model overtakes a smaller one at matched cost: both read off their own curves (linear in log
+    cost) at every measured cost inside the range both cover. The crossover is the first of those budgets from which
+    the larger is at least as good at every budget after it; `kind` says why there is none."""
+    if cost == "executed_cost":
+        small, large = with_costs(small), with_costs(large)
+    a, b = stats.curve(small, cost, metric), stats.curve(large, cost, metric)
+    m = stats.matched(a, b, metric)  # z > 0: the smaller is better
+    small_wins = [i for i, c in enumerate(m) if c["diff"] > 0]
+    if not m:
         kind, x = "no budget where both run", None
     elif not small_wins:
         kind, x = "larger wins wherever both run", None
-    elif small_wins[-1] == both[-1]:
+    elif small_wins[-1] == len(m) - 1:
         kind, x = "smaller wins at every budget", None
     else:
-        kind, x = "crossover", budgets[small_wins[-1] + 1]
-    return {"crossover": x, "kind": kind, "budgets_where_smaller_wins": len(small_wins)}
+        kind, x = "crossover", m[small_wins[-1] + 1]["x"]
+    return {"crossover": x, "kind": kind, "budgets_where_smaller_wins": len(small_wins), "budgets": len(m),
+            "range": (m[0]["x"], m[-1]["x"]) if m else None}
 
 
 def crossover_with_interval(small: list[dict], large: list[dict], metric: str, boot: int = 300, seed: int = 0,
-                            cost: str = "sampling_cost") -> dict:
+                            cost: str = "executed_cost") -> dict:
     """crossover() plus its uncertainty: each point is redrawn from its value and standard error (`metric`_std)
-    `boot` times; `share` is the fraction of replicates with a crossover, `interval` the 5-95% range of theirs."""
+    `boot` times; `share` is the fraction of replicates with a crossover, `interval` the 5-95% range of theirs
+    (evidence for the report; the claims' verdicts use stats' tests)."""
     rng = np.random.default_rng(seed)
 
     def redraw(rows):
-        return [dict(r, **{metric: r[metric] + (r.get(f"{metric}_std") or 0.0) * rng.standard_normal()}) for r in rows]
+        return [dict(r, **{metric: r[metric] + (stats.std(r, metric) or 0.0) * rng.standard_normal()}) for r in rows
+                if r.get(metric) is not None]
 
     found = [x for x in (crossover(redraw(small), redraw(large), metric, cost)["crossover"] for _ in range(boot))
              if x is not None]
@@ -179,7 +186,7 @@ def crossover_with_interval(small: list[dict], large: list[dict], metric: str, b
     return crossover(small, large, metric, cost) | {"share": len(found) / boot if boot else 0.0, "interval": interval}
 
 
-def crossovers(rows: list[dict], metric: str, cost: str = "sampling_cost", boot: int = 0) -> list[dict]:
+def crossovers(rows: list[dict], metric: str, cost: str = "executed_cost", boot: int = 0) -> list[dict]:
     """crossover() for every pair (smaller, larger) of sizes, ordered by normalized cost."""
     by_size: dict[str, list[dict]] = {}
     for r in rows:
@@ -194,8 +201,28 @@ def crossovers(rows: list[dict], metric: str, cost: str = "sampling_cost", boot:
     return out
 
 
-def plan(rows: list[dict], budget: float, metric: str, cost: str = "sampling_cost") -> dict:
-    """The best configuration within the budget and the runner-up (the best of a different size)."""
+def training_frontier(curves: dict[str, list[dict]], metric: str, boot: int = 200) -> dict:
+    """The best size at each training compute (every size read off its own curve where it was measured), the
+    runner-up's distance in standard errors, and the crossovers in training compute with their intervals."""
+    cs = {s: stats.curve(pts, "train_flops", metric) for s, pts in curves.items()}
+    points = []
+    for x in sorted({x for c in cs.values() for x, _, _ in c}):
+        vals = sorted(((s, v) for s, v in ((s, stats.at(c, x)) for s, c in cs.items()) if v is not None),
+                      key=lambda sv: sv[1][0] if lower_is_better(metric) else -sv[1][0])
+        (s, (y, e)), runner = vals[0], vals[1] if len(vals) > 1 else None
+        p = {"flops": x, "best": s, "value": y, "std": e, "runner_up": None, "z": None}
+        if runner:
+            c = stats.compare(y, e, runner[1][0], runner[1][1], metric)
+            p |= {"runner_up": runner[0], "z": c["z"] if c["se"] else None}
+        points.append(p)
+    pairs = crossovers([r for pts in curves.values() for r in pts], metric, "train_flops", boot)
+    return {"points": points, "crossovers": pairs}
+
+
+def plan(rows: list[dict], budget: float, metric: str, cost: str = "executed_cost") -> dict:
+    """The best configuration within the budget and the runner-up (the best of a different size). The budget is in
+    executed cost by default (normalized cost x model calls per image, so that samplers with more calls per step and
+    unguided students are placed where they really are); "sampling_cost" is the paper's axis."""
     ok = sorted((r for r in rows if r.get(cost) is not None and r[cost] <= budget + 1e-12 and r.get(metric) is not None),
                 key=lambda r: r[metric] if lower_is_better(metric) else -r[metric])
     if not ok:
@@ -211,7 +238,8 @@ def plan(rows: list[dict], budget: float, metric: str, cost: str = "sampling_cos
 def _choice(r: dict, metric: str, cost: str) -> dict:
     return {"size": r["size"], "distilled": bool(r.get("distilled")), "sampler": r["sampler"], "steps": r["steps"],
             "guidance": r["guidance"], metric: r[metric], f"{metric}_std": r.get(f"{metric}_std"),
-            cost: r[cost], "sampling_cost": r.get("sampling_cost"), "model_calls_per_image": r.get("model_calls_per_image"),
+            cost: r[cost], "sampling_cost": r.get("sampling_cost"), "executed_cost": r.get("executed_cost"),
+            "model_calls_per_image": r.get("model_calls_per_image"), "n_seeds": r.get("n_seeds", 1),
             "latency_ms_per_image": r.get("latency_ms_per_image"), "task": r.get("task", "text-to-image")}
 
 
@@ -237,7 +265,9 @@ def describe_choice(c: dict | None, metric: str) -> str:
         return "none"
     std = c.get(f"{metric}_std")
     unc = f" ± {std:.3g}" if std is not None else ""
+    seeds = f", {c['n_seeds']} seeds" if (c.get("n_seeds") or 1) > 1 else ""
     tag = " (distilled)" if c.get("distilled") else ""
+    executed = f"executed cost {c['executed_cost']:.3g}, " if c.get("executed_cost") is not None else ""
     return (f"{c['size']}{tag} with {c['sampler']} at {c['steps']} step{'s' * (c['steps'] != 1)}, guidance {c['guidance']:g}: "
-            f"{metric} {c[metric]:.4g}{unc} (sampling cost {c['sampling_cost']:.3g}, "
+            f"{metric} {c[metric]:.4g}{unc}{seeds} ({executed}sampling cost {c['sampling_cost']:.3g}, "
             f"{c['latency_ms_per_image']:.1f} ms/image here)")

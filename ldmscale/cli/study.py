@@ -97,8 +97,10 @@ def _report(out: Path, study) -> None:
     overlay = study.name.startswith("paper")
     r = build_report(out, study, overlay_paper=overlay)
     click.echo(f"report: {r['html']}")
+    click.echo(f"in one line: {r['analysis']['headline']}")
     metric = r["analysis"]["metric"]
-    click.echo("\nthe paper's claims at this budget (evidence in the report):")
+    click.echo(f"\nthe paper's claims at this budget (evidence in the report; the standard errors hold "
+               f"{r['analysis']['noise']}):")
     for c in r["analysis"]["claims"]:
         click.echo(f"  {c['claim']}  {c['verdict']:<14} {c['statement']}")
         if c["verdict"] != "holds" and c["reason"]:
@@ -109,7 +111,7 @@ def _report(out: Path, study) -> None:
                    f"{ag['spearman']:.2f}")
     click.echo("")
     for p in r["plans"]:
-        click.echo(f"plan for sampling budget {p['budget']:.3g} ({p['why']}): {describe_choice(p['best'], metric)}")
+        click.echo(f"plan for executed-cost budget {p['budget']:.3g} ({p['why']}): {describe_choice(p['best'], metric)}")
         click.echo(f"    runner-up: {describe_choice(p['runner_up'], metric)}; {p['note']}")
     for bb, p in (r["analysis"].get("training_plans") or {}).items():
         if p.get("n_opt"):
@@ -134,6 +136,49 @@ def study_report(out, study_file) -> None:
     _report(out, _study_of(out, study_file))
 
 
+@study_group.command("calibrate", epilog="""
+\b
+Examples:
+  ldmscale study calibrate demo
+  ldmscale study calibrate demo --seeds 3 --studies 1000 --format json
+  ldmscale study calibrate demo --profile-out profile.json
+""")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--studies", default=500, show_default=True, type=click.IntRange(10, 100_000),
+              help="Simulated studies per world.")
+@click.option("--seeds", type=click.IntRange(1, 100), default=None,
+              help="Training seeds per simulated study (default: as many as the study has).")
+@click.option("--profile-out", type=click.Path(path_type=Path), help="Also write the study's profile (per configuration: "
+              "mean, evaluation error, training-seed spread) as JSON.")
+@click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "json"]))
+def study_calibrate(out, studies, seeds, profile_out, fmt) -> None:
+    """How often the claims' rules say "holds" on this study's grid and noise: where size has no effect at matched
+    cost (false "holds"), and where the effects are the ones measured (power)."""
+    from ldmscale.analysis import calibrate
+    from ldmscale.analysis.report import task_metrics
+    from ldmscale.io import atomic_write_json
+    from ldmscale.study.plan import collect
+
+    study = _study_of(out, None)
+    ev = study.eval
+    rows = collect(out)
+    if not rows:
+        raise UserError(f"no evaluation results in {out}")
+    prof = calibrate.profile(rows, ev.primary)
+    if profile_out:
+        atomic_write_json(profile_out, prof)
+    n = seeds or len({r.get("train_seed") or 0 for r in rows})
+    res = calibrate.summary(prof, ev.primary, (ev.curve_sampler, ev.curve_steps, ev.curve_guidance), n, studies,
+                            task_metrics=task_metrics(ev.primary))
+    if fmt == "json":
+        click.echo(json.dumps({"seeds": n, "studies": studies, "claims": res}, indent=2))
+        return
+    click.echo(f"{studies} simulated studies per world, {n} training seed{'s' * (n > 1)} each, on {out}'s grid and noise")
+    click.echo("claim  false 'holds' (size has no effect)  'holds' at the measured effects")
+    for c, r in res.items():
+        click.echo(f"  {c}    {100 * r['null_holds']:5.1f}%                             {100 * r['power_holds']:5.1f}%")
+
+
 @click.command("plan", cls=Verb, aliases={"--study": [], "--json": ["--format", "json"]}, epilog="""
 \b
 Examples:
@@ -142,7 +187,10 @@ Examples:
   ldmscale plan backbones --train-flops 2e13      # an isoflop study: the compute-optimal size per backbone
 """)
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--budget", type=FINITE, help="Sampling budget in normalized-cost units (normalized cost x steps).")
+@click.option("--budget", type=FINITE, help="Sampling budget in the units of --cost.")
+@click.option("--cost", "cost_axis", default="executed", show_default=True, type=click.Choice(["executed", "paper"]),
+              help="executed: normalized cost x model calls per image, as each sampler and guidance run (Heun's two "
+                   "calls a step, guidance's two, an LCM step's one); paper: normalized cost x steps (the paper's axis).")
 @click.option("--budget-ms", type=FINITE, help="Budget in milliseconds per image, as measured on this hardware.")
 @click.option("--train-flops", type=FINITE, help="A training budget in FLOPs (isoflop studies): the compute-optimal size, "
                                                   "its images, predicted loss and quality, per backbone.")
@@ -150,7 +198,7 @@ Examples:
 @click.option("--sampler", default=None, help="Only consider this sampler.")
 @click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "json"]),
               help="Print the answer as text or JSON.")
-def plan_cmd(out, budget, budget_ms, train_flops, metric, sampler, fmt) -> None:
+def plan_cmd(out, budget, budget_ms, train_flops, cost_axis, metric, sampler, fmt) -> None:
     """The best (size, sampler, steps, guidance) within a sampling budget, and the runner-up."""
     from ldmscale.analysis.scaling import (
         best_over_guidance,
@@ -158,7 +206,9 @@ def plan_cmd(out, budget, budget_ms, train_flops, metric, sampler, fmt) -> None:
         final_rows,
         plan,
         plan_note,
+        with_costs,
     )
+    from ldmscale.analysis.stats import aggregate_seeds
     from ldmscale.study.plan import collect
 
     if sum(x is not None for x in (budget, budget_ms, train_flops)) != 1:
@@ -174,13 +224,15 @@ def plan_cmd(out, budget, budget_ms, train_flops, metric, sampler, fmt) -> None:
         raise UserError(f"no results carry the metric {metric!r}")
     if sampler:
         rows = [r for r in rows if r["sampler"] == sampler]
-    best = best_over_guidance(final_rows(rows), metric)
-    cost = "sampling_cost" if budget is not None else "latency_ms_per_image"
+    best = best_over_guidance(final_rows(with_costs(aggregate_seeds(rows))), metric)
+    cost = {"executed": "executed_cost", "paper": "sampling_cost"}[cost_axis] if budget is not None else \
+        "latency_ms_per_image"
     p = plan(best, budget if budget is not None else budget_ms, metric, cost)
     if fmt == "json":
         click.echo(json.dumps(p, indent=2))
         return
-    unit = "normalized-cost units" if budget is not None else "ms/image"
+    unit = {"executed_cost": "executed-cost units (normalized cost x model calls)", "sampling_cost": "sampling-cost "
+            "units (normalized cost x steps)", "latency_ms_per_image": "ms/image"}[cost]
     if p["best"] is None:
         click.echo(p["message"])
         return

@@ -44,6 +44,16 @@ SAMPLERS = ("ddim", "ddpm", "dpmsolver++", "euler", "euler-a", "heun", "unipc", 
 FLOW_SAMPLERS = ("flow-euler", "flow-heun")
 
 
+SECOND_ORDER = ("heun", "flow-heun")  # two model calls per step but the last (diffusers' Heun: 2 * steps - 1)
+
+
+def model_calls(sampler: str, steps: int, guidance: float, guidance_embedded: bool = False) -> int:
+    """UNet evaluations per image as the sampling loop runs them: Heun's 2 * steps - 1, one per step otherwise,
+    doubled by classifier-free guidance (guidance > 1) unless the scale is embedded in the network (LCM students)."""
+    calls = 2 * steps - 1 if sampler in SECOND_ORDER else steps
+    return calls * (2 if guidance > 1.0 and not guidance_embedded else 1)
+
+
 def check_sampler_fits(name: str, prediction: str) -> None:
     """A flow-trained network predicts a velocity on the straight path: only the flow samplers read it, and they
     read nothing else."""

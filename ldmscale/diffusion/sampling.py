@@ -135,3 +135,21 @@ def generate(model: RunModel, prompts: list[str], sampler: str, steps: int, guid
 def check_prompts(prompts: list[str]) -> None:
     if not prompts:
         raise UserError("give at least one --prompt")
+
+
+@lru_cache(maxsize=8)
+def side_flops(text_spec: str, max_length: int, vae_spec: str, latent_shape: tuple[int, int, int]) -> dict:
+    """Forward FLOPs (multiply-add = 2) of what the paper's cost axis leaves out: the text encoder on one prompt of
+    `max_length` tokens, and the decoder on one latent. Counted with attention in torch's math kernel, whose
+    products the FLOP counter sees (its CPU flash kernel has no formula)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ldmscale.data.autoencoder import decode
+    from ldmscale.model.flops import count_flops
+
+    text, vae = _text(text_spec, max_length), _vae(vae_spec)
+    ids = torch.full((1, max_length), int(text.tokenizer.pad_token_id or 0), dtype=torch.long)
+    with sdpa_kernel(SDPBackend.MATH):
+        t = count_flops(text.model, input_ids=ids, attention_mask=torch.ones_like(ids))
+        d = count_flops(lambda z: decode(vae, z), torch.zeros(1, *latent_shape))
+    return {"text_encoder_flops": t, "decoder_flops": d}

@@ -121,7 +121,7 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
     from ldmscale.checkpoint import load_state
     from ldmscale.data.sources import iterate, label_of_prompt
     from ldmscale.diffusion.samplers import check_sampling_args
-    from ldmscale.diffusion.sampling import generate, load_run
+    from ldmscale.diffusion.sampling import generate, load_run, side_flops
     from ldmscale.io import atomic_write_json
     from ldmscale.progress import bar
 
@@ -226,6 +226,10 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
         values["clip_cosine_std"] = (var / cfg.num_images) ** 0.5
     acc = model.config["accounting"]
     ck_state = load_state(model.ckpt)
+    data = model.config["data"]
+    side = side_flops(data["text_encoder"]["spec"], int(data["context_len"]), data["autoencoder"]["spec"],
+                      model.latent_shape)
+    ref_flops = acc["gflops"] * 1e9 / acc["norm_cost"]  # the C=320 UNet at this latent and context
     result = {
         "run": str(Path(run).resolve()), "size": model.config["train"]["size"], "kind": model.config.get("kind"),
         "checkpoint": model.ckpt.name, "weights": cfg.weights, "images_seen": ck_state.get("images_seen"),
@@ -236,6 +240,8 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
         "seeds": [cfg.seed, cfg.seed + cfg.num_images - 1], "metrics": values, "warnings": warnings,
         "params": acc["params"], "gflops": acc["gflops"], "norm_cost": acc["norm_cost"],
         "sampling_cost": flops.sampling_cost(acc["norm_cost"], cfg.steps), "model_calls_per_image": nfe,
+        "executed_cost": acc["norm_cost"] * nfe, "train_seed": int(model.config["train"].get("seed", 0)),
+        "text_encoder_cost": side["text_encoder_flops"] / ref_flops, "decoder_cost": side["decoder_flops"] / ref_flops,
         "latency_ms_per_image": 1000 * seconds.item() / cfg.num_images, "latency_batch_size": cfg.batch_size,
         "processes": world, "device": str(next(model.unet.parameters()).device),
         "distilled": bool(model.config.get("distilled", False)),

@@ -128,16 +128,6 @@ def sampling_cost(norm_cost: float, steps: int) -> float:
     return norm_cost * steps
 
 
-def model_calls(steps: int, guidance: float, calls_per_step: float = 1.0) -> float:
-    """UNet evaluations per image (NFE): classifier-free guidance doubles them (cond + uncond)."""
-    return steps * calls_per_step * (2 if uses_guidance(guidance) else 1)
-
-
-def uses_guidance(guidance: float) -> bool:
-    """diffusers' convention: guidance scale > 1 runs the unconditional branch."""
-    return guidance > 1.0
-
-
 def family_rows(sizes: list[ModelSize], latent_size: int, context_len: int, context_dim: int,
                 latent_channels: int = 4, progress: bool = False) -> list[dict]:
     """One accounting row per size: what `ldmscale family` prints."""

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 from ldmscale.config import from_dict, to_dict
+from ldmscale.diffusion.samplers import model_calls
 from ldmscale.errors import UserError
 from ldmscale.eval import registry
 from ldmscale.study.jobs import FID_SECONDS_PER_IMAGE, Job
-from ldmscale.study.spec import Study, TaskSection, eval_config, study_eval
+from ldmscale.study.spec import EVAL_SEED_STRIDE, Study, TaskSection, eval_config, run_name, study_eval
 
 
 def expected_shapes(study: Study, out: Path) -> dict:
@@ -86,60 +87,94 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
         jobs.append(Job("sanity", f"metric sanity ({ev.primary})", to_dict(s_cfg), sanity))
     shapes = expected_shapes(study, out)
     base = apply_overrides(TrainConfig(data=cache), [f"{k}={v}" for k, v in study.train.set.items()])
-    for name in study.train.sizes:
-        size = parse_size(name)
-        fwd = flops.cost(size, shapes["latent"], shapes["ctx_len"], shapes["ctx_dim"], shapes["channels"]).flops
-        if study.train.budget == "images":
-            images = study.train.images
-        elif study.train.budget == "compute":
-            images = int(study.train.flops / (3 * fwd))
-        else:
-            images = int(max(study.train.budgets) / (3 * fwd))
-        steps = max(1, round(images / base.batch_size))
-        points = max(1, study.train.curve_points)
-        every = max(1, steps // points)
-        curve_steps = curve_checkpoints(steps, points, study.train.curve_spacing)
-        if study.train.budget == "isoflop":  # the curve points are the budgets: where each size's run reaches them
-            curve_steps = budget_steps(study.train.budgets, fwd, base.batch_size)
-            every = steps
-        t_cfg = TrainConfig(**(to_dict(base) | {"size": size_spec(size), "images": steps * base.batch_size,
-                                                "checkpoint_every": every * base.batch_size, "keep": 2,
-                                                "checkpoint_at": curve_steps}))
-        t_cfg = from_dict(TrainConfig, to_dict(t_cfg))
-        run = out / "runs" / size.name
-        jobs.append(Job("train", f"train {size.name} ({steps * base.batch_size:,} images)", to_dict(t_cfg),
-                        lambda c=t_cfg, r=run: train(c, r, progress=progress),
-                        cost_flops=flops.training_flops(steps * base.batch_size, fwd)))
-
-        def eval_job(label, sampler, n_steps, g, ckpt, run=run, fwd=fwd, agreement=False):
-            n = (ev.agreement_images or ev.num_images) if agreement else ev.num_images
-            e_cfg = eval_config(ev, clf_dir, sampler=sampler, steps=n_steps, guidance=g, num_images=n,
-                                checkpoint=str(ckpt), **(dict(
-                                    metrics=(ev.primary, ev.agreement_metric), tag="agreement",
-                                    reference_count=ev.agreement_reference_count or ev.reference_count,
-                                    bootstrap=0) if agreement else {}))  # the rank correlation needs values only
-            calls = flops.model_calls(n_steps, g, 2 if sampler == "heun" else 1)
-            return Job("eval", f"eval {size.name} {label}", to_dict(e_cfg) | {"run": str(run)},
-                       lambda: evaluate(run, e_cfg, progress=False), cost_flops=n * calls * fwd,
-                       extra_seconds=n * FID_SECONDS_PER_IMAGE * ("fid" in e_cfg.metrics))
-
-        for ck in curve_steps:
-            jobs.append(eval_job(f"curve step {ck}", ev.curve_sampler, ev.curve_steps, ev.curve_guidance, ck))
-        for sampler in ev.samplers:
-            for n_steps in ev.steps:
-                if n_steps > ev.max_steps.get(sampler, 10**9):
-                    continue
-                for g in ev.guidance:
-                    jobs.append(eval_job(f"{sampler} {n_steps} step{'s' * (n_steps != 1)} g{g:g}", sampler, n_steps, g, steps))
-                if ev.agreement_metric and n_steps in ev.agreement_steps and sampler == ev.samplers[0]:
-                    jobs.append(eval_job(f"{sampler} {n_steps} step{'s' * (n_steps != 1)} g{ev.guidance[0]:g}, {ev.agreement_metric} "
-                                         "agreement", sampler, n_steps, ev.guidance[0], steps, agreement=True))
-        for tname, task in study.tasks.items():
-            if task.sizes and size.name not in {parse_size(t).name for t in task.sizes}:
-                continue
-            jobs += task_jobs(tname, task, study, base, run, out / "tasks" / tname / size.name, fwd, clf_dir, progress)
+    for seed in study.train.seeds:
+        for name in study.train.sizes:
+            jobs += size_jobs(study, ev, base, parse_size(name), seed, shapes, out, clf_dir, progress)
     seen: set[str] = set()  # a curve point can coincide with a grid point: one job
     return [j for j in jobs if not (j.id in seen or seen.add(j.id))]
+
+
+def size_jobs(study: Study, ev, base, size, seed: int, shapes: dict, out: Path, clf_dir: str, progress: bool) -> list[Job]:
+    """One size and training seed: its training run, its evaluations (curve points, the grid, agreement points for
+    the first seed) and its downstream tasks. Seed k evaluates on its own image seeds, so that its evaluation noise
+    is independent of the other seeds'."""
+    import dataclasses
+
+    from ldmscale.eval.evaluate import evaluate
+    from ldmscale.model import flops
+    from ldmscale.model.family import parse_size, size_spec
+    from ldmscale.train.loop import TrainConfig, train
+
+    jobs: list[Job] = []
+    first = seed == study.train.seeds[0]
+    ev = dataclasses.replace(ev, seed=ev.seed + seed * EVAL_SEED_STRIDE)
+    base = dataclasses.replace(base, seed=seed)
+    tag = "" if seed == 0 else f" seed {seed}"
+    fwd = forward_flops(size, shapes)
+    images = budget_images(study, fwd)
+    if size.name in study.train.match_compute:  # the other size's training FLOPs, in this size's images
+        other = forward_flops(parse_size(study.train.match_compute[size.name]), shapes)
+        images = int(budget_images(study, other) * other / fwd)
+    steps = max(1, round(images / base.batch_size))
+    points = max(1, study.train.curve_points)
+    every = max(1, steps // points)
+    curve_steps = curve_checkpoints(steps, points, study.train.curve_spacing)
+    if study.train.budget == "isoflop":  # the curve points are the budgets: where each size's run reaches them
+        curve_steps = budget_steps(study.train.budgets, fwd, base.batch_size)
+        every = steps
+    t_cfg = TrainConfig(**(to_dict(base) | {"size": size_spec(size), "images": steps * base.batch_size,
+                                            "checkpoint_every": every * base.batch_size, "keep": 2,
+                                            "checkpoint_at": curve_steps}))
+    t_cfg = from_dict(TrainConfig, to_dict(t_cfg))
+    run = out / "runs" / run_name(size.name, seed)
+    jobs.append(Job("train", f"train {size.name}{tag} ({steps * base.batch_size:,} images)", to_dict(t_cfg),
+                    lambda c=t_cfg, r=run: train(c, r, progress=progress),
+                    cost_flops=flops.training_flops(steps * base.batch_size, fwd)))
+
+    def eval_job(label, sampler, n_steps, g, ckpt, run=run, fwd=fwd, agreement=False):
+        n = (ev.agreement_images or ev.num_images) if agreement else ev.num_images
+        e_cfg = eval_config(ev, clf_dir, sampler=sampler, steps=n_steps, guidance=g, num_images=n,
+                            checkpoint=str(ckpt), **(dict(
+                                metrics=(ev.primary, ev.agreement_metric), tag="agreement",
+                                reference_count=ev.agreement_reference_count or ev.reference_count,
+                                bootstrap=0) if agreement else {}))  # the rank correlation needs values only
+        calls = model_calls(sampler, n_steps, g)
+        return Job("eval", f"eval {size.name}{tag} {label}", to_dict(e_cfg) | {"run": str(run)},
+                   lambda: evaluate(run, e_cfg, progress=False), cost_flops=n * calls * fwd,
+                   extra_seconds=n * FID_SECONDS_PER_IMAGE * ("fid" in e_cfg.metrics))
+
+    for ck in curve_steps:
+        jobs.append(eval_job(f"curve step {ck}", ev.curve_sampler, ev.curve_steps, ev.curve_guidance, ck))
+    for sampler in ev.samplers:
+        for n_steps in ev.steps:
+            if n_steps > ev.max_steps.get(sampler, 10**9):
+                continue
+            for g in ev.guidance:
+                jobs.append(eval_job(f"{sampler} {n_steps} step{'s' * (n_steps != 1)} g{g:g}", sampler, n_steps, g, steps))
+            if first and ev.agreement_metric and n_steps in ev.agreement_steps and sampler == ev.samplers[0]:
+                jobs.append(eval_job(f"{sampler} {n_steps} step{'s' * (n_steps != 1)} g{ev.guidance[0]:g}, {ev.agreement_metric} "
+                                     "agreement", sampler, n_steps, ev.guidance[0], steps, agreement=True))
+    for tname, task in study.tasks.items():
+        if task.sizes and size.name not in {parse_size(t).name for t in task.sizes}:
+            continue
+        jobs += task_jobs(tname, task, study, base, run, out / "tasks" / tname / run_name(size.name, seed), fwd, clf_dir,
+                              progress)
+    return jobs
+
+
+def forward_flops(size, shapes: dict) -> int:
+    from ldmscale.model import flops
+
+    return flops.cost(size, shapes["latent"], shapes["ctx_len"], shapes["ctx_dim"], shapes["channels"]).flops
+
+
+def budget_images(study: Study, fwd: int) -> int:
+    """The images a size with `fwd` forward FLOPs trains on under the study's budget."""
+    if study.train.budget == "images":
+        return study.train.images
+    if study.train.budget == "compute":
+        return int(study.train.flops / (3 * fwd))
+    return int(max(study.train.budgets) / (3 * fwd))
 
 
 def budget_steps(budgets, forward_flops: int, batch_size: int) -> tuple[int, ...]:
@@ -158,13 +193,21 @@ def curve_checkpoints(steps: int, points: int, spacing: str = "log") -> tuple[in
 
 def collect(out: Path) -> list[dict]:
     """One flat row per eval result under the study (metrics as columns): the results table."""
-    rows = []
+    rows, seeds = [], {}
     for path in sorted(Path(out).glob("**/eval/*.json")):
         r = json.loads(path.read_text())
         row = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
         row.update(r.get("metrics", {}))
         row["file"] = str(path.relative_to(out))
         row.setdefault("task", "text-to-image")
+        if row.get("train_seed") is None:  # results written before seeds were recorded: the run's config says
+            run = path.parent.parent
+            if run not in seeds:
+                cfg = run / "config.json"
+                seeds[run] = int(json.loads(cfg.read_text())["train"].get("seed", 0)) if cfg.exists() else 0
+            row["train_seed"] = seeds[run]
+        if row.get("executed_cost") is None and row.get("model_calls_per_image") is not None:
+            row["executed_cost"] = float(row["norm_cost"]) * float(row["model_calls_per_image"])
         rows.append(row)
     return rows
 
@@ -209,7 +252,7 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
             for g in guidance:
                 e_cfg = eval_config(ev, clf_dir, sampler=sampler, steps=n_steps, guidance=g,
                                     num_images=task.num_images or ev.num_images, metrics=metrics)
-                calls = flops.model_calls(n_steps, g if kind.guidance_doubles_calls else 1.0)
+                calls = model_calls(sampler, n_steps, g, guidance_embedded=not kind.guidance_doubles_calls)
                 jobs.append(Job("task-eval", f"eval {name} {init.name} {sampler} {n_steps} step{'s' * (n_steps != 1)} "
                                 f"g{g:g}", to_dict(e_cfg) | {"run": str(run)},
                                 lambda c=e_cfg: evaluate(run, c, progress=False), cost_flops=e_cfg.num_images * calls * fwd))

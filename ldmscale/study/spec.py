@@ -35,6 +35,11 @@ class TrainSection(Config):
     flops: Annotated[float, Range(0.0, 1e30)] = 0.0  # per size, budget = compute
     budgets: tuple[Annotated[float, Range(0.0, 1e30, lo_open=True)], ...] = ()  # training FLOPs, budget = isoflop;
     # the largest is held out: the laws fitted on the others predict it, and the runs measure it
+    seeds: tuple[Annotated[int, Range(0, 2**31 - 1)], ...] = (0,)  # training seeds: every size is trained once per
+    # seed (runs/<size> for seed 0, runs/<size>-seed<k> for the others) and evaluated on its own image seeds; the
+    # analysis averages them, its errors holding the spread between seeds as well as the evaluation noise
+    match_compute: dict[str, str] = field(default_factory=dict)  # {size = other}: train size to other's training
+    # FLOPs instead of the budget's, so that their final (annealed) checkpoints meet at matched compute (claim 1)
     curve_points: Annotated[int, Range(1, 100)] = 4  # checkpoints evaluated for the quality-vs-training-compute curves
     curve_spacing: Literal["log", "linear"] = "log"  # log: each point doubles the compute (from 1/2^(n-1) of the
     # run, at most 1/64), as the training-compute axis is read; linear: equally spaced
@@ -137,6 +142,16 @@ def load_study(path: str | Path) -> Study:
     from ldmscale.config import apply_overrides
 
     train_cfg = apply_overrides(TrainConfig(), [f"{k}={v}" for k, v in study.train.set.items()])
+    if not study.train.seeds or len(set(study.train.seeds)) != len(study.train.seeds):
+        raise UserError(f"{path.name}: [train] seeds must be a non-empty list of distinct seeds, got "
+                        f"{list(study.train.seeds)}")
+    names = {parse_size(x).name for x in study.train.sizes}
+    for a, b in study.train.match_compute.items():
+        if parse_size(a).name not in names or parse_size(b).name not in names or a == b or b in study.train.match_compute:
+            raise UserError(f"{path.name}: [train] match_compute {{{a} = {b!r}}} must pair two different [train] sizes, "
+                            "the second trained to the study's budget")
+    if "seed" in study.train.set:
+        raise UserError(f"{path.name}: give training seeds as [train] seeds = [...], not [train.set] seed")
     for s in study.train.sizes:
         parse_size(s)
     ev = study.eval
@@ -186,6 +201,14 @@ def load_study(path: str | Path) -> Study:
         except UserError as e:
             raise UserError(f"{path.name} [eval]: {e}") from None
     return study
+
+
+EVAL_SEED_STRIDE = 1_000_000  # training seed k evaluates on image seeds from [eval] seed + k * EVAL_SEED_STRIDE
+
+
+def run_name(size: str, seed: int) -> str:
+    """The run folder of one size and training seed (seed 0 keeps the plain name of a one-seed study)."""
+    return size if seed == 0 else f"{size}-seed{seed}"
 
 
 def eval_config(ev: EvalSection, classifier: str, **job):
