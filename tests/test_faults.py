@@ -107,6 +107,7 @@ BASE = {
     ("eval",): ["--run", "/nonexistent"],
     ("compare",): ["--a", "folder:/nonexistent", "--b", "folder:/nonexistent"],
     ("plan",): ["/nonexistent"],
+    ("study", "calibrate"): ["/nonexistent"],
     ("finetune", "sr"): ["--init", "/nonexistent", "--out", "{tmp}/f"],
     ("finetune", "dreambooth"): ["--init", "/nonexistent", "--subject", "/nonexistent", "--class-prompt", "a cat",
                                  "--out", "{tmp}/d"],

@@ -38,16 +38,16 @@ LATENT_SLICES = {
 }
 
 # the planner on test_analysis.TABLE (small: cost 0.1 a step, large: 1.0) at four budgets
-GOLDEN_PLANS = {
-    0.1: ["none", "none", "nothing fits a budget of 0.1; the cheapest configuration costs 0.5"],
-    0.5: ["small with ddim at 5 steps, guidance 4: fd-classifier 28 ± 0.1 (sampling cost 0.5, 5.0 ms/image here)",
-          "none", "no other size has a configuration within this budget, so there is no runner-up"],
-    10.0: ["small with ddim at 50 steps, guidance 2: fd-classifier 18 ± 0.1 (sampling cost 5, 50.0 ms/image here)",
-           "large with ddim at 5 steps, guidance 2: fd-classifier 35 ± 0.1 (sampling cost 5, 50.0 ms/image here)",
-           "the runner-up is 120.2 standard errors worse"],
-    60.0: ["large with ddim at 50 steps, guidance 2: fd-classifier 10 ± 0.1 (sampling cost 50, 500.0 ms/image here)",
-           "small with ddim at 50 steps, guidance 2: fd-classifier 18 ± 0.1 (sampling cost 5, 50.0 ms/image here)",
-           "the runner-up is 56.6 standard errors worse"],
+GOLDEN_PLANS = {  # executed cost: 2 calls a step (guided), so small costs 1, 4, 10 and large 10, 40, 100
+    0.5: ["none", "none", "nothing fits a budget of 0.5; the cheapest configuration costs 1"],
+    1.0: ["small with ddim at 5 steps, guidance 4: fd-classifier 28 ± 0.1 (executed cost 1, sampling cost 0.5, 5.0 "
+          "ms/image here)", "none", "no other size has a configuration within this budget, so there is no runner-up"],
+    10.0: ["small with ddim at 50 steps, guidance 2: fd-classifier 18 ± 0.1 (executed cost 10, sampling cost 5, 50.0 "
+           "ms/image here)", "large with ddim at 5 steps, guidance 2: fd-classifier 35 ± 0.1 (executed cost 10, sampling "
+           "cost 5, 50.0 ms/image here)", "the runner-up is 120.2 standard errors worse"],
+    100.0: ["large with ddim at 50 steps, guidance 2: fd-classifier 10 ± 0.1 (executed cost 100, sampling cost 50, 500.0 "
+            "ms/image here)", "small with ddim at 50 steps, guidance 2: fd-classifier 18 ± 0.1 (executed cost 10, "
+            "sampling cost 5, 50.0 ms/image here)", "the runner-up is 56.6 standard errors worse"],
 }
 
 

@@ -359,7 +359,10 @@ def figures(a: dict, folder: Path, overlay_paper: bool) -> dict:
                                               plots.downstream_vs_pretraining(ta["points"], metric, tm, task))
     if overlay_paper:
         figs["paper"] = ("The paper's Table 1 beside this study", plots.paper_overlay(best, metric))
-    return {name: (title, _save(fig, folder, name)) for name, (title, fig) in figs.items()}
+    n = len(a.get("seeds") or [0])
+    seeds = f"; each point the mean of {n} training seeds, ± one standard error over seeds and images" if n > 1 else \
+        "; one training seed, ± one standard error of the evaluation"
+    return {name: (title + seeds, _save(fig, folder, name)) for name, (title, fig) in figs.items()}
 
 
 def render(template: str, **context) -> str:

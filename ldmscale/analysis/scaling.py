@@ -223,6 +223,7 @@ def plan(rows: list[dict], budget: float, metric: str, cost: str = "executed_cos
     """The best configuration within the budget and the runner-up (the best of a different size). The budget is in
     executed cost by default (normalized cost x model calls per image, so that samplers with more calls per step and
     unguided students are placed where they really are); "sampling_cost" is the paper's axis."""
+    rows = with_costs(rows) if cost == "executed_cost" else rows
     ok = sorted((r for r in rows if r.get(cost) is not None and r[cost] <= budget + 1e-12 and r.get(metric) is not None),
                 key=lambda r: r[metric] if lower_is_better(metric) else -r[metric])
     if not ok:

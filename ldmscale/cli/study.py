@@ -150,7 +150,8 @@ Examples:
               help="Training seeds per simulated study (default: as many as the study has).")
 @click.option("--profile-out", type=click.Path(path_type=Path), help="Also write the study's profile (per configuration: "
               "mean, evaluation error, training-seed spread) as JSON.")
-@click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "json"]))
+@click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "json"]),
+              help="Print the rates as text or JSON.")
 def study_calibrate(out, studies, seeds, profile_out, fmt) -> None:
     """How often the claims' rules say "holds" on this study's grid and noise: where size has no effect at matched
     cost (false "holds"), and where the effects are the ones measured (power)."""
