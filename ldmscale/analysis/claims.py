@@ -103,8 +103,9 @@ def claim1(rows: list[dict], metric: str, curve: tuple[str, int, float]) -> Verd
                 missing.append((small, large, a[-1][0]))
                 continue
             top = stats.matched(a, b, metric)[-1]
-            final = [s for s, c in ((large, a), (small, b)) if abs(top["x"] - c[-1][0]) <= 1e-9 * top["x"]]
-            pairs.append({"smaller": small, "larger": large, "flops": top["x"], "lower": ov[0], "final": final} | top)
+            final = [s for s, c in ((large, a), (small, b)) if abs(top["x"] - c[-1][0]) <= stats.SAME_X * top["x"]]
+            pairs.append({"smaller": small, "larger": large, "flops": top["x"], "lower": ov[0], "final": final,
+                          "larger_final_flops": a[-1][0]} | top)
     wins, _ = stats.holm([p["p"] for p in pairs])
     losses, _ = stats.holm([_p_worse(p) for p in pairs])
     for p, w, lo in zip(pairs, wins, losses):
@@ -116,6 +117,7 @@ def claim1(rows: list[dict], metric: str, curve: tuple[str, int, float]) -> Verd
     data = {"trends": trends, "pairs": pairs,
             "unmatched": [{"smaller": s, "larger": large, "needed_flops": f} for s, large, f in missing]}
     evidence = "; ".join(parts)
+    missing += [(p["smaller"], p["larger"], p["larger_final_flops"]) for p in pairs if p["larger"] not in p["final"]]
     need = "; ".join(f"train {s} to {f:.3g} FLOPs ({large}'s final compute) to compare them where {large} is best"
                      for s, large, f in missing)
     if worse:
@@ -124,6 +126,7 @@ def claim1(rows: list[dict], metric: str, curve: tuple[str, int, float]) -> Verd
     if not pairs:
         return Verdict(1, NOT_MEASURED, evidence, f"no two sizes were evaluated at a common training compute: {need}",
                        data)
+    data["unmatched"] = [{"smaller": s, "larger": large, "needed_flops": f} for s, large, f in missing]
     if any(wins):
         if flat:
             return Verdict(1, NOT_MEASURED, evidence, "the larger model wins at matched compute, but the improvement "

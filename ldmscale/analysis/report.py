@@ -14,6 +14,7 @@ import numpy as np
 
 from ldmscale.analysis import claims, plots, stats
 from ldmscale.analysis import scaling as analysis
+from ldmscale.analysis.grids import sample_grids
 from ldmscale.analysis.isoflop import plan_training, study_isoflop
 from ldmscale.errors import UserError
 from ldmscale.eval import registry
@@ -156,7 +157,9 @@ def headline(a: dict) -> str:
     by = {}
     for c in a["claims"]:
         by.setdefault(c["verdict"], []).append(str(c["claim"]))
-    verdicts = "; ".join(f"claim{'s' * (len(v) > 1)} {', '.join(v)} {k}" for k, v in by.items())
+    plural = {"holds": "hold", "does not hold": "do not hold"}
+    verdicts = "; ".join(f"claim{'s' * (len(v) > 1)} {', '.join(v)} {plural.get(k, k) if len(v) > 1 else k}"
+                         for k, v in by.items())
     plans = [p for p in a["plans"] if p["best"]]
     answer = ""
     if plans:
@@ -247,63 +250,6 @@ def provenance(out: Path, study, rows: list[dict]) -> dict:
     return info
 
 
-def report_prompts(reference: str, n: int = 10) -> list[str]:
-    """The sample grids' rows: one prompt per class for animal-mnist, else the first distinct reference captions."""
-    from ldmscale.data.sources import ANIMAL_CLASSES, class_prompt, iterate
-    from ldmscale.eval.reference import parse_reference
-
-    src, split = parse_reference(reference)
-    if src.kind == "animal-mnist":
-        return [class_prompt(i) for i in range(len(ANIMAL_CLASSES))]
-    seen: list[str] = []
-    for item in iterate(src, split):
-        if item.caption and item.caption not in seen:
-            seen.append(item.caption)
-        if len(seen) >= n:
-            break
-    return seen
-
-
-def sample_grids(a: dict, study, folder: Path, per_prompt: int = 4) -> list[dict]:
-    """Per size: a grid (a row per prompt, `per_prompt` seeds) at its best configuration and at the small
-    budget's best configuration for that size, so the figures' differences can be seen."""
-    from ldmscale.diffusion.sampling import generate, load_run
-    from ldmscale.images import grid, label_rows, save_png
-    from ldmscale.study.spec import study_eval
-
-    ev, metric = study_eval(study), a["metric"]
-    best = [r for r in a["best_over_guidance"] if not r.get("distilled") and r.get("run")]
-    prompts = report_prompts(ev.reference)
-    small = a["plans"][0]["budget"] if a["plans"] else None
-    out = []
-    for size in plots.size_order(best):
-        mine = [r for r in best if r["size"] == size]
-        top = analysis.plan(mine, float("inf"), metric, "executed_cost")["best"]
-        picks = [("best configuration", top)]
-        cheap = analysis.plan(mine, small, metric, "executed_cost")["best"] if small is not None else None
-        picks.append((f"small budget ({small:.3g})", cheap))
-        model = load_run(mine[0]["run"], mine[0].get("checkpoint") or "latest")
-        for label, c in picks:
-            entry = {"size": size, "label": label}
-            if c is None or (c is not top and (c["sampler"], c["steps"], c["guidance"]) ==
-                             (top["sampler"], top["steps"], top["guidance"])):
-                entry["note"] = (f"{size} has no configuration within the small budget" if c is None else
-                                 "its best configuration fits the small budget: the grid above")
-                out.append(entry)
-                continue
-            seeds = [ev.seed + i for i in range(len(prompts) * per_prompt)]
-            images, _ = generate(model, [p for p in prompts for _ in range(per_prompt)], c["sampler"], c["steps"],
-                                 c["guidance"], seeds, batch_size=64, spacing=ev.spacing)
-            name = f"{size}-{c['sampler']}-s{c['steps']}-g{c['guidance']:g}.png"
-            save_png(label_rows(grid(images, per_prompt), prompts), folder / "samples" / name)
-            entry |= {"config": c, "file": f"samples/{name}", "png": (folder / "samples" / name).read_bytes(),
-                      "caption": f"{size}, {c['sampler']} {c['steps']} steps, guidance {c['guidance']:g}: "
-                                 f"{metric} {c[metric]:.4g} (executed cost {c['executed_cost']:.3g}, sampling cost "
-                                 f"{c['sampling_cost']:.3g})"}
-            out.append(entry)
-    return out
-
-
 def _save(fig, folder: Path, name: str) -> dict:
     import matplotlib.pyplot as plt
 
@@ -377,17 +323,17 @@ def render(template: str, **context) -> str:
 
 
 def build_report(out: str | Path, study, overlay_paper: bool = False, samples: bool = True) -> dict:
-    from ldmscale.study.plan import collect, write_csv
+    from ldmscale.study.plan import study_results, write_csv
 
     out = Path(out)
-    rows = collect(out)
+    rows, _ = study_results(out, study)
     if not rows:
         raise UserError(f"no evaluation results under {out}; run `ldmscale study run` first")
     write_csv(rows, out / "results.csv")
     a = analyze(rows, study)
     folder = out / "report"
     figs = figures(a, folder, overlay_paper)
-    grids = sample_grids(a, study, folder) if samples else []
+    grids = sample_grids(a, study, folder) if samples else []  # analysis/grids.py
     sanity = None
     if (out / "sanity.json").exists():
         import json

@@ -206,7 +206,7 @@ def training_frontier(curves: dict[str, list[dict]], metric: str, boot: int = 20
     runner-up's distance in standard errors, and the crossovers in training compute with their intervals."""
     cs = {s: stats.curve(pts, "train_flops", metric) for s, pts in curves.items()}
     points = []
-    for x in sorted({x for c in cs.values() for x, _, _ in c}):
+    for x in stats.knots([x for c in cs.values() for x, _, _ in c]):
         vals = sorted(((s, v) for s, v in ((s, stats.at(c, x)) for s, c in cs.items()) if v is not None),
                       key=lambda sv: sv[1][0] if lower_is_better(metric) else -sv[1][0])
         (s, (y, e)), runner = vals[0], vals[1] if len(vals) > 1 else None

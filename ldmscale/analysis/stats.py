@@ -108,8 +108,9 @@ def at(c: list[tuple], x0: float) -> tuple[float, float | None] | None:
     """The curve's value at x0, linear in log x between its two neighbouring points; None outside the measured
     range (never extrapolated). The error of an interpolated value is (1-w) e1 + w e2: the two points come from the
     same runs, so their errors are not independent, and this is the bound for any correlation."""
-    if not c or x0 < c[0][0] * (1 - 1e-9) or x0 > c[-1][0] * (1 + 1e-9):
+    if not c or x0 < c[0][0] * (1 - SAME_X) or x0 > c[-1][0] * (1 + SAME_X):
         return None
+    x0 = min(max(x0, c[0][0]), c[-1][0])
     for (x1, y1, e1), (x2, y2, e2) in zip(c, c[1:]):
         if x1 * (1 - 1e-9) <= x0 <= x2 * (1 + 1e-9):
             w = min(1.0, max(0.0, math.log(x0 / x1) / math.log(x2 / x1)))
@@ -128,7 +129,19 @@ def overlap(a: list[tuple], b: list[tuple]) -> tuple[float, float] | None:
     if not a or not b:
         return None
     lo, hi = max(a[0][0], b[0][0]), min(a[-1][0], b[-1][0])
-    return (lo, hi) if lo <= hi * (1 + 1e-9) else None
+    return (lo, hi) if lo <= hi * (1 + SAME_X) else None
+
+
+SAME_X = 1e-3  # costs closer than this (relative) are one budget: checkpoints of two sizes at "the same" compute
+
+
+def knots(xs: list[float]) -> list[float]:
+    """The distinct budgets among xs, by increasing value, merging those within SAME_X of the previous one."""
+    out: list[float] = []
+    for x in sorted(xs):
+        if not out or x > out[-1] * (1 + SAME_X):
+            out.append(x)
+    return out
 
 
 def compare(ya: float, ea: float | None, yb: float | None, eb: float | None, metric: str) -> dict:
@@ -145,7 +158,7 @@ def matched(a: list[tuple], b: list[tuple], metric: str) -> list[dict]:
     ov = overlap(a, b)
     if ov is None:
         return []
-    xs = sorted({x for x, _, _ in a + b if ov[0] * (1 - 1e-9) <= x <= ov[1] * (1 + 1e-9)})
+    xs = knots([x for x, _, _ in a + b if ov[0] * (1 - 1e-9) <= x <= ov[1] * (1 + 1e-9)])
     out = []
     for x in xs:
         (ya, ea), (yb, eb) = at(a, x), at(b, x)

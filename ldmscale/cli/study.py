@@ -53,7 +53,7 @@ Running it again skips finished jobs; a killed study loses at most the job in fl
 def study_run(study_file, out, dry_run, executor, report) -> None:
     """Train every size and evaluate every grid point of a study file."""
     from ldmscale.study.jobs import job_done, run_jobs
-    from ldmscale.study.plan import collect, plan_jobs, write_csv
+    from ldmscale.study.plan import plan_jobs, study_results, write_csv
     from ldmscale.study.spec import load_study
 
     study = load_study(study_file)
@@ -83,9 +83,10 @@ def study_run(study_file, out, dry_run, executor, report) -> None:
             from ldmscale.study.cluster import run_submitit
 
             result = run_submitit(out, jobs, executor, log=click.echo, parameters=study.cluster)
-        rows = collect(out)
+        rows, stale = study_results(out, study)
         write_csv(rows, out / "results.csv")
-        click.echo(f"{result['ran']} jobs run in {result['seconds']:.0f} s; {len(rows)} results in {out / 'results.csv'}")
+        click.echo(f"{result['ran']} jobs run in {result['seconds']:.0f} s; {len(rows)} results in {out / 'results.csv'}"
+                   + (f" ({stale} results of jobs no longer in the study left out, kept on disk)" if stale else ""))
         if report and rows:
             _report(out, study)
 
@@ -158,11 +159,11 @@ def study_calibrate(out, studies, seeds, profile_out, fmt) -> None:
     from ldmscale.analysis import calibrate
     from ldmscale.analysis.report import task_metrics
     from ldmscale.io import atomic_write_json
-    from ldmscale.study.plan import collect
+    from ldmscale.study.plan import study_results
 
     study = _study_of(out, None)
     ev = study.eval
-    rows = collect(out)
+    rows, _ = study_results(out, study)
     if not rows:
         raise UserError(f"no evaluation results in {out}")
     prof = calibrate.profile(rows, ev.primary)
@@ -210,7 +211,7 @@ def plan_cmd(out, budget, budget_ms, train_flops, cost_axis, metric, sampler, fm
         with_costs,
     )
     from ldmscale.analysis.stats import aggregate_seeds
-    from ldmscale.study.plan import collect
+    from ldmscale.study.plan import study_results
 
     if sum(x is not None for x in (budget, budget_ms, train_flops)) != 1:
         raise UserError("give exactly one of --budget (normalized-cost units), --budget-ms or --train-flops")
@@ -218,7 +219,7 @@ def plan_cmd(out, budget, budget_ms, train_flops, cost_axis, metric, sampler, fm
     if train_flops is not None:
         return _plan_training(out, study, train_flops, metric or study.eval.primary, fmt)
     metric = metric or study.eval.primary
-    rows = [r for r in collect(out) if r.get("task", "text-to-image") == "text-to-image" and not r.get("tag")]
+    rows = [r for r in study_results(out, study)[0] if r.get("task", "text-to-image") == "text-to-image" and not r.get("tag")]
     if not rows:
         raise UserError(f"no evaluation results in {out}")
     if not any(r.get(metric) is not None for r in rows):
@@ -245,14 +246,14 @@ def plan_cmd(out, budget, budget_ms, train_flops, cost_axis, metric, sampler, fm
 def _plan_training(out, study, train_flops: float, metric: str, fmt: str) -> None:
     from ldmscale.analysis.isoflop import plan_training, study_isoflop
     from ldmscale.analysis.scaling import final_rows
-    from ldmscale.study.plan import collect
+    from ldmscale.study.plan import study_results
 
     if study.train.budget != "isoflop":
         raise UserError(f"--train-flops reads an isoflop study ([train] budget = \"isoflop\"); {out} is budget = "
                         f"{study.train.budget!r}")
     if not train_flops > 0:
         raise UserError(f"--train-flops must be positive, got {train_flops:g}")
-    rows = [r for r in collect(out) if r.get("task", "text-to-image") == "text-to-image"]
+    rows = [r for r in study_results(out, study)[0] if r.get("task", "text-to-image") == "text-to-image"]
     ev = study.eval
     iso = study_isoflop(rows, list(study.train.budgets), metric, (ev.curve_sampler, ev.curve_steps, ev.curve_guidance),
                         bootstrap=200)

@@ -191,10 +191,26 @@ def curve_checkpoints(steps: int, points: int, spacing: str = "log") -> tuple[in
     return tuple(sorted({max(1, round(first * (steps / first) ** (k / max(1, points - 1)))) for k in range(points)}))
 
 
+def study_results(out: Path, study: Study) -> tuple[list[dict], int]:
+    """The results table of a study as it is now: a row per eval result of a job it plans. Results of jobs no longer
+    in it (a setting changed) stay on disk but are left out; how many is the second value."""
+    out = Path(out).resolve()
+    wanted = {_result_key(Path(j.config["run"]).relative_to(out), {k: v for k, v in j.config.items() if k != "run"})
+              for j in plan_jobs(study, out) if j.kind in ("eval", "task-eval")}
+    rows = collect(out)
+    mine = [r for r in rows if r.pop("_key") in wanted]
+    return mine, len(rows) - len(mine)
+
+
+def _result_key(run: Path, config: dict) -> str:
+    return f"{run}:{json.dumps(config, sort_keys=True)}"
+
+
 def collect(out: Path) -> list[dict]:
-    """One flat row per eval result under the study (metrics as columns): the results table."""
+    """One flat row per eval result under the folder (metrics as columns), whichever job wrote it."""
     rows, seeds = [], {}
-    for path in sorted(Path(out).glob("**/eval/*.json")):
+    out = Path(out)
+    for path in sorted(out.glob("**/eval/*.json")):
         r = json.loads(path.read_text())
         row = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
         row.update(r.get("metrics", {}))
@@ -206,6 +222,7 @@ def collect(out: Path) -> list[dict]:
                 cfg = run / "config.json"
                 seeds[run] = int(json.loads(cfg.read_text())["train"].get("seed", 0)) if cfg.exists() else 0
             row["train_seed"] = seeds[run]
+        row["_key"] = _result_key(path.parent.parent.relative_to(out), r.get("config", {}))
         if row.get("executed_cost") is None and row.get("model_calls_per_image") is not None:
             row["executed_cost"] = float(row["norm_cost"]) * float(row["model_calls_per_image"])
         rows.append(row)

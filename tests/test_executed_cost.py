@@ -49,3 +49,15 @@ def test_an_embedded_guidance_scale_runs_one_call_a_step():
     generate_latents(student, make_sampler("lcm", timestep_spacing="trailing"), 4, torch.randn(2, 4, 16),
                      torch.zeros(1, 4, 16), 8.0, gens, (4, 8, 8))
     assert sum(seen) / 2 == 4 == model_calls("lcm", 4, 8.0, guidance_embedded=True)
+
+
+def test_the_text_encoders_cost_is_counted_with_its_attention(tiny_ae):
+    """MiniLM on one 16-token prompt, against the BERT formula: per layer 2T(4d^2 + 2df) for the projections and the
+    MLP and 4T^2 d for the attention products, plus the pooler's 2d^2. Attention runs in torch's math kernel while
+    counting: the CPU flash kernel has no FLOP formula and would lose the 4T^2 d."""
+    from ldmscale.diffusion.sampling import side_flops
+
+    T, d, f, layers = 16, 384, 1536, 6
+    costs = side_flops("minilm", T, str(tiny_ae), (4, 8, 8))
+    assert costs["text_encoder_flops"] == layers * (2 * T * (4 * d * d + 2 * d * f) + 4 * T * T * d) + 2 * d * d
+    assert costs["decoder_flops"] == 19_359_744  # the fixture's decoder (8, 16, 16 channels) on a 4x8x8 latent
