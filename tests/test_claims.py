@@ -80,7 +80,7 @@ def test_a_value_without_standard_error_is_never_significant():
     v = claims.claim3(rows, M)
     assert v.verdict == "not measured"
     assert "(no standard error)" in v.evidence
-    assert stats.compare(1.0, None, 5.0, 1.0, M) == {"diff": 4.0, "se": None, "z": 0.0, "p": 1.0}
+    assert stats.compare(1.0, None, 5.0, 1.0, M) == {"diff": 4.0, "se": None, "z": 0.0, "df": None, "p": 1.0}
 
 
 def test_claim4_needs_the_crossover_with_each_sampler():
@@ -110,9 +110,16 @@ def test_claim1_holds_when_the_larger_is_better_at_the_largest_matched_compute()
 
 
 def test_claim1_fails_when_the_smaller_is_better_at_the_largest_matched_compute():
-    rows = curve("small", 0.1, [50, 40, 33, 29, 27, 26]) + curve("large", 1.0, [60, 45, 35], images=(10, 20, 40))
+    # small trained to large's final compute (400 images at a tenth of the FLOPs): both at the end of their runs
+    small = curve("small", 0.1, [50, 40, 33, 29, 27, 26, 24], images=(10, 20, 40, 80, 160, 320, 400))
+    rows = small + curve("large", 1.0, [60, 45, 35], images=(10, 20, 40))
     v = claims.claim1(rows, M, CURVE)
     assert v.verdict == "does not hold" and "the bigger model has not won at this study's compute" in v.reason
+    assert "(the largest both reached; both final checkpoints) large 35 ± 1 vs small 24 ± 1: z = -7.8" in v.evidence
+    # the same comparison with the larger before the end of its run is handicapped by it: it does not count
+    mid = curve("small", 0.1, [50, 40, 33, 29, 27, 26]) + curve("large", 1.0, [60, 45, 35], images=(10, 20, 40))
+    v = claims.claim1(mid, M, CURVE)
+    assert v.verdict == "not measured" and "train small to 1.2e+11 FLOPs (large's final compute)" in v.reason
 
 
 def test_claim1_fails_when_a_size_gets_worse_with_training():
@@ -135,6 +142,12 @@ def test_seeds_are_averaged_and_their_spread_enters_the_error():
     (agg,) = stats.aggregate_seeds(rows)
     assert agg[M] == 12.0 and agg["n_seeds"] == 3 and agg[f"{M}_seed_sd"] == 2.0
     assert agg[f"{M}_std"] == pytest.approx((4.0 / 3) ** 0.5)  # between-seed variance 4 > evaluation variance 1
+    assert agg[f"{M}_df"] == 2
+    # an error from few seeds makes the test a Student t (Welch's degrees of freedom): 2.5 errors is not enough
+    c = stats.compare(10.0, 1.0, 12.5, 1.0, M, 2, 2)
+    assert c["z"] == pytest.approx(2.5 / 2**0.5) and c["df"] == pytest.approx(4.0)
+    assert c["p"] == pytest.approx(0.0759, abs=1e-4) and stats.compare(10.0, 1.0, 12.5, 1.0, M)["p"] == \
+        pytest.approx(0.0385, abs=1e-4)
     close = [row("s", 0.1, "ddim", 4, v, std=3.0, seed=k) for k, v in enumerate((10.0, 10.5))]
     (agg,) = stats.aggregate_seeds(close)
     assert agg[f"{M}_std"] == pytest.approx((9.0 / 2) ** 0.5)  # never below the evaluation noise of the mean
@@ -197,10 +210,19 @@ def test_claim6_compares_every_distilled_step_count_at_executed_cost_and_goes_ei
     assert claims.claim6(plain, M).verdict == "not measured"
 
 
-def test_check_claims_gives_six_verdicts_in_order():
+def test_check_claims_gives_six_verdicts_in_order_and_one_seed_cannot_settle_run_against_run_claims():
     vs = claims.check_claims(CROSS + PRE, M, CURVE)
     assert [v.claim for v in vs] == [1, 2, 3, 4, 5, 6]
-    assert [v.verdict for v in vs] == ["holds", "not measured", "holds", "not measured", "not measured", "not measured"]
+    # claim 1 compares one run's last checkpoint with another's: one seed leaves training noise out of the error
+    assert [v.verdict for v in vs] == ["not measured", "not measured", "holds", "not measured", "not measured",
+                                       "not measured"]
+    assert vs[0].reason.startswith("one training seed: these comparisons of one run against another leave out "
+                                   "training noise") and 'with seeds the rule says "holds"' in vs[0].reason
+    # two seeds a little apart: the same claim holds, with the spread between seeds in its errors
+    seeds = CROSS + PRE + [dict(r, train_seed=1, **{M: r[M] + 0.5}) for r in CROSS + PRE]
+    vs = claims.check_claims(seeds, M, CURVE)
+    assert [v.verdict for v in vs][:3] == ["holds", "not measured", "holds"]
+    assert vs[0].noise == "training-seed spread (2 seeds) and evaluation noise"
 
 
 def test_holm_and_the_threshold():

@@ -117,6 +117,12 @@ def test_killed_study_resumes_without_redoing_finished_jobs(study_file, tmp_path
     assert set(analysis["calibration"]) == {"1", "2", "3", "4", "5", "6"}
     best = json.loads(run_cli("plan", out, "--budget", "1000", "--format", "json", check=True).stdout)["best"]
     assert best["n_seeds"] == 2
+    # a moved study folder keeps its results (paths inside it are compared relative to it)
+    import shutil
+
+    shutil.copytree(out, tmp_path / "moved")
+    moved = json.loads(run_cli("plan", tmp_path / "moved", "--budget", "1000", "--format", "json", check=True).stdout)
+    assert moved["best"] == best
 
 
 @pytest.mark.parametrize("edit,needle", [

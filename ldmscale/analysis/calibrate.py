@@ -44,11 +44,12 @@ def _train_std(p: list[dict]) -> list[float]:
     return [q["train_std"] if q["train_std"] is not None else ratio * (q["eval_std"] or 0.0) for q in p]
 
 
-def null_world(p: list[dict], claim: int, curve: tuple) -> list[dict]:
+def null_world(p: list[dict], claim: int, curve: tuple, metric: str) -> list[dict]:
     """The profile with size's effect removed at matched cost. Claims 3-6: every (task, sampler) curve's value is a
     quadratic in log executed cost fitted to all sizes' points together; claim 1: the training curves' values are a
     quadratic in log training compute fitted to all sizes; claim 2: the downstream values of every size are their
-    mean at each step count."""
+    mean at each step count; claim 6: each distilled row as good as the best undistilled sampler's curve (quadratics
+    in log executed cost over all sizes) at its executed cost."""
     q = [dict(x) for x in p]
     if claim == 1:
         points = [x for x in q if x["task"] == "text-to-image" and not x.get("distilled")
@@ -67,14 +68,19 @@ def null_world(p: list[dict], claim: int, curve: tuple) -> list[dict]:
     for key in {(x["task"], x["sampler"]) for x in final}:
         _fit([x for x in final if (x["task"], x["sampler"]) == key],
              lambda x: math.log(x["norm_cost"] * x["model_calls_per_image"]))
-    if claim == 6:  # the distilled rows on the undistilled curve of the pooled sizes
-        plain = [x for x in final if not x.get("distilled") and x["task"] == "text-to-image"]
-        lx = [math.log(x["norm_cost"] * x["model_calls_per_image"]) for x in plain]
-        if len(plain) >= 3:
-            coef = np.polyfit(lx, [x["value"] for x in plain], 2)
-            for x in final:
-                if x.get("distilled"):
-                    x["value"] = float(np.polyval(coef, math.log(x["norm_cost"] * x["model_calls_per_image"])))
+    if claim == 6:  # each distilled row as good as the best undistilled curve at its cost, and no better
+        curves = {}
+        for smp in {x["sampler"] for x in final if not x.get("distilled") and x["task"] == "text-to-image"}:
+            pts = [x for x in final if x["sampler"] == smp and not x.get("distilled") and x["task"] == "text-to-image"]
+            lx = [math.log(x["norm_cost"] * x["model_calls_per_image"]) for x in pts]
+            if len(set(lx)) > 2:
+                curves[smp] = (np.polyfit(lx, [x["value"] for x in pts], 2), min(lx), max(lx))
+        for x in final:
+            if x.get("distilled"):
+                lc = math.log(x["norm_cost"] * x["model_calls_per_image"])
+                vals = [float(np.polyval(c, min(max(lc, lo), hi))) for c, lo, hi in curves.values()]
+                if vals:
+                    x["value"] = min(vals) if stats.lower_is_better(metric) else max(vals)
     return q
 
 
@@ -121,7 +127,7 @@ def rates(p: list[dict], metric: str, curve: tuple, world: str, seeds: int, stud
     worlds: dict[int, list[dict]] = {}
     for c in which:
         worlds[c] = p if world == "measured" else worlds.get(3) if c in (4, 5) and 3 in worlds else \
-            null_world(p, c, curve)
+            null_world(p, c, curve, metric)
     groups: dict[int, list[int]] = {}
     for c, w in worlds.items():
         groups.setdefault(id(w), []).append(c)
@@ -163,17 +169,17 @@ def negative_control(rows: list[dict], metric: str, curve: tuple, task_metrics: 
         sd, e = g.get(f"{metric}_seed_sd"), g.get(f"{metric}_eval_std")
         one = e * math.sqrt(g["n_seeds"]) if e else 0.0
         spread[tuple(str(g.get(k)) for k in stats.CONFIG_KEY if k != "size")] = \
-            math.sqrt(max(0.0, sd**2 - one**2)) if sd is not None else 0.0
+            (math.sqrt(max(0.0, sd**2 - one**2)) if sd is not None else 0.0, g.get(f"{metric}_df"))
     pseudo = []
     for r in mine:
         k = int(r.get(stats.SEED) or 0)
         if k not in (a, b):
             continue
-        t = spread.get(tuple(str(r.get(x)) for x in stats.CONFIG_KEY if x != "size"), 0.0)
+        t, df = spread.get(tuple(str(r.get(x)) for x in stats.CONFIG_KEY if x != "size"), (0.0, None))
         e = stats.std(r, metric)
         pseudo.append(dict(r, size=f"{size} seed {k}", train_seed=0,
                            norm_cost=float(r["norm_cost"]) * (1.0 if k == a else 1.000001),
-                           **{f"{metric}_std": math.hypot(e, t) if e is not None else None}))
+                           **{f"{metric}_std": math.hypot(e, t) if e is not None else None, f"{metric}_df": df}))
     verdicts = claims.check_claims(pseudo, metric, curve, task_metrics)
     return {"size": size, "seeds": [a, b], "verdicts": [v.as_dict() for v in verdicts],
             "holds": [v.claim for v in verdicts if v.verdict == claims.HOLDS]}

@@ -206,13 +206,13 @@ def training_frontier(curves: dict[str, list[dict]], metric: str, boot: int = 20
     runner-up's distance in standard errors, and the crossovers in training compute with their intervals."""
     cs = {s: stats.curve(pts, "train_flops", metric) for s, pts in curves.items()}
     points = []
-    for x in stats.knots([x for c in cs.values() for x, _, _ in c]):
+    for x in stats.knots([p[0] for c in cs.values() for p in c]):
         vals = sorted(((s, v) for s, v in ((s, stats.at(c, x)) for s, c in cs.items()) if v is not None),
                       key=lambda sv: sv[1][0] if lower_is_better(metric) else -sv[1][0])
-        (s, (y, e)), runner = vals[0], vals[1] if len(vals) > 1 else None
+        (s, (y, e, d)), runner = vals[0], vals[1] if len(vals) > 1 else None
         p = {"flops": x, "best": s, "value": y, "std": e, "runner_up": None, "z": None}
         if runner:
-            c = stats.compare(y, e, runner[1][0], runner[1][1], metric)
+            c = stats.compare(y, e, runner[1][0], runner[1][1], metric, d, runner[1][2])
             p |= {"runner_up": runner[0], "z": c["z"] if c["se"] else None}
         points.append(p)
     pairs = crossovers([r for pts in curves.values() for r in pts], metric, "train_flops", boot)

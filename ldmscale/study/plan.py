@@ -195,7 +195,8 @@ def study_results(out: Path, study: Study) -> tuple[list[dict], int]:
     """The results table of a study as it is now: a row per eval result of a job it plans. Results of jobs no longer
     in it (a setting changed) stay on disk but are left out; how many is the second value."""
     out = Path(out).resolve()
-    wanted = {_result_key(Path(j.config["run"]).relative_to(out), {k: v for k, v in j.config.items() if k != "run"})
+    wanted = {_result_key(Path(j.config["run"]).relative_to(out), _relative({k: v for k, v in j.config.items()
+                                                                             if k != "run"}, str(out)))
               for j in plan_jobs(study, out) if j.kind in ("eval", "task-eval")}
     rows = collect(out)
     mine = [r for r in rows if r.pop("_key") in wanted]
@@ -204,6 +205,12 @@ def study_results(out: Path, study: Study) -> tuple[list[dict], int]:
 
 def _result_key(run: Path, config: dict) -> str:
     return f"{run}:{json.dumps(config, sort_keys=True)}"
+
+
+def _relative(config: dict, root: str) -> dict:
+    """The config with paths inside the study folder written relative to it (a moved study keeps its results)."""
+    return {k: "{study}" + v[len(root):] if isinstance(v, str) and (v == root or v.startswith(root + "/")) else v
+            for k, v in config.items()}
 
 
 def collect(out: Path) -> list[dict]:
@@ -222,7 +229,10 @@ def collect(out: Path) -> list[dict]:
                 cfg = run / "config.json"
                 seeds[run] = int(json.loads(cfg.read_text())["train"].get("seed", 0)) if cfg.exists() else 0
             row["train_seed"] = seeds[run]
-        row["_key"] = _result_key(path.parent.parent.relative_to(out), r.get("config", {}))
+        rel = path.parent.parent.relative_to(out)
+        root = str(r.get("run", ""))  # where the study folder was when this result was written
+        root = root[: -len(str(rel)) - 1] if root.endswith("/" + str(rel)) else str(out.resolve())
+        row["_key"] = _result_key(rel, _relative(r.get("config", {}), root))
         if row.get("executed_cost") is None and row.get("model_calls_per_image") is not None:
             row["executed_cost"] = float(row["norm_cost"]) * float(row["model_calls_per_image"])
         rows.append(row)
