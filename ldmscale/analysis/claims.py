@@ -190,6 +190,11 @@ def _describe(t: dict, cost: str = COST) -> str:
             f"{_fmt(top['a'], top['a_std'])} (z = {-top['z']:.1f})")
 
 
+def _holm(test: dict) -> str:
+    # three digits: an adjusted p of 0.02265 passes ALPHA = 0.02275, and "0.023" would read as failing it
+    return f"Holm-adjusted p = {test['p_adjusted']:.3g} (passes at {stats.ALPHA:.3g} or less)"
+
+
 def judge_crossovers(claim: int, tests: list[dict], label: str = "") -> Verdict:
     """Holds when some (sampler, pair) passes after Holm; does not hold when every one is contradicted beyond noise
     (the larger better even at the cheapest budget both run, or the smaller better even at the top)."""
@@ -201,10 +206,10 @@ def judge_crossovers(claim: int, tests: list[dict], label: str = "") -> Verdict:
         t["significant"], t["p_adjusted"], t["contradicted"] = ok, adj, no
     data = {"tests": [{k: v for k, v in t.items() if k != "budgets"} for t in tests]}
     if any(passed):
-        return Verdict(claim, HOLDS, "; ".join(f"{_describe(t)}; Holm-adjusted p = {t['p_adjusted']:.2g}"
-                                               for t in tests if t["significant"]), data=data)
+        return Verdict(claim, HOLDS, "; ".join(f"{_describe(t)}; {_holm(t)}" for t in tests if t["significant"]),
+                       data=data)
     strongest = min(tests, key=lambda t: t["p"])
-    evidence = f"closest: {_describe(strongest)}; Holm-adjusted p = {strongest['p_adjusted']:.2g}"
+    evidence = f"closest: {_describe(strongest)}; {_holm(strongest)}"
     if all(against):
         return Verdict(claim, FAILS, evidence, "in every pair the larger size is better even at the cheapest budget "
                        f"where both run, or the smaller even at the top{label}", data)
