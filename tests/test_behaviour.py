@@ -33,32 +33,33 @@ def _mse(a, b):
 
 
 def test_super_resolution_output_follows_its_own_low_resolution_input(trained):
-    """Measured: after 128 steps the upscaled images, brought back down, are closer to their own input than to
-    their neighbour's in 13 of 16 pairs (mean MSE ratio 0.73); after one step (the new input channels still ~0)
-    in 9 of 16 (ratio 1.02)."""
+    """Consistency: the upscaled images brought back down by 4x bicubic, against their own input and against the next
+    image's input (PSNR, dB). Measured: after one step (the new input channels still ~0) 8.96 against 9.02; after 128
+    steps 20.7 against 9.0 with v prediction (the task's objective), and 9.0 against 7.7 with the noise objective,
+    which weights the condition's signal by the SNR (the upscalers of issue #24)."""
     from ldmscale.data.degrade import degrade
     from ldmscale.data.sources import load_images, parse_source
     from ldmscale.diffusion.sampling import load_run
+    from ldmscale.eval.metrics import psnr_ssim
     from ldmscale.tasks.superres import SRConfig, finetune_sr, upscale
 
     hr = torch.as_tensor(load_images(parse_source("animal-mnist"), "validation", 32, 1, 16)[0])
     low = degrade(hr, 4, "bicubic", list(range(16)))
 
-    def follows(images: int) -> tuple[float, float]:
-        """(share of inputs closer to their own output than to the next input's, mean MSE own / shuffled)"""
-        run = trained / f"sr-{images}"
+    def follows(images: int, prediction: str) -> tuple[float, float]:
+        """(consistency with its own input, with the next image's input)"""
+        run = trained / f"sr-{images}-{prediction}"
         cfg = tiny_train_config(trained / "cache", images=images, batch_size=16, lr=3e-3, data="animal-mnist",
-                                checkpoint_every=0)
+                                checkpoint_every=0, prediction=prediction)
         finetune_sr(SRConfig(init=str(trained / "c8"), data="animal-mnist", limit=512), cfg, run, progress=False)
-        out, _ = upscale(load_run(run), low, [""] * 16, list(range(16)), "ddim", 4, 1.0, 16)
+        out, _ = upscale(load_run(run), low, [""] * 16, list(range(16)), "ddim", 4, 1.0, 16, "trailing")
         back = degrade(out, 4, "bicubic", list(range(16)))
-        own, shuffled = _mse(back, low), _mse(back, low.roll(1, 0))
-        return float((own < shuffled).double().mean()), float(own.mean() / shuffled.mean())
+        return psnr_ssim(back, low)["psnr"], psnr_ssim(back, low.roll(1, 0))["psnr"]
 
-    share, ratio = follows(16)  # one step: the widened input convolution is still ~0, the input ~ignored
-    assert share < 0.7 or ratio > 0.85  # so the test below can fail
-    share, ratio = follows(2048)
-    assert share >= 0.7 and ratio < 0.85
+    own, other = follows(16, "v_prediction")
+    assert own - other < 1.0  # the input ignored: so the test below can fail
+    own, other = follows(2048, "v_prediction")
+    assert own >= 15.0 and own - other >= 6.0
 
 
 def test_dreambooth_moves_samples_towards_the_subject(trained, tmp_path):

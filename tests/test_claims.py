@@ -176,13 +176,29 @@ def test_claim2_needs_a_significant_supporting_pair_and_no_contradiction():
     assert v.verdict == "holds", v.reason
     v = claims.claim2(PRE + sr_rows([15, 16, 17, 17, 17, 18, 23], [12, 14, 16, 18, 20, 21, 22]), M, CURVE, tm)
     assert v.verdict == "does not hold" and v.reason == "large is better pretrained than small but worse at " \
-                                                        "super-resolution beyond noise"
+                                                        "super-resolution fidelity (psnr) beyond noise"
     v = claims.claim2(PRE + sr_rows([15, 16, 17, 17, 17, 18, 22], [12, 14, 16, 18, 20, 21, 22.2]), M, CURVE, tm)
     assert v.verdict == "not measured" and v.reason.startswith("no pair of sizes differs beyond noise")
     alike = [dict(r, **{M: 26.0}) if r["size"] == "large" else r for r in PRE]  # pretrained alike: no evidence
     v = claims.claim2(alike + sr_rows([15, 16, 17, 17, 17, 18, 18], [12, 14, 16, 18, 20, 21, 22]), M, CURVE, tm)
     assert v.verdict == "not measured"
     assert claims.claim2(PRE, M, CURVE, tm).verdict == "not measured"
+
+
+def test_claims_2_and_5_give_a_verdict_per_metric_family():
+    """Super-resolution is judged on realism (a Frechet distance) and fidelity (PSNR): an upscaler better at one and
+    worse at the other is named in both families, and the contradiction decides claim 2."""
+    tm = {"super-resolution": ("fd-classifier", "psnr")}
+    real = [dict(r, task="super-resolution", psnr=None) for r in grid("small", 0.1, [60, 50, 45, 42, 41, 40, 40])
+            + grid("large", 1.0, [80, 50, 40, 35, 30, 28, 27])]  # the large upscaler more realistic at the top
+    faithful = sr_rows([15, 16, 17, 17, 17, 18, 23], [12, 14, 16, 18, 20, 21, 22])  # ... and less faithful
+    v = claims.claim2(PRE + real + [dict(r, **{M: None}) for r in faithful], M, CURVE, tm)
+    assert v.verdict == "does not hold"
+    assert v.evidence.startswith("super-resolution realism (fd-classifier): holds; super-resolution fidelity (psnr): "
+                                 "does not hold; ")
+    v = claims.claim5(PRE + real + [dict(r, **{M: None}) for r in faithful], tm)
+    assert [part.split(":")[0] for part in v.evidence.split("; super-resolution ")] == \
+        ["super-resolution realism (fd-classifier)", "fidelity (psnr)"]
 
 
 def test_claim5_downstream_crossover_at_small_step_counts():

@@ -242,14 +242,31 @@ def claim4(rows: list[dict], metric: str) -> Verdict:
                    overall.data)
 
 
-def claim5(rows: list[dict], task_metrics: dict[str, str]) -> Verdict:
-    tasks = sorted({r.get("task") for r in rows} & {"super-resolution", "dreambooth"})
-    if not tasks:
+# what each downstream metric judges: a super-resolution model must be realistic and faithful to its input (the paper
+# reports FID and LPIPS); the verdicts of claims 2 and 5 are given per family
+FAMILY = {"fid": "realism", "fd-classifier": "realism", "psnr": "fidelity", "consistency": "fidelity",
+          "ssim": "fidelity", "lpips": "fidelity", "subject-ssim": "identity", "subject-fidelity": "identity"}
+
+
+def _judged(rows: list[dict], task_metrics: dict) -> list[tuple[str, str, str]]:
+    """(task, metric, label) for every downstream task of the rows and every metric it is judged by."""
+    out = []
+    for t in sorted({r.get("task") for r in rows} & {"super-resolution", "dreambooth"}):
+        ms = task_metrics[t]
+        for m in [ms] if isinstance(ms, str) else ms:
+            out.append((t, m, f"{t} {FAMILY.get(m, m)} ({m})"))
+    return out
+
+
+def claim5(rows: list[dict], task_metrics: dict) -> Verdict:
+    judged = _judged(rows, task_metrics)
+    if not judged:
         return Verdict(5, NOT_MEASURED, "", "no downstream task in this study")
-    per = {t: judge_crossovers(5, crossover_tests([r for r in rows if r.get("task") == t and r["steps"] < SMALL_STEPS],
-                                                  task_metrics[t]), f" for {t}") for t in tasks}
+    per = {label: judge_crossovers(5, crossover_tests([r for r in rows if r.get("task") == t and r["steps"] < SMALL_STEPS
+                                                       and r.get(m) is not None], m), f" for {label}")
+           for t, m, label in judged}
     measured = {t: v for t, v in per.items() if v.verdict != NOT_MEASURED}
-    evidence = "; ".join(f"{t} ({task_metrics[t]}): {v.evidence or v.reason}" for t, v in per.items())
+    evidence = "; ".join(f"{t}: {v.verdict}: {v.evidence or v.reason}" for t, v in per.items())
     if measured and all(v.verdict == HOLDS for v in measured.values()) and len(measured) == len(per):
         return Verdict(5, HOLDS, evidence)
     bad = [t for t, v in measured.items() if v.verdict == FAILS]
@@ -267,11 +284,10 @@ def claim2(rows: list[dict], metric: str, curve: tuple[str, int, float], task_me
     contradicting one (each family Holm-corrected)."""
     curves = analysis.training_curves(_pretraining(rows), metric, *curve)
     pre = {s: pts[-1] for s, pts in curves.items()}
-    tasks = sorted({r.get("task") for r in rows} & {"super-resolution", "dreambooth"})
     parts, tests = [], []
-    for t in tasks:
-        tm = task_metrics[t]
-        best = analysis.best_over_guidance(analysis.final_rows([r for r in rows if r.get("task") == t]), tm)
+    for t, tm, label in _judged(rows, task_metrics):
+        best = analysis.best_over_guidance(analysis.final_rows([r for r in rows if r.get("task") == t
+                                                                and r.get(tm) is not None]), tm)
         down = {}
         for s in {r["size"] for r in best}:
             top = max(r["steps"] for r in best if r["size"] == s)
@@ -280,7 +296,7 @@ def claim2(rows: list[dict], metric: str, curve: tuple[str, int, float], task_me
         sizes = [s for s in _by_cost(list(down.values())) if s in pre]
         if len(sizes) < 2:
             continue
-        parts.append(f"{t}: " + ", ".join(f"{s} pretraining {_row(pre[s], metric)} -> {tm} {_row(down[s], tm)}"
+        parts.append(f"{label}: " + ", ".join(f"{s} pretraining {_row(pre[s], metric)} -> {tm} {_row(down[s], tm)}"
                                            for s in sizes))
         for i, a in enumerate(sizes):
             for b in sizes[i + 1:]:
@@ -288,19 +304,24 @@ def claim2(rows: list[dict], metric: str, curve: tuple[str, int, float], task_me
                 hi, lo = (b, a) if c["z"] > 0 else (a, b)
                 c_pre = c if hi == b else _compare(pre[a], pre[b], metric)
                 d = _compare(down[hi], down[lo], tm)
-                tests.append({"task": t, "metric": tm, "better": hi, "worse": lo, "p_pre": c_pre["p"], "z_down": d["z"],
+                tests.append({"task": t, "family": label, "metric": tm, "better": hi, "worse": lo, "p_pre": c_pre["p"], "z_down": d["z"],
                               "p_support": max(c_pre["p"], d["p"]), "p_against": max(c_pre["p"], _p_worse(d)),
                               "text": f"{hi} {'better' if c_pre['z'] > 0 else 'no worse'} pretrained than {lo} "
-                                      f"(z = {c_pre['z']:.1f}), at {t} z = {d['z']:+.1f}"})
+                                      f"(z = {c_pre['z']:.1f}), at {label} z = {d['z']:+.1f}"})
     if not tests:
         return Verdict(2, NOT_MEASURED, "", "no downstream task fine-tuned from two or more sizes")
     support, _ = stats.holm([x["p_support"] for x in tests])
     against, _ = stats.holm([x["p_against"] for x in tests])
-    evidence = "; ".join(parts + [x["text"] for x in tests])
+    families = {}
+    for x, sup, con in zip(tests, support, against):
+        f = families.setdefault(x["family"], [False, False])
+        f[0], f[1] = f[0] or sup, f[1] or con
+    verdicts = [f"{label}: {FAILS if con else HOLDS if sup else NOT_MEASURED}" for label, (sup, con) in families.items()]
+    evidence = "; ".join(verdicts + parts + [x["text"] for x in tests])
     data = {"tests": tests}
     if any(against):
         return Verdict(2, FAILS, evidence, "; ".join(f"{x['better']} is better pretrained than {x['worse']} but worse at "
-                                                     f"{x['task']} beyond noise" for x, n in zip(tests, against) if n),
+                                                     f"{x['family']} beyond noise" for x, n in zip(tests, against) if n),
                        data)
     if any(support):
         return Verdict(2, HOLDS, evidence, "", data)

@@ -24,10 +24,12 @@ from ldmscale.io import atomic_write, atomic_write_json, atomic_write_text
 CALIBRATION_STUDIES = 200  # simulated studies per world in every report (`ldmscale study calibrate` runs more)
 
 
-def task_metrics(primary: str) -> dict[str, str]:
-    """The metric each downstream task is judged by: super-resolution by the study's Frechet distance (the paper
-    reports FID; PSNR rewards the blurry mean), DreamBooth by subject identity."""
-    return {"super-resolution": primary if primary in ("fid", "fd-classifier") else "psnr", "dreambooth": "subject-ssim"}
+def task_metrics(primary: str) -> dict[str, tuple[str, ...]]:
+    """The metrics each downstream task is judged by, one verdict per family: super-resolution by realism (the study's
+    Frechet distance, as the paper reports FID) and fidelity to the high-resolution image (PSNR: a model that ignores
+    its input fails it), DreamBooth by subject identity. The first is the task's headline metric."""
+    realism = (primary,) if primary in ("fid", "fd-classifier") else ()
+    return {"super-resolution": realism + ("psnr",), "dreambooth": ("subject-ssim",)}
 
 
 def default_budgets(rows: list[dict], cost: str = "executed_cost") -> list[dict]:
@@ -185,7 +187,7 @@ def task_analysis(rows: list[dict], curves: dict, pre_metric: str) -> dict:
     """Per downstream task: best rows over guidance, and (pretraining, downstream) quality per size."""
     out = {}
     for task in sorted({r.get("task") for r in rows} - {"text-to-image", None}):
-        metric = task_metrics(pre_metric).get(task, pre_metric)
+        metric = task_metrics(pre_metric).get(task, (pre_metric,))[0]
         mine_rows = [r for r in rows if r.get("task") == task]
         if task == "dreambooth" and all(r.get(metric) is None for r in mine_rows):
             metric = "subject-fidelity"  # results evaluated before subject-ssim existed

@@ -53,11 +53,13 @@ Examples:
 @click.option("--train-set", "train_sets", multiple=True, metavar="KEY=VALUE", help="TrainConfig override (lr, batch_size, ...).")
 def finetune_sr_cmd(init, data, out, images, overrides, train_sets) -> None:
     """Turn a text-to-image run into a 4x super-resolution model (SD x4 upscaler conditioning)."""
-    from ldmscale.tasks.superres import SRConfig, finetune_sr
+    from ldmscale.checkpoint import read_run_config
+    from ldmscale.tasks.superres import SRConfig, finetune_sr, sr_prediction
 
     sr = apply_overrides(SRConfig(init=str(init), data=data), overrides)
+    prediction = sr_prediction(read_run_config(init)["train"].get("prediction", "epsilon"))
     cfg = _train_cfg(init, out, images, train_sets, {"images": 20_000, "lr": 5e-4, "warmup_steps": 50, "cfg_dropout": 0.1,
-                                                      "checkpoint_every": 0, "keep": 2})
+                                                      "checkpoint_every": 0, "keep": 2, "prediction": prediction})
     r = finetune_sr(sr, from_dict(type(cfg), to_dict(cfg) | {"data": data}), out)
     if r["is_main"]:
         click.echo(f"super-resolution run {out}: {r['step']} steps, {r['images_seen']:,} images, "

@@ -47,7 +47,7 @@ def _extractors(cfg):
 
 
 def evaluate_sr(model, cfg) -> dict:
-    from ldmscale.data.degrade import degrade, resize
+    from ldmscale.data.degrade import bicubic_down, degrade, resize
     from ldmscale.data.sources import load_images
     from ldmscale.eval.reference import parse_reference, reference_stats
     from ldmscale.tasks.superres import SRConfig, upscale
@@ -76,6 +76,8 @@ def evaluate_sr(model, cfg) -> dict:
         for pred, prefix in ((out, ""), (bicubic, "bicubic_")):
             r = metrics.psnr_ssim(pred, hr)
             each.setdefault(prefix + "psnr", []).extend(r["psnr_each"])
+            # consistency: the output brought back down by 4x bicubic, against its input (ignoring the input: ~9 dB)
+            each.setdefault(prefix + "consistency", []).extend(metrics.psnr_ssim(bicubic_down(pred, sr.scale), lr)["psnr_each"])
             each.setdefault(prefix + "ssim", []).extend(r["ssim_each"])
             if cfg.lpips:
                 each.setdefault(prefix + "lpips", []).extend(metrics.lpips(pred, hr, cfg.lpips, reduce=False))

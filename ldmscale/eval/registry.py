@@ -30,6 +30,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("caption-accuracy", False, (T2I, DB), "classifier", "share of images classified as the prompted class"),
     Metric("clip", False, (T2I,), "clip", "CLIP score (torchmetrics' definition) of image and prompt"),
     Metric("psnr", False, (SR,), "", "PSNR of the upscaled image against the original (dB)"),
+    Metric("consistency", False, (SR,), "",
+           "PSNR of the upscaled image brought back down by bicubic, against its low-resolution input (dB)"),
     Metric("ssim", False, (SR,), "", "SSIM of the upscaled image against the original"),
     Metric("lpips", True, (SR,), "lpips", "LPIPS distance to the original (a TorchScript LPIPS model)"),
     Metric("subject-ssim", False, (DB,), "", "best SSIM of each image against the subject's views (identity)"),

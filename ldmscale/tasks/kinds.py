@@ -47,13 +47,13 @@ def _loop(task, base, **extra):
 
 
 def _super_resolution(task, study, ev, base, init: Path, run: Path, progress: bool) -> Built:
-    from ldmscale.tasks.superres import SRConfig, finetune_sr
+    from ldmscale.tasks.superres import SRConfig, finetune_sr, sr_prediction
 
     cfg = apply_overrides(SRConfig(init=str(init), data=study.data.source), _sets(task.set))
-    tcfg = _loop(task, base, data=cfg.data)
+    tcfg = _loop(task, base, data=cfg.data, prediction=sr_prediction(base.prediction))
     frechet = tuple(m for m in ev.metrics if m in ("fid", "fd-classifier"))
     # no guidance for super-resolution, as the paper
-    return Built(cfg, tcfg, lambda: finetune_sr(cfg, tcfg, run, progress), ("psnr", "ssim") + frechet,
+    return Built(cfg, tcfg, lambda: finetune_sr(cfg, tcfg, run, progress), ("psnr", "consistency", "ssim") + frechet,
                  (("ddim",), tuple(ev.steps), (1.0,)))
 
 
