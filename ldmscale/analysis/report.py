@@ -183,6 +183,9 @@ def _finite_plan(p: dict) -> dict:
                 [None if not math.isfinite(x) else x for x in v] if isinstance(v, tuple) else v) for k, v in p.items()}
 
 
+FIDELITY = {"super-resolution": ("psnr", "consistency")}  # shown beside a task's headline metric
+
+
 def task_analysis(rows: list[dict], curves: dict, pre_metric: str) -> dict:
     """Per downstream task: best rows over guidance, and (pretraining, downstream) quality per size."""
     out = {}
@@ -200,7 +203,13 @@ def task_analysis(rows: list[dict], curves: dict, pre_metric: str) -> dict:
             pick = min(down) if registry.lower_is_better(metric) else max(down)
             if size in curves:
                 points.append({"size": size, "pretrain": curves[size][-1][pre_metric], "downstream": pick, "steps": top})
-        out[task] = {"metric": metric, "best_over_guidance": best, "points": points}
+        # every step count on each metric of the task, beside bicubic upsampling of the same inputs (super-resolution)
+        cols = [m for m in dict.fromkeys((metric,) + FIDELITY.get(task, ())) if any(r.get(m) is not None for r in best)]
+        table = [{"size": r["size"], "steps": r["steps"], "values": {m: (r.get(m), r.get(f"{m}_std")) for m in cols}}
+                 for r in sorted(best, key=lambda r: (r["norm_cost"], r["steps"]))]
+        baseline = {m: next((r[f"bicubic_{m}"] for r in best if r.get(f"bicubic_{m}") is not None), None) for m in cols}
+        out[task] = {"metric": metric, "best_over_guidance": best, "points": points, "columns": cols, "table": table,
+                     "bicubic": baseline if any(v is not None for v in baseline.values()) else None}
     return out
 
 
