@@ -52,8 +52,8 @@ def main() -> None:
     model = load_run(a.out)
     w = model.unet.conv_in.weight.detach()
     c = model.latent_shape[0]
-    hr = torch.as_tensor(load_images(parse_source("animal-mnist"), "validation", 32, 1, a.num_images)[0])
-    caps = load_images(parse_source("animal-mnist"), "validation", 32, 1, a.num_images)[1]
+    hr, caps, _ = load_images(parse_source("animal-mnist"), "validation", 32, 1, a.num_images)
+    hr = torch.as_tensor(hr)
     seeds = list(range(len(hr)))
     low = degrade(hr, sr.scale, sr.degradation, seeds)
     bic = resize(low, hr.shape[-1], "bicubic")

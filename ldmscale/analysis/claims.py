@@ -16,71 +16,27 @@ and what would measure it). The rules (docs/claims.md; calibrated by tests/test_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 from ldmscale.analysis import scaling as analysis
 from ldmscale.analysis import stats
+from ldmscale.analysis.verdicts import (
+    COST,
+    FAILS,
+    HOLDS,
+    NOT_MEASURED,
+    PAPER_SAMPLERS,
+    SMALL_STEPS,
+    Verdict,
+    by_cost,
+    compare_rows,
+    crossover_tests,
+    fmt,
+    judge_crossovers,
+    p_worse,
+    pretraining,
+    row_text,
+)
 from ldmscale.eval import registry
-
-HOLDS, FAILS, NOT_MEASURED = "holds", "does not hold", "not measured"
-PAPER_SAMPLERS = ("ddim", "ddpm", "dpmsolver++")
-SMALL_STEPS = 20  # claim 5: "at small step counts"
-COST = "executed_cost"  # the axis of claims 3-6: normalized cost x model calls per image, as each sampler runs
-STATEMENTS = {
-    1: "Pretraining quality improves with training compute, and the bigger model wins with enough of it.",
-    2: "Downstream quality (super-resolution, DreamBooth) follows pretraining quality.",
-    3: "Under a small sampling budget a smaller model beats a larger one (bigger is not always better).",
-    4: "The sampler (DDIM, DDPM, DPM-Solver++) does not change that trend.",
-    5: "The same holds for downstream tasks at small step counts.",
-    6: "Distillation does not change it: a distilled larger model is matched by an undistilled smaller one at similar cost.",
-}
-
-
-@dataclass
-class Verdict:
-    claim: int
-    verdict: str
-    evidence: str
-    reason: str = ""
-    data: dict = field(default_factory=dict)
-    noise: str = ""  # which noise the standard errors behind the verdict hold
-
-    @property
-    def statement(self) -> str:
-        return STATEMENTS[self.claim]
-
-    def as_dict(self) -> dict:
-        return {"claim": self.claim, "statement": self.statement, "verdict": self.verdict, "evidence": self.evidence,
-                "reason": self.reason, "noise": self.noise, "data": self.data}
-
-
-def _fmt(y: float, e: float | None) -> str:
-    return f"{y:.4g}" + (f" ± {e:.2g}" if e is not None else " (no standard error)")
-
-
-def _row(r: dict, metric: str) -> str:
-    return _fmt(r[metric], stats.std(r, metric))
-
-
-def _compare(a: dict, b: dict, metric: str) -> dict:
-    return stats.compare(a[metric], stats.std(a, metric), b[metric], stats.std(b, metric), metric, stats.dof(a, metric),
-                         stats.dof(b, metric))
-
-
-def _pretraining(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r.get("task", "text-to-image") == "text-to-image" and not r.get("distilled")]
-
-
-def _by_cost(rows: list[dict]) -> list[str]:
-    sizes: dict[str, float] = {}
-    for r in rows:
-        sizes.setdefault(r["size"], float(r.get("norm_cost") or 0))
-    return sorted(sizes, key=sizes.get)
-
-
-def _p_worse(c: dict) -> float:
-    """One-sided p-value of the opposite direction of a comparison (a worse than b)."""
-    return stats.tail(-c["z"], c.get("df")) if c["se"] else 1.0
 
 
 # --------------------------------------------------------------------------------- claim 1: training compute
@@ -89,15 +45,15 @@ def _p_worse(c: dict) -> float:
 def claim1(rows: list[dict], metric: str, curve: tuple[str, int, float]) -> Verdict:
     """Every size improves with training compute (a significant slope against log compute), and at the largest
     training compute where two sizes were both measured the larger is better (Holm over the pairs)."""
-    curves = analysis.training_curves(_pretraining(rows), metric, *curve)
+    curves = analysis.training_curves(pretraining(rows), metric, *curve)
     curves = {s: pts for s, pts in curves.items() if len(pts) >= 2}
     if len(curves) < 2:
         return Verdict(1, NOT_MEASURED, "", "needs at least two sizes with two or more evaluated checkpoints")
-    sizes = _by_cost([pts[0] for pts in curves.values()])
+    sizes = by_cost([pts[0] for pts in curves.values()])
     trends = {s: stats.trend(curves[s], "train_flops", metric) for s in sizes}
-    parts = [f"{s} {_row(curves[s][0], metric)} -> {_row(curves[s][-1], metric)} (trend z = {trends[s]['z']:.1f})"
+    parts = [f"{s} {row_text(curves[s][0], metric)} -> {row_text(curves[s][-1], metric)} (trend z = {trends[s]['z']:.1f})"
              for s in sizes]
-    worse = [s for s in sizes if _p_worse(trends[s]) < stats.ALPHA]
+    worse = [s for s in sizes if p_worse(trends[s]) < stats.ALPHA]
     flat = [s for s in sizes if not trends[s]["p"] < stats.ALPHA]
     pairs, missing = [], []
     for i, small in enumerate(sizes):
@@ -119,14 +75,14 @@ def claim1(rows: list[dict], metric: str, curve: tuple[str, int, float]) -> Verd
         p["larger_wins"] = p["smaller_wins"] = False
     for p, w in zip(pro, stats.holm([p["p"] for p in pro])[0]):
         p["larger_wins"] = w
-    for p, lo in zip(con, stats.holm([_p_worse(p) for p in con])[0]):
+    for p, lo in zip(con, stats.holm([p_worse(p) for p in con])[0]):
         p["smaller_wins"] = lo
     wins = [p["larger_wins"] for p in pairs]
     for p in pairs:
         where = ("both final checkpoints" if len(p["final"]) == 2 else
                  f"{' and '.join(s for s in (p['larger'], p['smaller']) if s not in p['final'])} before the end of its run")
         parts.append(f"at {p['flops']:.3g} training FLOPs (the largest both reached; {where}) {p['larger']} "
-                     f"{_fmt(p['a'], p['a_std'])} vs {p['smaller']} {_fmt(p['b'], p['b_std'])}: z = {p['z']:.1f}")
+                     f"{fmt(p['a'], p['a_std'])} vs {p['smaller']} {fmt(p['b'], p['b_std'])}: z = {p['z']:.1f}")
     data = {"trends": trends, "pairs": pairs,
             "unmatched": [{"smaller": s, "larger": large, "needed_flops": f} for s, large, f in missing]}
     evidence = "; ".join(parts)
@@ -156,73 +112,12 @@ def claim1(rows: list[dict], metric: str, curve: tuple[str, int, float]) -> Verd
 # --------------------------------------------------------------------------------- claims 3, 4, 5: crossovers
 
 
-def crossover_tests(rows: list[dict], metric: str, cost: str = COST) -> list[dict]:
-    """Per sampler and pair of sizes, at matched cost inside the range both were measured: is the smaller better at
-    some budget (Simes' combination of the budgets' p-values), and the larger at the top of that range?
-    `p` is the larger of the two: both must hold (an intersection-union test)."""
-    rows = analysis.with_costs(rows) if cost == COST else rows
-    best = [r for r in analysis.best_over_guidance(analysis.final_rows(rows), metric) if r.get(cost) is not None]
-    tests = []
-    for sampler in sorted({r["sampler"] for r in best}):
-        mine = [r for r in best if r["sampler"] == sampler]
-        sizes = _by_cost(mine)
-        for i, small in enumerate(sizes):
-            for large in sizes[i + 1:]:
-                a, b = (stats.curve([r for r in mine if r["size"] == s], cost, metric) for s in (small, large))
-                m = stats.matched(a, b, metric)
-                if not m:
-                    continue
-                k = min(range(len(m)), key=lambda j: m[j]["p"])
-                p_small = stats.simes([c["p"] for c in m])
-                p_large = _p_worse(m[-1])
-                tests.append({"sampler": sampler, "smaller": small, "larger": large, "budgets": m, "small_best": m[k],
-                              "top": m[-1], "p_small": p_small, "p_large": p_large, "p": max(p_small, p_large),
-                              "p_reversed": _p_worse(m[0]) if len(m) > 1 else 1.0,
-                              "p_small_top": m[-1]["p"]})
-    return tests
-
-
-def _describe(t: dict, cost: str = COST) -> str:
-    s, top = t["small_best"], t["top"]
-    return (f"{t['smaller']} -> {t['larger']} with {t['sampler']}: at {cost.replace('_', ' ')} {s['x']:.3g} "
-            f"{t['smaller']} {_fmt(s['a'], s['a_std'])} vs {t['larger']} {_fmt(s['b'], s['b_std'])} (z = {s['z']:.1f}); "
-            f"at {top['x']:.3g} {t['larger']} {_fmt(top['b'], top['b_std'])} vs {t['smaller']} "
-            f"{_fmt(top['a'], top['a_std'])} (z = {-top['z']:.1f})")
-
-
-def _holm(test: dict) -> str:
-    # three digits: an adjusted p of 0.02265 passes ALPHA = 0.02275, and "0.023" would read as failing it
-    return f"Holm-adjusted p = {test['p_adjusted']:.3g} (passes at {stats.ALPHA:.3g} or less)"
-
-
-def judge_crossovers(claim: int, tests: list[dict], label: str = "") -> Verdict:
-    """Holds when some (sampler, pair) passes after Holm; does not hold when every one is contradicted beyond noise
-    (the larger better even at the cheapest budget both run, or the smaller better even at the top)."""
-    if not tests:
-        return Verdict(claim, NOT_MEASURED, "", f"needs two sizes measured over a common range of sampling cost{label}")
-    passed, adjusted = stats.holm([t["p"] for t in tests])
-    against, _ = stats.holm([min(t["p_reversed"], t["p_small_top"]) for t in tests])
-    for t, ok, adj, no in zip(tests, passed, adjusted, against):
-        t["significant"], t["p_adjusted"], t["contradicted"] = ok, adj, no
-    data = {"tests": [{k: v for k, v in t.items() if k != "budgets"} for t in tests]}
-    if any(passed):
-        return Verdict(claim, HOLDS, "; ".join(f"{_describe(t)}; {_holm(t)}" for t in tests if t["significant"]),
-                       data=data)
-    strongest = min(tests, key=lambda t: t["p"])
-    evidence = f"closest: {_describe(strongest)}; {_holm(strongest)}"
-    if all(against):
-        return Verdict(claim, FAILS, evidence, "in every pair the larger size is better even at the cheapest budget "
-                       f"where both run, or the smaller even at the top{label}", data)
-    return Verdict(claim, NOT_MEASURED, evidence, "no smaller size is better at a small budget and the larger at the "
-                   f"top beyond noise, after correcting for the {len(tests)} comparisons{label}", data)
-
-
 def claim3(rows: list[dict], metric: str) -> Verdict:
-    return judge_crossovers(3, crossover_tests(_pretraining(rows), metric))
+    return judge_crossovers(3, crossover_tests(pretraining(rows), metric))
 
 
 def claim4(rows: list[dict], metric: str) -> Verdict:
-    t2i = _pretraining(rows)
+    t2i = pretraining(rows)
     tests = [t for t in crossover_tests(t2i, metric) if t["sampler"] in PAPER_SAMPLERS]
     present = sorted({t["sampler"] for t in tests})
     if len(present) < 2:
@@ -282,7 +177,7 @@ def claim2(rows: list[dict], metric: str, curve: tuple[str, int, float], task_me
     """For every pair of sizes whose pretraining differs beyond noise, does the better-pretrained one make the better
     downstream model (at the task's largest step count, best guidance)? Holds with a supporting pair and no
     contradicting one (each family Holm-corrected)."""
-    curves = analysis.training_curves(_pretraining(rows), metric, *curve)
+    curves = analysis.training_curves(pretraining(rows), metric, *curve)
     pre = {s: pts[-1] for s, pts in curves.items()}
     parts, tests = [], []
     for t, tm, label in _judged(rows, task_metrics):
@@ -293,19 +188,19 @@ def claim2(rows: list[dict], metric: str, curve: tuple[str, int, float], task_me
             top = max(r["steps"] for r in best if r["size"] == s)
             cands = [r for r in best if r["size"] == s and r["steps"] == top]
             down[s] = min(cands, key=lambda r: r[tm] if registry.lower_is_better(tm) else -r[tm])
-        sizes = [s for s in _by_cost(list(down.values())) if s in pre]
+        sizes = [s for s in by_cost(list(down.values())) if s in pre]
         if len(sizes) < 2:
             continue
-        parts.append(f"{label}: " + ", ".join(f"{s} pretraining {_row(pre[s], metric)} -> {tm} {_row(down[s], tm)}"
+        parts.append(f"{label}: " + ", ".join(f"{s} pretraining {row_text(pre[s], metric)} -> {tm} {row_text(down[s], tm)}"
                                            for s in sizes))
         for i, a in enumerate(sizes):
             for b in sizes[i + 1:]:
-                c = _compare(pre[b], pre[a], metric)
+                c = compare_rows(pre[b], pre[a], metric)
                 hi, lo = (b, a) if c["z"] > 0 else (a, b)
-                c_pre = c if hi == b else _compare(pre[a], pre[b], metric)
-                d = _compare(down[hi], down[lo], tm)
+                c_pre = c if hi == b else compare_rows(pre[a], pre[b], metric)
+                d = compare_rows(down[hi], down[lo], tm)
                 tests.append({"task": t, "family": label, "metric": tm, "better": hi, "worse": lo, "p_pre": c_pre["p"], "z_down": d["z"],
-                              "p_support": max(c_pre["p"], d["p"]), "p_against": max(c_pre["p"], _p_worse(d)),
+                              "p_support": max(c_pre["p"], d["p"]), "p_against": max(c_pre["p"], p_worse(d)),
                               "text": f"{hi} {'better' if c_pre['z'] > 0 else 'no worse'} pretrained than {lo} "
                                       f"(z = {c_pre['z']:.1f}), at {label} z = {d['z']:+.1f}"})
     if not tests:
@@ -343,7 +238,7 @@ def claim6(rows: list[dict], metric: str) -> Verdict:
     if not distilled:
         return Verdict(6, NOT_MEASURED, "", "no distilled model in this study")
     plain = [r for r in best if not r.get("distilled")]
-    order = {s: i for i, s in enumerate(_by_cost(best))}
+    order = {s: i for i, s in enumerate(by_cost(best))}
     without = {(t["smaller"], t["larger"], t["sampler"]): t for t in crossover_tests(plain, metric)}
     tests, parts = [], []
     for size in sorted({r["size"] for r in distilled}, key=order.get):
@@ -362,7 +257,7 @@ def claim6(rows: list[dict], metric: str) -> Verdict:
         return Verdict(6, NOT_MEASURED, "", "no smaller undistilled size was measured at a distilled model's executed "
                        "cost")
     survives, _ = stats.holm([t["p"] for t in tests])
-    removed, _ = stats.holm([_p_worse(t) for t in tests])
+    removed, _ = stats.holm([p_worse(t) for t in tests])
     for t, s, r in zip(tests, survives, removed):
         t["smaller_wins"], t["distilled_wins"] = s, r
     for size in sorted({t["distilled"] for t in tests}, key=order.get):
@@ -372,8 +267,8 @@ def claim6(rows: list[dict], metric: str) -> Verdict:
                      + ("beyond noise" if known else "not shown") + " (unadjusted)")
         for t in (t for t in tests if t["distilled"] == size):
             parts.append(f"distilled {size} at {t['steps']} steps (executed cost {t['cost']:.3g}) "
-                         f"{_fmt(t['value'], t['value_std'])} vs {t['smaller']} {t['sampler']} "
-                         f"{_fmt(t['small'], t['small_std'])} (z = {t['z']:+.1f} for {t['smaller']})")
+                         f"{fmt(t['value'], t['value_std'])} vs {t['smaller']} {t['sampler']} "
+                         f"{fmt(t['small'], t['small_std'])} (z = {t['z']:+.1f} for {t['smaller']})")
     data = {"tests": tests}
     evidence = "; ".join(parts)
     if any(survives):
