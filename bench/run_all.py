@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["prepare.py", "train_cache.py", "sampling.py", "features.py", "speedups.py"]
+SCRIPTS = ["prepare.py", "train_cache.py", "sampling.py", "features.py", "speedups.py", "verify.py"]
 
 
 def table(results: dict) -> str:
@@ -42,6 +42,10 @@ def table(results: dict) -> str:
             rows.append(f"| train step {size}: speed work | {'; '.join(parts)} | step {s['baseline_step_s']} s | | |")
         fc = results["speedups"]["flop_cache"]
         rows.append(f"| FLOP count C=320 (s) | {fc['cached_s']} cached | {fc['cold_s']} counted | {fc['speedup']}x | |")
+    for size, v in results.get("verify", {}).get("sizes", {}).items():
+        rows.append(f"| verify checkpoint {size} ({v['checkpoint_mb']} MB), s: sampling; resume | {v['verify_s']}; "
+                    f"{v['resume_verify_s']} | {v['load_s']}; {v['resume_load_s']} (the loads, unverified) | "
+                    f"{v['verify_over_load']}x; {v['resume_verify_over_load']}x | |")
     return "\n".join(rows) + "\n"
 
 

@@ -3,3 +3,18 @@
 
 class UserError(Exception):
     """Bad input from the user (a path, a name, a value). The CLI prints it and exits with code 2."""
+
+
+class DiskFull(UserError):
+    """No space left while writing: names the path, the space it needed and what is free; nothing partial is left."""
+
+    def __init__(self, path, needed: int | None = None):
+        import shutil
+
+        where = path if path.exists() else path.parent
+        while not where.exists():
+            where = where.parent
+        free = shutil.disk_usage(where).free
+        need = f", about {needed / 1e6:,.1f} MB needed" if needed else ""
+        super().__init__(f"no space left on device writing {path} ({free / 1e6:,.1f} MB free{need}); nothing partial "
+                         "was kept: free space and run the same command again")

@@ -6,6 +6,7 @@ even if the process is killed with SIGKILL in the middle of a write.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from ldmscale.errors import UserError
+from ldmscale.errors import DiskFull, UserError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -35,8 +36,13 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call write(tmp_path) to produce the file, then move it into place atomically."""
+def disk_full(e: BaseException) -> bool:
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], needed: int | None = None) -> Path:
+    """Call write(tmp_path) to produce the file, then move it into place atomically; a full disk is one DiskFull
+    line and no temp file left behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -47,9 +53,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if disk_full(e):
+            raise DiskFull(path, needed or written or None) from None
         raise
     _fsync_dir(path.parent)
     return path
@@ -60,7 +69,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         with open(tmp, "wb") as f:
             f.write(data)
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, len(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -121,7 +130,10 @@ class atomic_dir:
         import shutil
 
         if exc_type is not None:
+            written = sum(p.stat().st_size for p in self.tmp.rglob("*") if p.is_file())
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if disk_full(exc) and not isinstance(exc, DiskFull):
+                raise DiskFull(self.out, written or None) from None
             return
         for p in self.tmp.rglob("*"):
             if p.is_file():

@@ -80,10 +80,10 @@ def test_every_numeric_config_field_refuses_bad_values_with_a_user_error(cls, na
 
 
 def _commands(group=None, path=()):
-    from ldmscale.cli.main import cli, register
+    from ldmscale.cli.main import MODULES, cli, register
 
     if group is None:
-        register("family", "data", "train", "eval", "study", "tasks")
+        register(*MODULES)
         group = cli
     for name, cmd in sorted(group.commands.items()):
         if isinstance(cmd, click.Group):

@@ -6,12 +6,12 @@ import dataclasses
 import click
 import pytest
 
-from ldmscale.cli.main import cli, register
+from ldmscale.cli.main import MODULES, cli, register
 from ldmscale.cli.options import field_help, given_overrides
 from ldmscale.config import apply_overrides
 from ldmscale.train.config import TrainConfig
 
-register("family", "data", "train", "eval", "study", "tasks")
+register(*MODULES)
 
 # concept -> the one word for it (and where the study file uses the same word)
 VOCABULARY = {

@@ -337,7 +337,7 @@ def build_report(out: str | Path, study, overlay_paper: bool = False, samples: b
     from ldmscale.study.plan import study_results, write_csv
 
     out = Path(out)
-    rows, _ = study_results(out, study)
+    rows, stale = study_results(out, study)
     if not rows:
         raise UserError(f"no evaluation results under {out}; run `ldmscale study run` first")
     write_csv(rows, out / "results.csv")
@@ -350,7 +350,8 @@ def build_report(out: str | Path, study, overlay_paper: bool = False, samples: b
         import json
 
         sanity = json.loads((out / "sanity.json").read_text())
-    ctx = dict(a=a, study=study, figs=figs, grids=grids, sanity=sanity, prov=provenance(out, study, rows))
+    prov = provenance(out, study, rows) | {"left_out": stale}
+    ctx = dict(a=a, study=study, figs=figs, grids=grids, sanity=sanity, prov=prov)
     atomic_write_text(folder / "summary.md", render("summary.md.j2", **ctx))
     atomic_write_text(folder / "report.html", render("report.html.j2", **ctx))
     atomic_write_json(folder / "analysis.json", {k: v for k, v in a.items() if not k.startswith("_")} | {"sanity": sanity})

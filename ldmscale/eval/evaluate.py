@@ -20,9 +20,10 @@ from typing import Annotated, Literal
 
 import torch
 
-from ldmscale.config import Config, NonNegative, Range, to_dict
+from ldmscale.config import Config, NonNegative, Range, from_dict, to_dict
 from ldmscale.errors import UserError
 from ldmscale.eval import metrics, registry
+from ldmscale.integrity import note, read_json, set_aside
 from ldmscale.eval.reference import (
     canonical_reference,
     parse_reference,
@@ -115,6 +116,11 @@ def build_extractors(cfg: EvalConfig) -> tuple[dict, object, object]:
     return extractors, clf, _extractor("clip", cfg.clip, _stamp(cfg.clip), dev) if "clip" in cfg.metrics else None
 
 
+def result_path(run: str | Path, result: dict) -> Path:
+    """Where evaluate() wrote `result` (a study records its hash in the job record)."""
+    return Path(run) / "eval" / result_name(from_dict(EvalConfig, result["config"]), result["checkpoint"])
+
+
 def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: bool = False) -> dict:
     from accelerate import PartialState
 
@@ -138,9 +144,13 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
         cfg = dataclasses.replace(cfg, reference=canonical_reference(model.config["data"]["source"]))
     out = Path(run) / "eval" / result_name(cfg, model.ckpt.name)
     if out.exists() and not force:
-        existing = json.loads(out.read_text())
-        if existing.get("config") == to_dict(cfg):
-            return existing
+        try:
+            existing = read_json(out, "eval result")
+            if existing.get("config") == to_dict(cfg):
+                return existing
+        except (ValueError, OSError) as e:
+            if state.is_main_process:
+                note(f"{e}; moved to {set_aside(out, out.parent / 'damaged')}; evaluating again")
     kind = model.config.get("kind", "text-to-image")
     registry.check_metrics(cfg.metrics, kind, str(run), classifier=cfg.classifier, clip=cfg.clip, lpips=cfg.lpips)
     if kind in ("super-resolution", "dreambooth"):

@@ -23,8 +23,8 @@ def _execute(out: str, job) -> str:
     from ldmscale.study.jobs import mark_done
 
     t0 = time.time()
-    job.run()
-    mark_done(Path(out), job, time.time() - t0)
+    produced = job.run()
+    mark_done(Path(out), job, time.time() - t0, produced)
     return job.id
 
 
@@ -32,7 +32,7 @@ def run_submitit(out: Path, jobs: list, executor: str, log: Callable[[str], None
                  parameters: dict | None = None) -> dict:
     import submitit
 
-    from ldmscale.study.jobs import job_done
+    from ldmscale.study.jobs import pending_jobs
 
     out = Path(out)
     if executor == "slurm":
@@ -43,7 +43,7 @@ def run_submitit(out: Path, jobs: list, executor: str, log: Callable[[str], None
     ex.update_parameters(**params)
     t0, ran = time.time(), 0
     for wave in sorted({WAVES.get(j.kind, 5) for j in jobs}):
-        pending = [j for j in jobs if WAVES.get(j.kind, 5) == wave and not job_done(out, j)]
+        pending = pending_jobs(out, [j for j in jobs if WAVES.get(j.kind, 5) == wave], log)
         if not pending:
             continue
         log(f"wave {wave}: submitting {len(pending)} job(s): {', '.join(j.name for j in pending[:4])}"

@@ -10,31 +10,86 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ldmscale import integrity
+from ldmscale.integrity import read_json
+
 
 @dataclass
 class Job:
     kind: str  # autoencoder | classifier | prepare | train | eval | (task kinds)
     name: str
     config: dict
-    run: Callable[[], object]
+    run: Callable[[], object]  # returns the path of the file it produced (an eval result) to record its hash
     cost_flops: float = 0.0  # estimate, for --dry-run and the ETA
     extra_seconds: float = 0.0  # work that is not UNet FLOPs (Inception features), for the ETA
 
     @property
     def id(self) -> str:
-        return hashlib.sha256(json.dumps({"kind": self.kind, **self.config}, sort_keys=True, default=str)
-                              .encode()).hexdigest()[:16]
+        return job_id(self.kind, self.config)
+
+
+def job_id(kind: str, config: dict) -> str:
+    """A job's identity: the hash of its kind and resolved config (so its record's file name checks its content)."""
+    return hashlib.sha256(json.dumps({"kind": kind, **config}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_done(out: Path, job: Job) -> tuple[bool, str, list[Path]]:
+    """(done, why not, damaged outputs): a job is done when its record parses, is this job's, and every output it
+    recorded (an eval result) still has the bytes and sha256 it was written with."""
+    path = out / "jobs" / f"{job.id}.json"
+    if not path.exists():
+        return False, "", []
+    try:
+        rec = read_json(path, "job record")
+    except ValueError as e:
+        return False, str(e), []
+    if rec.get("kind") != job.kind or "finished" not in rec \
+            or rec.get("config") != json.loads(json.dumps(job.config, default=str)):
+        return False, f"job record {path} is damaged (not the record of this job)", []
+    for rel, want in recorded_outputs(out, rec):
+        bad = integrity.damage(out / rel, want)
+        if bad:
+            return False, f"{out / rel} ({job.name}) is damaged ({bad})", [out / rel]
+    return True, "", []
+
+
+def recorded_outputs(out: Path, rec: dict) -> list[tuple[str, dict]]:
+    """The recorded outputs of a job record that lie inside the study folder (nothing elsewhere is ever touched)."""
+    outputs = rec.get("outputs")
+    return [(rel, want) for rel, want in (outputs.items() if isinstance(outputs, dict) else [])
+            if isinstance(want, dict) and (out / rel).resolve().is_relative_to(Path(out).resolve())]
 
 
 def job_done(out: Path, job: Job) -> bool:
-    return (out / "jobs" / f"{job.id}.json").exists()
+    return check_done(out, job)[0]
 
 
-def mark_done(out: Path, job: Job, seconds: float) -> None:
+def mark_done(out: Path, job: Job, seconds: float, produced: object = None) -> None:
+    """The job's record, with the bytes and sha256 of the file it produced when its run returned a path."""
     from ldmscale.io import atomic_write_json
 
+    outputs = {}
+    if isinstance(produced, Path) and produced.is_file() and produced.resolve().is_relative_to(out.resolve()):
+        outputs[str(produced.resolve().relative_to(out.resolve()))] = integrity.record(produced)
     atomic_write_json(out / "jobs" / f"{job.id}.json", {"kind": job.kind, "name": job.name, "config": job.config,
-                                                        "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+                                                        "seconds": round(seconds, 2), "outputs": outputs,
+                                                        "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def pending_jobs(out: Path, jobs: list[Job], log: Callable[[str], None] = print) -> list[Job]:
+    """The jobs still to run; a damaged record or output is named in one line and its output set aside (kept in
+    a damaged/ folder beside it), so the job runs again from scratch."""
+    pending = []
+    for j in jobs:
+        done, why, damaged = check_done(out, j)
+        if done:
+            continue
+        if why:
+            for p in (p for p in damaged if p.exists()):
+                why += f"; moved to {integrity.set_aside(p, p.parent / 'damaged')}"
+            log(f"{why}; running it again")
+        pending.append(j)
+    return pending
 
 
 # A first guess of each job's seconds, measured on a 2-core CPU: UNet FLOPs at NOMINAL_FLOPS, a fixed cost per
@@ -95,7 +150,7 @@ def run_jobs(out: Path, jobs: list[Job], progress: bool = True, log: Callable[[s
     learns each kind of job's real speed on this machine."""
     from ldmscale.progress import bar
 
-    pending = [j for j in jobs if not job_done(out, j)]
+    pending = pending_jobs(out, jobs, log)
     done0 = len(jobs) - len(pending)
     log(f"study {out}: {len(jobs)} jobs, {done0} already done, {len(pending)} to run")
     weights = [estimated_seconds(j) for j in pending]
@@ -106,8 +161,8 @@ def run_jobs(out: Path, jobs: list[Job], progress: bool = True, log: Callable[[s
         left = _clock(eta.remaining(pending[n:])) if eta.spent else "?"
         pbar.set_postfix_str(f"<{left} left, jobs {done0 + n}/{len(jobs)}, now: {job.name}")
         t0 = time.time()
-        job.run()
-        mark_done(out, job, time.time() - t0)
+        produced = job.run()
+        mark_done(out, job, time.time() - t0, produced)
         eta.record(job, time.time() - t0)
         pbar.update(w)
     pbar.set_postfix_str(f"jobs {len(jobs)}/{len(jobs)}")

@@ -10,6 +10,7 @@ from ldmscale.config import from_dict, to_dict
 from ldmscale.diffusion.samplers import model_calls
 from ldmscale.errors import UserError
 from ldmscale.eval import registry
+from ldmscale.integrity import note, read_json
 from ldmscale.study.jobs import FID_SECONDS_PER_IMAGE, Job
 from ldmscale.study.spec import EVAL_SEED_STRIDE, Study, TaskSection, eval_config, run_name, study_eval
 
@@ -47,11 +48,9 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
     from ldmscale.config import apply_overrides
     from ldmscale.data.autoencoder import AutoencoderConfig, train_autoencoder
     from ldmscale.data.cache import PrepareConfig, prepare
-    from ldmscale.eval.evaluate import evaluate
     from ldmscale.eval.features import ClassifierConfig, train_classifier
-    from ldmscale.model import flops
-    from ldmscale.model.family import parse_size, size_spec
-    from ldmscale.train.loop import TrainConfig, train
+    from ldmscale.model.family import parse_size
+    from ldmscale.train.loop import TrainConfig
 
     out = Path(out).resolve()
     jobs: list[Job] = []
@@ -100,7 +99,7 @@ def size_jobs(study: Study, ev, base, size, seed: int, shapes: dict, out: Path, 
     is independent of the other seeds'."""
     import dataclasses
 
-    from ldmscale.eval.evaluate import evaluate
+    from ldmscale.eval.evaluate import evaluate, result_path
     from ldmscale.model import flops
     from ldmscale.model.family import parse_size, size_spec
     from ldmscale.train.loop import TrainConfig, train
@@ -140,7 +139,7 @@ def size_jobs(study: Study, ev, base, size, seed: int, shapes: dict, out: Path, 
                                 bootstrap=0) if agreement else {}))  # the rank correlation needs values only
         calls = model_calls(sampler, n_steps, g)
         return Job("eval", f"eval {size.name}{tag} {label}", to_dict(e_cfg) | {"run": str(run)},
-                   lambda: evaluate(run, e_cfg, progress=False), cost_flops=n * calls * fwd,
+                   lambda: result_path(run, evaluate(run, e_cfg, progress=False)), cost_flops=n * calls * fwd,
                    extra_seconds=n * FID_SECONDS_PER_IMAGE * ("fid" in e_cfg.metrics))
 
     for ck in curve_steps:
@@ -218,7 +217,11 @@ def collect(out: Path) -> list[dict]:
     rows, seeds = [], {}
     out = Path(out)
     for path in sorted(out.glob("**/eval/*.json")):
-        r = json.loads(path.read_text())
+        try:
+            r = read_json(path, "eval result")
+        except ValueError as e:  # the next `study run` evaluates it again
+            note(f"{e}; left out of the results (the next `ldmscale study run` evaluates it again)")
+            continue
         row = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
         row.update(r.get("metrics", {}))
         row["file"] = str(path.relative_to(out))
@@ -258,8 +261,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run: Path, fwd: int, clf_dir: str,
               progress: bool) -> list[Job]:
     """Fine-tune (or distill) one trained size for a task, then evaluate it over the task's grid."""
-    from ldmscale.eval.evaluate import evaluate
-    from ldmscale.model import flops
+    from ldmscale.eval.evaluate import evaluate, result_path
     from ldmscale.tasks import kinds as tasks
 
     ev, kind = study_eval(study), tasks.kind(task.kind)
@@ -282,5 +284,6 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
                 calls = model_calls(sampler, n_steps, g, guidance_embedded=not kind.guidance_doubles_calls)
                 jobs.append(Job("task-eval", f"eval {name} {init.name} {sampler} {n_steps} step{'s' * (n_steps != 1)} "
                                 f"g{g:g}", to_dict(e_cfg) | {"run": str(run)},
-                                lambda c=e_cfg: evaluate(run, c, progress=False), cost_flops=e_cfg.num_images * calls * fwd))
+                                lambda c=e_cfg: result_path(run, evaluate(run, c, progress=False)),
+                                cost_flops=e_cfg.num_images * calls * fwd))
     return jobs
