@@ -180,7 +180,7 @@ def test_downstream_study_is_the_demo_plus_tasks():
 
     demo, full = (to_dict(load_study(ROOT / "studies" / f"{n}.toml")) for n in ("demo", "downstream"))
     assert {k: v for k, v in full.items() if k not in ("name", "tasks")} == {k: v for k, v in demo.items() if k not in ("name", "tasks")}
-    assert sorted(t["kind"] for t in full["tasks"].values()) == ["consistency", "super-resolution"]
+    assert sorted(t["kind"] for t in full["tasks"].values()) == ["consistency", "dreambooth", "super-resolution"]
 
 
 def test_seeds_study_is_the_demo_with_seeds_and_reuses_its_jobs(tmp_path):
