@@ -42,6 +42,15 @@ def run_cli(*args, env=None, timeout=600, check=False, subprocess_=False):
     return proc
 
 
+def printed_pipeline(proc):
+    """Run the loading line `ldmscale export` printed, as a user pastes it (up to the call it shows for PixArt);
+    the pipeline it loads."""
+    line = proc.stdout.strip().splitlines()[-1].strip()
+    namespace: dict = {}
+    exec(line.split("; pipe(")[0], namespace)
+    return namespace["pipe"]
+
+
 def _in_process(argv: list[str]) -> subprocess.CompletedProcess:
     import contextlib
     import io

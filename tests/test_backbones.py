@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import resume_exactly, run_cli, tiny_train_config
+from conftest import printed_pipeline, resume_exactly, run_cli, tiny_train_config
 
 from ldmscale.errors import UserError
 from ldmscale.model import flops
@@ -263,18 +263,19 @@ def test_isoflop_study_trains_every_size_to_each_budget_and_reports_per_backbone
 def test_dit_export_loads_as_pixart_and_reproduces_ldmscale_latents(tiny_cache, tmp_path):
     from diffusers import PixArtAlphaPipeline
 
-    from ldmscale.diffusion.export import export
     from ldmscale.diffusion.samplers import generate_latents, make_sampler
     from ldmscale.diffusion.sampling import encode_prompts, load_run
     from ldmscale.train.loop import train
 
     train(tiny_train_config(tiny_cache, size="dit-32x2", images=16), tmp_path / "run", progress=False)
-    export(tmp_path / "run", tmp_path / "export")
+    proc = run_cli("export", "--run", tmp_path / "run", "--out", tmp_path / "export", check=True)
+    assert "use_resolution_binning=False" in proc.stdout and "height=32, width=32" in proc.stdout
     m = load_run(tmp_path / "run", device="cpu")
     cond, uncond = encode_prompts(m, ["a cat", "a zebra"])
     ours = generate_latents(m.unet, make_sampler("ddim"), 5, cond, uncond, 3.0,
                             [torch.Generator().manual_seed(s) for s in (3, 4)], m.latent_shape)
-    pipe = PixArtAlphaPipeline.from_pretrained(tmp_path / "export", trust_remote_code=True)
+    pipe = printed_pipeline(proc)  # the line export printed
+    assert isinstance(pipe, PixArtAlphaPipeline)
     pipe.set_progress_bar_config(disable=True)
     ones = torch.ones(cond.shape[:2], dtype=torch.long)
     size = m.latent_shape[1] * pipe.vae_scale_factor

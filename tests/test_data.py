@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import run_cli
 from fixtures import caption, make_folder, make_hf, make_tars
+from PIL import Image
 from safetensors import safe_open
 
 import ldmscale.data.cache as cache_mod
@@ -202,3 +203,27 @@ def test_autoencoder_train_cli(tmp_path):
     assert report["train_images"] == 11 and report["validation_images"] == 1
     proc = run_cli("autoencoder", "train", "--source", "animal-mnist", "--out", out, "--set", "stepz=3")
     assert proc.returncode == 2 and "unknown key 'stepz'" in proc.stderr
+
+
+def test_an_rgb_folder_trains_rgb_models_end_to_end_by_default(tmp_path):
+    from fixtures import shape_image
+
+    root = tmp_path / "rgb"
+    root.mkdir()
+    rows = []
+    for i in range(12):
+        arr = np.asarray(shape_image(i, 32)).copy()
+        arr[..., 1 + i % 2] = 0  # magenta or yellow shapes
+        Image.fromarray(arr).save(root / f"{i:02d}.png")
+        rows.append({"file_name": f"{i:02d}.png", "text": "a yellow shape" if i % 2 else "a magenta shape"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = run_cli("autoencoder", "train", "--source", f"folder:{root}", "--out", tmp_path / "ae", "--set", "steps=3",
+                "--set", "batch_size=4", "--set", "block_out_channels=8,16,16", "--set", "norm_groups=8", check=True)
+    assert "autoencoder channels=3: RGB, the source has colour images" in p.stderr
+    run_cli("data", "prepare", "--source", f"folder:{root}", "--autoencoder", tmp_path / "ae", "--out",
+            tmp_path / "cache", check=True)
+    run_cli("train", "--cache", tmp_path / "cache", "--size", "c8", "--images", "8", "--set", "batch_size=8",
+            "--set", "warmup_steps=0", "--out", tmp_path / "run", check=True)
+    run_cli("sample", "--run", tmp_path / "run", "--prompt", "a magenta shape", "--steps", "1", "--num-images", "1",
+            "--out", tmp_path / "s", check=True)
+    assert Image.open(tmp_path / "s" / "p00-000.png").mode == "RGB"

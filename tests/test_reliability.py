@@ -167,3 +167,15 @@ def test_guidance_that_is_not_finite_is_refused_before_sampling(tiny_run, tmp_pa
         p = run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--guidance", g, "--out", tmp_path / g)
         assert p.returncode == 2 and "not a finite number" in p.stderr
         assert not (tmp_path / g).exists()
+
+
+def test_a_warmup_longer_than_the_run_is_said_at_the_start_and_recorded(tmp_path, tiny_cache, capsys):
+    from ldmscale.train.loop import train
+
+    train(tiny_train_config(tiny_cache, images=32, warmup_steps=100, checkpoint_at=(2, 9)), tmp_path / "r",
+          progress=False)
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len(err) == 2 and "warmup_steps=100 is not shorter than the run (4 optimizer steps of 8 images)" in err[0]
+    assert "ends at 4% of it" in err[0] and "checkpoint_at steps 9 are after the run's last step (4)" in err[1]
+    warnings = json.loads((tmp_path / "r" / "config.json").read_text())["warnings"]
+    assert [w[:30] for w in warnings] == [e.split("warning: ")[1][:30] for e in err]

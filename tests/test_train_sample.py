@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli, tiny_train_config
+from conftest import ROOT, printed_pipeline, run_cli, tiny_train_config
 from safetensors import safe_open
 
 import ldmscale.train.loop as train_mod
@@ -263,11 +263,12 @@ def test_sample_cli(tiny_run, tmp_path):
             "--overwrite", check=True)
 
 
-def _pipeline_latents(folder, prompt_embeds=None, negative=None, prompt=None, seeds=(3, 4), steps=5, guidance=3.0):
+def _pipeline_latents(folder, prompt_embeds=None, negative=None, prompt=None, seeds=(3, 4), steps=5, guidance=3.0,
+                      pipe=None):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
-                                                   trust_remote_code=True)
+    pipe = pipe or StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
+                                                           trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -289,31 +290,33 @@ def test_export_clip_pipeline_matches_ldmscale_sample(tmp_path, tiny_ae):
     from fixtures import make_tiny_clip
 
     from ldmscale.data.cache import PrepareConfig, prepare
-    from ldmscale.diffusion.export import export
 
     clip = make_tiny_clip(tmp_path / "clip")
     cache = tmp_path / "cache"
     prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tiny_ae), text_encoder=f"clip:{clip}",
                           resolution=32, limit=16), cache, progress=False)
     train(tiny_train_config(cache, images=16), tmp_path / "run", progress=False)
-    export(tmp_path / "run", tmp_path / "export")
+    proc = run_cli("export", "--run", tmp_path / "run", "--out", tmp_path / "export", check=True)
+    assert "trust_remote_code" not in proc.stdout  # a CLIP text encoder is plain transformers
     prompts = ["a cat", "a zebra"]
     ours = _our_latents(tmp_path / "run", prompts)
-    theirs = _pipeline_latents(tmp_path / "export", prompt=prompts)
+    theirs = _pipeline_latents(None, prompt=prompts, pipe=printed_pipeline(proc))
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
 
 
 def test_export_minilm_pipeline_takes_plain_prompts_or_refuses(tiny_run, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from ldmscale.diffusion.export import export
     from ldmscale.diffusion.sampling import encode_prompts, load_run
 
-    export(tiny_run, tmp_path / "export")
+    proc = run_cli("export", "--run", tiny_run, "--out", tmp_path / "export", check=True)
+    assert "trust_remote_code=True" in proc.stdout
     model = load_run(tiny_run)
-    # plain prompts through the pipeline's own tokenizer and text encoder give ldmscale's zero-padded states
+    # plain prompts through the pipeline's own tokenizer and text encoder give ldmscale's zero-padded states, from
+    # the pipeline that the line export printed loads
     ours = _our_latents(tiny_run, ["a cat", "a zebra"])
-    assert torch.allclose(ours, _pipeline_latents(tmp_path / "export", prompt=["a cat", "a zebra"]), atol=1e-5)
+    assert torch.allclose(ours, _pipeline_latents(None, prompt=["a cat", "a zebra"], pipe=printed_pipeline(proc)),
+                          atol=1e-5)
     cond, uncond = encode_prompts(model, ["a cat", "a zebra"])
     theirs = _pipeline_latents(tmp_path / "export", prompt_embeds=cond, negative=uncond.expand(2, -1, -1))
     assert torch.allclose(ours, theirs, atol=1e-5)

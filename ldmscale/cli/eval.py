@@ -20,7 +20,9 @@ Examples:
   ldmscale eval --run runs/c16 --sampler dpmsolver++ --steps 20 --metrics fid,clip --clip openai/clip-vit-large-patch14
   accelerate launch --multi_gpu --num_processes 2 -m ldmscale eval --run runs/c16 --metrics fid
 \b
-Writes RUN/eval/<sampler>-s<steps>-g<guidance>-n<images>-<checkpoint>-<weights>.json (skipped if present).
+Writes RUN/eval/<sampler>-s<steps>-g<guidance>-n<images>[-trailing][-<tag>][-bf16]-<checkpoint>-<weights>-<hash>.json,
+e.g. ddim-s16-g12-n200-trailing-step-001000-ema-1a2b3c4d.json; <hash> covers the reference, feature networks,
+metrics and seed. Skipped if present (--force recomputes).
 """)
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
               help='Run directory (text-to-image, super-resolution, DreamBooth or distilled).')

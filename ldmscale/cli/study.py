@@ -128,7 +128,7 @@ def _report(out: Path, study) -> None:
 Example:
   ldmscale study report demo
 """)
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("--study-file", "study_file", type=click.Path(path_type=Path), help="Study file (default: OUT/study.toml).")
 def study_report(out, study_file) -> None:
     """Figures (PNG, SVG), a Markdown summary and a self-contained HTML report of a study."""
@@ -144,7 +144,7 @@ Examples:
   ldmscale study calibrate demo --seeds 3 --studies 1000 --format json
   ldmscale study calibrate demo --profile-out profile.json
 """)
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("--studies", default=500, show_default=True, type=click.IntRange(10, 100_000),
               help="Simulated studies per world.")
 @click.option("--seeds", type=click.IntRange(1, 100), default=None,
@@ -188,7 +188,7 @@ Examples:
   ldmscale plan demo --budget-ms 40 --metric caption-accuracy --format json
   ldmscale plan backbones --train-flops 2e13      # an isoflop study: the compute-optimal size per backbone
 """)
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("--budget", type=FINITE, help="Sampling budget in the units of --cost.")
 @click.option("--cost", "cost_axis", default="executed", show_default=True, type=click.Choice(["executed", "paper"]),
               help="executed: normalized cost x model calls per image, as each sampler and guidance run (Heun's two "

@@ -180,7 +180,11 @@ def _sample_sr(run_dir, lr_source, prompts, samplers, steps, guidance, seed, num
 \b
 Example:
   ldmscale export --run runs/c16 --out export/c16
-  python -c "from diffusers import StableDiffusionPipeline as P; P.from_pretrained('export/c16')"
+  python -c "from diffusers import StableDiffusionPipeline; pipe = StableDiffusionPipeline.from_pretrained('export/c16', trust_remote_code=True)"
+
+It prints the exact line that loads the folder: trust_remote_code=True with the default MiniLM text encoder (its
+zero-padding encoder travels with the folder as code; a CLIP run needs none), PixArtAlphaPipeline for a DiT run
+(called with use_resolution_binning=False at ldmscale's sizes), StableDiffusion3Pipeline for a flow MM-DiT run.
 """)
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help='Run directory.')
 @click.option("--out", required=True, type=click.Path(path_type=Path), help='Output folder.')
@@ -189,11 +193,11 @@ Example:
               help='EMA or raw training weights.')
 @click.option("--overwrite", is_flag=True, help="Replace an export already at --out (nothing else is ever replaced).")
 def export_cmd(run_dir, out, which, weights, overwrite) -> None:
-    """Export a run as a diffusers StableDiffusionPipeline folder."""
-    from ldmscale.diffusion.export import export
+    """Export a run as a diffusers pipeline folder (StableDiffusionPipeline; PixArt or SD3 for transformers)."""
+    from ldmscale.diffusion.export import export, load_line
 
     export(run_dir, out, which, weights, overwrite)
-    click.echo(f"exported {run_dir} to {out} (StableDiffusionPipeline.from_pretrained('{out}'))")
+    click.echo(f"exported {run_dir} to {out}; load it with:\n  {load_line(out)}")
     from ldmscale.checkpoint import read_run_config
 
     cfg = read_run_config(run_dir)

@@ -6,6 +6,8 @@ scaling factor is measured on data (1 / std of the latents, as the LDM paper doe
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import time
@@ -28,7 +30,7 @@ class AutoencoderConfig(Config):
 
     source: str = "animal-mnist"
     resolution: Annotated[int, Range(8, 8192)] = 32
-    channels: Literal[1, 3] = 1  # 1 grayscale, 3 RGB
+    channels: Literal[0, 1, 3] = 0  # 0: from the data (3 if its images have colour, else 1); 1 grayscale; 3 RGB
     block_out_channels: tuple[Annotated[int, Range(1, 4096)], ...] = (16, 32, 32)  # len-1 downsamplings: f=4
     layers_per_block: Annotated[int, Range(1, 8)] = 1
     latent_channels: Annotated[int, Range(1, 64)] = 4
@@ -106,12 +108,46 @@ def decode(vae, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return torch.cat(out).clamp(-1, 1)
 
 
+def source_channels(source: str, sample: int = 64) -> int:
+    """3 when any of the first `sample` readable images of the source's first split has colour, else 1."""
+    from ldmscale.data.sources import iterate, parse_source, splits, to_8bit
+
+    src, seen = parse_source(source), 0
+    for item in iterate(src, splits(src)[0]):
+        if item.image is None:
+            continue
+        img = to_8bit(item.image)
+        if img.mode not in ("1", "L", "LA"):
+            rgb = np.asarray(img.convert("RGB"))
+            if (rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any():
+                return 3
+        seen += 1
+        if seen >= sample:
+            break
+    return 1
+
+
+def resolve_channels(cfg: AutoencoderConfig, announce: bool = True) -> AutoencoderConfig:
+    """channels=0 becomes the data's (source_channels), said in one line."""
+    if cfg.channels:
+        return cfg
+    channels = source_channels(cfg.source)
+    if announce:
+        from ldmscale.integrity import note
+
+        note(f"autoencoder channels={channels}: "
+             + ("RGB, the source has colour images" if channels == 3 else "grayscale, no colour among the source's "
+                "first 64 images") + " (set channels=1 or 3 to choose)")
+    return dataclasses.replace(cfg, channels=channels)
+
+
 def train_autoencoder(cfg: AutoencoderConfig, out: str | Path, progress: bool = True, overwrite: bool = False) -> dict:
     """Train a KL autoencoder from scratch on a source; save it in diffusers format at `out` (an existing autoencoder
-    there is replaced only with overwrite)."""
+    there is replaced only with overwrite). channels=0 takes the data's."""
     from ldmscale.io import check_output
 
     check_output(out, "autoencoder", overwrite)
+    cfg = resolve_channels(cfg)
     from ldmscale.data.sources import load_images, parse_source, splits
     from ldmscale.progress import bar as progress_bar
 

@@ -86,6 +86,30 @@ def export(run: str | Path, out: str | Path, which: str = "latest", weights: str
     return Path(out)
 
 
+def load_line(folder: str | Path) -> str:
+    """The Python that loads an exported folder as it was written: its pipeline class, trust_remote_code when the
+    text encoder travels as code, no text encoders for SD3; and, for PixArt, how to call it at ldmscale's sizes."""
+    import json
+
+    folder = Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    cls = index["_class_name"]
+    args = [repr(str(folder))]
+    if cls == "StableDiffusion3Pipeline":
+        args += [f"{k}=None" for k in SD3_TEXT_SLOTS]
+    elif index.get("text_encoder", [None])[0] == "ldmscale_text":
+        args.append("trust_remote_code=True")
+    line = f"from diffusers import {cls}; pipe = {cls}.from_pretrained({', '.join(args)})"
+    if cls == "PixArtAlphaPipeline":
+        side = json.loads((folder / "transformer" / "config.json").read_text())["sample_size"] * 2 ** (
+            len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+        line += (f"; pipe(prompt_embeds=..., prompt_attention_mask=..., height={side}, width={side}, "
+                 "use_resolution_binning=False)  # prompt_embeds from ldmscale's encoder: see ldmscale_source.txt")
+    elif cls == "StableDiffusion3Pipeline":
+        line += "; pipe(prompt_embeds=..., pooled_prompt_embeds=...)  # see ldmscale_source.txt"
+    return line
+
+
 # SD3's pipeline encodes prompts with its own three text encoders; an ldmscale MM-DiT reads ldmscale's states,
 # so the folder has none and prompts go in as embeddings
 SD3_TEXT_SLOTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")

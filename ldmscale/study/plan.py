@@ -46,7 +46,7 @@ def expected_shapes(study: Study, out: Path) -> dict:
 def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
     """The study as an ordered list of jobs: first stage, cache, classifier, training, evaluation."""
     from ldmscale.config import apply_overrides
-    from ldmscale.data.autoencoder import AutoencoderConfig, train_autoencoder
+    from ldmscale.data.autoencoder import AutoencoderConfig, resolve_channels, train_autoencoder
     from ldmscale.data.cache import PrepareConfig, prepare
     from ldmscale.eval.features import ClassifierConfig, train_classifier
     from ldmscale.model.family import parse_size
@@ -58,6 +58,7 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
     ae_dir = d.autoencoder or str(out / "autoencoder")
     if not d.autoencoder and not d.cache:
         ae_cfg = from_dict(AutoencoderConfig, {"source": d.source, "resolution": d.resolution} | dict(study.autoencoder))
+        ae_cfg = resolve_channels(ae_cfg, announce=False)  # the data's channels, in the job's config
         jobs.append(Job("autoencoder", "autoencoder", to_dict(ae_cfg),
                         lambda c=ae_cfg: train_autoencoder(c, out / "autoencoder", progress=progress, overwrite=True)))
     cache = d.cache or str(out / "cache")

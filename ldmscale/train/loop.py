@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ldmscale import checkpoint
+from ldmscale import checkpoint, integrity
 from ldmscale.config import from_dict, to_dict
 from ldmscale.errors import UserError
 from ldmscale.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
@@ -162,10 +162,13 @@ def loop(cfg: TrainConfig, run: Path, progress: bool, make_task) -> dict:
 
     s = setup(cfg, run, make_task)
     resume(cfg, run, s)
+    warnings = dead_settings(cfg, s.total_steps)
     if s.acc.is_main_process:  # written once everything is built: a run that fails to start leaves no config behind
+        for w in warnings:
+            integrity.note(f"warning: {w}")
         machine = {"device": str(s.acc.device), "processes": s.acc.num_processes,
                    "distributed": str(s.acc.distributed_type), "mixed_precision": cfg.mixed_precision}
-        atomic_write_json(run / "config.json", s.task.resolved | {"machine": machine})
+        atomic_write_json(run / "config.json", s.task.resolved | {"machine": machine, "warnings": warnings})
     trackers.start(cfg, run, s)
     pbar = bar(total=s.total_steps, initial=s.start, desc=f"train {s.task.resolved['train']['size']}", unit="step",
                enabled=progress and s.acc.is_main_process)
@@ -184,6 +187,20 @@ def loop(cfg: TrainConfig, run: Path, progress: bool, make_task) -> dict:
     pbar.close()
     s.acc.end_training()
     return ledger(cfg, s, max(s.start, s.total_steps), float("nan")) | {"run": str(run), "is_main": s.acc.is_main_process}
+
+
+def dead_settings(cfg: TrainConfig, total_steps: int) -> list[str]:
+    """Settings that silently do nothing in a run this long: said at the start and kept in config.json."""
+    out = []
+    if cfg.warmup_steps >= total_steps:
+        out.append(f"warmup_steps={cfg.warmup_steps} is not shorter than the run ({total_steps} optimizer steps of "
+                   f"{cfg.batch_size} images): the learning rate never reaches lr={cfg.lr:g} (ends at "
+                   f"{total_steps / max(1, cfg.warmup_steps):.0%} of it); lower warmup_steps or train longer")
+    late = [x for x in cfg.checkpoint_at if x > total_steps]
+    if late:
+        out.append(f"checkpoint_at steps {', '.join(map(str, late))} are after the run's last step ({total_steps}): "
+                   "no checkpoint is written there")
+    return out
 
 
 def setup(cfg: TrainConfig, run: Path, make_task) -> State:
