@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["prepare.py", "train_cache.py", "sampling.py", "features.py", "speedups.py", "verify.py"]
+SCRIPTS = ["prepare.py", "train_cache.py", "sampling.py", "features.py", "speedups.py", "verify.py", "threads.py"]
 
 
 def table(results: dict) -> str:
@@ -42,6 +42,11 @@ def table(results: dict) -> str:
             rows.append(f"| train step {size}: speed work | {'; '.join(parts)} | step {s['baseline_step_s']} s | | |")
         fc = results["speedups"]["flop_cache"]
         rows.append(f"| FLOP count C=320 (s) | {fc['cached_s']} cached | {fc['cold_s']} counted | {fc['speedup']}x | |")
+    if "threads" in results:
+        t = results["threads"]
+        rows.append(f"| sample {t['size']} beside a busy process (ms/image) | {t['ms_per_image']['default policy']} "
+                    f"default threads | {t['ms_per_image']['OMP_NUM_THREADS=1']} (one thread) | "
+                    f"{t['default_over_one_thread']}x (a thread per core: {t['thread_per_core_over_one_thread']}x) | |")
     for size, v in results.get("verify", {}).get("sizes", {}).items():
         rows.append(f"| verify checkpoint {size} ({v['checkpoint_mb']} MB), s: sampling; resume | {v['verify_s']}; "
                     f"{v['resume_verify_s']} | {v['load_s']}; {v['resume_load_s']} (the loads, unverified) | "

@@ -11,6 +11,7 @@ import torch
 from ldmscale.errors import UserError
 
 ENV = "LDMSCALE_DEVICE"
+THREADS_ENV = "LDMSCALE_THREADS"
 
 
 def _distributed_cpu() -> bool:
@@ -52,3 +53,64 @@ def on(module: torch.nn.Module, device: torch.device | None = None, dtype: torch
     """Put a module on the device (and dtype), in eval mode without gradients: how inference models are held."""
     module = module.to(device or current()) if dtype is None else module.to(device or current(), dtype=dtype)
     return module.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------ threads
+
+
+def _busy_cores(cores: set[int], seconds: float = 0.1) -> float:
+    """How many of `cores` other processes keep busy now: /proc/stat sampled twice (Linux); else the load average.
+    Torch's threads spin on a core another process wants (2 processes side by side: 63.6 ms an image each with a
+    thread per core, 27 ms with one), so they should take only the idle ones."""
+    import time
+
+    def read() -> dict[int, tuple[int, int]]:
+        out = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("cpu") and line[3].isdigit():
+                    name, *vals = line.split()
+                    v = [int(x) for x in vals]
+                    out[int(name[3:])] = (sum(v), v[3] + (v[4] if len(v) > 4 else 0))  # total, idle + iowait
+        return out
+
+    try:
+        a = read()
+        time.sleep(seconds)
+        b = read()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = 0.0
+    for c in cores & set(a) & set(b):
+        total, idle = b[c][0] - a[c][0], b[c][1] - a[c][1]
+        busy += (total - idle) / total if total > 0 else 0.0
+    return busy
+
+
+def thread_count(given: int | None = None) -> tuple[int, str]:
+    """(threads, why): --threads, else LDMSCALE_THREADS, else OMP_NUM_THREADS, else the cores this process may use
+    (its CPU affinity) that other processes do not keep busy now, shared among the local processes of a distributed
+    launch (LOCAL_WORLD_SIZE)."""
+    for value, source in ((given, "--threads"), (os.environ.get(THREADS_ENV), THREADS_ENV),
+                          (os.environ.get("OMP_NUM_THREADS"), "OMP_NUM_THREADS")):
+        if value is None or str(value).strip() == "":
+            continue
+        try:
+            n = int(value)
+        except ValueError:
+            raise UserError(f"{source}={value!r} is not a whole number of threads") from None
+        if n < 1:
+            raise UserError(f"{source}={value}: give at least 1 thread")
+        return n, source
+    cores = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    busy = _busy_cores(cores)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    n = max(1, int(len(cores) - busy + 0.5) // local)
+    return n, f"{len(cores)} usable cores, {busy:.1f} busy with other work, {local} local process(es)"
+
+
+def set_threads(given: int | None = None) -> tuple[int, str]:
+    """Give torch the threads thread_count() chooses; (threads, why), for the records of latencies."""
+    n, why = thread_count(given)
+    torch.set_num_threads(n)
+    return n, why

@@ -58,7 +58,9 @@ def _in_process(argv: list[str]) -> subprocess.CompletedProcess:
 
     from ldmscale.cli.main import main
 
-    out, err, saved = io.StringIO(), io.StringIO(), dict(os.environ)
+    import torch
+
+    out, err, saved, threads = io.StringIO(), io.StringIO(), dict(os.environ), torch.get_num_threads()
     code = 0
     try:
         with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -72,6 +74,7 @@ def _in_process(argv: list[str]) -> subprocess.CompletedProcess:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        torch.set_num_threads(threads)  # the worker's share of the cores, whatever the command chose
     return subprocess.CompletedProcess(["ldmscale", *argv], code, out.getvalue(), err.getvalue())
 
 

@@ -345,7 +345,7 @@ def _measured_text(text: str) -> list[dict]:
     import csv
     import io
 
-    timing = ("latency", "seconds", "created", "time")
+    timing = ("latency", "seconds", "created", "time", "load", "threads")
     return [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in csv.DictReader(io.StringIO(text))]
 
 

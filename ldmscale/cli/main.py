@@ -53,7 +53,13 @@ class PipelineGroup(click.Group):
 @click.option("--device", default=None, metavar="DEVICE",
               help="Compute on this device (cpu, cuda, cuda:1; default: accelerate's choice, the GPU when there is "
                    "one). Same as LDMSCALE_DEVICE=DEVICE.")
-def cli(device) -> None:
+@click.option("--threads", default=None, type=click.IntRange(1, 4096), metavar="N",
+              help="CPU threads for torch (default: LDMSCALE_THREADS, else OMP_NUM_THREADS, else the cores this "
+                   "process may use that other processes do not keep busy now, shared among the processes of a "
+                   "launch). On a shared machine fewer threads are faster: a thread per core spins on cores "
+                   "others use.")
+@click.pass_context
+def cli(ctx, device, threads) -> None:
     """ldmscale: scaling studies of latent diffusion models.
 
     \b
@@ -64,13 +70,17 @@ def cli(device) -> None:
     Example:
       ldmscale family --preset paper
     """
-    if device:
-        import os
+    import os
 
+    if device:
         from ldmscale.device import ENV, requested
 
         os.environ[ENV] = device
         requested()  # refuse a device that is not there, now
+    if ctx.invoked_subcommand and "--help" not in sys.argv[1:] and "-h" not in sys.argv[1:]:
+        from ldmscale.device import set_threads
+
+        set_threads(threads)
 
 
 def register(*modules: str) -> None:

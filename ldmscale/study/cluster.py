@@ -28,6 +28,25 @@ def _execute(out: str, job) -> str:
     return job.id
 
 
+def _submit_wave(ex, executor: str, out: Path, pending: list) -> list:
+    """Submit a wave. The local executor runs its jobs side by side on this machine: each gets its share of the
+    threads (LDMSCALE_THREADS, inherited), never a thread per core each; a SLURM job takes its node's cores."""
+    import os
+
+    from ldmscale.device import THREADS_ENV, thread_count
+
+    saved = os.environ.get(THREADS_ENV)
+    if executor != "slurm":
+        os.environ[THREADS_ENV] = str(max(1, thread_count()[0] // len(pending)))
+    try:
+        return [ex.submit(_execute, str(out), j) for j in pending]
+    finally:
+        if saved is None:
+            os.environ.pop(THREADS_ENV, None)
+        else:
+            os.environ[THREADS_ENV] = saved
+
+
 def run_submitit(out: Path, jobs: list, executor: str, log: Callable[[str], None] = print,
                  parameters: dict | None = None) -> dict:
     import submitit
@@ -48,7 +67,7 @@ def run_submitit(out: Path, jobs: list, executor: str, log: Callable[[str], None
             continue
         log(f"wave {wave}: submitting {len(pending)} job(s): {', '.join(j.name for j in pending[:4])}"
             + (" ..." if len(pending) > 4 else ""))
-        handles = [ex.submit(_execute, str(out), j) for j in pending]
+        handles = _submit_wave(ex, executor, out, pending)
         failures = []
         for job, h in zip(pending, handles):
             try:
