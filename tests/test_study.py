@@ -86,6 +86,9 @@ def test_killed_study_resumes_without_redoing_finished_jobs(study_file, tmp_path
     assert "The paper's claims at this study's budget" in html and html.count('class="badge') == 6
     summary = (out / "report" / "summary.md").read_text()
     assert "| 6 | Distillation does not change it" in summary and "**not measured**" in summary
+    # 8 images a point against the tiny classifier's 32 feature dimensions: said at the start and in the report
+    small = "fd-classifier on 8 images a point: fewer than its 32 feature dimensions"
+    assert f"**Warning:** {small}" in summary and f"warning: {small}" in p.stderr
     assert "the paper's claims at this budget" in p.stdout and "  6  not measured" in p.stdout
     assert len(analysis["sanity"]) == 4 and analysis["sanity"][0]["images"] == "train split"
     again = run_cli("study", "run", study_file, "--out", out, "--no-report", check=True)

@@ -350,7 +350,9 @@ def build_report(out: str | Path, study, overlay_paper: bool = False, samples: b
         import json
 
         sanity = json.loads((out / "sanity.json").read_text())
-    prov = provenance(out, study, rows) | {"left_out": stale}
+    from ldmscale.study.plan import sample_size_warnings
+
+    prov = provenance(out, study, rows) | {"left_out": stale, "warnings": sample_size_warnings(study)}
     ctx = dict(a=a, study=study, figs=figs, grids=grids, sanity=sanity, prov=prov)
     atomic_write_text(folder / "summary.md", render("summary.md.j2", **ctx))
     atomic_write_text(folder / "report.html", render("report.html.j2", **ctx))

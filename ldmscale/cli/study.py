@@ -53,7 +53,7 @@ Running it again skips finished jobs; a killed study loses at most the job in fl
 def study_run(study_file, out, dry_run, executor, report) -> None:
     """Train every size and evaluate every grid point of a study file."""
     from ldmscale.study.jobs import job_done, run_jobs
-    from ldmscale.study.plan import plan_jobs, study_results, write_csv
+    from ldmscale.study.plan import plan_jobs, sample_size_warnings, study_results, write_csv
     from ldmscale.study.spec import load_study
 
     study = load_study(study_file)
@@ -61,7 +61,10 @@ def study_run(study_file, out, dry_run, executor, report) -> None:
     if saved.exists() and saved.read_text() != Path(study_file).read_text():
         click.echo(f"note: {saved} differs from {study_file}; jobs whose resolved config changed will run again")
     jobs = plan_jobs(study, out, progress=False)
+    warnings = [f"warning: {w}" for w in sample_size_warnings(study)]
     if dry_run:
+        for w in warnings:
+            click.echo(w, err=True)
         total = 0.0
         for j in jobs:
             state = "done" if job_done(out, j) else "todo"
@@ -74,6 +77,8 @@ def study_run(study_file, out, dry_run, executor, report) -> None:
     from ldmscale.io import DirLock, atomic_write_text, check_output
 
     check_output(out, "study")
+    for w in warnings:  # after the --out check, so a refused folder is still one line
+        click.echo(w, err=True)
     with DirLock(out, "study"):
         if not saved.exists() or saved.read_text() != Path(study_file).read_text():
             atomic_write_text(saved, Path(study_file).read_text())

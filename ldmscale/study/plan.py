@@ -288,3 +288,21 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
                                 lambda c=e_cfg: result_path(run, evaluate(run, c, progress=False)),
                                 cost_flops=e_cfg.num_images * calls * fwd))
     return jobs
+
+
+def sample_size_warnings(study: Study) -> list[str]:
+    """Points too small for their metric: a Frechet distance on fewer images than its feature dimensions has a
+    rank-deficient covariance, so its values are biased upward and noisier than the bootstrap shows."""
+    from ldmscale.eval.features import ClassifierConfig
+
+    ev = study_eval(study)
+    clf = Path(ev.classifier) / "classifier.json" if ev.classifier else None
+    clf_dim = (json.loads(clf.read_text())["config"]["feature_dim"] if clf is not None and clf.exists() else
+               from_dict(ClassifierConfig, {"source": study.data.source} | dict(study.classifier)).feature_dim)
+    dims = {"fid": 2048, "fd-classifier": clf_dim}
+    points = [(m, ev.num_images, "") for m in ev.metrics if m in dims]
+    if ev.agreement_metric in dims:
+        points.append((ev.agreement_metric, ev.agreement_images or ev.num_images, " (the metric check)"))
+    return [f"{m} on {n} images a point{why}: fewer than its {dims[m]} feature dimensions, so the distance is biased "
+            "upward and its noise understated; points compare at equal image counts, absolute values do not"
+            for m, n, why in points if n < dims[m]]
