@@ -38,3 +38,20 @@ def record(name: str, result: dict) -> None:
     data[name] = result
     RESULTS.write_text(json.dumps(data, indent=2) + "\n")
     print(json.dumps({name: result}, indent=2))
+
+
+def tiny_run(tmp: Path, size: str = "c16", warmup_steps: int = 100) -> Path:
+    """A real run directory of `size` with random weights trained one step (speed does not depend on the weights),
+    on a 64-image animal-mnist cache with an untrained tiny autoencoder."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fixtures import make_autoencoder
+
+    from ldmscale.data.cache import PrepareConfig, prepare
+    from ldmscale.train.loop import TrainConfig, train
+
+    make_autoencoder(tmp / "ae")
+    prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tmp / "ae"), resolution=32, limit=64), tmp / "cache",
+            progress=False)
+    train(TrainConfig(data=str(tmp / "cache"), size=size, images=8, batch_size=8, warmup_steps=warmup_steps),
+          tmp / "run", progress=False)
+    return tmp / "run"

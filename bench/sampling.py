@@ -16,19 +16,16 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, matmul_peak_gflops, record
+from common import ROOT, matmul_peak_gflops, record, tiny_run
 
 sys.path.insert(0, str(ROOT / "tests"))
 
 
 def main() -> None:
     from diffusers import StableDiffusionPipeline
-    from fixtures import make_autoencoder
 
-    from ldmscale.data.cache import PrepareConfig, prepare
     from ldmscale.diffusion.export import export
     from ldmscale.diffusion.sampling import encode_prompts, generate, load_run
-    from ldmscale.train.loop import TrainConfig, train
 
     p = argparse.ArgumentParser()
     p.add_argument("--size", default="c16")
@@ -38,10 +35,7 @@ def main() -> None:
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
     try:
-        make_autoencoder(tmp / "ae")
-        prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tmp / "ae"), resolution=32, limit=64), tmp / "cache",
-                progress=False)
-        train(TrainConfig(data=str(tmp / "cache"), size=args.size, images=8, batch_size=8), tmp / "run", progress=False)
+        tiny_run(tmp, args.size)
         export(tmp / "run", tmp / "export")
         model = load_run(tmp / "run")
         prompts = ["a cat"] * args.images

@@ -15,9 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, record
-
-sys.path.insert(0, str(ROOT / "tests"))
+from common import ROOT, record, tiny_run
 
 
 def sample_ms(run: Path, out: Path, env: dict, args) -> tuple[float, float]:
@@ -32,11 +30,6 @@ def sample_ms(run: Path, out: Path, env: dict, args) -> tuple[float, float]:
 
 
 def main() -> None:
-    from fixtures import make_autoencoder
-
-    from ldmscale.data.cache import PrepareConfig, prepare
-    from ldmscale.train.loop import TrainConfig, train
-
     p = argparse.ArgumentParser()
     p.add_argument("--size", default="c16")
     p.add_argument("--steps", type=int, default=20)
@@ -44,11 +37,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    make_autoencoder(tmp / "ae")
-    prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tmp / "ae"), resolution=32, limit=64), tmp / "cache",
-            progress=False)
-    train(TrainConfig(data=str(tmp / "cache"), size=args.size, images=8, batch_size=8, warmup_steps=0), tmp / "run",
-          progress=False)
+    tiny_run(tmp, args.size, warmup_steps=0)
     cores = len(os.sched_getaffinity(0))
     policies = {"default policy": {}, "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
                 "a thread per core": {"LDMSCALE_THREADS": str(cores)}}

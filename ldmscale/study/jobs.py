@@ -33,23 +33,31 @@ def job_id(kind: str, config: dict) -> str:
     return hashlib.sha256(json.dumps({"kind": kind, **config}, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def check_done(out: Path, job: Job) -> tuple[bool, str, list[Path]]:
-    """(done, why not, damaged outputs): a job is done when its record parses, is this job's, and every output it
-    recorded (an eval result) still has the bytes and sha256 it was written with."""
-    path = out / "jobs" / f"{job.id}.json"
-    if not path.exists():
-        return False, "", []
+def record_problem(out: Path, path: Path) -> tuple[str, list[tuple[Path, str]]]:
+    """(what is wrong with a job record, its damaged outputs and what is wrong with each): the record must parse, its
+    kind and config must hash to its file name (the job's id), and every output it recorded (an eval result) must
+    still have the bytes and sha256 it was written with."""
     try:
         rec = read_json(path, "job record")
     except ValueError as e:
-        return False, str(e), []
-    if rec.get("kind") != job.kind or "finished" not in rec \
-            or rec.get("config") != json.loads(json.dumps(job.config, default=str)):
-        return False, f"job record {path} is damaged (not the record of this job)", []
-    for rel, want in recorded_outputs(out, rec):
-        bad = integrity.damage(out / rel, want)
-        if bad:
-            return False, f"{out / rel} ({job.name}) is damaged ({bad})", [out / rel]
+        return str(e), []
+    config = rec.get("config")
+    if "finished" not in rec or not isinstance(config, dict) or job_id(str(rec.get("kind")), config) != path.stem:
+        return f"job record {path} is damaged (not the record of the job its name says)", []
+    return "", [(out / rel, what) for rel, want in recorded_outputs(out, rec)
+                if (what := integrity.damage(out / rel, want))]
+
+
+def check_done(out: Path, job: Job) -> tuple[bool, str, list[Path]]:
+    """(done, why not, damaged outputs): done when the job's record and its outputs pass record_problem()."""
+    path = out / "jobs" / f"{job.id}.json"
+    if not path.exists():
+        return False, "", []
+    why, bad = record_problem(out, path)
+    if why:
+        return False, why, []
+    if bad:
+        return False, f"{bad[0][0]} ({job.name}) is damaged ({bad[0][1]})", [p for p, _ in bad]
     return True, "", []
 
 

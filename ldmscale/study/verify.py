@@ -6,13 +6,14 @@ them, a damaged config.json rewritten from the newest intact checkpoint, damaged
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ldmscale import checkpoint, integrity
 from ldmscale.errors import UserError
 from ldmscale.io import DirLock, atomic_write_json, output_kind
-from ldmscale.study.jobs import job_id, recorded_outputs
+from ldmscale.study.jobs import record_problem
 
 
 @dataclass
@@ -47,7 +48,7 @@ def _folder(path: Path, rep: Report, repair: bool) -> None:
 
 
 def _run(run: Path, rep: Report, repair: bool) -> None:
-    with DirLock(run, "run") if repair else _nothing():
+    with DirLock(run, "run") if repair else nullcontext():
         for ckpt in checkpoint.list_checkpoints(run):
             rep.check(ckpt, checkpoint.damage(ckpt))
         good = checkpoint.newest_intact(run, announce=False)
@@ -101,23 +102,13 @@ def _cache(cache: Path, rep: Report, repair: bool) -> None:
 
 
 def _study(study: Path, rep: Report, repair: bool) -> None:
-    with DirLock(study, "study") if repair else _nothing():
+    with DirLock(study, "study") if repair else nullcontext():
         for rec in sorted((study / "jobs").glob("*.json")):
-            try:
-                data, what = integrity.read_json(rec, "job record"), ""
-                config = data.get("config") if isinstance(data.get("config"), dict) else {}
-                if job_id(str(data.get("kind")), config) != rec.stem:
-                    data, what = {}, "the record of another job (its kind and config do not hash to its name)"
-            except ValueError:
-                data, what = {}, "not a valid job record (not a JSON object)"
-            for rel, want in recorded_outputs(study, data):
-                out = study / rel
-                bad = integrity.damage(out, want)
-                if rep.check(out, bad) and repair and out.exists():
+            why, bad = record_problem(study, rec)
+            for out, what in bad:
+                if rep.check(out, what) and repair and out.exists():
                     rep.repaired.append(f"{out}: moved to {integrity.set_aside(out, out.parent / 'damaged')}")
-                if bad and not what:
-                    what = f"its output {rel} is damaged"
-            if rep.check(rec, what) and repair:
+            if rep.check(rec, why or (f"its output {bad[0][0]} is damaged" if bad else "")) and repair:
                 rep.repaired.append(f"{rec}: moved to {integrity.set_aside(rec, rec.parent / 'damaged')} (the next "
                                     "study run runs the job again)")
         for sub in ("autoencoder", "classifier"):
@@ -127,11 +118,3 @@ def _study(study: Path, rep: Report, repair: bool) -> None:
             _cache(study / "cache", rep, repair)
     for run in sorted({p.parent for p in study.glob("**/config.json") if (p.parent / "checkpoints").is_dir()}):
         _run(run, rep, repair)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None

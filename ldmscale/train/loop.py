@@ -27,7 +27,6 @@ from ldmscale.train.config import CONTINUABLE, TrainConfig  # noqa: F401  (re-ex
 from ldmscale.train.objectives import (  # noqa: F401
     Batch,
     ValidationLoss,
-    check_same_objective,
     objective_for,
 )
 
