@@ -114,3 +114,27 @@ def set_threads(given: int | None = None) -> tuple[int, str]:
     n, why = thread_count(given)
     torch.set_num_threads(n)
     return n, why
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo), else what platform knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def latency_conditions(device: torch.device | str) -> dict:
+    """What a latency was measured under, recorded beside it: the device, CPU, torch threads, usable cores and the
+    1-minute load average at the end of the measurement (above the cores: other work shared the machine)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    device = torch.device(device)
+    return {"device": str(device), "cpu_model": cpu_model(), "threads": torch.get_num_threads(), "cores": cores,
+            "gpu_model": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}

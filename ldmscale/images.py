@@ -1,4 +1,5 @@
-"""Image helpers shared by sampling, the report and degradations: uint8 tensors to PIL, grids, PNG files."""
+"""Image helpers shared by data sources, sampling, the report and degradations: decoding any bit depth to 8 bits,
+cropping and resizing, uint8 tensors to PIL, grids, PNG files."""
 
 from __future__ import annotations
 
@@ -46,3 +47,30 @@ def label_rows(img: Image.Image, labels: list[str], font_size: int = 14, pad: in
 
 def save_png(img: Image.Image, path: Path) -> None:
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """8-bit by the image's own bit depth: 16-bit integers are divided by 257, floats are read as 0..1.
+    (PIL's convert clips instead: a 16-bit image turns near white, a 0..1 float image black.)"""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode != "I" or arr.max(initial=0) <= 65535 else 2.0**32 - 1
+        return Image.fromarray(np.clip(np.round(arr / top * 255), 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        return Image.fromarray(np.clip(np.round(arr * 255), 0, 255).astype(np.uint8), "L")
+    return img
+
+
+def preprocess(img: Image.Image, resolution: int, channels: int) -> np.ndarray:
+    """8-bit (to_8bit), center-crop to a square, resize (Lanczos down, bicubic up), to uint8 [channels, H, W]."""
+    img = to_8bit(img).convert("L" if channels == 1 else "RGB")
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if side != resolution:
+        method = Image.LANCZOS if side > resolution else Image.BICUBIC
+        img = img.resize((resolution, resolution), method)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()

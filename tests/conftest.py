@@ -26,7 +26,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
-def run_cli(*args, env=None, timeout=600, check=False, subprocess_=False):
+def run_cli(*args, env=None, timeout=600, check=False, subprocess_=False, cwd=ROOT):
     """Run the ldmscale command as a user would: `python -m ldmscale ...` in a subprocess when `env` is given or
     subprocess_ is set, else the same entry point (cli.main.main) in this process, which spares each call the 3-5 s
     of importing torch and diffusers again (the environment is restored after it)."""
@@ -34,9 +34,9 @@ def run_cli(*args, env=None, timeout=600, check=False, subprocess_=False):
         full_env = dict(os.environ)
         full_env.update(env or {})
         proc = subprocess.run([sys.executable, "-m", "ldmscale", *map(str, args)], capture_output=True, text=True,
-                              env=full_env, timeout=timeout, cwd=ROOT)
+                              env=full_env, timeout=timeout, cwd=cwd)
     else:
-        proc = _in_process(list(map(str, args)))
+        proc = _in_process(list(map(str, args)), cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"ldmscale {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -51,7 +51,7 @@ def printed_pipeline(proc):
     return namespace["pipe"]
 
 
-def _in_process(argv: list[str]) -> subprocess.CompletedProcess:
+def _in_process(argv: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
     import contextlib
     import io
     import traceback
@@ -63,7 +63,7 @@ def _in_process(argv: list[str]) -> subprocess.CompletedProcess:
     out, err, saved, threads = io.StringIO(), io.StringIO(), dict(os.environ), torch.get_num_threads()
     code = 0
     try:
-        with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 main(argv)
             except SystemExit as e:

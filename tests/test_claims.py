@@ -232,8 +232,9 @@ def test_check_claims_gives_six_verdicts_in_order_and_one_seed_cannot_settle_run
     # claim 1 compares one run's last checkpoint with another's: one seed leaves training noise out of the error
     assert [v.verdict for v in vs] == ["not measured", "not measured", "holds", "not measured", "not measured",
                                        "not measured"]
-    assert vs[0].reason.startswith("one training seed: these comparisons of one run against another leave out "
-                                   "training noise") and 'with seeds the rule says "holds"' in vs[0].reason
+    assert vs[0].reason.startswith("too few seeds to tell: with one training seed these comparisons of one run "
+                                   "against another leave out training noise")
+    assert 'with seeds, the rule says "holds"' in vs[0].reason
     # two seeds a little apart: the same claim holds, with the spread between seeds in its errors
     seeds = CROSS + PRE + [dict(r, train_seed=1, **{M: r[M] + 0.5}) for r in CROSS + PRE]
     vs = claims.check_claims(seeds, M, CURVE)
@@ -268,3 +269,15 @@ def test_matched_crossover_kinds():
         "smaller wins at every budget"
     x = analysis.crossover(grid("small", 0.1, SMALL), grid("large", 1.0, LARGE_CROSS), M)
     assert (x["kind"], x["crossover"], x["range"]) == ("crossover", 8.0, (2.0, 12.8))
+
+
+def test_points_with_fewer_images_than_the_metric_has_dimensions_do_not_decide():
+    """16 images a point of a 64-dimensional Frechet distance: biased, and noisier than the bootstrap shows, so a
+    verdict the rule would give becomes "not measured" and says what it would have been (issue 26)."""
+    rows = [dict(r, num_images=16) for r in CROSS]
+    assert claims.check_claims(rows, M, CURVE, feature_dims={M: 16})[2].verdict == "holds"  # 16 images, 16 dims
+    v = claims.check_claims(rows, M, CURVE, feature_dims={M: 64})[2]
+    assert v.verdict == "not measured"
+    assert v.reason.startswith(f"too few images to tell: {M} on 16 images a point, fewer than its 64 feature "
+                               'dimensions, is biased and noisier than its ± shows (with enough, the rule says "holds"')
+    assert claims.check_claims(rows, M, CURVE, feature_dims={"other": 64})[2].verdict == "holds"

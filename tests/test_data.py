@@ -36,6 +36,27 @@ def test_animal_mnist_source_and_fixed_split():
     assert data.label_of_prompt("a photo of a zebra") == 9 and data.label_of_prompt("a car") == -1
 
 
+def test_a_source_without_validation_split_holds_out_every_tenth_item(tmp_path):
+    """One rule for every source without a validation split (folder, WebDataset, a one-split dataset): positions
+    9, 19, ... of its fixed order are "validation", the rest "train"; resuming at any position agrees."""
+    src = data.parse_source(f"folder:{make_folder(tmp_path / 'f', n=25, corrupt=False)}")
+    keys = [f"img{i:02d}.png" for i in range(25)]
+    assert data.splits(src) == ["train", "validation"]
+    assert (data.count(src, "train"), data.count(src, "validation")) == (23, 2)
+    train = [it.key for it in data.iterate(src, "train")]
+    assert train == [k for i, k in enumerate(keys) if i not in (9, 19)]
+    assert [it.key for it in data.iterate(src, "validation")] == ["img09.png", "img19.png"]
+    for start in range(24):
+        assert [it.key for it in data.iterate(src, "train", start)] == train[start:]
+    assert [it.key for it in data.iterate(src, "validation", 1)] == ["img19.png"]
+    assert data.validation_rule(src) == "held out: every 10th item of 'train' (positions 9, 19, ...)"
+    small = data.parse_source(f"folder:{make_folder(tmp_path / 's', n=9, corrupt=False)}")
+    assert data.splits(small) == ["train"] and data.validation_rule(small) == (
+        "none: 'train' has fewer than 10 items to hold one out")
+    wds = data.parse_source(f"wds:{make_tars(tmp_path / 't', shards=4, per_shard=5)}")
+    assert [it.key for it in data.iterate(wds, "validation")] == [it.key for it in data._iterate(wds, "train", 0)][9::10]
+
+
 def test_preprocess_center_crops_and_resizes():
     from PIL import Image
 
@@ -222,8 +243,15 @@ def test_an_rgb_folder_trains_rgb_models_end_to_end_by_default(tmp_path):
     assert "autoencoder channels=3: RGB, the source has colour images" in p.stderr
     run_cli("data", "prepare", "--source", f"folder:{root}", "--autoencoder", tmp_path / "ae", "--out",
             tmp_path / "cache", check=True)
+    # one validation rule for the autoencoder, the cache and the run: every 10th image (here 09.png) held out
+    rule = "held out: every 10th item of 'train' (positions 9, 19, ...)"
+    assert json.loads((tmp_path / "ae" / "ldmscale_autoencoder.json").read_text())["validation_split"] == rule
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["validation"] == rule
+    assert {k: v["count"] for k, v in manifest["splits"].items()} == {"train": 11, "validation": 1}
     run_cli("train", "--cache", tmp_path / "cache", "--size", "c8", "--images", "8", "--set", "batch_size=8",
             "--set", "warmup_steps=0", "--out", tmp_path / "run", check=True)
+    assert (tmp_path / "run" / "validation.jsonl").exists()
     run_cli("sample", "--run", tmp_path / "run", "--prompt", "a magenta shape", "--steps", "1", "--num-images", "1",
             "--out", tmp_path / "s", check=True)
     assert Image.open(tmp_path / "s" / "p00-000.png").mode == "RGB"

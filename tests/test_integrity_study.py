@@ -120,6 +120,42 @@ def test_results_csv_holds_only_the_jobs_of_the_current_study_file(study, tmp_pa
     assert rows == [r for r in before if r["steps"] == "1"] and len(rows) == len(before) - 1
 
 
+def test_report_and_plan_from_results_csv_alone(study, capsys):
+    """A study folder copied without its runs (results.csv and study.toml only) still reports and plans, with the
+    same answers and verdicts as with its runs, and says where it read them from."""
+    assert cli(capsys, "study", "report", study)[0] == 0
+    before = json.loads((study / "report" / "analysis.json").read_text())
+    plan = cli(capsys, "plan", study, "--budget", "0.01", "--format", "json")
+    shutil.move(study / "runs", study.parent / "runs-away")
+    try:
+        code, out, err = cli(capsys, "study", "report", study)
+        assert code == 0 and f"no evaluation results under {study}/runs: reading {study}/results.csv" in err
+        after = json.loads((study / "report" / "analysis.json").read_text())
+        assert after["claims"] == before["claims"] and after["plans"] == before["plans"]
+        assert "no sample grid: c8's run" in (study / "report" / "summary.md").read_text()
+        assert cli(capsys, "plan", study, "--budget", "0.01", "--format", "json")[:2] == plan[:2]
+    finally:
+        shutil.move(study.parent / "runs-away", study / "runs")
+
+
+def test_plan_in_milliseconds_says_what_the_latencies_were_measured_under(study, capsys):
+    from ldmscale.analysis.scaling import latency_note
+    from ldmscale.device import cpu_model
+    from ldmscale.study.plan import read_csv
+
+    code, out, _ = cli(capsys, "plan", study, "--budget-ms", "1e9")
+    rows = read_csv(study / "results.csv")
+    assert code == 0 and out.splitlines()[-1] == latency_note(rows)
+    assert out.splitlines()[-1].startswith(f"latencies measured on {cpu_model()}, {rows[0]['threads']} thread")
+    busy = [dict(r, load_average=r["cores"] + 0.5) for r in rows[:1]] + [dict(r, load_average=0.5) for r in rows[1:]]
+    assert latency_note(busy).endswith(f"; 1 of {len(rows)} under load (load average up to {rows[0]['cores'] + 0.5:g} "
+                                       f"on {rows[0]['cores']} cores): those are slower than on an idle machine, so a "
+                                       "budget in ms reads them pessimistically")
+    idle = [dict(r, load_average=r["cores"]) for r in rows]
+    assert latency_note(idle).endswith(f"; none under load (load average up to {rows[0]['cores']:g} on "
+                                       f"{rows[0]['cores']} cores)")
+
+
 # ------------------------------------------------------------------------------------------ sources and full disks
 
 

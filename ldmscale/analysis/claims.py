@@ -283,17 +283,27 @@ def claim6(rows: list[dict], metric: str) -> Verdict:
 
 
 def check(claim: int, agg: list[dict], metric: str, curve: tuple[str, int, float],
-          task_metrics: dict[str, str] | None = None) -> Verdict:
-    """One claim's verdict on rows already averaged over seeds (stats.aggregate_seeds)."""
+          task_metrics: dict[str, str] | None = None, feature_dims: dict[str, int] | None = None) -> Verdict:
+    """One claim's verdict on rows already averaged over seeds (stats.aggregate_seeds). `feature_dims`: the
+    Frechet metrics' feature dimensions, below which a point's images are too few to decide on."""
     tm = {"super-resolution": "psnr", "dreambooth": "subject-ssim"} | dict(task_metrics or {})
     v = {1: lambda: claim1(agg, metric, curve), 2: lambda: claim2(agg, metric, curve, tm),
          3: lambda: claim3(agg, metric), 4: lambda: claim4(agg, metric), 5: lambda: claim5(agg, tm),
          6: lambda: claim6(agg, metric)}[claim]()
+    if v.verdict == NOT_MEASURED:
+        return v
+    would = f"(with enough, the rule says \"{v.verdict}\": {v.reason or 'every part passes'})"
+    dim = (feature_dims or {}).get(metric)
+    images = [int(r["num_images"]) for r in agg if r.get(metric) is not None and r.get("num_images")]
+    if claim != 5 and dim and images and min(images) < dim:
+        return Verdict(claim, NOT_MEASURED, v.evidence, f"too few images to tell: {metric} on {min(images)} images "
+                       f"a point, fewer than its {dim} feature dimensions, is biased and noisier than its ± shows "
+                       f"{would}", v.data)
     no_training_noise = not any(v not in (None, "") for r in agg for k, v in r.items() if k.endswith("_df"))
-    if claim in RUN_AGAINST_RUN and v.verdict != NOT_MEASURED and no_training_noise:
-        return Verdict(claim, NOT_MEASURED, v.evidence, f"one training seed: these comparisons of one run against "
-                       f"another leave out training noise, which moves a run by more than the evaluation error (with "
-                       f"seeds the rule says \"{v.verdict}\": {v.reason or 'every part passes'})", v.data)
+    if claim in RUN_AGAINST_RUN and no_training_noise:
+        return Verdict(claim, NOT_MEASURED, v.evidence, "too few seeds to tell: with one training seed these "
+                       "comparisons of one run against another leave out training noise, which moves a run by more "
+                       f"than the evaluation error {would.replace('enough', 'seeds')}", v.data)
     return v
 
 
@@ -305,11 +315,11 @@ RUN_AGAINST_RUN = (1, 2, 6)
 
 
 def check_claims(rows: list[dict], metric: str, curve: tuple[str, int, float],
-                 task_metrics: dict[str, str] | None = None) -> list[Verdict]:
+                 task_metrics: dict[str, str] | None = None, feature_dims: dict[str, int] | None = None) -> list[Verdict]:
     """The six verdicts on the rows of every training seed: seeds are averaged first, and each verdict says which
     noise its standard errors hold."""
     agg = analysis.with_costs(stats.aggregate_seeds(rows))
-    verdicts = [check(n, agg, metric, curve, task_metrics) for n in range(1, 7)]
+    verdicts = [check(n, agg, metric, curve, task_metrics, feature_dims) for n in range(1, 7)]
     noise = stats.noise_of([r for r in agg if r.get(metric) is not None] or agg)
     for v in verdicts:
         v.noise = noise

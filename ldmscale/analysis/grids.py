@@ -44,6 +44,10 @@ def sample_grids(a: dict, study, folder: Path, per_prompt: int = 4) -> list[dict
         picks = [("best configuration", top)]
         cheap = analysis.plan(mine, small, metric, "executed_cost")["best"] if small is not None else None
         picks.append((f"small budget ({small:.3g})", cheap))
+        if not Path(mine[0]["run"]).is_dir():  # a report redrawn from results.csv alone
+            out.append({"size": size, "label": "best configuration", "note": f"no sample grid: {size}'s run "
+                        f"{mine[0]['run']} is not on this machine"})
+            continue
         model = load_run(mine[0]["run"], mine[0].get("checkpoint") or "latest")
         for label, c in picks:
             entry = {"size": size, "label": label}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import platform
 import time
 from pathlib import Path
 
@@ -66,6 +65,8 @@ def fits_table(curves: dict, metric: str) -> tuple[dict, list[dict]]:
 
 def analyze(rows: list[dict], study) -> dict:
     """Everything the report states, as plain data (also written to report/analysis.json)."""
+    from ldmscale.study.plan import frechet_dims
+
     ev = study.eval
     metric = ev.primary
     tagged = [r for r in rows if r.get("tag")]
@@ -78,6 +79,7 @@ def analyze(rows: list[dict], study) -> dict:
                                      and float(r["guidance"]) == ev.curve_guidance and r["guidance"] not in ev.guidance)]
     best = analysis.best_over_guidance(grid, metric)
     curve = (ev.curve_sampler, ev.curve_steps, ev.curve_guidance)
+    dims = frechet_dims(study)  # a claim on points with fewer images than these is "not measured"
     curves = analysis.training_curves(t2i, metric, *curve)
     fits, fit_rows = fits_table(curves, metric)
     budgets = default_budgets([r for r in best if not r.get("distilled")])
@@ -96,7 +98,7 @@ def analyze(rows: list[dict], study) -> dict:
         "training_frontier": analysis.training_frontier(curves, metric, boot=200),
         "plans": plans, "_fit_objects": fits, "noise": stats.noise_of([r for r in rows if r.get(metric) is not None]),
         "seeds": sorted({int(r.get(stats.SEED) or 0) for r in raw}),
-        "claims": [v.as_dict() for v in claims.check_claims(raw, metric, curve, task_metrics(metric))],
+        "claims": [v.as_dict() for v in claims.check_claims(raw, metric, curve, task_metrics(metric), dims)],
         "side_costs": side_costs(best),
     }
     if study.train.budget == "isoflop":
@@ -114,7 +116,8 @@ def analyze(rows: list[dict], study) -> dict:
     if len(backbones) > 1:  # the paper's claims within each family, beside the claims across all models
         out["by_backbone"] = {
             bb: {"claims": [v.as_dict() for v in claims.check_claims(
-                     [r for r in raw if r.get("backbone", "unet-sd15") == bb], metric, curve, task_metrics(metric))],
+                     [r for r in raw if r.get("backbone", "unet-sd15") == bb], metric, curve, task_metrics(metric),
+                     dims)],
                  "crossovers": analysis.crossovers([r for r in best if r.get("backbone", "unet-sd15") == bb
                                                     and not r.get("distilled")], metric, boot=200)}
             for bb in backbones}
@@ -249,8 +252,7 @@ def provenance(out: Path, study, rows: list[dict]) -> dict:
                  "pytorch": "Inception-v3 at 299 px, torch's bilinear resize (as pytorch-fid; not comparable to "
                             "published FIDs)"}[ev.fid_resize]
                 if "fid" in (*ev.metrics, ev.agreement_metric) else ""),
-        "machine": (torch.cuda.get_device_name(0) if torch.cuda.is_available() else
-                    f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"),
+        "machine": analysis.latency_note(rows),
     }
     cache = Path(d.cache or out / "cache")
     if (cache / "manifest.json").exists():

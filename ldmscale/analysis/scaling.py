@@ -272,3 +272,32 @@ def describe_choice(c: dict | None, metric: str) -> str:
     return (f"{c['size']}{tag} with {c['sampler']} at {c['steps']} step{'s' * (c['steps'] != 1)}, guidance {c['guidance']:g}: "
             f"{metric} {c[metric]:.4g}{unc}{seeds} ({executed}sampling cost {c['sampling_cost']:.3g}, "
             f"{c['latency_ms_per_image']:.1f} ms/image here)")
+
+
+def latency_note(rows: list[dict]) -> str:
+    """Where the latencies were measured (CPU or GPU, threads) and how many on a busy machine: a 1-minute load
+    average above the usable cores at the end of a measurement means other work shared the cores."""
+    pts = [r for r in rows if r.get("latency_ms_per_image") is not None]
+    if not pts:
+        return "no latencies recorded"
+    where = sorted({_machine(r) for r in pts})
+    known = [r for r in pts if r.get("load_average") is not None and r.get("cores")]
+    busy = [r for r in known if float(r["load_average"]) > int(r["cores"])]
+    text = f"latencies measured on {'; '.join(where)}"
+    if not known:
+        return text + "; the load they were measured under was not recorded"
+    top = max(known, key=lambda r: float(r["load_average"]))
+    load = f"load average up to {float(top['load_average']):g} on {int(top['cores'])} cores"
+    if busy:
+        return (text + f"; {len(busy)} of {len(pts)} under load ({load}): those are slower than on an idle machine, "
+                "so a budget in ms reads them pessimistically")
+    return text + f"; none under load ({load})"
+
+
+def _machine(r: dict) -> str:
+    device = str(r.get("device") or "cpu")
+    name = r.get("cpu_model") or f"{device} (model not recorded)"
+    if device != "cpu":
+        name += f" ({r.get('gpu_model') or device})"
+    threads = int(r.get("threads") or 0)
+    return name + (f", {threads} thread{'s' * (threads != 1)}" if threads else "")

@@ -211,6 +211,7 @@ def plan_cmd(out, budget, budget_ms, train_flops, cost_axis, metric, sampler, fm
         best_over_guidance,
         describe_choice,
         final_rows,
+        latency_note,
         plan,
         plan_note,
         with_costs,
@@ -235,6 +236,8 @@ def plan_cmd(out, budget, budget_ms, train_flops, cost_axis, metric, sampler, fm
     cost = {"executed": "executed_cost", "paper": "sampling_cost"}[cost_axis] if budget is not None else \
         "latency_ms_per_image"
     p = plan(best, budget if budget is not None else budget_ms, metric, cost)
+    if budget_ms is not None:
+        p["latency_conditions"] = latency_note(rows)
     if fmt == "json":
         click.echo(json.dumps(p, indent=2))
         return
@@ -246,6 +249,8 @@ def plan_cmd(out, budget, budget_ms, train_flops, cost_axis, metric, sampler, fm
     click.echo(f"budget {p['budget']:g} {unit}: {describe_choice(p['best'], metric)}")
     click.echo(f"runner-up: {describe_choice(p['runner_up'], metric)}")
     click.echo(plan_note(p, metric))
+    if budget_ms is not None:
+        click.echo(p["latency_conditions"])
 
 
 def _plan_training(out, study, train_flops: float, metric: str, fmt: str) -> None:

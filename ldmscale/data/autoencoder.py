@@ -110,7 +110,8 @@ def decode(vae, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
 
 def source_channels(source: str, sample: int = 64) -> int:
     """3 when any of the first `sample` readable images of the source's first split has colour, else 1."""
-    from ldmscale.data.sources import iterate, parse_source, splits, to_8bit
+    from ldmscale.data.sources import iterate, parse_source, splits
+    from ldmscale.images import to_8bit
 
     src, seen = parse_source(source), 0
     for item in iterate(src, splits(src)[0]):
@@ -148,18 +149,17 @@ def train_autoencoder(cfg: AutoencoderConfig, out: str | Path, progress: bool = 
 
     check_output(out, "autoencoder", overwrite)
     cfg = resolve_channels(cfg)
-    from ldmscale.data.sources import load_images, parse_source, splits
+    from ldmscale.data.sources import load_images, parse_source, splits, validation_rule
     from ldmscale.progress import bar as progress_bar
 
     src = parse_source(cfg.source)
     names = splits(src)
+    if "validation" not in names:
+        raise UserError(f"source {src} has no validation split to measure the autoencoder on: "
+                        f"{validation_rule(src)}")
     limit = cfg.max_images or None
-    train_u8, _, _ = load_images(src, names[0], cfg.resolution, cfg.channels, limit)
-    if "validation" in names:
-        val_u8, _, _ = load_images(src, "validation", cfg.resolution, cfg.channels, limit)
-    else:  # hold out the last 10% of a single-split source
-        cut = max(1, len(train_u8) // 10)
-        train_u8, val_u8 = train_u8[:-cut], train_u8[-cut:]
+    train_u8, _, _ = load_images(src, "train" if "train" in names else names[0], cfg.resolution, cfg.channels, limit)
+    val_u8, _, _ = load_images(src, "validation", cfg.resolution, cfg.channels, limit)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     from ldmscale.device import current
@@ -200,6 +200,7 @@ def train_autoencoder(cfg: AutoencoderConfig, out: str | Path, progress: bool = 
     vae.register_to_config(scaling_factor=scaling)
     report = {
         "config": to_dict(cfg), "train_images": len(train_u8), "validation_images": len(val_u8),
+        "validation_split": validation_rule(src),
         "validation_psnr_db": round(val_psnr, 3), "train_seconds": round(seconds, 1),
         "scaling_factor": scaling, "params": sum(p.numel() for p in vae.parameters()),
         "downsample": 2 ** (len(cfg.block_out_channels) - 1),

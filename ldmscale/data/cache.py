@@ -153,6 +153,9 @@ def _prepare(cfg: PrepareConfig, out: Path, progress: bool) -> dict:
                                        bar)
         bar.close()
         metas = [shard_meta(p) for p in shards(sdir)]
+        if not metas and split == "validation" and data.count(src, split) is None:  # a stream of < HOLDOUT items
+            sdir.rmdir()
+            continue
         if not any(m["keys"] for m in metas):  # nothing to train or evaluate on: refuse to call it a cache
             skipped = [x for m in metas for x in m["skipped"]]
             why = f"; e.g. {skipped[0]['key']}: {skipped[0]['error']}" if skipped else ""
@@ -245,6 +248,7 @@ def _reencode_damaged(out: Path, src, enc: _Encoder, progress: bool) -> None:
 
 def _finish(out, cfg, src, vae, text, latent_side, channels, encoded, seconds) -> dict:
     from ldmscale.data import autoencoder as ae
+    from ldmscale.data import sources as data
 
     splits, skipped_all, truncated = {}, [], 0
     for sdir in sorted(p for p in out.iterdir() if p.is_dir() and shards(p)):
@@ -263,6 +267,8 @@ def _finish(out, cfg, src, vae, text, latent_side, channels, encoded, seconds) -
         "text_encoder": text.identity(),
         "context_len": cfg.max_length, "context_dim": text.dim,
         "splits": splits, "total": sum(s["count"] for s in splits.values()),
+        "validation": data.validation_rule(src) if "validation" in splits else
+        f"none: fewer than {data.HOLDOUT} items to hold one out",
         "skipped_total": len(skipped_all), "truncated_captions": truncated,
         "encoded_this_run": encoded, "seconds_this_run": round(seconds, 2),
         "images_per_second": round(encoded / seconds, 1) if seconds > 0 and encoded else None,

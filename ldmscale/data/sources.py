@@ -28,6 +28,7 @@ from PIL import Image
 
 from ldmscale.data.shards import shard_paths, tar_samples
 from ldmscale.errors import UserError
+from ldmscale.images import preprocess
 
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 ANIMAL_TEMPLATES = ("a {}", "a photo of a {}", "a silhouette of a {}", "a black and white picture of a {}",
@@ -311,7 +312,41 @@ def _iter_hf(name: str, split: str, start: int) -> Iterator[Item]:
 # ---------------------------------------------------------------------------------------- public
 
 
+# One validation rule for the autoencoder, the cache and evaluation: a source without a validation split holds out
+# every HOLDOUT-th item of its training split (positions 9, 19, 29, ... of its fixed order) as "validation", so
+# the held-out images are spread over the source (a folder's sorted tail may be one class) and a stream can be
+# split without counting it. A split of fewer than HOLDOUT items holds nothing out.
+HOLDOUT = 10
+
+
 def splits(src: SourceSpec) -> list[str]:
+    """The source's splits, with the held-out "validation" (validation_rule) where it has none of its own."""
+    names = _own_splits(src)
+    return names + ["validation"] if _holds_out(src, names) else names
+
+
+def validation_rule(src: SourceSpec) -> str:
+    """Where the source's validation split comes from, in words (recorded by the cache and the autoencoder)."""
+    names = _own_splits(src)
+    if "validation" in names:
+        return "the source's own validation split"
+    if _holds_out(src, names):
+        return f"held out: every {HOLDOUT}th item of {_base(names)!r} (positions {HOLDOUT - 1}, {2 * HOLDOUT - 1}, ...)"
+    return f"none: {_base(names)!r} has fewer than {HOLDOUT} items to hold one out"
+
+
+def _base(names: list[str]) -> str:
+    return "train" if "train" in names else names[0]
+
+
+def _holds_out(src: SourceSpec, names: list[str]) -> bool:
+    if "validation" in names:
+        return False
+    n = _own_count(src, _base(names))
+    return n is None or n >= HOLDOUT
+
+
+def _own_splits(src: SourceSpec) -> list[str]:
     if src.kind == "animal-mnist":
         return ["train", "validation"]
     if src.kind == "folder":
@@ -328,6 +363,14 @@ def splits(src: SourceSpec) -> list[str]:
 
 def count(src: SourceSpec, split: str) -> int | None:
     """Number of items in a split, when known without reading it (None for tar shards)."""
+    names = _own_splits(src)
+    if _holds_out(src, names) and split in ("validation", _base(names)):
+        n = _own_count(src, _base(names))
+        return None if n is None else n // HOLDOUT if split == "validation" else n - n // HOLDOUT
+    return _own_count(src, split)
+
+
+def _own_count(src: SourceSpec, split: str) -> int | None:
     if src.kind == "animal-mnist":
         return len(animal_mnist_split_indices()[split])
     if src.kind == "hf":
@@ -341,6 +384,17 @@ def iterate(src: SourceSpec, split: str, start: int = 0) -> Iterator[Item]:
     """Items of one split in their fixed order, from position `start` (for resuming)."""
     if split not in splits(src):
         raise UserError(f"source {src}: no split {split!r}; splits: {', '.join(splits(src))}")
+    names = _own_splits(src)
+    if _holds_out(src, names) and split in ("validation", _base(names)):
+        # item k of the held-out split is the source's HOLDOUT*k + HOLDOUT-1; the others keep HOLDOUT-1 in HOLDOUT
+        held = split == "validation"
+        first = HOLDOUT * start + HOLDOUT - 1 if held else start + start // (HOLDOUT - 1)
+        return (item for pos, item in enumerate(_iterate(src, _base(names), first), first)
+                if (pos % HOLDOUT == HOLDOUT - 1) == held)
+    return _iterate(src, split, start)
+
+
+def _iterate(src: SourceSpec, split: str, start: int) -> Iterator[Item]:
     if src.kind == "animal-mnist":
         return _iter_animal(split, start)
     if src.kind == "folder":
@@ -348,33 +402,6 @@ def iterate(src: SourceSpec, split: str, start: int = 0) -> Iterator[Item]:
     if src.kind == "wds":
         return _iter_wds(src.arg, start)
     return _iter_hf(src.arg, split, start)
-
-
-def to_8bit(img: Image.Image) -> Image.Image:
-    """8-bit by the image's own bit depth: 16-bit integers are divided by 257, floats are read as 0..1.
-    (PIL's convert clips instead: a 16-bit image turns near white, a 0..1 float image black.)"""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode != "I" or arr.max(initial=0) <= 65535 else 2.0**32 - 1
-        return Image.fromarray(np.clip(np.round(arr / top * 255), 0, 255).astype(np.uint8), "L")
-    if img.mode == "F":
-        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
-        return Image.fromarray(np.clip(np.round(arr * 255), 0, 255).astype(np.uint8), "L")
-    return img
-
-
-def preprocess(img: Image.Image, resolution: int, channels: int) -> np.ndarray:
-    """8-bit (to_8bit), center-crop to a square, resize (Lanczos down, bicubic up), to uint8 [channels, H, W]."""
-    img = to_8bit(img).convert("L" if channels == 1 else "RGB")
-    w, h = img.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    img = img.crop((left, top, left + side, top + side))
-    if side != resolution:
-        method = Image.LANCZOS if side > resolution else Image.BICUBIC
-        img = img.resize((resolution, resolution), method)
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
 
 def load_images(src: SourceSpec, split: str, resolution: int, channels: int, limit: int | None = None,

@@ -3,7 +3,6 @@ upsampling of the same inputs) and DreamBooth (subject fidelity, prompt fidelity
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from ldmscale.config import from_dict, to_dict
+from ldmscale.device import latency_conditions
 from ldmscale.errors import UserError
 from ldmscale.eval import metrics
 from ldmscale.model import flops
@@ -30,8 +30,7 @@ def _common(model, cfg, info_seconds: float, n: int, nfe: int) -> dict:
             "norm_cost": acc["norm_cost"], "sampling_cost": flops.sampling_cost(acc["norm_cost"], cfg.steps),
             "model_calls_per_image": nfe,
             "latency_ms_per_image": 1000 * info_seconds / max(1, n), "latency_batch_size": cfg.batch_size,
-            "processes": 1, "device": str(next(model.unet.parameters()).device), "threads": torch.get_num_threads(),
-            "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "processes": 1, **latency_conditions(next(model.unet.parameters()).device),
             "distilled": bool(model.config.get("distilled", False)), "config": to_dict(cfg),
             "flop_convention": acc.get("flop_convention"), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
 

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Annotated, Literal
 import torch
 
 from ldmscale.config import Config, NonNegative, Range, from_dict, to_dict
+from ldmscale.device import latency_conditions
 from ldmscale.errors import UserError
 from ldmscale.eval import metrics, registry
 from ldmscale.integrity import note, read_json, set_aside
@@ -254,8 +254,7 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
         "executed_cost": acc["norm_cost"] * nfe, "train_seed": int(model.config["train"].get("seed", 0)),
         "text_encoder_cost": side["text_encoder_flops"] / ref_flops, "decoder_cost": side["decoder_flops"] / ref_flops,
         "latency_ms_per_image": 1000 * seconds.item() / cfg.num_images, "latency_batch_size": cfg.batch_size,
-        "processes": world, "device": str(next(model.unet.parameters()).device), "threads": torch.get_num_threads(),
-        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # latency's conditions
+        "processes": world, **latency_conditions(next(model.unet.parameters()).device),
         "distilled": bool(model.config.get("distilled", False)),
         "reference": {name: ref[1] for name, ref in refs.items()} | {"spec": cfg.reference},
         "config": to_dict(cfg), "flop_convention": acc.get("flop_convention"),

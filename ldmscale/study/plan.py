@@ -199,6 +199,9 @@ def study_results(out: Path, study: Study) -> tuple[list[dict], int]:
                                                                              if k != "run"}, str(out)))
               for j in plan_jobs(study, out) if j.kind in ("eval", "task-eval")}
     rows = collect(out)
+    if not rows and (out / "results.csv").exists():  # the runs are elsewhere (or gone): the table they made stays
+        note(f"no evaluation results under {out}/runs: reading {out}/results.csv as written by the last study run")
+        return read_csv(out / "results.csv"), 0
     mine = [r for r in rows if r.pop("_key") in wanted]
     return mine, len(rows) - len(mine)
 
@@ -241,6 +244,26 @@ def collect(out: Path) -> list[dict]:
             row["executed_cost"] = float(row["norm_cost"]) * float(row["model_calls_per_image"])
         rows.append(row)
     return rows
+
+
+def read_csv(path: Path) -> list[dict]:
+    """results.csv back as rows: empty cells None, numbers and booleans as written by write_csv."""
+    import csv
+
+    def value(v: str):
+        if v == "":
+            return None
+        if v in ("True", "False"):
+            return v == "True"
+        for cast in (int, float):
+            try:
+                return cast(v)
+            except ValueError:
+                pass
+        return v
+
+    with open(path, newline="") as f:
+        return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -290,16 +313,23 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
     return jobs
 
 
-def sample_size_warnings(study: Study) -> list[str]:
-    """Points too small for their metric: a Frechet distance on fewer images than its feature dimensions has a
-    rank-deficient covariance, so its values are biased upward and noisier than the bootstrap shows."""
+def frechet_dims(study: Study) -> dict[str, int]:
+    """The feature dimensions of the study's Frechet metrics (its own classifier's, or the one it names)."""
     from ldmscale.eval.features import ClassifierConfig
 
     ev = study_eval(study)
     clf = Path(ev.classifier) / "classifier.json" if ev.classifier else None
     clf_dim = (json.loads(clf.read_text())["config"]["feature_dim"] if clf is not None and clf.exists() else
                from_dict(ClassifierConfig, {"source": study.data.source} | dict(study.classifier)).feature_dim)
-    dims = {"fid": 2048, "fd-classifier": clf_dim}
+    return {"fid": 2048, "fd-classifier": clf_dim}
+
+
+def sample_size_warnings(study: Study) -> list[str]:
+    """Points too small for their metric: a Frechet distance on fewer images than its feature dimensions has a
+    rank-deficient covariance, so its values are biased upward and noisier than the bootstrap shows (the claims
+    say "not measured" on them)."""
+    ev = study_eval(study)
+    dims = frechet_dims(study)
     points = [(m, ev.num_images, "") for m in ev.metrics if m in dims]
     if ev.agreement_metric in dims:
         points.append((ev.agreement_metric, ev.agreement_images or ev.num_images, " (the metric check)"))
