@@ -42,6 +42,7 @@ backbones: $(STAMP)
 # one pytest-xdist worker per core (TEST_WORKERS=1 for a serial run); multi-process tests share one worker
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: $(STAMP)
+	$(PY) -m ruff check ldmscale tests bench   # the rules and why: [tool.ruff] in pyproject.toml
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(STAMP)

@@ -48,7 +48,7 @@ def main() -> None:
     try:
         from ldmscale.data.autoencoder import AutoencoderConfig, build_autoencoder
 
-        vae = build_autoencoder(AutoencoderConfig())  # the default architecture; speed does not depend on weights
+        vae = build_autoencoder(AutoencoderConfig(channels=1))  # the default architecture, grayscale as animal-mnist
         vae.register_to_config(scaling_factor=0.5)
         vae.save_pretrained(tmp / "ae")
         cfg = PrepareConfig(source="animal-mnist", autoencoder=str(tmp / "ae"), resolution=32, limit=args.images)

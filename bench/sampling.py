@@ -44,7 +44,8 @@ def main() -> None:
         t = time.perf_counter()
         generate(model, prompts, "ddim", args.steps, args.guidance, seeds, batch_size=args.images)
         ours = args.images / (time.perf_counter() - t)
-        pipe = StableDiffusionPipeline.from_pretrained(tmp / "export", safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(tmp / "export", safety_checker=None, requires_safety_checker=False,
+                                                       trust_remote_code=True)  # the MiniLM text encoder ships as code
         pipe.set_progress_bar_config(disable=True)
         cond, uncond = encode_prompts(model, prompts[:1])
         gens = [torch.Generator().manual_seed(s) for s in seeds]

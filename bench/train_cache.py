@@ -79,14 +79,16 @@ def main() -> None:
     p.add_argument("--sizes", default="c8,c16,c32,c64")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--cache-images", type=int, default=2000)
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
     results = {}
     try:
-        vae = ae.build_autoencoder(ae.AutoencoderConfig())
+        vae = ae.build_autoencoder(ae.AutoencoderConfig(channels=1))  # animal-mnist is grayscale
         vae.register_to_config(scaling_factor=0.5)
         vae.save_pretrained(tmp / "ae")
-        prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tmp / "ae"), resolution=32, limit=2000),
+        prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tmp / "ae"), resolution=32,
+                              limit=args.cache_images),
                 tmp / "cache", progress=False)
         peak = matmul_peak_gflops()
         for size in args.sizes.split(","):

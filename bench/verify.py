@@ -41,15 +41,15 @@ def main() -> None:
                                    {"step": 1}, keep=1)
             size_mb = sum(p.stat().st_size for p in ckpt.iterdir()) / 1e6
 
-            def load():
+            def load(config=config, ckpt=ckpt):
                 build_network(config).load_state_dict(checkpoint.load_weights(ckpt, "ema"))
 
-            def resume():
+            def resume(config=config, ckpt=ckpt):
                 build_network(config).load_state_dict(checkpoint.load_weights(ckpt, "raw"))
                 checkpoint.load_optimizer(ckpt)
 
-            t_load, t_verify = best_of(load), best_of(lambda: checkpoint.damage(ckpt, checkpoint.WEIGHTS))
-            t_resume, t_all = best_of(resume), best_of(lambda: checkpoint.damage(ckpt))
+            t_load, t_verify = best_of(load), best_of(lambda c=ckpt: checkpoint.damage(c, checkpoint.WEIGHTS))
+            t_resume, t_all = best_of(resume), best_of(lambda c=ckpt: checkpoint.damage(c))
         out[name] = {"checkpoint_mb": round(size_mb, 1), "load_s": round(t_load, 4), "verify_s": round(t_verify, 4),
                      "verify_over_load": round(t_verify / t_load, 3), "resume_load_s": round(t_resume, 4),
                      "resume_verify_s": round(t_all, 4), "resume_verify_over_load": round(t_all / t_resume, 3)}

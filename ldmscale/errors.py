@@ -18,3 +18,8 @@ class DiskFull(UserError):
         need = f", about {needed / 1e6:,.1f} MB needed" if needed else ""
         super().__init__(f"no space left on device writing {path} ({free / 1e6:,.1f} MB free{need}); nothing partial "
                          "was kept: free space and run the same command again")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the run stopped without saving. Every verb that trains ends in one line and exit
+    code 1 (cli.main), naming the last good checkpoint."""

@@ -11,8 +11,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ldmscale.errors import DiskFull, UserError
 
@@ -220,10 +221,10 @@ class DirLock:
     def __init__(self, path: str | os.PathLike, what: str = "folder", enabled: bool = True):
         self.path, self.what, self.enabled, self.fd = Path(path), what, enabled, None
 
-    def __enter__(self) -> "DirLock":
+    def __enter__(self) -> DirLock:
         import fcntl
 
-    
+
         if not self.enabled:
             return self
         self.created = not self.path.exists()

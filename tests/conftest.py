@@ -56,9 +56,9 @@ def _in_process(argv: list[str], cwd: Path = ROOT) -> subprocess.CompletedProces
     import io
     import traceback
 
-    from ldmscale.cli.main import main
-
     import torch
+
+    from ldmscale.cli.main import main
 
     out, err, saved, threads = io.StringIO(), io.StringIO(), dict(os.environ), torch.get_num_threads()
     code = 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+
 def truncate(p: Path, other: Path | None = None) -> None:
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
 

@@ -59,7 +59,7 @@ def make_tars(root: Path, shards: int = 2, per_shard: int = 3) -> str:
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
                 i += 1
-    return str(root / ("{00000..%05d}.tar" % (shards - 1)))
+    return str(root / f"{{00000..{shards - 1:05d}}}.tar")
 
 
 def make_hf(root: Path, n: int = 5) -> Path:

@@ -1,6 +1,6 @@
 import json
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -20,7 +20,7 @@ class Outer:
     steps: int = 10
     flag: bool = False
     mode: Literal["eps", "v"] = "eps"
-    maybe: Optional[int] = None
+    maybe: int | None = None
     sizes: tuple[str, ...] = ("c8",)
     inner: Inner = field(default_factory=Inner)
 

@@ -4,7 +4,14 @@ image for every sampler, with and without guidance, and for a student whose guid
 import pytest
 import torch
 
-from ldmscale.diffusion.samplers import SAMPLERS, FLOW_SAMPLERS, SampleStats, generate_latents, make_sampler, model_calls
+from ldmscale.diffusion.samplers import (
+    FLOW_SAMPLERS,
+    SAMPLERS,
+    SampleStats,
+    generate_latents,
+    make_sampler,
+    model_calls,
+)
 from ldmscale.model.family import build_network, network_config, parse_size
 
 

@@ -147,6 +147,15 @@ def test_family_cli_table_and_csv():
     (["family", "--latent-size", "12"], "multiple of 8"),
     (["family", "--format", "xml"], "'xml' is not one of"),
     (["train-everything"], "No such command"),
+    # size fields, by --set and in the size name (#27)
+    (["family", "--size", "c16", "--set", "heads=0"], "heads, norm groups and layers per block must be positive (got 0"),
+    (["family", "--size", "c16", "--set", "norm_groups=-2"], "must be positive (got 2, -2, 2)"),
+    (["family", "--size", "c16", "--set", "layers_per_block=0"], "must be positive (got 2, 16, 0)"),
+    (["family", "--size", "c16", "--set", "heads=3"], "3 heads do not divide C=16"),
+    (["family", "--size", "c16", "--set", "heads=inf"], "heads: cannot parse 'inf' as int"),
+    (["family", "--size", "c16:h0"], "must be positive (got 0, 16, 2)"),
+    (["family", "--size", "c0"], "base width C must be between 1 and 65536, got 0"),
+    (["family", "--size", "dit-64x4:h0"], "hidden, depth, heads and patch must be positive"),
 ])
 def test_bad_input_exits_2_with_one_line(args, needle):
     proc = run_cli(*args)

@@ -14,7 +14,6 @@ from damage import DAMAGES, cli, content, digest, garble, quiet, replace, trunca
 from ldmscale import checkpoint
 from ldmscale.errors import UserError
 
-
 # ------------------------------------------------------------------------------------------ checkpoints
 
 CKPT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt", "state.json")

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from damage import DAMAGES, cli, content, digest, quiet  # noqa: F401  (quiet: autouse)
 
-
 # ------------------------------------------------------------------------------------------ studies
 
 STUDY = """

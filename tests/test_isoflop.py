@@ -66,7 +66,7 @@ def test_an_optimum_outside_the_sizes_is_not_extrapolated():
 
 
 def test_loss_reads_as_quality():
-    rows = [{"val_loss": l, "fd": 10 + 40 * math.log10(l)} for l in (0.2, 0.3, 0.5, 0.8)]
+    rows = [{"val_loss": v, "fd": 10 + 40 * math.log10(v)} for v in (0.2, 0.3, 0.5, 0.8)]
     rel = loss_to_metric(rows, "fd")
     assert rel["spearman"] == pytest.approx(1.0) and rel["slope"] == pytest.approx(40.0)
     assert rel["read"](0.4) == pytest.approx(10 + 40 * math.log10(0.4))

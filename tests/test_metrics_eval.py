@@ -241,7 +241,7 @@ def test_bootstrap_spread_matches_repeated_sampling():
     ref = metrics.FeatureStats(4)
     ref.update(torch.as_tensor(rng.normal(size=(20000, 4))))
     real = []
-    for r in range(40):
+    for _ in range(40):
         s = metrics.FeatureStats(4)
         s.update(torch.as_tensor(rng.normal(size=(200, 4)) + 0.3))
         real.append(metrics.fd_of(s, ref))

@@ -45,8 +45,8 @@ def test_dry_run_lists_jobs_with_cost(study_file, tmp_path):
     p = run_cli("study", "run", study_file, "--out", tmp_path / "s", "--dry-run", check=True)
     lines = p.stdout.strip().splitlines()
     assert lines[-1].startswith("13 jobs, 13 to run")
-    assert sum(" train " in l for l in lines) == 2 and sum(" eval " in l for l in lines) == 10
-    assert sum(" sanity " in l for l in lines) == 1
+    assert sum(" train " in line for line in lines) == 2 and sum(" eval " in line for line in lines) == 10
+    assert sum(" sanity " in line for line in lines) == 1
     assert not (tmp_path / "s").exists()
 
 
@@ -238,7 +238,7 @@ set = { start_steps = 4, final_steps = 2 }
     p = run_cli("study", "run", study_file, "--out", tmp_path / "s", "--dry-run", check=True)
     lines = p.stdout.strip().splitlines()
     assert lines[-1].startswith("39 jobs, 39 to run")
-    names = [l.split("FLOPs", 1)[1].strip() for l in lines[:-1]]
+    names = [line.split("FLOPs", 1)[1].strip() for line in lines[:-1]]
     for size in ("c8", "c16"):
         assert {f"sr {size}", f"db {size}", f"lcm {size}", f"pd {size}"} <= set(names)
         # super-resolution: ddim at the [eval] steps, no guidance; dreambooth: the [eval] grid;

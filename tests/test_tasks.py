@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -139,3 +140,37 @@ def test_dreambooth_bad_inputs_exit_2(tiny_run, tmp_path):
         from ldmscale.tasks.dreambooth import subject_images
 
         subject_images(str(tmp_path / "empty"), 32, 1)
+
+
+@pytest.mark.parametrize("verb", ["train", "finetune sr", "finetune dreambooth", "distill"])
+def test_every_verb_that_trains_stops_on_a_non_finite_loss_in_one_line(verb, tiny_run, tiny_cache, tmp_path,
+                                                                        monkeypatch):
+    """One handler (cli.main) for every training verb: exit 1, one line naming the step, no traceback (#27)."""
+    import math
+
+    import ldmscale.train.loop as loop
+
+    class NeverFinite:  # the loop's `math`, with every loss read as non-finite
+        def __getattr__(self, name):
+            return getattr(math, name)
+
+        @staticmethod
+        def isfinite(x):
+            return False
+
+    monkeypatch.setattr(loop, "math", NeverFinite())
+    from PIL import Image
+
+    (tmp_path / "subject").mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "subject" / "0.png")
+    args = {"train": ["--cache", tiny_cache, "--size", "c8"],
+            "finetune sr": ["--init", tiny_run, "--source", "animal-mnist"],
+            "finetune dreambooth": ["--init", tiny_run, "--subject", tmp_path / "subject", "--class-prompt", "a dog",
+                                    "--set", "num_class_images=4"],
+            "distill": ["--teacher", tiny_run]}[verb]
+    p = run_cli(*verb.split(), *args, "--images", "16", "--out", tmp_path / "out")
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and re.fullmatch(r"ldmscale: stopped: loss is \S+ at step 1 \(images seen 0\); stopped "
+                                              r"without saving; last good checkpoint: none; try a lower lr", last), \
+        p.stderr[-2000:]
+    assert "Traceback" not in p.stderr

@@ -136,3 +136,14 @@ def test_train_options_and_set_build_the_same_config():
             from_options.checkpoint_at) == (5e-4, 8, (0.8, 0.99), False, (3, 9))
     # options not given stay None, so a continued run keeps its own settings
     assert params["seed"] is None and params["fsdp"] is None
+
+
+@pytest.mark.parametrize("path", ["sample", "eval"])
+def test_every_sampler_is_named_in_the_help_of_each_verb_that_samples(path, capsys):
+    from ldmscale.cli.main import main
+    from ldmscale.diffusion.samplers import SAMPLERS
+
+    with pytest.raises(SystemExit):
+        main([*path.split(), "--help"])
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # click wraps lines at hyphens
+    assert [s for s in SAMPLERS if s not in text] == []

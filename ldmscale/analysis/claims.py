@@ -38,7 +38,6 @@ from ldmscale.analysis.verdicts import (
 )
 from ldmscale.eval import registry
 
-
 # --------------------------------------------------------------------------------- claim 1: training compute
 
 

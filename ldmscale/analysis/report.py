@@ -19,7 +19,6 @@ from ldmscale.errors import UserError
 from ldmscale.eval import registry
 from ldmscale.io import atomic_write, atomic_write_json, atomic_write_text
 
-
 CALIBRATION_STUDIES = 200  # simulated studies per world in every report (`ldmscale study calibrate` runs more)
 
 

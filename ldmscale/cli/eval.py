@@ -27,7 +27,7 @@ metrics and seed. Skipped if present (--force recomputes).
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
               help='Run directory (text-to-image, super-resolution, DreamBooth or distilled).')
 @click.option("--sampler", default="ddim", show_default=True,
-              help='ddim, ddpm, dpmsolver++, euler, euler-a, heun, unipc or lcm.')
+              help='ddim, ddpm, dpmsolver++, euler, euler-a, heun, unipc, lcm; flow-euler, flow-heun for flow runs.')
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000), help='Sampling steps.')
 @click.option("--guidance", default=7.5, show_default=True, type=FINITE,
               help='Classifier-free guidance scale (<=1: off).')

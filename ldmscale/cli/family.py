@@ -93,9 +93,6 @@ def family_cmd(preset, sizes, backbone, fmt, latent_size, latent_channels, conte
     if overrides and any(not isinstance(s, ModelSize) for s in chosen):
         raise UserError("--set changes UNet sizes; name a transformer's options in its size (dit-64x4:h2)")
     chosen = [apply_overrides(s, overrides) for s in chosen]
-    for s in (s for s in chosen if isinstance(s, ModelSize)):
-        if s.C % s.norm_groups or s.C % s.heads:
-            raise UserError(f"size {s.name}: heads ({s.heads}) and norm_groups ({s.norm_groups}) must divide C")
     latent = latent_size or p.latent_size
     for name, v in (("latent size", latent), ("context length", context_len), ("context dim", context_dim),
                     ("latent channels", latent_channels)):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -33,7 +32,7 @@ continues from the last checkpoint (a larger --images extends the run).
 @config_options(TrainConfig, rename=CLI_NAMES)
 def train_cmd(out, config_file, overrides, **fields) -> None:
     """Train one family member from a latent cache (compute ledger, exact resume)."""
-    from ldmscale.train.loop import TrainingDiverged, load_train_config, train
+    from ldmscale.train.loop import load_train_config, train
 
     if config_file:
         if not Path(config_file).is_file():
@@ -46,11 +45,7 @@ def train_cmd(out, config_file, overrides, **fields) -> None:
     cfg = apply_overrides(cfg, [*given_overrides(TrainConfig, fields), *overrides])
     if not cfg.data:
         raise UserError("--cache is required (a latent cache folder)")
-    try:
-        result = train(cfg, out)
-    except TrainingDiverged as e:
-        click.echo(f"ldmscale train: stopped: {e}", err=True)
-        sys.exit(1)
+    result = train(cfg, out)
     if not result["is_main"]:
         return
     click.echo(f"run {out}: {result['step']} steps, {result['images_seen']:,} images, "
@@ -69,7 +64,8 @@ Writes one PNG per image, grid.png (a row per prompt; columns grouped by sampler
 """)
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable).")
-@click.option("--sampler", "samplers", multiple=True, help="ddim (default), ddpm, dpmsolver++, euler, euler-a, heun, unipc, lcm. Repeatable.")
+@click.option("--sampler", "samplers", multiple=True, help="ddim (default), ddpm, dpmsolver++, euler, euler-a, heun, unipc, lcm; flow-euler, flow-heun for flow "
+              "runs. Repeatable.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000), help='Sampling steps.')
 @click.option("--guidance", default=7.5, show_default=True, type=FINITE, help="Classifier-free guidance scale (<=1: off).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1), help="Image k of prompt p uses seed + p*N + k (N: --num-images).")

@@ -7,7 +7,6 @@ scaling factor is measured on data (1 / std of the latents, as the LDM paper doe
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
 import time
@@ -75,6 +74,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def build_autoencoder(cfg: AutoencoderConfig):
     from diffusers import AutoencoderKL
 
+    if cfg.channels == 0:  # a programming error, not bad input: 0 means "from the data" until resolve_channels
+        raise ValueError("build_autoencoder needs channels 1 or 3: call resolve_channels(cfg) first")
     n = len(cfg.block_out_channels)
     return AutoencoderKL(
         in_channels=cfg.channels, out_channels=cfg.channels,
@@ -227,11 +228,11 @@ def load_autoencoder(spec: str):
             raise UserError(f"autoencoder not found: {spec} (a diffusers AutoencoderKL folder or a hub id)")
         try:
             return AutoencoderKL.from_pretrained(spec, subfolder="vae").eval()
-        except (OSError, EnvironmentError):
+        except OSError:
             return AutoencoderKL.from_pretrained(spec).eval()
     except UserError:
         raise
-    except (OSError, EnvironmentError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot load autoencoder {spec!r}: {str(e).splitlines()[0]}") from None
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import tarfile
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def shard_paths(pattern: str) -> list[str]:

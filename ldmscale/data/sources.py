@@ -18,10 +18,10 @@ import io
 import json
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image

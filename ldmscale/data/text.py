@@ -152,7 +152,7 @@ def _load_text_encoder(spec: str, max_length: int) -> TextEncoder:
             raise UserError(f"unknown text encoder {spec!r}: use minilm, clip-l[:PATH], clip-h[:PATH] or clip:PATH_OR_ID")
     except UserError:
         raise
-    except (OSError, EnvironmentError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot load text encoder {spec!r}: {str(e).splitlines()[0]}") from None
     enc.model.requires_grad_(False)
     return enc

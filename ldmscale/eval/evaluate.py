@@ -24,12 +24,12 @@ from ldmscale.config import Config, NonNegative, Range, from_dict, to_dict
 from ldmscale.device import latency_conditions
 from ldmscale.errors import UserError
 from ldmscale.eval import metrics, registry
-from ldmscale.integrity import note, read_json, set_aside
 from ldmscale.eval.reference import (
     canonical_reference,
     parse_reference,
     reference_stats,
 )
+from ldmscale.integrity import note, read_json, set_aside
 from ldmscale.model import flops
 
 

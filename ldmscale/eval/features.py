@@ -258,7 +258,7 @@ class ClipModel:
             with quiet_loading():
                 self.model = on(CLIPModel.from_pretrained(spec))
                 self.processor = CLIPProcessor.from_pretrained(spec)
-        except (OSError, EnvironmentError, ValueError) as e:
+        except (OSError, ValueError) as e:
             raise UserError(f"cannot load CLIP model {spec!r}: {str(e).splitlines()[0]}") from None
         h = hashlib.sha256(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
         self.identity = {"name": "clip", "spec": spec, "config_sha": h[:16]}

@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ class FeatureStats:
         self.sum += f.sum(0)
         self.outer += f.T @ f
 
-    def merge(self, other: "FeatureStats") -> "FeatureStats":
+    def merge(self, other: FeatureStats) -> FeatureStats:
         self.n += other.n
         self.sum += other.sum
         self.outer += other.outer
@@ -54,7 +54,7 @@ class FeatureStats:
         return {"n": torch.tensor([self.n], dtype=torch.int64), "sum": self.sum, "outer": self.outer}
 
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "FeatureStats":
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> FeatureStats:
         s = cls(t["sum"].shape[0])
         s.n, s.sum, s.outer = int(t["n"][0]), t["sum"].double(), t["outer"].double()
         return s

@@ -28,6 +28,17 @@ class ModelSize:
     norm_groups: int = 32
     layers_per_block: int = 2
 
+    def __post_init__(self) -> None:  # every way of making a size (a name, --set, a study) is checked here
+        if not 1 <= self.C <= 65536:
+            raise UserError(f"base width C must be between 1 and 65536, got {self.C}")
+        if self.heads < 1 or self.norm_groups < 1 or self.layers_per_block < 1:
+            raise UserError(f"size c{self.C}: heads, norm groups and layers per block must be positive "
+                            f"(got {self.heads}, {self.norm_groups}, {self.layers_per_block})")
+        if self.C % self.norm_groups:
+            raise UserError(f"size c{self.C}: {self.norm_groups} norm groups do not divide C={self.C}")
+        if self.C % self.heads:
+            raise UserError(f"size c{self.C}: {self.heads} heads do not divide C={self.C}")
+
     @property
     def name(self) -> str:
         return f"c{self.C}"
@@ -86,17 +97,10 @@ def default_heads(C: int) -> int:
 
 
 def make_size(C: int, heads: int | None = None, norm_groups: int | None = None, layers_per_block: int = 2) -> ModelSize:
-    if not 1 <= C <= 65536:
+    if not 1 <= C <= 65536:  # before the defaults, which divide by C
         raise UserError(f"base width C must be between 1 and 65536, got {C}")
     heads = default_heads(C) if heads is None else heads
     groups = default_groups(C) if norm_groups is None else norm_groups
-    if heads < 1 or groups < 1 or layers_per_block < 1:
-        raise UserError(f"size c{C}: heads, norm groups and layers per block must be positive "
-                        f"(got {heads}, {groups}, {layers_per_block})")
-    if C % groups:
-        raise UserError(f"size c{C}: {groups} norm groups do not divide C={C}")
-    if C % heads:
-        raise UserError(f"size c{C}: {heads} heads do not divide C={C}")
     return ModelSize(C=C, heads=heads, norm_groups=groups, layers_per_block=layers_per_block)
 
 

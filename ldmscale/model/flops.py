@@ -85,7 +85,7 @@ def count_flops(module, *args, **kwargs) -> int:
     return int(counter.get_total_flops())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measure(size, latent_size: int, context_len: int, context_dim: int,
             latent_channels: int = 4, extra_in_channels: int = 0) -> tuple[int, int]:
     """(params, forward FLOPs per sample) of one network of any backbone, counted on the meta device (cached on

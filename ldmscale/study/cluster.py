@@ -9,8 +9,8 @@ then the cache, then every size's training in parallel, then every evaluation in
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ldmscale.tasks.kinds import KINDS
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ldmscale import integrity
 from ldmscale.integrity import read_json

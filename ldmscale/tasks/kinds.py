@@ -8,9 +8,9 @@ entry here (and its config/training module), not an if/elif in each of them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ldmscale.config import apply_overrides, from_dict, to_dict
 from ldmscale.errors import UserError
@@ -30,7 +30,9 @@ class Built:
 class TaskKind:
     name: str
     job_kind: str  # the study job that trains it: "finetune" or "distill"
-    forward_passes: int  # training FLOPs per image, in forward passes (3: forward + backward; 6: + teacher, target)
+    # training FLOPs per image in forward passes, for --dry-run and the ETA only (3: forward + backward; 6: + teacher
+    # and target); the ledger counts each step's own from the objective (progressive: 7 in its guided first round, 5 after)
+    forward_passes: int
     guidance_doubles_calls: bool  # False where the guidance scale is embedded in the student (one call per step)
     build: Callable[..., Built]  # (task, study, ev, base TrainConfig, init run, task run, progress) -> Built
 

@@ -18,7 +18,7 @@ import torch
 
 from ldmscale import checkpoint, integrity
 from ldmscale.config import from_dict, to_dict
-from ldmscale.errors import UserError
+from ldmscale.errors import TrainingDiverged, UserError
 from ldmscale.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from ldmscale.model import flops, fsdp
 from ldmscale.model.family import build_network
@@ -29,10 +29,6 @@ from ldmscale.train.objectives import (  # noqa: F401
     ValidationLoss,
     objective_for,
 )
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; the run stopped without saving."""
 
 
 def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
@@ -169,21 +165,20 @@ def loop(cfg: TrainConfig, run: Path, progress: bool, make_task) -> dict:
                    "distributed": str(s.acc.distributed_type), "mixed_precision": cfg.mixed_precision}
         atomic_write_json(run / "config.json", s.task.resolved | {"machine": machine, "warnings": warnings})
     trackers.start(cfg, run, s)
-    pbar = bar(total=s.total_steps, initial=s.start, desc=f"train {s.task.resolved['train']['size']}", unit="step",
-               enabled=progress and s.acc.is_main_process)
     window = {"t": time.perf_counter(), "images": 0, "loss": 0.0, "n": 0}
     s.model.train()
-    for step in range(s.start, s.total_steps):
-        loss = train_step(cfg, run, s, step)
-        window["images"] += cfg.batch_size
-        window["loss"], window["n"] = window["loss"] + loss, window["n"] + 1
-        pbar.update(1)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == s.total_steps:
-            log(cfg, run, s, done, window, pbar)
-        if done % s.ckpt_steps == 0 or done == s.total_steps or done in cfg.checkpoint_at:
-            save(cfg, run, s, done, loss)
-    pbar.close()
+    with bar(total=s.total_steps, initial=s.start, desc=f"train {s.task.resolved['train']['size']}", unit="step",
+             enabled=progress and s.acc.is_main_process) as pbar:  # closed before a stopped run's one line
+        for step in range(s.start, s.total_steps):
+            loss = train_step(cfg, run, s, step)
+            window["images"] += cfg.batch_size
+            window["loss"], window["n"] = window["loss"] + loss, window["n"] + 1
+            pbar.update(1)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == s.total_steps:
+                log(cfg, run, s, done, window, pbar)
+            if done % s.ckpt_steps == 0 or done == s.total_steps or done in cfg.checkpoint_at:
+                save(cfg, run, s, done, loss)
     s.acc.end_training()
     return ledger(cfg, s, max(s.start, s.total_steps), float("nan")) | {"run": str(run), "is_main": s.acc.is_main_process}
 
