@@ -96,3 +96,15 @@ def test_train_option_defaults_are_the_config_defaults():
         assert params[f.name].default is None
         shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
         assert f"[default: {shown if shown != '' else 'none'}]" in params[f.name].help, f.name
+
+
+def test_objectives_and_training_data_satisfy_the_loops_protocols(tiny_cache):
+    """The loop's interfaces are typed (train/objectives.py): every objective is an Objective, a cache TrainData."""
+    from ldmscale.data.cache import LatentCache
+    from ldmscale.tasks.distill import Consistency, Progressive
+    from ldmscale.train.objectives import Denoising, Objective, RectifiedFlow, TrainData
+
+    assert [c.__name__ for c in (Denoising, RectifiedFlow, Consistency, Progressive)
+            if not issubclass(c, Objective)] == []
+    assert isinstance(LatentCache(tiny_cache), TrainData)
+    assert not isinstance(object(), TrainData) and not issubclass(dict, Objective)

@@ -84,7 +84,7 @@ def cli(ctx, device, threads) -> None:
 
 
 def register(*modules: str) -> None:
-    """Add the commands that each cli_* module defines (keeps this file short)."""
+    """Add the commands that each module of cli/ defines (keeps this file short)."""
     import importlib
 
     for name in modules:

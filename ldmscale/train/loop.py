@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,11 +25,11 @@ from ldmscale.model import flops, fsdp
 from ldmscale.model.family import build_network
 from ldmscale.train import trackers
 from ldmscale.train.config import CONTINUABLE, TrainConfig  # noqa: F401  (re-exported)
-from ldmscale.train.objectives import (  # noqa: F401
-    Batch,
-    ValidationLoss,
-    objective_for,
-)
+from ldmscale.train.objectives import Batch, Objective, TrainData, ValidationLoss, objective_for  # noqa: F401
+
+if TYPE_CHECKING:  # heavy imports, for the annotations only
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
 
 
 def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
@@ -96,16 +97,16 @@ class Task:
     """What the loop trains: the resolved run config, the data, the objective, and the initial weights of a
     fine-tune or a student.
 
-    data: len(data); data.batch(idx, latent_noise, seeds) -> (z, text, mask) or (z, text, mask, extra) where
-    `extra` is concatenated to the noisy latent at the UNet input (super-resolution); data.empty_text/_mask.
+    data (TrainData): batch(idx, latent_noise, seeds) -> (z, text, mask) or (z, text, mask, extra) where `extra` is
+    concatenated to the noisy latent at the UNet input (super-resolution).
     preview: prompts for the sample grid logged to a tracker at each checkpoint (text-to-image runs)."""
 
     resolved: dict
-    data: object
-    objective: object = None
+    data: TrainData
+    objective: Objective | None = None
     init: dict | None = None
     preview: list[str] | None = None
-    validation: object = None  # ValidationLoss: the objective on fixed validation triples, at every checkpoint
+    validation: ValidationLoss | None = None  # the objective on fixed validation triples, at every checkpoint
 
 
 def text_to_image_task(cfg: TrainConfig, run: Path) -> Task:
@@ -139,12 +140,12 @@ def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=te
 class State:
     """Everything the loop carries between stages."""
 
-    acc: object
+    acc: Accelerator
     task: Task
     model: torch.nn.Module
-    ema: object
+    ema: EMAModel
     opt: torch.optim.Optimizer
-    sched: object
+    sched: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
     ckpt_steps: int
     start: int = 0

@@ -1,6 +1,6 @@
 """What the training loop minimizes: an objective turns a batch into a per-sample loss.
 
-The loop (train.py) owns everything else: data order, caption dropout, accelerate, the EMA, the optimizer,
+The loop (train/loop.py) owns everything else: data order, caption dropout, accelerate, the EMA, the optimizer,
 checkpoints and the ledger. An objective declares
   draw(g, n, shape)          its per-sample randomness for the global batch, from the step's generator
                              (each process takes its slice, so 1 and N processes train the same model)
@@ -17,6 +17,7 @@ consistency and progressive distillation objectives.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -35,6 +36,32 @@ class Batch:
     mask: torch.Tensor
     extra: torch.Tensor | None
     empty: torch.Tensor
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """The interface above as a type: the loop calls nothing else of an objective."""
+
+    def draw(self, g: torch.Generator, n: int, shape: tuple[int, ...]) -> dict[str, torch.Tensor]: ...
+    def loss(self, model: torch.nn.Module, batch: Batch, rand: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def setup(self, model: torch.nn.Module, ema, device: torch.device) -> None: ...
+    def before_step(self, step: int, model: torch.nn.Module) -> None: ...
+    def evals(self, step: int) -> float: ...
+    def evals_until(self, step: int) -> float: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@runtime_checkable
+class TrainData(Protocol):
+    """What the loop reads a task's images from (a LatentCache, a super-resolution or DreamBooth set): its length,
+    batch(idx, latent_noise, seeds) -> (z, text, mask) or (z, text, mask, extra), and the empty caption's states."""
+
+    empty_text: torch.Tensor
+    empty_mask: torch.Tensor
+
+    def __len__(self) -> int: ...
+    def batch(self, idx: torch.Tensor, latent_noise: torch.Tensor | None = None, seeds=None) -> tuple: ...
 
 
 class Pretraining:
