@@ -250,3 +250,20 @@ set = { start_steps = 4, final_steps = 2 }
         assert [n for n in names if n.startswith(f"eval lcm {size}")] == [
             f"eval lcm {size} lcm {s} step{'s' * (s > 1)} g2" for s in (1, 2, 4, 8)]
         assert [n for n in names if n.startswith(f"eval pd {size}")] == [f"eval pd {size} ddim 2 steps g2"]
+
+
+def test_eta_learns_each_kind_of_jobs_pace_shrunk_towards_the_studys():
+    """A kind's pace is its own seconds over its estimate, shrunk to the study's pace by 300 estimated seconds."""
+    from ldmscale.study.jobs import Eta, Job, estimated_seconds
+
+    def job(kind, seconds):  # a job whose first-guess estimate is `seconds`
+        return Job(kind, kind, {}, lambda: None, extra_seconds=seconds - estimated_seconds(Job(kind, kind, {}, None)))
+
+    eta = Eta()
+    eta.record(job("eval", 100.0), 200.0)  # evals run at twice their estimate
+    assert eta.remaining([job("eval", 100.0)]) == pytest.approx(200.0)  # (200 + 2 x 300) / (100 + 300) = 2
+    assert eta.remaining([job("task-eval", 50.0)]) == pytest.approx(100.0)  # an unseen kind: the study's pace
+    eta.record(job("task-eval", 100.0), 50.0)  # one fast job of a new kind does not set its pace alone
+    pooled = 250.0 / 200.0
+    assert eta.remaining([job("task-eval", 100.0)]) == pytest.approx(100.0 * (50.0 + pooled * 300) / 400.0)
+    assert eta.remaining([job("eval", 100.0)]) == pytest.approx(100.0 * (200.0 + pooled * 300) / 400.0)
