@@ -75,8 +75,19 @@ def test_fid_matches_the_peer_routine_tf_resize_by_default(two_image_sets):
     peer.begin_eval_stat()
     peer.update_eval_stat(b, data_range=(0, 255))
     peer.finish_eval_stat()
+    ref, ev = peer.ref_stat_dict, peer.eval_stat_dict
+    # the same Inception features and statistics at all 2048 dimensions ...
+    for s, peer_stat in ((sa, ref), (sb, ev)):
+        assert np.allclose(s.mean, peer_stat["mu"], rtol=1e-4, atol=1e-5)
+        assert np.allclose(s.cov, peer_stat["sigma"], rtol=1e-3, atol=1e-5)
+    # ... and the same distance from them, the peer's formula (scipy's sqrtm of S1 S2) on the first 256 dimensions
+    # (at 2048 its sqrtm alone takes 30 s here; 40 images leave the covariances rank-deficient at either size)
+    d = 256
+    for st in (ref, ev):
+        st["mu"], st["sigma"] = st["mu"][:d], st["sigma"][:d, :d]
     theirs = float(peer.compute_fid_score())
-    assert ours > 10 and abs(ours - theirs) / theirs < 1e-3, (ours, theirs)
+    mine = metrics.frechet_distance(sa.mean[:d], sa.cov[:d, :d], sb.mean[:d], sb.cov[:d, :d])
+    assert ours > 10 and mine > 1 and abs(mine - theirs) / theirs < 1e-3, (mine, theirs)
     # the pytorch-fid resize: the same features as the peer's torch_bilinear_float, and different from the TF one
     torch_ex = InceptionFeatures(resize="pytorch")
     peer_feats = peer.extract_feats(a[:4], (0, 255), (299, 299), "torch_bilinear_float", quant=True)
