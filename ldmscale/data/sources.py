@@ -12,12 +12,9 @@ An unreadable image still yields an item, with `error` set, so that callers can 
 from __future__ import annotations
 
 import csv
-import gzip
-import hashlib
 import io
 import json
 import os
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,14 +23,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ldmscale.data.animal_mnist import (  # noqa: F401  (re-exported: callers read every source from here)
+    ANIMAL_CLASSES,
+    animal_caption,
+    animal_mnist_arrays,
+    animal_mnist_split_indices,
+    class_prompt,
+    label_of_prompt,
+)
 from ldmscale.data.shards import shard_paths, tar_samples
 from ldmscale.errors import UserError
 from ldmscale.images import preprocess
 
-ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
-ANIMAL_TEMPLATES = ("a {}", "a photo of a {}", "a silhouette of a {}", "a black and white picture of a {}",
-                    "the shape of a {}")
-ANIMAL_VAL_PER_CLASS = 100  # fixed split: 100 per class for validation, 900 per class for training
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -79,60 +80,6 @@ def parse_source(spec: str) -> SourceSpec:
 
 
 # ---------------------------------------------------------------------------------------- animal-mnist
-
-
-def _animal_dir() -> Path:
-    import importlib.util
-
-    found = importlib.util.find_spec("animal_mnist")  # locate only: its __init__ imports tensorflow
-    if found is None or not found.submodule_search_locations:
-        raise UserError("the animal-mnist package is not installed (pip install --no-deps animal-mnist)")
-    return Path(list(found.submodule_search_locations)[0]) / "data" / "Animal_MNIST"
-
-
-@lru_cache(maxsize=1)
-def animal_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [10000, 28, 28], white silhouettes on black; labels int64 [10000])."""
-    root = _animal_dir()
-    with gzip.open(root / "animal_data_version_3.gz", "rb") as f:
-        images = np.asarray(pickle.load(f), dtype=np.uint8)
-    with gzip.open(root / "animal_label_version_3.gz", "rb") as f:
-        labels = np.asarray(pickle.load(f), dtype=np.int64)
-    return images, labels
-
-
-@lru_cache(maxsize=1)
-def animal_mnist_split_indices() -> dict[str, np.ndarray]:
-    """The fixed split: per class, a seeded permutation puts 100 in validation, 900 in train; each split in a
-    fixed shuffled order."""
-    _, labels = animal_mnist_arrays()
-    rng = np.random.default_rng(20240401)
-    train, val = [], []
-    for c in range(len(ANIMAL_CLASSES)):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(len(idx))]
-        val.append(idx[:ANIMAL_VAL_PER_CLASS])
-        train.append(idx[ANIMAL_VAL_PER_CLASS:])
-    # the files are sorted by class; a fixed shuffle makes every prefix (a --limit, the first N prompts of an
-    # evaluation) a class-balanced sample
-    return {"train": rng.permutation(np.concatenate(train)), "validation": rng.permutation(np.concatenate(val))}
-
-
-def animal_caption(index: int, label: int) -> str:
-    template = ANIMAL_TEMPLATES[int(hashlib.md5(str(index).encode()).hexdigest(), 16) % len(ANIMAL_TEMPLATES)]
-    return template.format(ANIMAL_CLASSES[label])
-
-
-def class_prompt(label: int) -> str:
-    """The canonical prompt for a class (used for sampling and caption accuracy)."""
-    return f"a {ANIMAL_CLASSES[label]}"
-
-
-def label_of_prompt(prompt: str, classes: tuple[str, ...] = ANIMAL_CLASSES) -> int:
-    """The class a prompt names (the last class word in it), or -1."""
-    words = prompt.lower().replace(",", " ").split()
-    found = [classes.index(w) for w in words if w in classes]
-    return found[-1] if found else -1
 
 
 def _iter_animal(split: str, start: int) -> Iterator[Item]:
@@ -346,6 +293,12 @@ def _holds_out(src: SourceSpec, names: list[str]) -> bool:
     return n is None or n >= HOLDOUT
 
 
+def _held_out_from(src: SourceSpec, split: str) -> str | None:
+    """The source split that `split` is cut from by the hold-out rule (it or its complement), else None."""
+    names = _own_splits(src)
+    return _base(names) if _holds_out(src, names) and split in ("validation", _base(names)) else None
+
+
 def _own_splits(src: SourceSpec) -> list[str]:
     if src.kind == "animal-mnist":
         return ["train", "validation"]
@@ -363,9 +316,9 @@ def _own_splits(src: SourceSpec) -> list[str]:
 
 def count(src: SourceSpec, split: str) -> int | None:
     """Number of items in a split, when known without reading it (None for tar shards)."""
-    names = _own_splits(src)
-    if _holds_out(src, names) and split in ("validation", _base(names)):
-        n = _own_count(src, _base(names))
+    base = _held_out_from(src, split)
+    if base:
+        n = _own_count(src, base)
         return None if n is None else n // HOLDOUT if split == "validation" else n - n // HOLDOUT
     return _own_count(src, split)
 
@@ -384,12 +337,12 @@ def iterate(src: SourceSpec, split: str, start: int = 0) -> Iterator[Item]:
     """Items of one split in their fixed order, from position `start` (for resuming)."""
     if split not in splits(src):
         raise UserError(f"source {src}: no split {split!r}; splits: {', '.join(splits(src))}")
-    names = _own_splits(src)
-    if _holds_out(src, names) and split in ("validation", _base(names)):
+    base = _held_out_from(src, split)
+    if base:
         # item k of the held-out split is the source's HOLDOUT*k + HOLDOUT-1; the others keep HOLDOUT-1 in HOLDOUT
         held = split == "validation"
         first = HOLDOUT * start + HOLDOUT - 1 if held else start + start // (HOLDOUT - 1)
-        return (item for pos, item in enumerate(_iterate(src, _base(names), first), first)
+        return (item for pos, item in enumerate(_iterate(src, base, first), first)
                 if (pos % HOLDOUT == HOLDOUT - 1) == held)
     return _iterate(src, split, start)
 
