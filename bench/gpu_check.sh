@@ -46,7 +46,7 @@ $L eval --run $W/c16 --sampler ddim --steps 20 --guidance 3 --num-images 300 --b
 say "sampled and evaluated"
 $L distill --teacher $W/c16 --out $W/lcm --images 1280 --set batch_size=64 --set mixed_precision=bf16
 $L eval --run $W/lcm --sampler lcm --steps 4 --guidance 3 --num-images 300 --classifier $W/clf
-$L finetune sr --init $W/c16 --out $W/sr --images 1280 --train-set batch_size=64
+$L finetune sr --init $W/c16 --out $W/sr --images 1280 --set batch_size=64
 $L eval --run $W/sr --sampler ddim --steps 10 --guidance 1 --num-images 100 --metrics psnr,ssim,fd-classifier \
     --classifier $W/clf
 say "distilled and fine-tuned"

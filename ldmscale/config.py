@@ -292,6 +292,32 @@ def save_json(cfg: Any, path: str | Path, **extra: Any) -> None:
     atomic_write_json(path, data)
 
 
+def route_overrides(sections: dict[str, type], items: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
+    """One override list for several configs (a verb's `--set`, a study task's `set`): KEY=VALUE goes to the section
+    whose config has KEY; a key two sections share needs its section's name (`train.seed=1`, `task.seed=1`)."""
+    out: dict[str, list[str]] = {name: [] for name in sections}
+    fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in sections.items()}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        section, _, rest = key.partition(".")
+        if not eq:
+            raise UserError(f"override {item!r} is not of the form KEY=VALUE")
+        if section in sections and rest:
+            out[section].append(f"{rest}={value}")
+            continue
+        owners = [name for name in sections if key in fields[name]]
+        if len(owners) == 1:
+            out[owners[0]].append(item.strip())
+        elif owners:
+            raise UserError(f"override {item!r}: {key!r} is a field of " + " and ".join(owners) +
+                            "; name one: " + " or ".join(f"{o}.{key}=..." for o in owners))
+        else:
+            known = "; ".join(f"{name}: {', '.join(sorted(fields[name]))}" for name in sections)
+            raise UserError(f"override {item!r}: unknown key {key!r} ({known})")
+    return out
+
+
 __all__ = [
     "Config",
     "Fraction",
@@ -302,6 +328,7 @@ __all__ = [
     "apply_overrides",
     "from_dict",
     "load_json",
+    "route_overrides",
     "save_json",
     "to_dict",
     "validate",

@@ -148,9 +148,10 @@ def test_family_cli_table_and_csv():
     (["family", "--format", "xml"], "'xml' is not one of"),
     (["train-everything"], "No such command"),
     # size fields, by --set and in the size name (#27)
-    (["family", "--size", "c16", "--set", "heads=0"], "heads, norm groups and layers per block must be positive (got 0"),
-    (["family", "--size", "c16", "--set", "norm_groups=-2"], "must be positive (got 2, -2, 2)"),
-    (["family", "--size", "c16", "--set", "layers_per_block=0"], "must be positive (got 2, 16, 0)"),
+    (["family", "--size", "c16", "--set", "heads=0"], "heads must be >= 1 and <= 65,536, got 0"),
+    (["family", "--size", "c16", "--set", "norm_groups=-2"], "norm_groups must be >= 1 and <= 65,536, got -2"),
+    (["family", "--size", "c16", "--set", "layers_per_block=0"], "layers_per_block must be >= 1 and <= 64, got 0"),
+    (["family", "--size", "c16", "--set", "layers_per_block=1e40"], "layers_per_block must be >= 1 and <= 64, got 1e+40"),
     (["family", "--size", "c16", "--set", "heads=3"], "3 heads do not divide C=16"),
     (["family", "--size", "c16", "--set", "heads=inf"], "heads: cannot parse 'inf' as int"),
     (["family", "--size", "c16:h0"], "must be positive (got 0, 16, 2)"),

@@ -25,15 +25,11 @@ ALWAYS_BAD = [math.nan, math.inf, 1e40, "x"]
 
 
 def _config_classes():
-    from ldmscale.data.autoencoder import AutoencoderConfig
-    from ldmscale.data.cache import PrepareConfig
-    from ldmscale.eval.evaluate import EvalConfig
-    from ldmscale.eval.features import ClassifierConfig
+    from ldmscale.data.config import AutoencoderConfig, PrepareConfig
+    from ldmscale.eval.config import ClassifierConfig, EvalConfig
     from ldmscale.study.spec import DataSection, EvalSection, TaskSection, TrainSection
-    from ldmscale.tasks.distill import DistillConfig
-    from ldmscale.tasks.dreambooth import DreamBoothConfig
-    from ldmscale.tasks.superres import SRConfig
-    from ldmscale.train.loop import TrainConfig
+    from ldmscale.tasks.config import DistillConfig, DreamBoothConfig, SRConfig
+    from ldmscale.train.config import TrainConfig
 
     return [TrainConfig, EvalConfig, PrepareConfig, AutoencoderConfig, ClassifierConfig, DistillConfig, SRConfig,
             DreamBoothConfig, DataSection, TrainSection, EvalSection, TaskSection]
@@ -112,6 +108,8 @@ BASE = {
     ("finetune", "dreambooth"): ["--init", "/nonexistent", "--subject", "/nonexistent", "--class-prompt", "a cat",
                                  "--out", "{tmp}/d"],
     ("distill",): ["--teacher", "/nonexistent", "--out", "{tmp}/t"],
+    ("autoencoder", "train"): ["--source", "folder:/nonexistent", "--out", "{tmp}/a"],
+    ("classifier", "train"): ["--source", "folder:/nonexistent", "--out", "{tmp}/k"],
 }
 CLI_CASES = [(path, opt) for path, cmd in _commands() for opt in cmd.params if _numeric(opt)]
 
@@ -145,6 +143,47 @@ def test_every_numeric_cli_option_fails_in_one_line(path, opt, tmp_path, capfd):
         assert code == 2 or (code == 0 and value not in ALWAYS_BAD), (path, opt.opts[0], value, code, err[-2000:])
         if code == 2:
             assert len(lines) == 1 and "error" in lines[0], (path, opt.opts[0], value, err[-2000:])
+
+
+def _set_targets():
+    """Every verb's --set and the configs it reaches (a generated option's command and its sections)."""
+    from ldmscale.model.family import ModelSize
+
+    by_cmd = {("train",): "TrainConfig", ("eval",): "EvalConfig", ("data", "prepare"): "PrepareConfig",
+              ("autoencoder", "train"): "AutoencoderConfig", ("classifier", "train"): "ClassifierConfig",
+              ("finetune", "sr"): "SRConfig TrainConfig", ("finetune", "dreambooth"): "DreamBoothConfig TrainConfig",
+              ("distill",): "DistillConfig TrainConfig"}
+    classes = {c.__name__: c for c in _config_classes()}
+    out = [(("family",), ModelSize, f.name, "scalar") for f in dataclasses.fields(ModelSize)]
+    for path, names in by_cmd.items():
+        for name in names.split():
+            out += [(path, classes[name], f, k) for c, f, k in NUMERIC_FIELDS if c is classes[name]]
+    return out
+
+
+SET_CASES = _set_targets()
+
+
+def test_every_verb_with_set_is_in_the_set_sweep():
+    with_set = {path for path, cmd in _commands() if any("--set" in p.opts for p in cmd.params)}
+    assert with_set == {path for path, *_ in SET_CASES}, with_set ^ {path for path, *_ in SET_CASES}
+    assert len(SET_CASES) == 112  # a new numeric field raises this count
+
+
+@pytest.mark.parametrize("path", sorted({p for p, *_ in SET_CASES}), ids=" ".join)
+def test_every_numeric_set_target_of_every_verb_fails_in_one_line(path, tmp_path, capfd):
+    """`--set FIELD=VALUE` for every numeric field a verb's --set reaches (model sizes included), every bad value."""
+    base = [a.replace("{tmp}", str(tmp_path)) for a in BASE[path]]
+    for _, cls, name, kind in [c for c in SET_CASES if c[0] == path]:
+        two_sections = path in {("finetune", "sr"), ("finetune", "dreambooth"), ("distill",)}
+        section = f"train.{name}" if two_sections and cls.__name__ == "TrainConfig" else name
+        for value in BAD:
+            text = f"{value}" if kind == "scalar" else f"{value},{value}"
+            code, err = _main([*path, *base, "--set", f"{section}={text}"], capfd)
+            lines = err.strip().splitlines()
+            assert code == 2 or (code == 0 and value not in ALWAYS_BAD), (path, name, value, code, err[-2000:])
+            if code == 2:
+                assert len(lines) == 1 and "error" in lines[0], (path, name, value, err[-2000:])
 
 
 STUDY = """

@@ -186,6 +186,35 @@ def test_downstream_study_is_the_demo_plus_tasks():
     assert sorted(t["kind"] for t in full["tasks"].values()) == ["consistency", "dreambooth", "super-resolution"]
 
 
+def test_a_study_file_extends_another_key_by_key_and_its_folder_copy_stands_alone(tmp_path):
+    """`extends`: the other file's sections, this file's keys over them; a value (list, inline table, [train.set])
+    replaces the other's whole. The copy in the study folder has it resolved. Cycles and missing files: one line."""
+    from ldmscale.errors import UserError
+    from ldmscale.study.spec import load_study, resolved_toml
+
+    (tmp_path / "base.toml").write_text('name = "base"\n[train]\nsizes = ["c8", "c16"]\nimages = 100\n'
+                                        '[train.set]\nlr = 1e-3\nwarmup_steps = 5\n[eval]\nsteps = [2]\n'
+                                        'guidance = [2.0]\nsamplers = ["ddim"]\nnum_images = 20\n')
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.toml"
+    child.write_text('extends = "../base.toml"\nname = "child"\n[train]\nimages = 200\n[train.set]\nbatch_size = 8\n')
+    st = load_study(child)
+    assert (st.name, st.train.sizes, st.train.images, st.train.set) == ("child", ("c8", "c16"), 200, {"batch_size": "8"})
+    assert (st.eval.steps, st.eval.num_images) == ((2,), 20)
+    copy = tmp_path / "elsewhere" / "study.toml"
+    copy.parent.mkdir()
+    copy.write_text(resolved_toml(child))
+    assert "extends =" not in copy.read_text() and load_study(copy) == st
+    (tmp_path / "base.toml").write_text('extends = "sub/child.toml"\n')
+    with pytest.raises(UserError, match="comes back to itself"):
+        load_study(child)
+    child.write_text('extends = "missing.toml"\n')
+    with pytest.raises(UserError, match="study file not found"):
+        load_study(child)
+    for name in ("downstream", "backbones", "demo-seeds"):  # the shipped variants say only what they change
+        assert (ROOT / "studies" / f"{name}.toml").read_text().count('extends = "demo.toml"') == 1
+
+
 def test_seeds_study_is_the_demo_with_seeds_and_reuses_its_jobs(tmp_path):
     """`make demo-seeds` runs into the demo's folder: every job of the demo is one of its jobs (seed 0)."""
     from ldmscale.config import to_dict

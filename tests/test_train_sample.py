@@ -386,8 +386,8 @@ def test_two_process_data_parallel_distillation_and_superres(verb, tmp_path, tin
     if verb == "distill":
         args = ["distill", "--teacher", tiny_run, "--images", "16", "--set", "batch_size=8"]
     else:
-        args = ["finetune", "sr", "--init", tiny_run, "--images", "16", "--train-set", "batch_size=8",
-                "--train-set", "warmup_steps=1"]
+        args = ["finetune", "sr", "--init", tiny_run, "--images", "16", "--set", "batch_size=8",
+                "--set", "warmup_steps=1"]
     run_cli(*args, "--out", tmp_path / "one", check=True)
     _launch2(args, tmp_path / "two")
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")

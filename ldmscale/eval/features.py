@@ -10,16 +10,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldmscale.config import Config, Range
 from ldmscale.errors import UserError
+from ldmscale.eval.config import ClassifierConfig
 from ldmscale.io import atomic_dir, atomic_write_json, file_sha256
 
 
@@ -98,19 +96,6 @@ class InceptionFeatures(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ classifier
-
-
-@dataclass(frozen=True)
-class ClassifierConfig(Config):
-    source: str = "animal-mnist"
-    resolution: Annotated[int, Range(8, 1024)] = 32
-    channels: Literal[1, 3] = 1
-    width: Annotated[int, Range(1, 1024)] = 32
-    feature_dim: Annotated[int, Range(2, 8192)] = 128
-    epochs: Annotated[int, Range(1, 1000)] = 4
-    batch_size: Annotated[int, Range(1, 2**16)] = 128
-    lr: Annotated[float, Range(0.0, 10.0, lo_open=True)] = 2e-3
-    seed: Annotated[int, Range(0, 2**31 - 1)] = 0
 
 
 class Classifier(nn.Module):

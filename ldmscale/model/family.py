@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Annotated
 
+from ldmscale.config import Range, validate
 from ldmscale.errors import UserError
 
 REFERENCE_C = 320  # SD v1.5: normalized cost 1.0
@@ -23,10 +25,10 @@ REFERENCE_C = 320  # SD v1.5: normalized cost 1.0
 class ModelSize:
     """One member of the family: everything about the UNet that depends on its size."""
 
-    C: int
-    heads: int = 8
-    norm_groups: int = 32
-    layers_per_block: int = 2
+    C: Annotated[int, Range(1, 65536)]  # base width
+    heads: Annotated[int, Range(1, 65536)] = 8  # attention heads
+    norm_groups: Annotated[int, Range(1, 65536)] = 32  # GroupNorm groups
+    layers_per_block: Annotated[int, Range(1, 64)] = 2  # ResNet (and transformer) layers per resolution
 
     def __post_init__(self) -> None:  # every way of making a size (a name, --set, a study) is checked here
         if not 1 <= self.C <= 65536:
@@ -34,6 +36,7 @@ class ModelSize:
         if self.heads < 1 or self.norm_groups < 1 or self.layers_per_block < 1:
             raise UserError(f"size c{self.C}: heads, norm groups and layers per block must be positive "
                             f"(got {self.heads}, {self.norm_groups}, {self.layers_per_block})")
+        validate(self)  # and within their ranges
         if self.C % self.norm_groups:
             raise UserError(f"size c{self.C}: {self.norm_groups} norm groups do not divide C={self.C}")
         if self.C % self.heads:

@@ -294,8 +294,8 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
     except UserError as e:
         raise UserError(f"[tasks.{name}]: {e}") from None
     jobs = [Job(kind.job_kind, f"{name} {init.name}",
-                {"task": name, "images": task.images} | to_dict(built.cfg) | {"train": to_dict(built.train)}, built.run,
-                cost_flops=kind.forward_passes * task.images * fwd)]
+                {"task": name, "images": built.images} | to_dict(built.cfg) | {"train": to_dict(built.train)}, built.run,
+                cost_flops=kind.forward_passes * built.images * fwd)]
     metrics = tuple(task.metrics or built.metrics)
     registry.check_metrics(metrics, task.kind, f"[tasks.{name}]", clip=ev.clip, lpips=ev.lpips)
     samplers, steps, guidance = (task.samplers or built.grid[0], task.steps or built.grid[1],

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from ldmscale.config import Config, NonNegative, Positive, Range, from_dict
 from ldmscale.errors import UserError
 from ldmscale.eval import registry
+from ldmscale.eval.config import EvalConfig, EvalSettings
 
 
 @dataclass(frozen=True)
@@ -47,42 +48,31 @@ class TrainSection(Config):
 
 
 @dataclass(frozen=True)
-class EvalSection(Config):
+class EvalSection(EvalSettings):
+    """[eval]: the settings every evaluation shares (EvalSettings, declared once beside EvalConfig), the grid of
+    sampling settings, and what the analysis reads."""
+
     samplers: tuple[str, ...] = ("ddim", "ddpm", "dpmsolver++")
     steps: tuple[Annotated[int, Range(1, 1000)], ...] = (2, 5, 10, 20, 50)
     guidance: tuple[Annotated[float, Range(0.0, 100.0)], ...] = (2.0, 4.0)
     max_steps: dict[str, Annotated[int, Range(1, 1000)]] = field(default_factory=dict)  # per sampler, e.g.
     # {"dpmsolver++" = 20}
-    metrics: tuple[str, ...] = ("fd-classifier", "caption-accuracy")
     primary: str = "fd-classifier"  # the metric analysis and the planner optimize (lower is better for FD/FID)
-    num_images: Annotated[int, Range(2, 10**7)] = 200
-    seed: Annotated[int, Range(0, 2**31 - 1)] = 0
-    batch_size: Annotated[int, Range(1, 2**16)] = 250
-    reference: str = ""  # SOURCE[:SPLIT] of real images and captions ("": the study's data, its validation split)
-    reference_count: NonNegative = 0
     classifier: str = ""  # an existing classifier folder; empty: train one with [classifier]
-    clip: str = ""
-    inception: str = ""
-    fid_resize: Literal["tf", "pytorch"] = "tf"  # FID's resize to 299 px: TF1's, as published FIDs, or pytorch-fid's
-    lpips: str = ""  # TorchScript LPIPS model, for the lpips metric of super-resolution tasks
-    weights: Literal["ema", "raw"] = "ema"
-    precision: Literal["fp32", "bf16"] = "fp32"  # the UNet's precision when sampling (bf16 on GPUs)
-    bootstrap: Annotated[int, Range(0, 10**4)] = 10
     curve_sampler: str = "ddim"  # the setting at which training-compute curves are measured
     curve_steps: Annotated[int, Range(1, 1000)] = 20
     curve_guidance: Annotated[float, Range(0.0, 100.0)] = 3.0
-    spacing: Literal["leading", "trailing"] = "leading"  # sampler timesteps: SD v1.5's leading, or trailing (t=999 first)
     agreement_metric: str = ""  # a second metric (e.g. "fid") measured beside the primary at the final checkpoints,
-    agreement_steps: tuple[Annotated[int, Range(1, 1000)], ...] = ()  # ... at these steps of the first sampler and guidance: the report gives
-    # the Spearman rank correlation of the two (does the primary metric rank models as FID would?)
+    agreement_steps: tuple[Annotated[int, Range(1, 1000)], ...] = ()  # ... at these steps of the first sampler and
+    # guidance: the report gives the Spearman rank correlation of the two (does the primary rank models as FID would?)
     agreement_images: Annotated[int, Range(0, 10**7)] = 0  # images per agreement point (0: num_images)
     agreement_reference_count: NonNegative = 0  # reference images for the agreement points (0: reference_count)
     sanity: bool = True  # the primary metric of the reference split against the train split and blurred copies
 
 
-# [eval] fields passed to every evaluation of the study where EvalConfig has a field of that name (steps and guidance
-# are grids here, and the classifier is resolved by the study: given, or trained by it)
-EVAL_SHARED = frozenset(f.name for f in dataclasses.fields(EvalSection)) - {"steps", "guidance", "classifier"}
+# [eval] fields passed to every evaluation of the study: the EvalSettings (steps and guidance are grids here, and
+# the classifier is resolved by the study: given, or trained by it)
+EVAL_SHARED = frozenset(f.name for f in dataclasses.fields(EvalSettings))
 
 
 @dataclass(frozen=True)
@@ -90,9 +80,10 @@ class TaskSection(Config):
     """A downstream task or a distillation applied to every trained size, then evaluated over its own grid."""
 
     kind: Literal["super-resolution", "dreambooth", "consistency", "progressive"] = "super-resolution"
-    images: Positive = 10_000  # fine-tuning images (per round for progressive)
-    set: dict[str, str] = field(default_factory=dict)  # SRConfig / DreamBoothConfig / DistillConfig overrides
-    train_set: dict[str, str] = field(default_factory=dict)  # TrainConfig overrides (fine-tunes)
+    images: NonNegative = 0  # training images (per round for progressive); 0: the kind's default_images
+    set: dict[str, str] = field(default_factory=dict)  # overrides of the task's config (SRConfig, DreamBoothConfig,
+    # DistillConfig: tasks/config.py) or of its training loop (TrainConfig), by key, as a verb's --set
+    train_set: dict[str, str] = field(default_factory=dict)  # TrainConfig overrides only
     samplers: tuple[str, ...] = ()  # default: lcm (consistency), ddim (others)
     steps: tuple[Annotated[int, Range(1, 1000)], ...] = ()  # default: 1, 2, 4, 8 (consistency), the final round (progressive), [eval] steps
     guidance: tuple[Annotated[float, Range(0.0, 100.0)], ...] = ()  # default: 1 (super-resolution, no guidance, as the paper), else [eval] guidance
@@ -113,6 +104,40 @@ class Study:
     cluster: dict[str, object] = field(default_factory=dict)  # submitit parameters (slurm_partition, gpus_per_node, ...)
 
 
+def read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A study file's values, with `extends = "other.toml"` (relative to this file) resolved: the other file's
+    sections, then this file's keys over them one by one; a key's value (a list, an inline table such as set or
+    match_compute, a whole [tasks.NAME]) replaces the other's, so an extension can say everything it changes."""
+    if not path.is_file():
+        raise UserError(f"study file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise UserError(f"{path.name}: extends must be a file name, got {parent!r}")
+    base_path = (path.parent / parent).resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise UserError(f"{path.name}: extends {parent!r} comes back to itself")
+    merged = read_toml(base_path, seen + (path.resolve(),))
+    for key, value in raw.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merged[key] | value  # a section: this file's keys over the other's
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolved_toml(path: str | Path) -> str:
+    """The study as it runs, for its folder's study.toml: `extends` resolved, so the copy stands alone."""
+    import tomli_w
+
+    return f"# {Path(path).name} as run, `extends` resolved\n" + tomli_w.dumps(read_toml(Path(path)))
+
+
 def load_study(path: str | Path) -> Study:
     from ldmscale.data.autoencoder import AutoencoderConfig
     from ldmscale.eval.features import ClassifierConfig
@@ -120,12 +145,7 @@ def load_study(path: str | Path) -> Study:
     from ldmscale.train.config import TrainConfig
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"study file not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML ({e})") from None
+    raw = read_toml(path)
     def strings(d):
         return {k: json.dumps(v) if not isinstance(v, str) else v for k, v in d.items()} if isinstance(d, dict) else d
 
@@ -214,10 +234,7 @@ def run_name(size: str, seed: int) -> str:
 def eval_config(ev: EvalSection, classifier: str, **job):
     """One evaluation of the study: every EvalConfig field the [eval] section declares, then the job's own values
     (sampler, steps, guidance, checkpoint, ...). A field added to both is passed through without another line."""
-    from ldmscale.eval.evaluate import EvalConfig
-
-    shared = {f.name: getattr(ev, f.name) for f in dataclasses.fields(EvalConfig)
-              if f.name in EVAL_SHARED and f.name not in job}
+    shared = {name: getattr(ev, name) for name in EVAL_SHARED if name not in job}
     return EvalConfig(**shared, classifier=classifier, **job)
 
 

@@ -18,59 +18,17 @@ image, a guided teacher call 2, the target 1), exact resume, checkpoints, the Na
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
 
 from ldmscale import checkpoint
-from ldmscale.config import Config, Range, to_dict
+from ldmscale.config import to_dict
 from ldmscale.diffusion.samplers import guidance_embedding, noise_scheduler
 from ldmscale.errors import UserError
+from ldmscale.tasks.config import DistillConfig, task_train_config
 
 SIGMA_DATA, TIMESTEP_SCALING = 0.5, 10.0  # LCM's boundary-condition constants (also diffusers' LCMScheduler)
-
-# the training-loop settings a distillation starts from (TrainConfig fields; --set overrides them)
-TRAIN_DEFAULTS = {"lr": 2e-4, "batch_size": 64, "warmup_steps": 0, "weight_decay": 0.0, "cfg_dropout": 0.0,
-                  "lr_schedule": "constant", "ema_warmup": False, "checkpoint_every": 0, "keep": 2}
-
-
-@dataclass(frozen=True)
-class DistillConfig(Config):
-    teacher: str = ""  # text-to-image run directory
-    checkpoint: str = "latest"
-    method: Literal["consistency", "progressive"] = "consistency"
-    w_min: Annotated[float, Range(1.0, 100.0)] = 1.0  # guidance scale range drawn per sample (the teacher's CFG)
-    w_max: Annotated[float, Range(1.0, 100.0)] = 4.0
-    loss: Literal["huber", "l2"] = "huber"  # consistency: pseudo-Huber (LCM's option) or MSE
-    huber_c: Annotated[float, Range(0.0, 10.0, lo_open=True)] = 0.001
-    loss_space: Literal["eps", "x0"] = "eps"  # compare f's outputs in noise units (x0 error x sqrt(SNR)), see below
-    solver_steps: Annotated[int, Range(1, 1000)] = 10  # grid of the skipping-step DDIM solver (LCM uses 50; 10 learns
-    # faster on a small budget: 1-step FD 139.6 vs 153.4 at c16); `lcm` sampling then steps on this grid
-    start_steps: Annotated[int, Range(2, 1000)] = 8  # teacher steps of the first round (progressive); 1000 /
-    # start_steps must be an integer
-    final_steps: Annotated[int, Range(1, 500)] = 2  # progressive: halve until this many steps
-    spacing: Literal["trailing", "leading"] = "trailing"  # progressive grid: trailing starts every sample at t=999;
-    # SD's leading spacing starts a 2-step one at t=501 from pure noise (measured: round 2 worse than the teacher)
-    cond_dim: Annotated[int, Range(2, 4096)] = 256  # width of the guidance embedding
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.w_min > self.w_max:
-            raise UserError(f"w_min ({self.w_min}) must not exceed w_max ({self.w_max})")
-        if self.method == "progressive" and (1000 % self.start_steps or self.start_steps <= self.final_steps
-                                             or self.start_steps % self.final_steps):
-            raise UserError(f"progressive distillation needs start_steps dividing 1000 and halving down to final_steps "
-                            f"(got {self.start_steps} -> {self.final_steps})")
-
-    @property
-    def rounds(self) -> list[int]:
-        """Student step counts, one per round: [1] for consistency, e.g. [4, 2] for progressive 8 -> 2."""
-        if self.method == "consistency":
-            return [1]
-        return [self.start_steps // 2**r for r in range(1, 64) if self.start_steps // 2**r >= self.final_steps]
-
 
 def scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LCM's c_skip, c_out: c_skip(0) = 1 and c_out(0) = 0, so the consistency function is the identity at t = 0."""
@@ -304,29 +262,17 @@ def distill_task(cfg: DistillConfig, images_per_round: int):
 
 
 def configs(teacher: str, method: str, overrides: list[str] | tuple[str, ...], base: dict | None = None):
-    """(DistillConfig, TrainConfig) from KEY=VALUE overrides, each key going to the config that has it; the loop's
-    settings start from TRAIN_DEFAULTS (the target EMA for consistency, none for progressive) and the teacher's data."""
-    import dataclasses
+    """(DistillConfig, TrainConfig) from KEY=VALUE overrides, each key going to the config that has it (train.KEY or
+    task.KEY where both do); the loop starts from DistillConfig.train_defaults and the teacher's data, size and seed
+    (`base` gives them where the teacher does not exist yet: a study plans before it trains)."""
+    from ldmscale.config import apply_overrides, route_overrides
+    from ldmscale.train.config import TrainConfig
 
-    from ldmscale.config import apply_overrides, from_dict
-    from ldmscale.train.loop import TrainConfig
-
-    dist_keys = {f.name for f in dataclasses.fields(DistillConfig)}
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if key not in dist_keys | train_keys:
-            raise UserError(f"--set {item!r}: unknown key {key!r}; distillation keys: {', '.join(sorted(dist_keys))}; "
-                            f"training keys: {', '.join(sorted(train_keys))}")
-    dcfg = apply_overrides(from_dict(DistillConfig, {"teacher": str(teacher), "method": method}),
-                           [o for o in overrides if o.split("=", 1)[0].strip() in dist_keys])
-    base = dict(base or {})
-    if "data" not in base:  # a study plans before its teacher exists and says where its data will be
-        tconf = checkpoint.read_run_config(teacher)["train"]
-        base |= {"data": tconf.get("data", ""), "size": tconf.get("size", "c16")}
-    start = TRAIN_DEFAULTS | {"ema_decay": 0.95 if method == "consistency" else 0.0}
-    tcfg = apply_overrides(from_dict(TrainConfig, start | base),
-                           [o for o in overrides if o.split("=", 1)[0].strip() in train_keys])
+    routed = route_overrides({"task": DistillConfig, "train": TrainConfig}, overrides)
+    dcfg = apply_overrides(DistillConfig(teacher=str(teacher), method=method), routed["task"])
+    init_train = base if base is not None else checkpoint.read_run_config(teacher)["train"]
+    tcfg = task_train_config(DistillConfig, init_train, routed["train"],
+                             ema_decay=0.95 if method == "consistency" else 0.0)
     return dcfg, tcfg
 
 

@@ -7,28 +7,13 @@ prior weight 1 (up to a constant factor).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 import torch
 
-from ldmscale.config import Config, Range, to_dict
+from ldmscale.config import to_dict
 from ldmscale.errors import UserError
-
-
-@dataclass(frozen=True)
-class DreamBoothConfig(Config):
-    init: str = ""  # text-to-image run directory
-    checkpoint: str = "latest"
-    subject: str = ""  # folder with 3-5 images of the subject
-    identifier: str = "sks"  # the rare token bound to the subject
-    class_prompt: str = "a dog"
-    num_class_images: Annotated[int, Range(1, 10**6)] = 100
-    prior_sampler: str = "ddim"
-    prior_steps: Annotated[int, Range(1, 1000)] = 25
-    prior_guidance: Annotated[float, Range(0.0, 100.0)] = 3.0
-    seed: Annotated[int, Range(0, 2**31 - 1)] = 0
+from ldmscale.tasks.config import DreamBoothConfig
 
 
 def instance_prompt(cfg: DreamBoothConfig) -> str:

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldmscale.config import apply_overrides, from_dict, to_dict
+from ldmscale.config import apply_overrides, route_overrides, to_dict
 from ldmscale.errors import UserError
+from ldmscale.tasks.config import DistillConfig, DreamBoothConfig, SRConfig, task_train_config
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Built:
     run: Callable[[], object]  # trains it into the task's run folder
     metrics: tuple[str, ...]  # default metrics of its evaluations
     grid: tuple[tuple[str, ...], tuple[int, ...], tuple[float, ...]]  # default samplers, steps, guidance
+    images: int  # training images (per round for progressive distillation)
 
 
 @dataclass(frozen=True)
@@ -41,50 +43,57 @@ def _sets(pairs: dict) -> list[str]:
     return [f"{k}={v}" for k, v in pairs.items()]
 
 
-def _loop(task, base, **extra):
-    from ldmscale.train.loop import TrainConfig
+def _routed(task, cls) -> dict[str, list[str]]:
+    """A task section's overrides: `set` routed by key (as a verb's --set), `train_set` to the loop."""
+    from ldmscale.train.config import TrainConfig
 
-    return apply_overrides(from_dict(TrainConfig, to_dict(base) | {"images": task.images, "checkpoint_every": 0,
-                                                                   "keep": 2} | extra), _sets(task.train_set))
+    items = _sets(task.set) + [f"train.{s}" for s in _sets(task.train_set)]
+    return route_overrides({"task": cls, "train": TrainConfig}, items)
 
 
 def _super_resolution(task, study, ev, base, init: Path, run: Path, progress: bool) -> Built:
-    from ldmscale.tasks.superres import SRConfig, finetune_sr, sr_prediction
+    from ldmscale.tasks.superres import finetune_sr, sr_prediction
 
-    cfg = apply_overrides(SRConfig(init=str(init), data=study.data.source), _sets(task.set))
-    tcfg = _loop(task, base, data=cfg.data, prediction=sr_prediction(base.prediction))
+    sets = _routed(task, SRConfig)
+    cfg = apply_overrides(SRConfig(init=str(init), data=study.data.source), sets["task"])
+    tcfg = task_train_config(SRConfig, to_dict(base), sets["train"], images=task.images or SRConfig.default_images,
+                             data=cfg.data, prediction=sr_prediction(base.prediction))
     frechet = tuple(m for m in ev.metrics if m in ("fid", "fd-classifier"))
     # no guidance for super-resolution, as the paper
     return Built(cfg, tcfg, lambda: finetune_sr(cfg, tcfg, run, progress), ("psnr", "consistency", "ssim") + frechet,
-                 (("ddim",), tuple(ev.steps), (1.0,)))
+                 (("ddim",), tuple(ev.steps), (1.0,)), tcfg.images)
 
 
 def _dreambooth(task, study, ev, base, init: Path, run: Path, progress: bool) -> Built:
     from ldmscale.data.sources import label_of_prompt
-    from ldmscale.tasks.dreambooth import DreamBoothConfig, finetune_dreambooth
+    from ldmscale.tasks.dreambooth import finetune_dreambooth
 
-    cfg = apply_overrides(DreamBoothConfig(init=str(init)), _sets(task.set))
-    tcfg = _loop(task, base)
+    sets = _routed(task, DreamBoothConfig)
+    cfg = apply_overrides(DreamBoothConfig(init=str(init)), sets["task"])
+    tcfg = task_train_config(DreamBoothConfig, to_dict(base), sets["train"],
+                             images=task.images or DreamBoothConfig.default_images)
     known_class = label_of_prompt(cfg.class_prompt) >= 0
     if "caption-accuracy" in task.metrics and not known_class:
         raise UserError(f"caption-accuracy needs a class prompt among the classifier's classes, not {cfg.class_prompt!r}")
     # caption accuracy only where the class prompt is one of the classifier's classes
     metrics = ("subject-ssim", "subject-fidelity") + (("caption-accuracy",) if known_class else ())
     return Built(cfg, tcfg, lambda: finetune_dreambooth(cfg, tcfg, run, progress), metrics,
-                 (("ddim",), tuple(ev.steps), tuple(ev.guidance)))
+                 (("ddim",), tuple(ev.steps), tuple(ev.guidance)), tcfg.images)
 
 
 def _distillation(task, study, ev, base, init: Path, run: Path, progress: bool) -> Built:
     from ldmscale.model.family import parse_size, size_spec
     from ldmscale.tasks.distill import configs, distill
 
-    cfg, tcfg = configs(str(init), task.kind, _sets(task.set) + _sets(task.train_set),
+    cfg, tcfg = configs(str(init), task.kind, _sets(task.set) + [f"train.{s}" for s in _sets(task.train_set)],
                         base={"data": base.data, "size": size_spec(parse_size(init.name)), "seed": base.seed})
     if task.kind == "consistency":  # a consistency student samples in 1-8 steps with the lcm sampler
         grid = (("lcm",), (1, 2, 4, 8), tuple(ev.guidance))
     else:  # a progressive student samples at the step count of its final round
         grid = (("ddim",), (cfg.final_steps,), tuple(ev.guidance))
-    return Built(cfg, tcfg, lambda: distill(cfg, tcfg, run, task.images, progress), tuple(ev.metrics), grid)
+    images = task.images or DistillConfig.default_images
+    return Built(cfg, tcfg, lambda: distill(cfg, tcfg, run, images, progress), tuple(ev.metrics), grid,
+                 images)
 
 
 KINDS: dict[str, TaskKind] = {k.name: k for k in (

@@ -9,27 +9,13 @@ level to the condition, in training and sampling alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
 
-from ldmscale.config import Config, NonNegative, Range, to_dict
+from ldmscale.config import to_dict
 from ldmscale.errors import UserError
-
-
-@dataclass(frozen=True)
-class SRConfig(Config):
-    init: str = ""  # text-to-image run directory
-    checkpoint: str = "latest"  # of the init run
-    data: str = "animal-mnist"  # source of high-resolution training images (its train split)
-    scale: Annotated[int, Range(2, 16)] = 4
-    degradation: Literal["bicubic", "realesrgan"] = "bicubic"
-    condition: Literal["pixels", "latent"] = "pixels"
-    noise_aug: Annotated[float, Range(0.0, 10.0)] = 0.0  # std of Gaussian noise on the condition (pixels in [-1, 1],
-    # or scaled latents)
-    limit: NonNegative = 0  # training images (0: the whole split)
+from ldmscale.tasks.config import SRConfig
 
 
 def sr_prediction(init_prediction: str) -> str:
