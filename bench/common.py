@@ -46,8 +46,10 @@ def tiny_run(tmp: Path, size: str = "c16", warmup_steps: int = 100) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     from fixtures import make_autoencoder
 
-    from ldmscale.data.cache import PrepareConfig, prepare
-    from ldmscale.train.loop import TrainConfig, train
+    from ldmscale.data.cache import prepare
+    from ldmscale.data.config import PrepareConfig
+    from ldmscale.train.config import TrainConfig
+    from ldmscale.train.loop import train
 
     make_autoencoder(tmp / "ae")
     prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tmp / "ae"), resolution=32, limit=64), tmp / "cache",

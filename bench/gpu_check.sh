@@ -55,7 +55,7 @@ say "distilled and fine-tuned"
 W=$W $PY - <<'PY'
 import glob, json, os, sys
 import torch
-from ldmscale.diffusion.sampling import load_run
+from ldmscale.diffusion.generate import load_run
 
 w, bad = os.environ["W"], []
 for ck in glob.glob(f"{w}/*/checkpoints"):

@@ -19,7 +19,8 @@ from common import record
 
 from ldmscale.data import autoencoder as ae
 from ldmscale.data import sources as data
-from ldmscale.data.cache import PrepareConfig, prepare
+from ldmscale.data.cache import prepare
+from ldmscale.data.config import PrepareConfig
 from ldmscale.data.text import load_text_encoder
 
 
@@ -46,7 +47,8 @@ def main() -> None:
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
     try:
-        from ldmscale.data.autoencoder import AutoencoderConfig, build_autoencoder
+        from ldmscale.data.autoencoder import build_autoencoder
+        from ldmscale.data.config import AutoencoderConfig
 
         vae = build_autoencoder(AutoencoderConfig(channels=1))  # the default architecture, grayscale as animal-mnist
         vae.register_to_config(scaling_factor=0.5)

@@ -25,7 +25,7 @@ def main() -> None:
     from diffusers import StableDiffusionPipeline
 
     from ldmscale.diffusion.export import export
-    from ldmscale.diffusion.sampling import encode_prompts, generate, load_run
+    from ldmscale.diffusion.generate import encode_prompts, generate, load_run
 
     p = argparse.ArgumentParser()
     p.add_argument("--size", default="c16")

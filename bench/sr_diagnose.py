@@ -27,8 +27,9 @@ def main() -> None:
     from ldmscale.config import apply_overrides
     from ldmscale.data.degrade import degrade, resize
     from ldmscale.data.sources import load_images, parse_source
-    from ldmscale.diffusion.sampling import load_run
-    from ldmscale.tasks.superres import SRConfig, finetune_sr, upscale
+    from ldmscale.diffusion.generate import load_run
+    from ldmscale.tasks.config import SRConfig
+    from ldmscale.tasks.superres import finetune_sr, upscale
     from ldmscale.train.config import TrainConfig
 
     p = argparse.ArgumentParser()
@@ -60,7 +61,8 @@ def main() -> None:
     print(f"{a.out}: {tcfg.images} images in {seconds:.0f} s; sr {a.sr} train {a.train}")
     print(f"  conv_in |w| per input channel: latent {w[:, :c].abs().mean():.4f}, condition {w[:, c:].abs().mean():.4f}")
     print(f"  bicubic: psnr {psnr(bic, hr):.2f} consistency {psnr(degrade(bic, sr.scale, 'bicubic', seeds), low):.2f}")
-    from ldmscale.data.autoencoder import decode, encode, to_float, to_uint8
+    from ldmscale.data.autoencoder import decode, encode
+    from ldmscale.images import to_float, to_uint8
 
     sf = float(model.vae.config.scaling_factor)
     rec = to_uint8(decode(model.vae, encode(model.vae, to_float(hr))[0] * sf))  # the ceiling: the autoencoder's own loss

@@ -26,12 +26,14 @@ from common import matmul_peak_gflops, record
 
 from ldmscale.data import autoencoder as ae
 from ldmscale.data import sources as data
-from ldmscale.data.cache import PrepareConfig, prepare
+from ldmscale.data.cache import prepare
+from ldmscale.data.config import PrepareConfig
 from ldmscale.data.text import load_text_encoder
-from ldmscale.diffusion.samplers import noise_scheduler
+from ldmscale.diffusion.schedulers import noise_scheduler
 from ldmscale.model.family import build_unet, parse_size
 from ldmscale.model.flops import cost
-from ldmscale.train.loop import TrainConfig, train
+from ldmscale.train.config import TrainConfig
+from ldmscale.train.loop import train
 
 
 def on_the_fly(size: str, steps: int, batch: int, ae_dir: str) -> float:

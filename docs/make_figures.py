@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from ldmscale.data.degrade import degrade, resize  # noqa: E402
 from ldmscale.data.sources import ANIMAL_CLASSES, load_images  # noqa: E402
-from ldmscale.diffusion.sampling import generate, load_run  # noqa: E402
+from ldmscale.diffusion.generate import generate, load_run  # noqa: E402
 from ldmscale.eval.metrics import subject_fidelity, subject_ssim  # noqa: E402
 from ldmscale.eval.reference import parse_reference  # noqa: E402
 

@@ -5,6 +5,8 @@ Every command moves every model it uses there; nothing falls back to the CPU sil
 from __future__ import annotations
 
 import os
+import platform
+import time
 
 import torch
 
@@ -62,7 +64,6 @@ def _busy_cores(cores: set[int], seconds: float = 0.1) -> float:
     """How many of `cores` other processes keep busy now: /proc/stat sampled twice (Linux); else the load average.
     Torch's threads spin on a core another process wants (2 processes side by side: 63.6 ms an image each with a
     thread per core, 27 ms with one), so they should take only the idle ones."""
-    import time
 
     def read() -> dict[int, tuple[int, int]]:
         out = {}
@@ -118,7 +119,6 @@ def set_threads(given: int | None = None) -> tuple[int, str]:
 
 def cpu_model() -> str:
     """The CPU's marketing name (Linux /proc/cpuinfo), else what platform knows."""
-    import platform
 
     try:
         with open("/proc/cpuinfo") as f:

@@ -1,4 +1,5 @@
 """The one error users see: a UserError is printed by the CLI as one line, with exit code 2."""
+import shutil
 
 
 class UserError(Exception):
@@ -9,7 +10,6 @@ class DiskFull(UserError):
     """No space left while writing: names the path, the space it needed and what is free; nothing partial is left."""
 
     def __init__(self, path, needed: int | None = None):
-        import shutil
 
         where = path if path.exists() else path.parent
         while not where.exists():

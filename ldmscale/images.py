@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from ldmscale.io import atomic_write
 
@@ -33,7 +33,6 @@ def grid(images: torch.Tensor, ncol: int, min_cell: int = 96, pad: int = 2) -> I
 
 def label_rows(img: Image.Image, labels: list[str], font_size: int = 14, pad: int = 8) -> Image.Image:
     """The grid with one label per row written to its left (the prompt each row was sampled with)."""
-    from PIL import ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=font_size)
     width = max(int(font.getlength(t)) for t in labels) + 2 * pad if labels else 0
@@ -74,3 +73,21 @@ def preprocess(img: Image.Image, resolution: int, channels: int) -> np.ndarray:
         img = img.resize((resolution, resolution), method)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
+
+
+def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 [N,C,H,W] -> float in [-1, 1]."""
+    x = torch.as_tensor(images)
+    return x.float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float in [-1, 1] -> uint8, rounding as PIL/diffusers do."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of float images in [-1, 1] (torchmetrics', data range 2, one value per image)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio  # 0.4 s of imports, for two callers
+
+    return peak_signal_noise_ratio(a.float(), b.float(), data_range=2.0, reduction="none", dim=(1, 2, 3))

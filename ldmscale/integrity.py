@@ -15,6 +15,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ldmscale.io import file_sha256
 
 
@@ -110,6 +112,5 @@ def set_aside(path: Path, folder: Path) -> Path:
 
 def note(message: str) -> None:
     """One line on stderr that does not break a progress bar."""
-    from tqdm import tqdm
 
     tqdm.write(f"ldmscale: {message}", file=sys.stderr)

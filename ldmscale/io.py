@@ -7,9 +7,11 @@ even if the process is killed with SIGKILL in the middle of a write.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -118,7 +120,6 @@ class atomic_dir:
         self.out = Path(out)
 
     def __enter__(self) -> Path:
-        import shutil
 
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
@@ -128,7 +129,6 @@ class atomic_dir:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        import shutil
 
         if exc_type is not None:
             written = sum(p.stat().st_size for p in self.tmp.rglob("*") if p.is_file())
@@ -222,7 +222,6 @@ class DirLock:
         self.path, self.what, self.enabled, self.fd = Path(path), what, enabled, None
 
     def __enter__(self) -> DirLock:
-        import fcntl
 
 
         if not self.enabled:

@@ -88,7 +88,8 @@ def tiny_ae(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory, tiny_ae):
     """animal-mnist, the first 96 images of each split, 32px, minilm: what training tests train on."""
-    from ldmscale.data.cache import PrepareConfig, prepare
+    from ldmscale.data.cache import prepare
+    from ldmscale.data.config import PrepareConfig
 
     out = tmp_path_factory.mktemp("cache") / "cache"
     prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tiny_ae), text_encoder="minilm", resolution=32,
@@ -97,7 +98,7 @@ def tiny_cache(tmp_path_factory, tiny_ae):
 
 
 def tiny_train_config(cache, **kw):
-    from ldmscale.train.loop import TrainConfig
+    from ldmscale.train.config import TrainConfig
 
     base = dict(data=str(cache), size="c8", images=48, batch_size=8, lr=1e-3, warmup_steps=2, log_every=1,
                 checkpoint_every=24, keep=3)
@@ -118,7 +119,8 @@ def tiny_run(tmp_path_factory, tiny_cache):
 @pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory):
     """The domain classifier, trained for two epochs at half width (real data, real features)."""
-    from ldmscale.eval.features import ClassifierConfig, train_classifier
+    from ldmscale.eval.classifier import train_classifier
+    from ldmscale.eval.config import ClassifierConfig
 
     out = tmp_path_factory.mktemp("clf") / "classifier"
     train_classifier(ClassifierConfig(width=16, feature_dim=32, epochs=2, batch_size=128), out, progress=False)

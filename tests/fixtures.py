@@ -76,7 +76,8 @@ def make_autoencoder(out: Path, channels: int = 1, resolution: int = 32) -> Path
     """An untrained tiny AutoencoderKL (f=4) saved like a trained one: enough to test the plumbing."""
     import torch
 
-    from ldmscale.data.autoencoder import AutoencoderConfig, build_autoencoder
+    from ldmscale.data.autoencoder import build_autoencoder
+    from ldmscale.data.config import AutoencoderConfig
 
     torch.manual_seed(0)
     vae = build_autoencoder(AutoencoderConfig(channels=channels, resolution=resolution, block_out_channels=(8, 16, 16),

@@ -109,7 +109,7 @@ class Velocity(torch.nn.Module):
 
 @pytest.mark.parametrize("sampler,steps", [("flow-euler", 50), ("flow-heun", 20)])
 def test_flow_samplers_recover_a_gaussian_target(sampler, steps):
-    from ldmscale.diffusion.samplers import SampleStats, generate_latents, make_sampler
+    from ldmscale.diffusion.schedulers import SampleStats, generate_latents, make_sampler
 
     mu, s = 1.5, 0.5
     gens = [torch.Generator().manual_seed(i) for i in range(2000)]
@@ -151,7 +151,7 @@ def test_every_backbone_and_objective_resumes_exactly(size, prediction, tiny_cac
 
 
 def test_a_sampler_must_fit_the_objective_and_export_says_what_it_writes(tiny_cache, tmp_path):
-    from ldmscale.diffusion.sampling import generate, load_run
+    from ldmscale.diffusion.generate import generate, load_run
     from ldmscale.train.loop import train
 
     train(tiny_train_config(tiny_cache, size="dit-32x2", prediction="flow", images=8), tmp_path / "f", progress=False)
@@ -172,7 +172,7 @@ def test_validation_loss_is_logged_at_every_checkpoint_and_reaches_the_eval_resu
     """The number is the objective's loss on fixed validation triples, with the EMA weights: recomputed here by hand."""
     from ldmscale import checkpoint
     from ldmscale.data.cache import LatentCache
-    from ldmscale.diffusion.sampling import load_run
+    from ldmscale.diffusion.generate import load_run
     from ldmscale.io import read_jsonl
     from ldmscale.train.objectives import Batch, Denoising, ValidationLoss
 
@@ -263,8 +263,8 @@ def test_isoflop_study_trains_every_size_to_each_budget_and_reports_per_backbone
 def test_dit_export_loads_as_pixart_and_reproduces_ldmscale_latents(tiny_cache, tmp_path):
     from diffusers import PixArtAlphaPipeline
 
-    from ldmscale.diffusion.samplers import generate_latents, make_sampler
-    from ldmscale.diffusion.sampling import encode_prompts, load_run
+    from ldmscale.diffusion.generate import encode_prompts, load_run
+    from ldmscale.diffusion.schedulers import generate_latents, make_sampler
     from ldmscale.train.loop import train
 
     train(tiny_train_config(tiny_cache, size="dit-32x2", images=16), tmp_path / "run", progress=False)
@@ -291,8 +291,8 @@ def test_flow_mmdit_export_loads_as_sd3_and_reproduces_ldmscale_latents(tiny_cac
     from diffusers import StableDiffusion3Pipeline
 
     from ldmscale.diffusion.export import SD3_TEXT_SLOTS, export
-    from ldmscale.diffusion.samplers import generate_latents, make_sampler
-    from ldmscale.diffusion.sampling import encode_prompts, load_run
+    from ldmscale.diffusion.generate import encode_prompts, load_run
+    from ldmscale.diffusion.schedulers import generate_latents, make_sampler
     from ldmscale.train.loop import train
 
     train(tiny_train_config(tiny_cache, size="mmdit-d2:a16", prediction="flow", images=16), tmp_path / "run",

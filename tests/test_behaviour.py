@@ -15,8 +15,9 @@ pytestmark = pytest.mark.xdist_group("trained-first-stage")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 100-step autoencoder (validation PSNR ~18 dB), a 96-image cache on it, and a c8 run of 6 steps."""
-    from ldmscale.data.autoencoder import AutoencoderConfig, train_autoencoder
-    from ldmscale.data.cache import PrepareConfig, prepare
+    from ldmscale.data.autoencoder import train_autoencoder
+    from ldmscale.data.cache import prepare
+    from ldmscale.data.config import AutoencoderConfig, PrepareConfig
     from ldmscale.train.loop import train
 
     root = tmp_path_factory.mktemp("trained")
@@ -39,9 +40,10 @@ def test_super_resolution_output_follows_its_own_low_resolution_input(trained):
     which weights the condition's signal by the SNR (the upscalers of issue #24)."""
     from ldmscale.data.degrade import degrade
     from ldmscale.data.sources import load_images, parse_source
-    from ldmscale.diffusion.sampling import load_run
+    from ldmscale.diffusion.generate import load_run
     from ldmscale.eval.metrics import psnr_ssim
-    from ldmscale.tasks.superres import SRConfig, finetune_sr, upscale
+    from ldmscale.tasks.config import SRConfig
+    from ldmscale.tasks.superres import finetune_sr, upscale
 
     hr = torch.as_tensor(load_images(parse_source("animal-mnist"), "validation", 32, 1, 16)[0])
     low = degrade(hr, 4, "bicubic", list(range(16)))
@@ -68,13 +70,10 @@ def test_dreambooth_moves_samples_towards_the_subject(trained, tmp_path):
     from PIL import Image
 
     from ldmscale.data.sources import animal_mnist_arrays
-    from ldmscale.diffusion.sampling import generate, load_run
+    from ldmscale.diffusion.generate import generate, load_run
     from ldmscale.eval import metrics
-    from ldmscale.tasks.dreambooth import (
-        DreamBoothConfig,
-        finetune_dreambooth,
-        subject_images,
-    )
+    from ldmscale.tasks.config import DreamBoothConfig
+    from ldmscale.tasks.dreambooth import finetune_dreambooth, subject_images
 
     images, labels = animal_mnist_arrays()
     one = images[np.flatnonzero(labels == 4)[0]]  # one dog, four views: as is, mirrored, shifted by a pixel

@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 import ldmscale.data.cache as cache_mod
 from ldmscale.data import sources as data
-from ldmscale.data.cache import LatentCache, PrepareConfig, prepare, read_manifest
+from ldmscale.data.cache import LatentCache, prepare, read_manifest
+from ldmscale.data.config import PrepareConfig
 from ldmscale.data.text import load_text_encoder
 from ldmscale.errors import UserError
 

@@ -97,9 +97,9 @@ def test_task_kinds_are_declared_once():
     import typing
 
     from ldmscale.eval import registry
+    from ldmscale.study import tasks
     from ldmscale.study.cluster import WAVES
     from ldmscale.study.spec import TaskSection
-    from ldmscale.tasks import kinds as tasks
 
     kinds = typing.get_args(typing.get_type_hints(TaskSection)["kind"])
     assert set(kinds) == set(tasks.KINDS)  # the study file's choices are the registry's kinds
@@ -149,15 +149,15 @@ def test_a_task_trains_with_the_same_loop_from_the_cli_and_from_a_study(cls, kin
     from ldmscale.checkpoint import read_run_config
     from ldmscale.cli import tasks as cli_tasks
     from ldmscale.config import from_dict, to_dict
+    from ldmscale.study import tasks
     from ldmscale.study.spec import Study, TaskSection
-    from ldmscale.tasks import kinds
 
     init_train = read_run_config(tiny_run)["train"]
     base = from_dict(TrainConfig, {k: v for k, v in init_train.items() if k in TrainConfig.__dataclass_fields__})
     sets = {"lr": "3e-4", "warmup_steps": "7"} | ({"subject": "examples/subject_elephant"} if kind == "dreambooth" else {})
     task = TaskSection(kind=kind, set=sets)
     study = Study(data=dataclasses.replace(Study().data, source="animal-mnist"))
-    built = kinds.kind(kind).build(task, study, study.eval, base, tiny_run, tmp_path / "t", False)
+    built = tasks.kind(kind).build(task, study, study.eval, base, tiny_run, tmp_path / "t", False)
 
     overrides = [f"{k}={v}" for k, v in sets.items()]
     if cls is DistillConfig:

@@ -17,7 +17,7 @@ def _devices(*modules):
 @pytest.fixture()
 def on_meta(monkeypatch):
     monkeypatch.setenv("LDMSCALE_DEVICE", "meta")
-    from ldmscale.diffusion import sampling as sample
+    from ldmscale.diffusion import generate as sample
 
     sample._vae.cache_clear()
     sample._text.cache_clear()
@@ -27,7 +27,7 @@ def on_meta(monkeypatch):
 
 
 def test_sampling_models_are_on_the_device(tiny_run, on_meta):
-    from ldmscale.diffusion.sampling import load_run
+    from ldmscale.diffusion.generate import load_run
 
     m = load_run(tiny_run)
     assert _devices(m.unet, m.vae, m.text.model) == {META}
@@ -38,7 +38,8 @@ def test_sampling_models_are_on_the_device(tiny_run, on_meta):
 def test_evaluation_feature_networks_are_on_the_device(tiny_classifier, tmp_path, on_meta):
     from fixtures import make_tiny_clip_model
 
-    from ldmscale.eval.evaluate import EvalConfig, build_extractors
+    from ldmscale.eval.config import EvalConfig
+    from ldmscale.eval.evaluate import build_extractors
 
     clip = make_tiny_clip_model(tmp_path / "clip")
     ex, clf, cl = build_extractors(EvalConfig(metrics=("fid", "fd-classifier", "caption-accuracy", "clip"),
@@ -48,7 +49,8 @@ def test_evaluation_feature_networks_are_on_the_device(tiny_classifier, tmp_path
 
 
 def test_prepare_encoders_are_on_the_device(tiny_ae, on_meta):
-    from ldmscale.data.cache import PrepareConfig, encoders
+    from ldmscale.data.cache import encoders
+    from ldmscale.data.config import PrepareConfig
 
     vae, text = encoders(PrepareConfig(source="animal-mnist", autoencoder=str(tiny_ae)))
     assert _devices(vae, text.model) == {META}

@@ -7,8 +7,8 @@ from conftest import run_cli
 import ldmscale.train.loop as train_mod
 from ldmscale import checkpoint
 from ldmscale.io import read_jsonl
+from ldmscale.tasks.config import DistillConfig
 from ldmscale.tasks.distill import (
-    DistillConfig,
     configs,
     consistency_distance,
     consistency_fn,
@@ -38,7 +38,7 @@ def _student(tiny_run):
 
 
 def test_consistency_boundary_condition_identity_at_smallest_timestep(tiny_run):
-    from ldmscale.diffusion.samplers import guidance_embedding, noise_scheduler
+    from ldmscale.diffusion.schedulers import guidance_embedding, noise_scheduler
 
     _, student = _student(tiny_run)
     c_skip, c_out = scalings(torch.tensor([0, 1, 999]))
@@ -65,7 +65,7 @@ def test_consistency_distance_in_noise_units():
 
 
 def test_student_starts_as_the_teacher(tiny_run):
-    from ldmscale.diffusion.samplers import guidance_embedding
+    from ldmscale.diffusion.schedulers import guidance_embedding
 
     teacher, student = _student(tiny_run)
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.randn(2, 77, 384)
@@ -108,7 +108,7 @@ def test_two_step_distillation_resumes_exactly(tiny_run, tmp_path, monkeypatch, 
     conf = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert conf["distilled"] is True and conf["unet"]["time_cond_proj_dim"] == 256
     if method == "progressive":  # the student samples on the trailing grid it was distilled on
-        from ldmscale.diffusion.sampling import load_run
+        from ldmscale.diffusion.generate import load_run
 
         sampler = load_run(tmp_path / "straight").sampler("ddim")
         sampler.set_timesteps(2)
@@ -121,7 +121,7 @@ def test_distilled_model_samples_with_lcm_and_is_marked(tiny_run, tiny_classifie
     p = run_cli("sample", "--run", tmp_path / "lcm", "--prompt", "a cat", "--sampler", "lcm", "--steps", "4",
                 "--guidance", "3", "--num-images", "2", "--out", tmp_path / "s", check=True)
     assert "4 model calls/image" in p.stdout  # guidance is embedded: no second (unconditional) call
-    from ldmscale.diffusion.sampling import load_run
+    from ldmscale.diffusion.generate import load_run
 
     sampler = load_run(tmp_path / "lcm").sampler("lcm")  # lcm steps on the grid the student was distilled on
     sampler.set_timesteps(4)

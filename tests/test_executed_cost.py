@@ -4,7 +4,7 @@ image for every sampler, with and without guidance, and for a student whose guid
 import pytest
 import torch
 
-from ldmscale.diffusion.samplers import (
+from ldmscale.diffusion.schedulers import (
     FLOW_SAMPLERS,
     SAMPLERS,
     SampleStats,
@@ -62,7 +62,7 @@ def test_the_text_encoders_cost_is_counted_with_its_attention(tiny_ae):
     """MiniLM on one 16-token prompt, against the BERT formula: per layer 2T(4d^2 + 2df) for the projections and the
     MLP and 4T^2 d for the attention products, plus the pooler's 2d^2. Attention runs in torch's math kernel while
     counting: the CPU flash kernel has no FLOP formula and would lose the 4T^2 d."""
-    from ldmscale.diffusion.sampling import side_flops
+    from ldmscale.diffusion.generate import side_flops
 
     T, d, f, layers = 16, 384, 1536, 6
     costs = side_flops("minilm", T, str(tiny_ae), (4, 8, 8))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from ldmscale.diffusion.samplers import model_calls
+from ldmscale.diffusion.schedulers import model_calls
 from ldmscale.errors import UserError
 from ldmscale.model.family import (
     PRESETS,

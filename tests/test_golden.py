@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ldmscale.analysis import scaling as analysis
-from ldmscale.diffusion.samplers import (
+from ldmscale.diffusion.schedulers import (
     FLOW_SAMPLERS,
     SAMPLERS,
     generate_latents,

@@ -175,9 +175,9 @@ def test_eval_writes_result_with_provenance_and_one_equals_two_processes(tiny_ru
     # the numbers, recomputed outside evaluate(): the same prompts (seeded shuffle of the validation captions) and
     # seeds, images regenerated in one batch, the classifier's accuracy and the Frechet distance by definition
     from ldmscale.data.sources import iterate, label_of_prompt, parse_source
-    from ldmscale.diffusion.sampling import generate, load_run
+    from ldmscale.diffusion.generate import generate, load_run
     from ldmscale.eval import metrics
-    from ldmscale.eval.evaluate import EvalConfig
+    from ldmscale.eval.config import EvalConfig
     from ldmscale.eval.features import ClassifierFeatures
     from ldmscale.eval.reference import reference_stats
 
@@ -207,7 +207,7 @@ def test_eval_writes_result_with_provenance_and_one_equals_two_processes(tiny_ru
 
 
 def test_mismatched_reference_statistics_are_refused(tiny_run, tiny_classifier, tmp_path):
-    from ldmscale.eval.evaluate import EvalConfig
+    from ldmscale.eval.config import EvalConfig
     from ldmscale.eval.features import ClassifierFeatures
     from ldmscale.eval.reference import reference_stats
 

@@ -81,7 +81,8 @@ def test_webdataset_shards_that_are_cut_short_empty_or_not_tar(tmp_path):
 
 
 def test_prepare_refuses_a_split_without_readable_images(tmp_path, tiny_ae):
-    from ldmscale.data.cache import PrepareConfig, prepare
+    from ldmscale.data.cache import prepare
+    from ldmscale.data.config import PrepareConfig
 
     root = tmp_path / "bad"
     root.mkdir()
@@ -93,7 +94,8 @@ def test_prepare_refuses_a_split_without_readable_images(tmp_path, tiny_ae):
 
 
 def test_eval_reference_defaults_to_the_runs_data_and_names_carry_it(tiny_run, tiny_classifier, tmp_path):
-    from ldmscale.eval.evaluate import EvalConfig, evaluate, result_name
+    from ldmscale.eval.config import EvalConfig
+    from ldmscale.eval.evaluate import evaluate, result_name
 
     cfg = EvalConfig(sampler="ddim", steps=1, guidance=1.0, num_images=4, classifier=str(tiny_classifier),
                      metrics=("fd-classifier",), reference_count=20, batch_size=4)
@@ -148,7 +150,8 @@ def test_a_full_disk_names_the_last_good_checkpoint(tmp_path, tiny_cache, monkey
 
 
 def test_autoencoder_step_counts_and_bad_shapes(tmp_path):
-    from ldmscale.data.autoencoder import AutoencoderConfig, train_autoencoder
+    from ldmscale.data.autoencoder import train_autoencoder
+    from ldmscale.data.config import AutoencoderConfig
 
     r = train_autoencoder(AutoencoderConfig(steps=20, batch_size=4, max_images=16, block_out_channels=(8, 8),
                                             norm_groups=4), tmp_path / "ae", progress=False)

@@ -44,7 +44,8 @@ def test_degradations_shapes_and_determinism():
 
 
 def test_sr_finetune_resumes_exactly_and_evaluates(tiny_run, tiny_cache, tiny_classifier, tmp_path, monkeypatch):
-    from ldmscale.tasks.superres import SRConfig, finetune_sr
+    from ldmscale.tasks.config import SRConfig
+    from ldmscale.tasks.superres import finetune_sr
 
     sr = SRConfig(init=str(tiny_run), data="animal-mnist", limit=64, degradation="realesrgan", noise_aug=0.05)
     cfg = tiny_train_config(tiny_cache, images=16, checkpoint_every=8, data="animal-mnist")
@@ -92,11 +93,8 @@ def test_dreambooth_resumes_exactly_and_measures_fidelity(tiny_run, tiny_cache, 
     from PIL import Image
 
     from ldmscale.data.sources import animal_mnist_arrays
-    from ldmscale.tasks.dreambooth import (
-        DreamBoothConfig,
-        finetune_dreambooth,
-        instance_prompt,
-    )
+    from ldmscale.tasks.config import DreamBoothConfig
+    from ldmscale.tasks.dreambooth import finetune_dreambooth, instance_prompt
 
     subject = tmp_path / "subject"
     subject.mkdir()
@@ -114,7 +112,7 @@ def test_dreambooth_resumes_exactly_and_measures_fidelity(tiny_run, tiny_cache, 
     r = json.loads(next((run / "eval").glob("*.json")).read_text())
     assert r["task"] == "dreambooth" and r["prompt"] == "a sks dog"
     # the same numbers from the images regenerated with the eval's seeds, measured directly
-    from ldmscale.diffusion.sampling import generate, load_run
+    from ldmscale.diffusion.generate import generate, load_run
     from ldmscale.eval import metrics
     from ldmscale.eval.features import ClassifierFeatures
     from ldmscale.tasks.dreambooth import subject_images

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import ldmscale.train.loop as train_mod
 from ldmscale import checkpoint
-from ldmscale.diffusion.samplers import (
+from ldmscale.diffusion.schedulers import (
     SAMPLERS,
     SampleStats,
     generate_latents,
@@ -217,7 +217,7 @@ def test_guidance_doubles_model_calls_and_lcm_runs():
 
 
 def test_same_seed_same_images_whatever_the_batch(tiny_run):
-    from ldmscale.diffusion.sampling import generate, load_run
+    from ldmscale.diffusion.generate import generate, load_run
 
     model = load_run(tiny_run)
     prompts = ["a cat", "a dog", "a cat"]
@@ -278,7 +278,7 @@ def _pipeline_latents(folder, prompt_embeds=None, negative=None, prompt=None, se
 
 
 def _our_latents(run, prompts, seeds=(3, 4), steps=5, guidance=3.0):
-    from ldmscale.diffusion.sampling import encode_prompts, load_run
+    from ldmscale.diffusion.generate import encode_prompts, load_run
 
     model = load_run(run)
     cond, uncond = encode_prompts(model, prompts)
@@ -289,7 +289,8 @@ def _our_latents(run, prompts, seeds=(3, 4), steps=5, guidance=3.0):
 def test_export_clip_pipeline_matches_ldmscale_sample(tmp_path, tiny_ae):
     from fixtures import make_tiny_clip
 
-    from ldmscale.data.cache import PrepareConfig, prepare
+    from ldmscale.data.cache import prepare
+    from ldmscale.data.config import PrepareConfig
 
     clip = make_tiny_clip(tmp_path / "clip")
     cache = tmp_path / "cache"
@@ -307,7 +308,7 @@ def test_export_clip_pipeline_matches_ldmscale_sample(tmp_path, tiny_ae):
 def test_export_minilm_pipeline_takes_plain_prompts_or_refuses(tiny_run, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from ldmscale.diffusion.sampling import encode_prompts, load_run
+    from ldmscale.diffusion.generate import encode_prompts, load_run
 
     proc = run_cli("export", "--run", tiny_run, "--out", tmp_path / "export", check=True)
     assert "trust_remote_code=True" in proc.stdout
@@ -350,7 +351,7 @@ def test_fsdp_two_processes_train_resume_and_match_one_process(tmp_path, tiny_ca
     assert all(torch.allclose(b[k], c[k], atol=1e-6) for k in b)
     cfg = json.loads((tmp_path / "fsdp" / "config.json").read_text())
     assert cfg["train"]["fsdp"] is True
-    from ldmscale.diffusion.sampling import generate, load_run
+    from ldmscale.diffusion.generate import generate, load_run
 
     images, _ = generate(load_run(tmp_path / "fsdp"), ["a cat"], "ddim", 2, 2.0, [0])
     assert images.shape == (1, 1, 32, 32)

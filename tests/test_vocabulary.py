@@ -147,7 +147,7 @@ def test_train_options_and_set_build_the_same_config():
 @pytest.mark.parametrize("path", ["sample", "eval"])
 def test_every_sampler_is_named_in_the_help_of_each_verb_that_samples(path, capsys):
     from ldmscale.cli.main import main
-    from ldmscale.diffusion.samplers import SAMPLERS
+    from ldmscale.diffusion.schedulers import SAMPLERS
 
     with pytest.raises(SystemExit):
         main([*path.split(), "--help"])

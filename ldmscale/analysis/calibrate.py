@@ -15,6 +15,7 @@ import numpy as np
 
 from ldmscale.analysis import claims, stats
 from ldmscale.analysis import scaling as analysis
+from ldmscale.names import Kind
 
 FIELDS = ("task", "size", "norm_cost", "sampler", "steps", "guidance", "model_calls_per_image", "images_seen",
           "train_flops", "checkpoint", "distilled")
@@ -52,12 +53,12 @@ def null_world(p: list[dict], claim: int, curve: tuple, metric: str) -> list[dic
     in log executed cost over all sizes) at its executed cost."""
     q = [dict(x) for x in p]
     if claim == 1:
-        points = [x for x in q if x["task"] == "text-to-image" and not x.get("distilled")
+        points = [x for x in q if x["task"] == Kind.TEXT_TO_IMAGE and not x.get("distilled")
                   and (x["sampler"], x["steps"], float(x["guidance"])) == (curve[0], curve[1], float(curve[2]))]
         _fit(points, lambda x: math.log(x["train_flops"]))
         return q
     if claim == 2:
-        for t in {x["task"] for x in q} - {"text-to-image"}:
+        for t in {x["task"] for x in q} - {Kind.TEXT_TO_IMAGE}:
             for st in {x["steps"] for x in q if x["task"] == t}:
                 same = [x for x in q if x["task"] == t and x["steps"] == st]
                 m = float(np.mean([x["value"] for x in same]))
@@ -70,8 +71,8 @@ def null_world(p: list[dict], claim: int, curve: tuple, metric: str) -> list[dic
              lambda x: math.log(x["norm_cost"] * x["model_calls_per_image"]))
     if claim == 6:  # each distilled row as good as the best undistilled curve at its cost, and no better
         curves = {}
-        for smp in {x["sampler"] for x in final if not x.get("distilled") and x["task"] == "text-to-image"}:
-            pts = [x for x in final if x["sampler"] == smp and not x.get("distilled") and x["task"] == "text-to-image"]
+        for smp in {x["sampler"] for x in final if not x.get("distilled") and x["task"] == Kind.TEXT_TO_IMAGE}:
+            pts = [x for x in final if x["sampler"] == smp and not x.get("distilled") and x["task"] == Kind.TEXT_TO_IMAGE]
             lx = [math.log(x["norm_cost"] * x["model_calls_per_image"]) for x in pts]
             if len(set(lx)) > 2:
                 curves[smp] = (np.polyfit(lx, [x["value"] for x in pts], 2), min(lx), max(lx))

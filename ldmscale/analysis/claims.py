@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+from scipy.stats import spearmanr
+
 from ldmscale.analysis import scaling as analysis
 from ldmscale.analysis import stats
 from ldmscale.analysis.verdicts import (
@@ -37,6 +39,7 @@ from ldmscale.analysis.verdicts import (
     row_text,
 )
 from ldmscale.eval import registry
+from ldmscale.names import Kind, task_of
 
 # --------------------------------------------------------------------------------- claim 1: training compute
 
@@ -145,7 +148,7 @@ FAMILY = {"fid": "realism", "fd-classifier": "realism", "psnr": "fidelity", "con
 def _judged(rows: list[dict], task_metrics: dict) -> list[tuple[str, str, str]]:
     """(task, metric, label) for every downstream task of the rows and every metric it is judged by."""
     out = []
-    for t in sorted({r.get("task") for r in rows} & {"super-resolution", "dreambooth"}):
+    for t in sorted({r.get("task") for r in rows} & {Kind.SUPER_RESOLUTION, Kind.DREAMBOOTH}):
         ms = task_metrics[t]
         for m in [ms] if isinstance(ms, str) else ms:
             out.append((t, m, f"{t} {FAMILY.get(m, m)} ({m})"))
@@ -231,7 +234,7 @@ def claim6(rows: list[dict], metric: str) -> Verdict:
     at the same executed cost: holds when a smaller one is still better beyond noise somewhere (the crossover
     survives distillation), does not hold when the distilled model is better beyond noise at every step count against
     every smaller size that reaches its cost (distillation removes the crossover)."""
-    t2i = analysis.final_rows([r for r in analysis.with_costs(rows) if r.get("task", "text-to-image") == "text-to-image"])
+    t2i = analysis.final_rows([r for r in analysis.with_costs(rows) if task_of(r) == Kind.TEXT_TO_IMAGE])
     best = [r for r in analysis.best_over_guidance(t2i, metric) if r.get(COST) is not None]
     distilled = [r for r in best if r.get("distilled")]
     if not distilled:
@@ -285,7 +288,7 @@ def check(claim: int, agg: list[dict], metric: str, curve: tuple[str, int, float
           task_metrics: dict[str, str] | None = None, feature_dims: dict[str, int] | None = None) -> Verdict:
     """One claim's verdict on rows already averaged over seeds (stats.aggregate_seeds). `feature_dims`: the
     Frechet metrics' feature dimensions, below which a point's images are too few to decide on."""
-    tm = {"super-resolution": "psnr", "dreambooth": "subject-ssim"} | dict(task_metrics or {})
+    tm = {Kind.SUPER_RESOLUTION: "psnr", Kind.DREAMBOOTH: "subject-ssim"} | dict(task_metrics or {})
     v = {1: lambda: claim1(agg, metric, curve), 2: lambda: claim2(agg, metric, curve, tm),
          3: lambda: claim3(agg, metric), 4: lambda: claim4(agg, metric), 5: lambda: claim5(agg, tm),
          6: lambda: claim6(agg, metric)}[claim]()
@@ -328,7 +331,6 @@ def check_claims(rows: list[dict], metric: str, curve: tuple[str, int, float],
 def metric_agreement(rows: list[dict], a: str, b: str) -> dict | None:
     """Spearman rank correlation between two metrics over the points that carry both (oriented so that +1 means
     they rank the points the same way whatever their directions)."""
-    from scipy.stats import spearmanr
 
     pts = [r for r in rows if r.get(a) is not None and r.get(b) is not None]
     if len(pts) < 3:

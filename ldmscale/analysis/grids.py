@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ldmscale.analysis import plots
 from ldmscale.analysis import scaling as analysis
+from ldmscale.study.spec import study_eval
 
 
 def report_prompts(reference: str, n: int = 10) -> list[str]:
@@ -29,9 +30,8 @@ def report_prompts(reference: str, n: int = 10) -> list[str]:
 def sample_grids(a: dict, study, folder: Path, per_prompt: int = 4) -> list[dict]:
     """Per size: a grid (a row per prompt, `per_prompt` seeds) at its best configuration and at the small
     budget's best configuration for that size, so the figures' differences can be seen."""
-    from ldmscale.diffusion.sampling import generate, load_run
+    from ldmscale.diffusion.generate import generate, load_run
     from ldmscale.images import grid, label_rows, save_png
-    from ldmscale.study.spec import study_eval
 
     ev, metric = study_eval(study), a["metric"]
     best = [r for r in a["best_over_guidance"] if not r.get("distilled") and r.get("run")]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ldmscale.names import Kind, backbone_of, task_of
+
 
 @dataclass
 class Parabola:
@@ -182,11 +184,11 @@ def study_isoflop(rows: list[dict], budgets: list[float], metric: str, curve: tu
     sampler, steps, guidance = curve
     on_curve = [r for r in rows if r.get("sampler") == sampler and int(r.get("steps", -1)) == steps
                 and float(r.get("guidance", -1)) == float(guidance) and not r.get("tag")
-                and r.get("task", "text-to-image") == "text-to-image" and r.get(loss_key) is not None]
+                and task_of(r) == Kind.TEXT_TO_IMAGE and r.get(loss_key) is not None]
     held = max(budgets)
     out = {}
-    for bb in sorted({r.get("backbone", "unet-sd15") for r in on_curve}):
-        mine = [r for r in on_curve if r.get("backbone", "unet-sd15") == bb]
+    for bb in sorted({backbone_of(r) for r in on_curve}):
+        mine = [r for r in on_curve if backbone_of(r) == bb]
         pts = []
         for r in mine:  # a checkpoint belongs to the budget it reached (steps are whole: within a few percent)
             b = min(budgets, key=lambda x: abs(math.log10(float(r["train_flops"]) / x)))

@@ -11,6 +11,7 @@ from matplotlib import ticker  # noqa: E402
 
 from ldmscale.analysis.scaling import PowerLaw, pareto_frontier  # noqa: E402
 from ldmscale.eval.registry import lower_is_better  # noqa: E402
+from ldmscale.names import Backbone
 
 # Table 1 of the paper (50-step DDIM, guidance 7.5, COCO-2014 val 30k)
 PAPER_TABLE1 = {
@@ -195,7 +196,7 @@ def isoflop(iso: dict):
     """Three panels per study: validation loss against parameters at each training budget (the IsoFLOP curves, a
     parabola in log N through each budget's sizes), N_opt against compute, and the loss frontier L_opt(C)."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    markers = {"unet-sd15": "o", "dit": "s", "mmdit": "^"}
+    markers = {Backbone.UNET: "o", Backbone.DIT: "s", Backbone.MMDIT: "^"}
     budgets = sorted({p["budget"] for bb in iso.values() for p in bb["points"]})
     cmap = plt.get_cmap("plasma")
     bcolor = {b: cmap(i / max(1, len(budgets) - 1) * 0.85) for i, b in enumerate(budgets)}

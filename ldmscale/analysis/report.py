@@ -6,18 +6,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import math
 import time
+from importlib.metadata import version
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
-from ldmscale.analysis import claims, plots, stats
+from ldmscale.analysis import calibrate, claims, plots, stats
 from ldmscale.analysis import scaling as analysis
 from ldmscale.analysis.grids import sample_grids
 from ldmscale.analysis.isoflop import plan_training, study_isoflop
 from ldmscale.errors import UserError
 from ldmscale.eval import registry
 from ldmscale.io import atomic_write, atomic_write_json, atomic_write_text
+from ldmscale.names import Kind, backbone_of, task_of
+from ldmscale.study.spec import study_eval
 
 CALIBRATION_STUDIES = 200  # simulated studies per world in every report (`ldmscale study calibrate` runs more)
 
@@ -27,7 +32,7 @@ def task_metrics(primary: str) -> dict[str, tuple[str, ...]]:
     Frechet distance, as the paper reports FID) and fidelity to the high-resolution image (PSNR: a model that ignores
     its input fails it), DreamBooth by subject identity. The first is the task's headline metric."""
     realism = (primary,) if primary in ("fid", "fd-classifier") else ()
-    return {"super-resolution": realism + ("psnr",), "dreambooth": ("subject-ssim",)}
+    return {Kind.SUPER_RESOLUTION: realism + ("psnr",), Kind.DREAMBOOTH: ("subject-ssim",)}
 
 
 def default_budgets(rows: list[dict], cost: str = "executed_cost") -> list[dict]:
@@ -72,7 +77,7 @@ def analyze(rows: list[dict], study) -> dict:
     raw = [r for r in rows if not r.get("tag")]  # the grid and the curves; tagged points have their own use
     # one row per configuration, averaged over training seeds: every figure, table, fit and plan reads these
     rows = analysis.with_costs(stats.aggregate_seeds(raw))
-    t2i = [r for r in rows if r.get("task", "text-to-image") == "text-to-image"]
+    t2i = [r for r in rows if task_of(r) == Kind.TEXT_TO_IMAGE]
     final = analysis.final_rows(t2i)
     grid = [r for r in final if not (r["sampler"] == ev.curve_sampler and r["steps"] == ev.curve_steps
                                      and float(r["guidance"]) == ev.curve_guidance and r["guidance"] not in ev.guidance)]
@@ -107,21 +112,20 @@ def analyze(rows: list[dict], study) -> dict:
         out["training_plans"] = {}
         for bb, v in iso.items():
             sizes = {r["size"]: {"size": r["size"], "params": int(r["params"]), "forward_flops": float(r["gflops"]) * 1e9}
-                     for r in final if r.get("backbone", "unet-sd15") == bb}
+                     for r in final if backbone_of(r) == bb}
             out["training_plans"][bb] = _finite_plan(plan_training(v, budget, list(sizes.values()), metric))
         out["_isoflop"] = {bb: (v.pop("_fit"), v.pop("_rel")) for bb, v in iso.items()}
         out["isoflop"] = iso
-    backbones = sorted({r.get("backbone", "unet-sd15") for r in t2i})
+    backbones = sorted({backbone_of(r) for r in t2i})
     if len(backbones) > 1:  # the paper's claims within each family, beside the claims across all models
         out["by_backbone"] = {
             bb: {"claims": [v.as_dict() for v in claims.check_claims(
-                     [r for r in raw if r.get("backbone", "unet-sd15") == bb], metric, curve, task_metrics(metric),
+                     [r for r in raw if backbone_of(r) == bb], metric, curve, task_metrics(metric),
                      dims)],
-                 "crossovers": analysis.crossovers([r for r in best if r.get("backbone", "unet-sd15") == bb
+                 "crossovers": analysis.crossovers([r for r in best if backbone_of(r) == bb
                                                     and not r.get("distilled")], metric, boot=200)}
             for bb in backbones}
     # the rules on this study's own grid and noise: false "holds" where size has no effect, and power
-    from ldmscale.analysis import calibrate
 
     out["calibration"] = calibrate.summary(calibrate.profile(raw, metric), metric, curve, len(out["seeds"]),
                                            CALIBRATION_STUDIES, task_metrics=task_metrics(metric))
@@ -179,22 +183,21 @@ def _short(c: dict) -> str:
 
 
 def _finite_plan(p: dict) -> dict:
-    import math
 
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else
                 [None if not math.isfinite(x) else x for x in v] if isinstance(v, tuple) else v) for k, v in p.items()}
 
 
-FIDELITY = {"super-resolution": ("psnr", "consistency")}  # shown beside a task's headline metric
+FIDELITY = {Kind.SUPER_RESOLUTION: ("psnr", "consistency")}  # shown beside a task's headline metric
 
 
 def task_analysis(rows: list[dict], curves: dict, pre_metric: str) -> dict:
     """Per downstream task: best rows over guidance, and (pretraining, downstream) quality per size."""
     out = {}
-    for task in sorted({r.get("task") for r in rows} - {"text-to-image", None}):
+    for task in sorted({r.get("task") for r in rows} - {Kind.TEXT_TO_IMAGE, None}):
         metric = task_metrics(pre_metric).get(task, (pre_metric,))[0]
         mine_rows = [r for r in rows if r.get("task") == task]
-        if task == "dreambooth" and all(r.get(metric) is None for r in mine_rows):
+        if task == Kind.DREAMBOOTH and all(r.get(metric) is None for r in mine_rows):
             metric = "subject-fidelity"  # results evaluated before subject-ssim existed
         best = analysis.best_over_guidance(analysis.final_rows(mine_rows), metric)
         points = []
@@ -231,12 +234,10 @@ def distillation_table(best: list[dict], metric: str) -> list[dict]:
 
 def provenance(out: Path, study, rows: list[dict]) -> dict:
     """What produced the report: versions, date, study file, data, reference, images per point, machine."""
-    from importlib.metadata import version
 
     import torch
 
     from ldmscale.data.cache import read_manifest
-    from ldmscale.study.spec import study_eval
 
     ev, d = study_eval(study), study.data
     saved = out / "study.toml"
@@ -263,7 +264,6 @@ def provenance(out: Path, study, rows: list[dict]) -> dict:
 
 
 def _save(fig, folder: Path, name: str) -> dict:
-    import matplotlib.pyplot as plt
 
     paths = {"wide": len(fig.axes) > 1}  # several panels: the report gives the figure the page's full width
     for ext in ("png", "svg"):

@@ -13,9 +13,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import curve_fit
 
 from ldmscale.analysis import stats
 from ldmscale.eval.registry import lower_is_better
+from ldmscale.names import Kind, task_of
 
 
 def _better(a: float, b: float, metric: str) -> bool:
@@ -23,7 +25,7 @@ def _better(a: float, b: float, metric: str) -> bool:
 
 
 def _key(r: dict) -> tuple:
-    return (r.get("task", "text-to-image"), r["size"], bool(r.get("distilled")))
+    return (task_of(r), r["size"], bool(r.get("distilled")))
 
 
 def final_rows(rows: list[dict]) -> list[dict]:
@@ -69,7 +71,6 @@ class PowerLaw:
 
 def fit_power_law(x, y, boot: int = 200, seed: int = 0, lower_better: bool = True) -> PowerLaw:
     """Least-squares fit of y = a * x^-b + c (b > 0), with percentile bootstrap intervals over points."""
-    from scipy.optimize import curve_fit
 
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) < 3:
@@ -119,7 +120,7 @@ def training_curves(rows: list[dict], metric: str, sampler: str, steps: int, gui
     out: dict[str, list[dict]] = {}
     for r in rows:
         if (r["sampler"], r["steps"], float(r["guidance"])) == (sampler, steps, float(guidance)) and r.get(metric) is not None \
-                and not r.get("distilled") and r.get("task", "text-to-image") == "text-to-image":
+                and not r.get("distilled") and task_of(r) == Kind.TEXT_TO_IMAGE:
             out.setdefault(r["size"], []).append(r)
     return {k: sorted(v, key=lambda r: r["train_flops"]) for k, v in out.items()}
 
@@ -241,7 +242,7 @@ def _choice(r: dict, metric: str, cost: str) -> dict:
             "guidance": r["guidance"], metric: r[metric], f"{metric}_std": r.get(f"{metric}_std"),
             cost: r[cost], "sampling_cost": r.get("sampling_cost"), "executed_cost": r.get("executed_cost"),
             "model_calls_per_image": r.get("model_calls_per_image"), "n_seeds": r.get("n_seeds", 1),
-            "latency_ms_per_image": r.get("latency_ms_per_image"), "task": r.get("task", "text-to-image")}
+            "latency_ms_per_image": r.get("latency_ms_per_image"), "task": task_of(r)}
 
 
 def plan_note(p: dict, metric: str) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from ldmscale.analysis import scaling as analysis
 from ldmscale.analysis import stats
+from ldmscale.names import Kind, task_of
 
 HOLDS, FAILS, NOT_MEASURED = "holds", "does not hold", "not measured"
 PAPER_SAMPLERS = ("ddim", "ddpm", "dpmsolver++")
@@ -55,7 +56,7 @@ def compare_rows(a: dict, b: dict, metric: str) -> dict:
 
 
 def pretraining(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r.get("task", "text-to-image") == "text-to-image" and not r.get("distilled")]
+    return [r for r in rows if task_of(r) == Kind.TEXT_TO_IMAGE and not r.get("distilled")]
 
 
 def by_cost(rows: list[dict]) -> list[str]:

@@ -71,7 +71,7 @@ Example:
 @click.option("--overwrite", is_flag=True, help="Replace a classifier already at --out (nothing else is ever replaced).")
 def classifier_train(out, overrides, overwrite, **fields) -> None:
     """Train the small CNN classifier on a labelled dataset."""
-    from ldmscale.eval.features import train_classifier
+    from ldmscale.eval.classifier import train_classifier
 
     cfg = apply_overrides(ClassifierConfig(), [*given_overrides(ClassifierConfig, fields), *overrides])
     meta = train_classifier(cfg, out, overwrite=overwrite)

@@ -10,6 +10,7 @@ import click
 
 from ldmscale.config import apply_overrides
 from ldmscale.errors import UserError
+from ldmscale.names import Backbone
 
 EXAMPLE = """
 \b
@@ -63,7 +64,7 @@ def format_csv(rows: list[dict]) -> str:
 @click.option("--size", "sizes", multiple=True,
               help="Size name instead of a preset: c<width>, a paper label (83M), sd1.5, dit-xl, dit-64x4, mmdit-d24, ... "
                    "Repeatable.")
-@click.option("--backbone", default="unet-sd15", show_default=True, type=click.Choice(["unet-sd15", "dit", "mmdit"]),
+@click.option("--backbone", default=Backbone.UNET.value, show_default=True, type=click.Choice([b.value for b in Backbone]),
               help="The preset's backbone: the SD v1.5 UNet by width, DiT (S/B/L/XL) or MM-DiT (SD3, by depth).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True,
               help='table for people; json or csv for programs.')
@@ -84,7 +85,7 @@ def family_cmd(preset, sizes, backbone, fmt, latent_size, latent_channels, conte
         raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     if sizes:
         chosen = [parse_size(s) for s in sizes]
-    elif backbone == "unet-sd15":
+    elif backbone == Backbone.UNET:
         chosen = preset_sizes(p.name)
     else:
         from ldmscale.model.transformers import PRESETS as BACKBONE_PRESETS

@@ -6,6 +6,9 @@ means a bug in ldmscale.
 
 from __future__ import annotations
 
+import importlib
+import math
+import os
 import sys
 
 import click
@@ -21,7 +24,6 @@ class FiniteFloat(click.ParamType):
     name = "float"
 
     def convert(self, value, param, ctx):
-        import math
 
         try:
             v = float(value)
@@ -70,7 +72,6 @@ def cli(ctx, device, threads) -> None:
     Example:
       ldmscale family --preset paper
     """
-    import os
 
     if device:
         from ldmscale.device import ENV, requested
@@ -85,7 +86,6 @@ def cli(ctx, device, threads) -> None:
 
 def register(*modules: str) -> None:
     """Add the commands that each module of cli/ defines (keeps this file short)."""
-    import importlib
 
     for name in modules:
         mod = importlib.import_module(f"ldmscale.cli.{name}")

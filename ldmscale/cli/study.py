@@ -10,6 +10,7 @@ import click
 from ldmscale.cli.main import FINITE
 from ldmscale.cli.options import Verb
 from ldmscale.errors import UserError
+from ldmscale.names import Kind, backbone_of, task_of
 
 
 def _study_of(out: Path, study_file: Path | None):
@@ -225,7 +226,7 @@ def plan_cmd(out, budget, budget_ms, train_flops, cost_axis, metric, sampler, fm
     if train_flops is not None:
         return _plan_training(out, study, train_flops, metric or study.eval.primary, fmt)
     metric = metric or study.eval.primary
-    rows = [r for r in study_results(out, study)[0] if r.get("task", "text-to-image") == "text-to-image" and not r.get("tag")]
+    rows = [r for r in study_results(out, study)[0] if task_of(r) == Kind.TEXT_TO_IMAGE and not r.get("tag")]
     if not rows:
         raise UserError(f"no evaluation results in {out}")
     if not any(r.get(metric) is not None for r in rows):
@@ -263,14 +264,14 @@ def _plan_training(out, study, train_flops: float, metric: str, fmt: str) -> Non
                         f"{study.train.budget!r}")
     if not train_flops > 0:
         raise UserError(f"--train-flops must be positive, got {train_flops:g}")
-    rows = [r for r in study_results(out, study)[0] if r.get("task", "text-to-image") == "text-to-image"]
+    rows = [r for r in study_results(out, study)[0] if task_of(r) == Kind.TEXT_TO_IMAGE]
     ev = study.eval
     iso = study_isoflop(rows, list(study.train.budgets), metric, (ev.curve_sampler, ev.curve_steps, ev.curve_guidance),
                         bootstrap=200)
     answers = {}
     for bb, res in iso.items():
         sizes = {r["size"]: {"size": r["size"], "params": int(r["params"]), "forward_flops": float(r["gflops"]) * 1e9}
-                 for r in final_rows(rows) if r.get("backbone", "unet-sd15") == bb}
+                 for r in final_rows(rows) if backbone_of(r) == bb}
         answers[bb] = plan_training(res, train_flops, list(sizes.values()), metric)
     if not answers:
         raise UserError(f"no validation losses in {out}: its runs predate validation loss, or nothing has run")

@@ -14,6 +14,7 @@ import click
 from ldmscale.cli.options import Verb, config_options, given_overrides, set_option
 from ldmscale.config import apply_overrides, route_overrides
 from ldmscale.errors import UserError
+from ldmscale.names import Kind
 from ldmscale.tasks.config import DistillConfig, DreamBoothConfig, SRConfig, task_train_config
 from ldmscale.train.config import TrainConfig
 
@@ -80,7 +81,7 @@ def finetune_sr_cmd(out, images, overrides, **fields) -> None:
                    f"{r['train_flops']:.3e} training FLOPs")
 
 
-@finetune_group.command("dreambooth", cls=Verb, aliases={"--train-set": ["--set"]}, epilog="""
+@finetune_group.command(Kind.DREAMBOOTH, cls=Verb, aliases={"--train-set": ["--set"]}, epilog="""
 \b
 Example:
   ldmscale finetune dreambooth --init runs/c32 --subject my_dog/ --identifier sks --class-prompt "a dog" --out runs/c32-db

@@ -10,6 +10,7 @@ from ldmscale.cli.main import FINITE
 from ldmscale.cli.options import Verb, config_options, given_overrides
 from ldmscale.config import apply_overrides
 from ldmscale.errors import UserError
+from ldmscale.names import Kind
 from ldmscale.train.config import TrainConfig
 
 # TrainConfig fields spelled with another word on the command line (the vocabulary's: a latent cache is --cache)
@@ -87,8 +88,8 @@ def sample_cmd(run_dir, prompts, samplers, steps, guidance, seed, num, out, whic
     """Sample images from a trained run with any sampler, step count and guidance (or super-resolve --lowres inputs)."""
     import torch
 
-    from ldmscale.diffusion.samplers import check_sampling_args
-    from ldmscale.diffusion.sampling import check_prompts, generate, load_run
+    from ldmscale.diffusion.generate import check_prompts, generate, load_run
+    from ldmscale.diffusion.schedulers import check_sampling_args
     from ldmscale.images import grid, save_png, to_pil
     from ldmscale.io import atomic_dir, atomic_write_json, check_output
     from ldmscale.model import flops
@@ -140,14 +141,15 @@ def _sample_sr(run_dir, lr_source, prompts, samplers, steps, guidance, seed, num
     from ldmscale.config import from_dict
     from ldmscale.data.degrade import resize
     from ldmscale.data.sources import load_images
-    from ldmscale.diffusion.sampling import load_run
+    from ldmscale.diffusion.generate import load_run
     from ldmscale.eval.reference import parse_reference
     from ldmscale.images import grid, save_png, to_pil
     from ldmscale.io import atomic_dir, atomic_write_json
-    from ldmscale.tasks.superres import SRConfig, upscale
+    from ldmscale.tasks.config import SRConfig
+    from ldmscale.tasks.superres import upscale
 
     model = load_run(run_dir, which, weights)
-    if model.config.get("kind") != "super-resolution":
+    if model.config.get("kind") != Kind.SUPER_RESOLUTION:
         raise UserError(f"--lowres is for super-resolution runs; {run_dir} is a {model.config.get('kind')} run")
     sr = from_dict(SRConfig, model.config["task"])
     res, ch = int(model.config["data"]["resolution"]), int(model.config["data"]["channels"])

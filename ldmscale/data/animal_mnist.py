@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import pickle
 from functools import lru_cache
 from pathlib import Path
@@ -20,7 +21,6 @@ ANIMAL_VAL_PER_CLASS = 100  # fixed split: 100 per class for validation, 900 per
 
 
 def _animal_dir() -> Path:
-    import importlib.util
 
     found = importlib.util.find_spec("animal_mnist")  # locate only: its __init__ imports tensorflow
     if found is None or not found.submodule_search_locations:

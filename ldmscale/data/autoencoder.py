@@ -18,25 +18,12 @@ import torch.nn.functional as F
 
 from ldmscale.config import to_dict
 from ldmscale.data.config import AutoencoderConfig
+from ldmscale.data.sources import iterate, load_images, parse_source, splits, validation_rule
+from ldmscale.device import current
 from ldmscale.errors import UserError
-from ldmscale.io import atomic_dir, atomic_write_json, file_sha256
-
-
-def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 [N,C,H,W] -> float in [-1, 1]."""
-    x = torch.as_tensor(images)
-    return x.float().div(127.5).sub(1.0)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float in [-1, 1] -> uint8, rounding as PIL/diffusers do."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    mse = ((a.float() - b.float()) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    return 10 * torch.log10(1.0 / mse)
+from ldmscale.images import psnr, to_8bit, to_float
+from ldmscale.io import atomic_dir, atomic_write_json, check_output, file_sha256
+from ldmscale.progress import bar as progress_bar
 
 
 def build_autoencoder(cfg: AutoencoderConfig):
@@ -79,8 +66,6 @@ def decode(vae, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
 
 def source_channels(source: str, sample: int = 64) -> int:
     """3 when any of the first `sample` readable images of the source's first split has colour, else 1."""
-    from ldmscale.data.sources import iterate, parse_source, splits
-    from ldmscale.images import to_8bit
 
     src, seen = parse_source(source), 0
     for item in iterate(src, splits(src)[0]):
@@ -114,12 +99,9 @@ def resolve_channels(cfg: AutoencoderConfig, announce: bool = True) -> Autoencod
 def train_autoencoder(cfg: AutoencoderConfig, out: str | Path, progress: bool = True, overwrite: bool = False) -> dict:
     """Train a KL autoencoder from scratch on a source; save it in diffusers format at `out` (an existing autoencoder
     there is replaced only with overwrite). channels=0 takes the data's."""
-    from ldmscale.io import check_output
 
     check_output(out, "autoencoder", overwrite)
     cfg = resolve_channels(cfg)
-    from ldmscale.data.sources import load_images, parse_source, splits, validation_rule
-    from ldmscale.progress import bar as progress_bar
 
     src = parse_source(cfg.source)
     names = splits(src)
@@ -131,7 +113,6 @@ def train_autoencoder(cfg: AutoencoderConfig, out: str | Path, progress: bool = 
     val_u8, _, _ = load_images(src, "validation", cfg.resolution, cfg.channels, limit)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    from ldmscale.device import current
 
     dev = current()
     vae = build_autoencoder(cfg).to(dev)

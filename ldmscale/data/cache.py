@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ldmscale import integrity
 from ldmscale.config import to_dict
@@ -43,8 +43,10 @@ from ldmscale.data.shard_index import (
     shard_range,
     shards,
 )
+from ldmscale.data.text import load_text_encoder
+from ldmscale.device import on
 from ldmscale.errors import UserError
-from ldmscale.io import atomic_write, atomic_write_json
+from ldmscale.io import DirLock, atomic_write, atomic_write_json, check_output
 from ldmscale.progress import bar as progress_bar
 
 REPAIR = ("`ldmscale verify {cache} --repair` (or the same `ldmscale data prepare` again) encodes only what is damaged "
@@ -74,7 +76,6 @@ def _write_shard(path: Path, mean, std, states, masks, labels, keys, captions, s
 
 def prepare(cfg: PrepareConfig, out: str | Path, progress: bool = True) -> dict:
     """Encode a source into a cache at `out`; resumes a partial one, under the cache's lock. Returns the manifest."""
-    from ldmscale.io import DirLock, check_output
 
     check_output(out, "cache")
     with DirLock(out, "latent cache"):
@@ -84,8 +85,6 @@ def prepare(cfg: PrepareConfig, out: str | Path, progress: bool = True) -> dict:
 def encoders(cfg: PrepareConfig):
     """The autoencoder and the text encoder of a prepare, on the device."""
     from ldmscale.data.autoencoder import load_autoencoder
-    from ldmscale.data.text import load_text_encoder
-    from ldmscale.device import on
 
     text = load_text_encoder(cfg.text_encoder, cfg.max_length)
     text.model = on(text.model)
@@ -286,7 +285,6 @@ class LatentCache:
     """One split of a cache in memory (float16), with batched gathers for the training loop."""
 
     def __init__(self, cache_dir: str | Path, split: str = "train"):
-        from safetensors.torch import load_file
 
         self.dir, self.split = Path(cache_dir), split
         self.manifest = read_manifest(self.dir)

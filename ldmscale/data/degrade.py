@@ -3,6 +3,8 @@ super-resolution (bicubic x4 and a Real-ESRGAN-style blur + noise + JPEG chain).
 
 from __future__ import annotations
 
+import io
+
 import torch
 import torch.nn.functional as F
 
@@ -43,7 +45,6 @@ def bicubic_down(images: torch.Tensor, scale: int) -> torch.Tensor:
 
 
 def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
-    import io
 
     import numpy as np
     from PIL import Image

@@ -9,14 +9,15 @@ then loads with trust_remote_code=True and is refused without it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ldmscale.errors import UserError
-from ldmscale.io import atomic_dir
+from ldmscale.io import atomic_dir, check_output
+from ldmscale.names import Backbone, Kind, backbone_of
 
 
 def export(run: str | Path, out: str | Path, which: str = "latest", weights: str = "ema", overwrite: bool = False) -> Path:
-    from ldmscale.io import check_output
 
     check_output(out, "export", overwrite)
     from transformers.utils import logging as hf_logging
@@ -28,17 +29,17 @@ def export(run: str | Path, out: str | Path, which: str = "latest", weights: str
     finally:
         hf_logging.set_verbosity(level)
 
-    from ldmscale.diffusion.samplers import make_sampler
-    from ldmscale.diffusion.sampling import load_run
+    from ldmscale.diffusion.generate import load_run
+    from ldmscale.diffusion.schedulers import make_sampler
 
     model = load_run(run, which, weights, device="cpu")  # saved from the CPU, whatever the machine
-    if model.config.get("kind") != "text-to-image":
+    if model.config.get("kind") != Kind.TEXT_TO_IMAGE:
         raise UserError(f"run {run} is a {model.config.get('kind')} model; only text-to-image runs export as a pipeline")
-    backbone = model.config.get("backbone", "unet-sd15")
+    backbone = backbone_of(model.config)
     # the pipeline that samples each (backbone, objective) as ldmscale does: SD's and PixArt's step DDPM
     # schedulers, SD3's the flow ones
-    pipeline = {("unet-sd15", False): "StableDiffusionPipeline", ("dit", False): "PixArtAlphaPipeline",
-                ("mmdit", True): "StableDiffusion3Pipeline"}.get((backbone, model.prediction == "flow"))
+    pipeline = {(Backbone.UNET, False): "StableDiffusionPipeline", (Backbone.DIT, False): "PixArtAlphaPipeline",
+                (Backbone.MMDIT, True): "StableDiffusion3Pipeline"}.get((backbone, model.prediction == "flow"))
     if pipeline is None:
         raise UserError(f"run {run} ({backbone}, prediction={model.prediction}): no diffusers pipeline samples this "
                         "combination as ldmscale does (UNet and DiT runs on the DDPM objective, MM-DiT runs on flow "
@@ -55,7 +56,7 @@ def export(run: str | Path, out: str | Path, which: str = "latest", weights: str
         text_encoder = MiniLMTextEncoder(text_encoder.config)
         text_encoder.load_state_dict(model.text.model.state_dict())
         text_encoder.config.use_attention_mask = True  # the pipeline then passes the mask it tokenized
-    if backbone == "dit":  # the bare PixArtTransformer2DModel; prompts go in as ldmscale's states (see below)
+    if backbone == Backbone.DIT:  # the bare PixArtTransformer2DModel; prompts go in as ldmscale's states (see below)
         from diffusers import PixArtAlphaPipeline
 
         pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=model.vae, transformer=model.unet.net,
@@ -82,14 +83,13 @@ def export(run: str | Path, out: str | Path, which: str = "latest", weights: str
             + ("PixArtAlphaPipeline: the DiT attends to every token of ldmscale's states; call the pipeline with "
                "prompt_embeds from ldmscale's encoder and all-ones prompt_attention_mask / "
                "negative_prompt_attention_mask, use_resolution_binning=False (its own prompt encoding masks padding "
-               "and pads to 120 tokens)\n" if backbone == "dit" else ""))
+               "and pads to 120 tokens)\n" if backbone == Backbone.DIT else ""))
     return Path(out)
 
 
 def load_line(folder: str | Path) -> str:
     """The Python that loads an exported folder as it was written: its pipeline class, trust_remote_code when the
     text encoder travels as code, no text encoders for SD3; and, for PixArt, how to call it at ldmscale's sizes."""
-    import json
 
     folder = Path(folder)
     index = json.loads((folder / "model_index.json").read_text())
@@ -119,7 +119,7 @@ def _export_sd3(model, run, out, weights: str) -> Path:
     from diffusers import StableDiffusion3Pipeline
     from diffusers.utils import logging as d_logging
 
-    from ldmscale.diffusion.samplers import make_sampler
+    from ldmscale.diffusion.schedulers import make_sampler
 
     pipe = StableDiffusion3Pipeline(transformer=model.unet.net, scheduler=make_sampler("flow-euler"), vae=model.vae,
                                     **{k: None for k in SD3_TEXT_SLOTS})

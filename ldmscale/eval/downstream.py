@@ -10,10 +10,15 @@ import numpy as np
 import torch
 
 from ldmscale.config import from_dict, to_dict
+from ldmscale.data.degrade import bicubic_down, degrade, resize
 from ldmscale.device import latency_conditions
 from ldmscale.errors import UserError
 from ldmscale.eval import metrics
+from ldmscale.eval.reference import parse_reference, reference_stats
 from ldmscale.model import flops
+from ldmscale.tasks.config import DreamBoothConfig, SRConfig
+from ldmscale.tasks.dreambooth import subject_images
+from ldmscale.tasks.superres import upscale
 
 
 def _common(model, cfg, info_seconds: float, n: int, nfe: int) -> dict:
@@ -48,10 +53,7 @@ def _extractors(cfg):
 
 
 def evaluate_sr(model, cfg) -> dict:
-    from ldmscale.data.degrade import bicubic_down, degrade, resize
     from ldmscale.data.sources import load_images
-    from ldmscale.eval.reference import parse_reference, reference_stats
-    from ldmscale.tasks.superres import SRConfig, upscale
 
     sr = from_dict(SRConfig, model.config["task"])
     res, ch = int(model.config["data"]["resolution"]), int(model.config["data"]["channels"])
@@ -104,8 +106,7 @@ def evaluate_sr(model, cfg) -> dict:
 
 def evaluate_dreambooth(model, cfg) -> dict:
     from ldmscale.data.sources import label_of_prompt
-    from ldmscale.diffusion.sampling import generate
-    from ldmscale.tasks.dreambooth import DreamBoothConfig, subject_images
+    from ldmscale.diffusion.generate import generate
 
     db = from_dict(DreamBoothConfig, {k: v for k, v in model.config["task"].items() if k != "instance_prompt"})
     prompt = model.config["task"]["instance_prompt"]

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from ldmscale.config import from_dict, to_dict
-from ldmscale.device import latency_conditions
+from ldmscale.data.degrade import gaussian_blur
+from ldmscale.device import accelerator_kwargs, current, latency_conditions
+from ldmscale.diffusion.schedulers import check_sampling_args
 from ldmscale.errors import UserError
 from ldmscale.eval import metrics, registry
 from ldmscale.eval.config import EvalConfig
@@ -29,7 +31,10 @@ from ldmscale.eval.reference import (
     reference_stats,
 )
 from ldmscale.integrity import note, read_json, set_aside
+from ldmscale.io import atomic_write_json
 from ldmscale.model import flops
+from ldmscale.names import Kind, backbone_of
+from ldmscale.progress import bar
 
 
 def result_name(cfg: EvalConfig, ckpt_name: str) -> str:
@@ -78,7 +83,6 @@ def _extractor(kind: str, path: str, stamp: int, device: str):
 def build_extractors(cfg: EvalConfig) -> tuple[dict, object, object]:
     """The feature networks an evaluation needs, on the device: {metric: extractor} for the Frechet distances,
     the classifier (caption accuracy) and CLIP, or None."""
-    from ldmscale.device import current
 
     dev = str(current())
     extractors, clf = {}, None
@@ -101,16 +105,12 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
 
     from ldmscale.checkpoint import load_state
     from ldmscale.data.sources import iterate, label_of_prompt
-    from ldmscale.diffusion.samplers import check_sampling_args
-    from ldmscale.diffusion.sampling import generate, load_run, side_flops
-    from ldmscale.io import atomic_write_json
-    from ldmscale.progress import bar
+    from ldmscale.diffusion.generate import generate, load_run, side_flops
 
     registry.known(cfg.metrics)  # unknown names first, before any model is loaded
     check_sampling_args(cfg.sampler, cfg.steps, cfg.guidance)
     if cfg.num_images < 2 or cfg.batch_size < 1:
         raise UserError("num_images must be at least 2 and batch_size positive")
-    from ldmscale.device import accelerator_kwargs
 
     state = PartialState(**accelerator_kwargs())
     world, rank = state.num_processes, state.process_index
@@ -126,14 +126,14 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
         except (ValueError, OSError) as e:
             if state.is_main_process:
                 note(f"{e}; moved to {set_aside(out, out.parent / 'damaged')}; evaluating again")
-    kind = model.config.get("kind", "text-to-image")
+    kind = model.config.get("kind", Kind.TEXT_TO_IMAGE)
     registry.check_metrics(cfg.metrics, kind, str(run), classifier=cfg.classifier, clip=cfg.clip, lpips=cfg.lpips)
-    if kind in ("super-resolution", "dreambooth"):
+    if kind in (Kind.SUPER_RESOLUTION, Kind.DREAMBOOTH):
         from ldmscale.eval.downstream import evaluate_dreambooth, evaluate_sr
 
         if world > 1:
             raise UserError(f"{kind} evaluation runs in one process")
-        result = (evaluate_sr if kind == "super-resolution" else evaluate_dreambooth)(model, cfg)
+        result = (evaluate_sr if kind == Kind.SUPER_RESOLUTION else evaluate_dreambooth)(model, cfg)
         atomic_write_json(out, result)
         return result
     _, h, _ = model.latent_shape
@@ -219,7 +219,7 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
         "run": str(Path(run).resolve()), "size": model.config["train"]["size"], "kind": model.config.get("kind"),
         "checkpoint": model.ckpt.name, "weights": cfg.weights, "images_seen": ck_state.get("images_seen"),
         "train_flops": ck_state.get("train_flops"), "steps_x_gflops": ck_state.get("steps_x_gflops"),
-        "val_loss": ck_state.get("val_loss"), "val_loss_std": ck_state.get("val_loss_std"), "backbone": model.config.get("backbone", "unet-sd15"),
+        "val_loss": ck_state.get("val_loss"), "val_loss_std": ck_state.get("val_loss_std"), "backbone": backbone_of(model.config),
         "prediction": model.prediction, "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance, "spacing": cfg.spacing,
         "num_images": cfg.num_images, "tag": cfg.tag,
         "seeds": [cfg.seed, cfg.seed + cfg.num_images - 1], "metrics": values, "warnings": warnings,
@@ -254,7 +254,6 @@ def sanity_rows(cfg: EvalConfig, metric: str, resolution: int, channels: int, li
                 sigmas: tuple[float, ...] = (0.5, 1.0, 2.0)) -> list[dict]:
     """The metric between the reference split and real images that should score well (the train split) or
     progressively worse (the reference blurred by each sigma): a metric that does not rank these is not sound."""
-    from ldmscale.data.degrade import gaussian_blur
     from ldmscale.data.sources import load_images, splits
 
     ex = extractor_for(metric, cfg)

@@ -15,10 +15,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+from ldmscale.config import from_dict
+from ldmscale.data.text import quiet_loading
+from ldmscale.device import current, on
 from ldmscale.errors import UserError
+from ldmscale.eval.classifier import Classifier, prepare_input
 from ldmscale.eval.config import ClassifierConfig
-from ldmscale.io import atomic_dir, atomic_write_json, file_sha256
+from ldmscale.io import file_sha256
 
 
 def fid_helper_weights() -> Path:
@@ -62,7 +67,6 @@ class InceptionFeatures(nn.Module):
         path = Path(path) if path else fid_helper_weights()
         if not path.is_file():
             raise UserError(f"Inception weights not found: {path}")
-        from ldmscale.device import current
 
         try:
             self.net = torch.jit.load(str(path), map_location=current()).eval()
@@ -98,55 +102,19 @@ class InceptionFeatures(nn.Module):
 # ------------------------------------------------------------------------------------------ classifier
 
 
-class Classifier(nn.Module):
-    """A small CNN: its penultimate layer is the feature space of the classifier Frechet distance."""
-
-    def __init__(self, cfg: ClassifierConfig, num_classes: int):
-        super().__init__()
-        w = cfg.width
-
-        def block(i, o):
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
-                                 nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
-
-        self.body = nn.Sequential(block(cfg.channels, w), block(w, 2 * w), block(2 * w, 4 * w),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(4 * w, cfg.feature_dim), nn.ReLU())
-        self.head = nn.Linear(cfg.feature_dim, num_classes)
-        self.cfg = cfg
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
-def _prep(images: torch.Tensor, cfg: ClassifierConfig) -> torch.Tensor:
-    x = images.float().div(127.5).sub(1)
-    if x.shape[1] != cfg.channels:
-        x = x.mean(1, keepdim=True) if cfg.channels == 1 else x.expand(-1, 3, -1, -1)
-    if x.shape[-1] != cfg.resolution:
-        x = F.interpolate(x, size=(cfg.resolution, cfg.resolution), mode="bilinear", align_corners=False, antialias=True)
-    return x
-
-
 class ClassifierFeatures(nn.Module):
     """uint8 images -> classifier features; `.predict` gives class indices (caption accuracy)."""
 
     def __init__(self, path: str | Path):
         super().__init__()
-        from safetensors.torch import load_file
 
         path = Path(path)
         if not (path / "classifier.json").exists():
             raise UserError(f"not a classifier folder (no classifier.json): {path}; train one with `ldmscale classifier train`")
         meta = json.loads((path / "classifier.json").read_text())
-        from ldmscale.config import from_dict
 
         self.cfg = from_dict(ClassifierConfig, meta["config"])
         self.classes = tuple(meta["classes"])
-        from ldmscale.device import on
 
         self.model = Classifier(self.cfg, len(self.classes))
         self.model.load_state_dict(load_file(str(path / "model.safetensors")))
@@ -162,69 +130,11 @@ class ClassifierFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images on any device -> features on the CPU."""
-        return self.model.features(_prep(images.to(self.device), self.cfg)).cpu()
+        return self.model.features(prepare_input(images.to(self.device), self.cfg)).cpu()
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(_prep(images.to(self.device), self.cfg)).argmax(1).cpu()
-
-
-def train_classifier(cfg: ClassifierConfig, out: str | Path, progress: bool = True, overwrite: bool = False) -> dict:
-    """Train the domain classifier on a labelled source (animal-mnist) and store it like any model (an existing
-    classifier at `out` is replaced only with overwrite)."""
-    from ldmscale.io import check_output
-
-    check_output(out, "classifier", overwrite)
-    from safetensors.torch import save_file
-
-    from ldmscale.data.sources import ANIMAL_CLASSES, load_images, parse_source
-    from ldmscale.progress import bar
-
-    src = parse_source(cfg.source)
-    if src.kind != "animal-mnist":
-        raise UserError("the domain classifier needs a labelled source; ldmscale knows the labels of animal-mnist")
-    x_tr, _, y_tr = load_images(src, "train", cfg.resolution, cfg.channels)
-    x_va, _, y_va = load_images(src, "validation", cfg.resolution, cfg.channels)
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    from ldmscale.device import current
-
-    dev = current()
-    model = Classifier(cfg, len(ANIMAL_CLASSES)).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    steps = cfg.epochs * ((len(x_tr) + cfg.batch_size - 1) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
-    xt, yt = torch.as_tensor(x_tr), torch.as_tensor(y_tr)
-    pbar = bar(total=steps, desc="classifier", unit="step", enabled=progress)
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(len(xt), generator=g)
-        for i in range(0, len(xt), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
-            x = _prep(xt[idx].to(dev), cfg)
-            # light augmentation: shifts and flips keep silhouettes' classes
-            x = torch.roll(x, shifts=(int(torch.randint(-2, 3, (1,), generator=g)), int(torch.randint(-2, 3, (1,), generator=g))), dims=(2, 3))
-            if torch.rand(1, generator=g) < 0.5:
-                x = x.flip(3)
-            loss = F.cross_entropy(model(x), yt[idx].to(dev))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            pbar.update(1)
-    pbar.close()
-    model.eval()
-    with torch.no_grad():
-        pred = torch.cat([model(_prep(torch.as_tensor(x_va[i:i + 500]).to(dev), cfg)).argmax(1).cpu()
-                          for i in range(0, len(x_va), 500)])
-    acc = float((pred == torch.as_tensor(y_va)).float().mean())
-    from ldmscale.config import to_dict
-
-    meta = {"config": to_dict(cfg), "classes": list(ANIMAL_CLASSES), "validation_accuracy": round(acc, 4),
-            "train_images": len(x_tr)}
-    with atomic_dir(out) as tmp:
-        save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-        atomic_write_json(tmp / "classifier.json", meta)
-    return meta
+        return self.model(prepare_input(images.to(self.device), self.cfg)).argmax(1).cpu()
 
 
 # ------------------------------------------------------------------------------------------ CLIP
@@ -235,9 +145,6 @@ class ClipModel:
 
     def __init__(self, spec: str):
         from transformers import CLIPModel, CLIPProcessor
-
-        from ldmscale.data.text import quiet_loading
-        from ldmscale.device import on
 
         try:
             with quiet_loading():

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldmscale.device import current
 from ldmscale.errors import UserError
 
 FID_MIN_IMAGES = 2048  # below this, FID is biased upward (and the 2048-d covariance is rank-deficient)
@@ -194,7 +195,6 @@ def lpips(pred: torch.Tensor, target: torch.Tensor, path: str | Path, reduce: bo
     path = Path(path)
     if not path.is_file():
         raise UserError(f"LPIPS TorchScript not found: {path}")
-    from ldmscale.device import current
 
     dev = current()
     net = torch.jit.load(str(path), map_location=dev).eval()

@@ -13,6 +13,8 @@ import torch
 
 from ldmscale.errors import UserError
 from ldmscale.eval import metrics
+from ldmscale.io import atomic_write
+from ldmscale.progress import bar
 
 
 def parse_reference(spec: str) -> tuple[object, str]:
@@ -44,7 +46,6 @@ def reference_stats(cfg, extractor, resolution: int, channels: int, stats_file: 
     from safetensors.torch import load_file, save_file
 
     from ldmscale.data.sources import load_images
-    from ldmscale.io import atomic_write
 
     src, split = parse_reference(cfg.reference)
     want = {"source": str(src), "split": split, "resolution": resolution, "channels": channels,
@@ -64,7 +65,6 @@ def reference_stats(cfg, extractor, resolution: int, channels: int, stats_file: 
     if stats_file:
         raise UserError(f"reference statistics file not found: {stats_file}")
     images, _, _ = load_images(src, split, resolution, channels, cfg.reference_count or None)
-    from ldmscale.progress import bar
 
     stats = metrics.FeatureStats(extractor.num_features)
     for i in bar(range(0, len(images), cfg.batch_size), enabled=progress, desc="reference stats", unit="batch"):

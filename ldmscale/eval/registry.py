@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ldmscale.errors import UserError
+from ldmscale.names import Kind
 
-T2I, SR, DB = "text-to-image", "super-resolution", "dreambooth"
+T2I, SR, DB = Kind.TEXT_TO_IMAGE, Kind.SUPER_RESOLUTION, Kind.DREAMBOOTH
 # distilled runs are text-to-image models with a few-step sampler: they are evaluated as text-to-image
 EVAL_KIND = {"consistency": T2I, "progressive": T2I, T2I: T2I, SR: SR, DB: DB}
 
@@ -41,6 +42,15 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
 NEEDS_OPTION = {"classifier": "--classifier DIR (train one: ldmscale classifier train)",
                 "clip": "--clip PATH_OR_ID (a transformers CLIP model)", "lpips": "--lpips PATH (a TorchScript LPIPS model)"}
 PREFIXES = ("bicubic_", "teacher_")  # baselines reported beside a metric, in the same units
+
+
+FRECHET = ("fid", "fd-classifier")  # distances between feature distributions (their image counts matter)
+
+
+def model_free(kind: str) -> tuple[str, ...]:
+    """The metrics of a run kind that need no model to be named and are not Frechet distances: a task's defaults
+    (psnr, consistency, ssim for super-resolution; subject-ssim, subject-fidelity for DreamBooth)."""
+    return tuple(m.name for m in METRICS.values() if kind in m.kinds and not m.needs and m.name not in FRECHET)
 
 
 def metric(name: str) -> Metric:

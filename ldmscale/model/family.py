@@ -17,6 +17,7 @@ from typing import Annotated
 
 from ldmscale.config import Range, validate
 from ldmscale.errors import UserError
+from ldmscale.names import Backbone
 
 REFERENCE_C = 320  # SD v1.5: normalized cost 1.0
 
@@ -209,7 +210,7 @@ def paper_params(label: str) -> float:
 
 
 def backbone_of(size) -> str:
-    return "unet-sd15" if isinstance(size, ModelSize) else size.backbone
+    return Backbone.UNET if isinstance(size, ModelSize) else size.backbone
 
 
 def network_config(size, latent_size: int, context_dim: int, latent_channels: int = 4,

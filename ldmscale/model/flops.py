@@ -12,15 +12,21 @@ import functools
 import json
 import os
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
+from ldmscale.io import atomic_write_json
 from ldmscale.model.family import (
     REFERENCE_C,
     ModelSize,
     build_network,
     make_size,
     network_config,
+    paper_label,
+    paper_params,
 )
+from ldmscale.names import Backbone
+from ldmscale.progress import bar
 
 FLOP_CONVENTION = "multiply-add = 2 FLOPs"
 
@@ -44,7 +50,6 @@ def _cache_file() -> Path:
 
 
 def _key(size, latent_size: int, context_len: int, context_dim: int, latent_channels: int, extra_in: int) -> str:
-    from importlib.metadata import version
 
     if not isinstance(size, ModelSize):
         return (f"diffusers{version('diffusers')}-{size.backbone}-w{size.hidden}-d{size.depth}-h{size.heads}-"
@@ -61,7 +66,6 @@ def _load_disk_cache() -> dict:
 
 
 def _store_disk_cache(key: str, value: list[int]) -> None:
-    from ldmscale.io import atomic_write_json
 
     data = _load_disk_cache()
     data[key] = value
@@ -131,8 +135,6 @@ def sampling_cost(norm_cost: float, steps: int) -> float:
 def family_rows(sizes: list[ModelSize], latent_size: int, context_len: int, context_dim: int,
                 latent_channels: int = 4, progress: bool = False) -> list[dict]:
     """One accounting row per size: what `ldmscale family` prints."""
-    from ldmscale.model.family import paper_label, paper_params
-    from ldmscale.progress import bar
 
     rows = []
     for size in bar(sizes, desc="counting", unit="model", enabled=progress, leave=False):
@@ -160,7 +162,7 @@ def family_rows(sizes: list[ModelSize], latent_size: int, context_len: int, cont
             "context": f"{context_len}x{context_dim}",
             "layout": size.adjusted or "SD v1.5",
             "flops_convention": FLOP_CONVENTION,
-            "backbone": "unet-sd15",
+            "backbone": Backbone.UNET,
             "depth": None,
         })
     return rows
@@ -168,7 +170,6 @@ def family_rows(sizes: list[ModelSize], latent_size: int, context_len: int, cont
 
 def matches_paper(params: int, label: str) -> bool:
     """Equal to the paper's label after rounding to its precision (38.80M -> 39M, 2.19B -> 2B)."""
-    from ldmscale.model.family import paper_params
 
     unit = 1e9 if label.endswith("B") else 1e6
     return round(params / unit) == round(paper_params(label) / unit)

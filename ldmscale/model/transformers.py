@@ -22,13 +22,14 @@ from dataclasses import dataclass
 import torch
 
 from ldmscale.errors import UserError
+from ldmscale.names import Backbone
 
-BACKBONES = ("unet-sd15", "dit", "mmdit")
+BACKBONES = (Backbone.UNET, Backbone.DIT, Backbone.MMDIT)
 DIT_NAMED = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "xl": (1152, 28, 16)}
 PRESETS = {  # tiny CPU sizes of each backbone, then the published ones
     # cpu: the FLOPs of c8, c16 and c32 at the demo's 8x8x4 latent and 16-token context
-    "dit": {"cpu": ("dit-64x6", "dit-128x6", "dit-192x8"), "paper": ("dit-s", "dit-b", "dit-l", "dit-xl")},
-    "mmdit": {"cpu": ("mmdit-d2:a32", "mmdit-d4:a32", "mmdit-d6:a32"),
+    Backbone.DIT: {"cpu": ("dit-64x6", "dit-128x6", "dit-192x8"), "paper": ("dit-s", "dit-b", "dit-l", "dit-xl")},
+    Backbone.MMDIT: {"cpu": ("mmdit-d2:a32", "mmdit-d4:a32", "mmdit-d6:a32"),
               "paper": ("mmdit-d12", "mmdit-d18", "mmdit-d24", "mmdit-d30")},
 }
 
@@ -43,7 +44,7 @@ class TransformerSize:
 
     @property
     def name(self) -> str:
-        if self.backbone == "mmdit":
+        if self.backbone == Backbone.MMDIT:
             a = self.hidden // self.depth
             return f"mmdit-d{self.depth}" + (f":a{a}" if a != 64 else "") + (f":p{self.patch}" if self.patch != 2 else "")
         named = {v: k for k, v in DIT_NAMED.items()}.get((self.hidden, self.depth, self.heads))
@@ -58,7 +59,7 @@ class TransformerSize:
 
     @property
     def layout(self) -> str:
-        kind = "DiT (PixArt-alpha)" if self.backbone == "dit" else "MM-DiT (SD3)"
+        kind = "DiT (PixArt-alpha)" if self.backbone == Backbone.DIT else "MM-DiT (SD3)"
         return f"{kind}, {self.heads} heads, patch {self.patch}"
 
 
@@ -85,7 +86,7 @@ def parse_transformer(text: str) -> TransformerSize:
         heads = got.get("h", heads)
         if "a" in got:
             raise UserError(f"size {text!r}: :a<head width> is for mmdit sizes; a DiT takes :h<heads>")
-        size = TransformerSize("dit", hidden, depth, heads, patch)
+        size = TransformerSize(Backbone.DIT, hidden, depth, heads, patch)
     elif base.startswith("mmdit-"):
         m = re.fullmatch(r"d(\d+)", base[6:])
         if not m:
@@ -93,7 +94,7 @@ def parse_transformer(text: str) -> TransformerSize:
         depth = int(m.group(1))
         if "h" in got:
             raise UserError(f"size {text!r}: an MM-DiT has depth heads (SD3's rule); change the head width with :a")
-        size = TransformerSize("mmdit", got.get("a", 64) * depth, depth, depth, patch)
+        size = TransformerSize(Backbone.MMDIT, got.get("a", 64) * depth, depth, depth, patch)
     else:
         raise UserError(f"unknown transformer size {text!r}")
     if min(size.hidden, size.depth, size.heads, size.patch) < 1 or size.hidden > 65536 or size.depth > 1000:
@@ -112,7 +113,7 @@ def transformer_config(size: TransformerSize, latent_size: int, context_dim: int
     if latent_size % size.patch:
         raise UserError(f"{size.name}: patch {size.patch} does not divide the latent side {latent_size}")
     head_dim = size.hidden // size.heads
-    if size.backbone == "dit":
+    if size.backbone == Backbone.DIT:
         return dict(num_attention_heads=size.heads, attention_head_dim=head_dim, in_channels=latent_channels,
                     out_channels=latent_channels, num_layers=size.depth, cross_attention_dim=size.hidden,
                     caption_channels=context_dim, sample_size=latent_size, patch_size=size.patch,
@@ -170,7 +171,7 @@ class MMDiT(torch.nn.Module):
 
 
 def build_transformer(backbone: str, kwargs: dict, device: str | None = None) -> torch.nn.Module:
-    cls = {"dit": DiT, "mmdit": MMDiT}[backbone]
+    cls = {Backbone.DIT: DiT, Backbone.MMDIT: MMDiT}[backbone]
     if device == "meta":
         with torch.device("meta"):
             return cls(**kwargs)

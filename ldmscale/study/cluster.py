@@ -8,11 +8,13 @@ then the cache, then every size's training in parallel, then every evaluation in
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ldmscale.tasks.kinds import KINDS
+from ldmscale.study.jobs import mark_done, pending_jobs
+from ldmscale.study.tasks import KINDS
 
 # a task's training (fine-tune or distillation, from the task registry) needs its trained size; its evaluations need it
 WAVES = {"autoencoder": 0, "classifier": 0, "prepare": 1, "train": 2, "sanity": 2, "eval": 3,
@@ -20,7 +22,6 @@ WAVES = {"autoencoder": 0, "classifier": 0, "prepare": 1, "train": 2, "sanity": 
 
 
 def _execute(out: str, job) -> str:
-    from ldmscale.study.jobs import mark_done
 
     t0 = time.time()
     produced = job.run()
@@ -31,7 +32,6 @@ def _execute(out: str, job) -> str:
 def _submit_wave(ex, executor: str, out: Path, pending: list) -> list:
     """Submit a wave. The local executor runs its jobs side by side on this machine: each gets its share of the
     threads (LDMSCALE_THREADS, inherited), never a thread per core each; a SLURM job takes its node's cores."""
-    import os
 
     from ldmscale.device import THREADS_ENV, thread_count
 
@@ -50,8 +50,6 @@ def _submit_wave(ex, executor: str, out: Path, pending: list) -> list:
 def run_submitit(out: Path, jobs: list, executor: str, log: Callable[[str], None] = print,
                  parameters: dict | None = None) -> dict:
     import submitit
-
-    from ldmscale.study.jobs import pending_jobs
 
     out = Path(out)
     if executor == "slurm":

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from ldmscale import integrity
 from ldmscale.integrity import read_json
+from ldmscale.io import atomic_write_json
+from ldmscale.progress import bar
 
 
 @dataclass
@@ -74,7 +76,6 @@ def job_done(out: Path, job: Job) -> bool:
 
 def mark_done(out: Path, job: Job, seconds: float, produced: object = None) -> None:
     """The job's record, with the bytes and sha256 of the file it produced when its run returned a path."""
-    from ldmscale.io import atomic_write_json
 
     outputs = {}
     if isinstance(produced, Path) and produced.is_file() and produced.resolve().is_relative_to(out.resolve()):
@@ -159,7 +160,6 @@ def _clock(seconds: float) -> str:
 def run_jobs(out: Path, jobs: list[Job], progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run the jobs in order, skipping finished ones; one progress bar over estimated seconds, with an ETA that
     learns each kind of job's real speed on this machine."""
-    from ldmscale.progress import bar
 
     pending = pending_jobs(out, jobs, log)
     done0 = len(jobs) - len(pending)

@@ -3,16 +3,27 @@ curve and agreement points, downstream tasks) in dependency order, and its resul
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import io
 import json
 from pathlib import Path
 
-from ldmscale.config import from_dict, to_dict
-from ldmscale.diffusion.samplers import model_calls
+from ldmscale.config import apply_overrides, from_dict, to_dict
+from ldmscale.data.config import AutoencoderConfig, PrepareConfig
+from ldmscale.diffusion.schedulers import model_calls
 from ldmscale.errors import UserError
 from ldmscale.eval import registry
+from ldmscale.eval.config import ClassifierConfig
 from ldmscale.integrity import note, read_json
+from ldmscale.io import atomic_write_json, atomic_write_text
+from ldmscale.model import flops
+from ldmscale.model.family import parse_size, size_spec
+from ldmscale.names import Kind
+from ldmscale.study import tasks
 from ldmscale.study.jobs import FID_SECONDS_PER_IMAGE, Job
 from ldmscale.study.spec import EVAL_SEED_STRIDE, Study, TaskSection, eval_config, run_name, study_eval
+from ldmscale.train.config import TrainConfig
 
 
 def expected_shapes(study: Study, out: Path) -> dict:
@@ -28,7 +39,7 @@ def expected_shapes(study: Study, out: Path) -> dict:
     if study.data.autoencoder and (Path(study.data.autoencoder) / "config.json").exists():
         ae = json.loads((Path(study.data.autoencoder) / "config.json").read_text())
     else:
-        from ldmscale.data.autoencoder import AutoencoderConfig
+        from ldmscale.data.config import AutoencoderConfig
 
         cfg = from_dict(AutoencoderConfig, dict(study.autoencoder))
         ae = {"block_out_channels": cfg.block_out_channels, "latent_channels": cfg.latent_channels}
@@ -45,12 +56,9 @@ def expected_shapes(study: Study, out: Path) -> dict:
 
 def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
     """The study as an ordered list of jobs: first stage, cache, classifier, training, evaluation."""
-    from ldmscale.config import apply_overrides
-    from ldmscale.data.autoencoder import AutoencoderConfig, resolve_channels, train_autoencoder
-    from ldmscale.data.cache import PrepareConfig, prepare
-    from ldmscale.eval.features import ClassifierConfig, train_classifier
-    from ldmscale.model.family import parse_size
-    from ldmscale.train.loop import TrainConfig
+    from ldmscale.data.autoencoder import resolve_channels, train_autoencoder
+    from ldmscale.data.cache import prepare
+    from ldmscale.eval.classifier import train_classifier
 
     out = Path(out).resolve()
     jobs: list[Job] = []
@@ -79,7 +87,6 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
         def sanity(c=s_cfg, metric=ev.primary):
             from ldmscale.data.cache import read_manifest
             from ldmscale.eval.evaluate import sanity_rows
-            from ldmscale.io import atomic_write_json
 
             m = read_manifest(cache)
             atomic_write_json(out / "sanity.json", sanity_rows(c, metric, m["resolution"], m["channels"]))
@@ -98,12 +105,9 @@ def size_jobs(study: Study, ev, base, size, seed: int, shapes: dict, out: Path, 
     """One size and training seed: its training run, its evaluations (curve points, the grid, agreement points for
     the first seed) and its downstream tasks. Seed k evaluates on its own image seeds, so that its evaluation noise
     is independent of the other seeds'."""
-    import dataclasses
 
     from ldmscale.eval.evaluate import evaluate, result_path
-    from ldmscale.model import flops
-    from ldmscale.model.family import parse_size, size_spec
-    from ldmscale.train.loop import TrainConfig, train
+    from ldmscale.train.loop import train
 
     jobs: list[Job] = []
     first = seed == study.train.seeds[0]
@@ -163,7 +167,6 @@ def size_jobs(study: Study, ev, base, size, seed: int, shapes: dict, out: Path, 
 
 
 def forward_flops(size, shapes: dict) -> int:
-    from ldmscale.model import flops
 
     return flops.cost(size, shapes["latent"], shapes["ctx_len"], shapes["ctx_dim"], shapes["channels"]).flops
 
@@ -229,7 +232,7 @@ def collect(out: Path) -> list[dict]:
         row = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
         row.update(r.get("metrics", {}))
         row["file"] = str(path.relative_to(out))
-        row.setdefault("task", "text-to-image")
+        row.setdefault("task", Kind.TEXT_TO_IMAGE)
         if row.get("train_seed") is None:  # results written before seeds were recorded: the run's config says
             run = path.parent.parent
             if run not in seeds:
@@ -248,7 +251,6 @@ def collect(out: Path) -> list[dict]:
 
 def read_csv(path: Path) -> list[dict]:
     """results.csv back as rows: empty cells None, numbers and booleans as written by write_csv."""
-    import csv
 
     def value(v: str):
         if v == "":
@@ -267,10 +269,6 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    import csv
-    import io
-
-    from ldmscale.io import atomic_write_text
 
     cols: list[str] = []
     for r in rows:
@@ -286,7 +284,6 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
               progress: bool) -> list[Job]:
     """Fine-tune (or distill) one trained size for a task, then evaluate it over the task's grid."""
     from ldmscale.eval.evaluate import evaluate, result_path
-    from ldmscale.tasks import kinds as tasks
 
     ev, kind = study_eval(study), tasks.kind(task.kind)
     try:
@@ -315,7 +312,6 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
 
 def frechet_dims(study: Study) -> dict[str, int]:
     """The feature dimensions of the study's Frechet metrics (its own classifier's, or the one it names)."""
-    from ldmscale.eval.features import ClassifierConfig
 
     ev = study_eval(study)
     clf = Path(ev.classifier) / "classifier.json" if ev.classifier else None

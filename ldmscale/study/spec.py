@@ -9,10 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
-from ldmscale.config import Config, NonNegative, Positive, Range, from_dict
+from ldmscale.config import Config, NonNegative, Positive, Range, apply_overrides, from_dict
+from ldmscale.data.config import AutoencoderConfig
 from ldmscale.errors import UserError
 from ldmscale.eval import registry
-from ldmscale.eval.config import EvalConfig, EvalSettings
+from ldmscale.eval.config import ClassifierConfig, EvalConfig, EvalSettings
+from ldmscale.model.family import parse_size
+from ldmscale.names import Kind
+from ldmscale.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -139,10 +143,6 @@ def resolved_toml(path: str | Path) -> str:
 
 
 def load_study(path: str | Path) -> Study:
-    from ldmscale.data.autoencoder import AutoencoderConfig
-    from ldmscale.eval.features import ClassifierConfig
-    from ldmscale.model.family import parse_size
-    from ldmscale.train.config import TrainConfig
 
     path = Path(path)
     raw = read_toml(path)
@@ -159,7 +159,6 @@ def load_study(path: str | Path) -> Study:
     study = from_dict(Study, raw, where=path.name)
     from_dict(AutoencoderConfig, dict(study.autoencoder), where=f"{path.name} [autoencoder]")
     from_dict(ClassifierConfig, dict(study.classifier), where=f"{path.name} [classifier]")
-    from ldmscale.config import apply_overrides
 
     train_cfg = apply_overrides(TrainConfig(), [f"{k}={v}" for k, v in study.train.set.items()])
     if not study.train.seeds or len(set(study.train.seeds)) != len(study.train.seeds):
@@ -179,17 +178,17 @@ def load_study(path: str | Path) -> Study:
         raise UserError(f"{path.name}: [train] sizes is empty")
     if not ev.samplers or not ev.steps or not ev.guidance:
         raise UserError(f"{path.name}: the evaluation grid is empty (samplers, steps and guidance each need a value)")
-    from ldmscale.diffusion.samplers import check_sampling_args
+    from ldmscale.diffusion.schedulers import check_sampling_args
 
     for smp in ev.samplers:
         for st in ev.steps:
             for g in ev.guidance:
                 check_sampling_args(smp, st, g)
-    registry.check_metrics(ev.metrics, "text-to-image", f"{path.name} [eval]", clip=ev.clip, lpips=ev.lpips)
+    registry.check_metrics(ev.metrics, Kind.TEXT_TO_IMAGE, f"{path.name} [eval]", clip=ev.clip, lpips=ev.lpips)
     if ev.primary not in ev.metrics:
         raise UserError(f"{path.name}: primary metric {ev.primary!r} is not among [eval] metrics")
     if ev.agreement_metric:
-        registry.check_metrics([ev.agreement_metric], "text-to-image", f"{path.name} [eval] agreement_metric",
+        registry.check_metrics([ev.agreement_metric], Kind.TEXT_TO_IMAGE, f"{path.name} [eval] agreement_metric",
                                clip=ev.clip, lpips=ev.lpips)
         if ev.agreement_metric in ev.metrics:
             raise UserError(f"{path.name}: agreement_metric {ev.agreement_metric!r} is already in [eval] metrics")
@@ -213,7 +212,7 @@ def load_study(path: str | Path) -> Study:
         if train_cfg.lr_schedule != "constant":
             raise UserError(f"{path.name}: budget = \"isoflop\" reads every budget off one run per size, which needs "
                             "lr_schedule = \"constant\" (a cosine schedule is planned for one length)")
-    from ldmscale.diffusion.samplers import check_sampler_fits
+    from ldmscale.diffusion.schedulers import check_sampler_fits
 
     for smp in sorted({*ev.samplers, ev.curve_sampler}):
         try:
@@ -240,7 +239,6 @@ def eval_config(ev: EvalSection, classifier: str, **job):
 
 def study_eval(study: Study) -> EvalSection:
     """The [eval] section with its defaults resolved: the reference is the study's own data unless given."""
-    import dataclasses
 
     from ldmscale.eval.reference import canonical_reference
 

@@ -10,7 +10,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors import safe_open
+
 from ldmscale import checkpoint, integrity
+from ldmscale.config import from_dict
+from ldmscale.data.config import PrepareConfig
+from ldmscale.data.shard_index import INDEX, MANIFEST, damaged_files, file_damage
 from ldmscale.errors import UserError
 from ldmscale.io import DirLock, atomic_write_json, output_kind
 from ldmscale.study.jobs import record_problem
@@ -65,7 +70,6 @@ def _run(run: Path, rep: Report, repair: bool) -> None:
 
 
 def _config_of(ckpt: Path) -> dict | None:
-    from safetensors import safe_open
 
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         meta = f.metadata() or {}
@@ -80,9 +84,7 @@ def _eval_results(folder: Path, rep: Report, repair: bool) -> None:
 
 
 def _cache(cache: Path, rep: Report, repair: bool) -> None:
-    from ldmscale.config import from_dict
-    from ldmscale.data.cache import PrepareConfig, prepare
-    from ldmscale.data.shard_index import INDEX, MANIFEST, damaged_files, file_damage
+    from ldmscale.data.cache import prepare
 
     rep.check(cache / "prepare.json", integrity.json_damage(cache / "prepare.json"))
     for name in (MANIFEST, INDEX):

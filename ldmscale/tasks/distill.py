@@ -17,16 +17,22 @@ image, a guided teacher call 2, the target 1), exact resume, checkpoints, the Na
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from pathlib import Path
 
 import torch
 
 from ldmscale import checkpoint
-from ldmscale.config import to_dict
-from ldmscale.diffusion.samplers import guidance_embedding, noise_scheduler
+from ldmscale.config import apply_overrides, route_overrides, to_dict
+from ldmscale.device import on
+from ldmscale.diffusion.schedulers import guidance_embedding, noise_scheduler
 from ldmscale.errors import UserError
+from ldmscale.names import Kind
 from ldmscale.tasks.config import DistillConfig, task_train_config
+from ldmscale.train.config import TrainConfig
+from ldmscale.train.loop import Task, check_continuation, train
 
 SIGMA_DATA, TIMESTEP_SCALING = 0.5, 10.0  # LCM's boundary-condition constants (also diffusers' LCMScheduler)
 
@@ -92,16 +98,12 @@ class _Distillation:
     def _student_copy(self, weights: dict):
         from diffusers import UNet2DConditionModel
 
-        from ldmscale.device import on
-
         net = UNet2DConditionModel(**self.student_unet)
         net.load_state_dict(weights)
         return on(net, self.device)
 
     def setup(self, model, ema, device) -> None:
         from diffusers import UNet2DConditionModel
-
-        from ldmscale.device import on
 
         self.alphas = noise_scheduler().alphas_cumprod.to(device)
         self.teacher = UNet2DConditionModel(**self.teacher_unet)
@@ -129,7 +131,6 @@ class _Distillation:
 
 class Consistency(_Distillation):
     def setup(self, model, ema, device) -> None:
-        import copy
 
         super().setup(model, ema, device)
         self.target = copy.deepcopy(model).eval().requires_grad_(False)
@@ -228,13 +229,12 @@ def distill_task(cfg: DistillConfig, images_per_round: int):
 
     def make(tcfg, run):
         from ldmscale.data.cache import LatentCache
-        from ldmscale.train.loop import Task, check_continuation
 
         if not cfg.teacher:
             raise UserError("--teacher RUN_DIR is required")
         teacher_ckpt = checkpoint.resolve(Path(cfg.teacher), cfg.checkpoint)
         tconf = checkpoint.read_run_config(cfg.teacher)
-        if tconf.get("kind") != "text-to-image" or tconf.get("distilled"):
+        if tconf.get("kind") != Kind.TEXT_TO_IMAGE or tconf.get("distilled"):
             raise UserError(f"teacher {cfg.teacher} is a {'distilled ' if tconf.get('distilled') else ''}"
                             f"{tconf.get('kind')} run; distillation needs an undistilled text-to-image run")
         if "unet" not in tconf or tconf["train"].get("prediction") == "flow":
@@ -244,7 +244,7 @@ def distill_task(cfg: DistillConfig, images_per_round: int):
             raise UserError("fsdp shards pretraining; distillation keeps a full teacher and target per process")
         rounds = cfg.rounds
         per_round = math.ceil(images_per_round / tcfg.batch_size)
-        resolved = dict(tconf, distilled=True, kind="text-to-image", unet=student_config(tconf["unet"], cfg.cond_dim))
+        resolved = dict(tconf, distilled=True, kind=Kind.TEXT_TO_IMAGE, unet=student_config(tconf["unet"], cfg.cond_dim))
         resolved["task"] = {"distill": to_dict(cfg) | {"teacher": str(Path(cfg.teacher).resolve()),
                                                        "images_per_round": images_per_round}}
         resolved["init"] = {"run": str(Path(cfg.teacher).resolve()), "checkpoint": teacher_ckpt.name}
@@ -265,8 +265,6 @@ def configs(teacher: str, method: str, overrides: list[str] | tuple[str, ...], b
     """(DistillConfig, TrainConfig) from KEY=VALUE overrides, each key going to the config that has it (train.KEY or
     task.KEY where both do); the loop starts from DistillConfig.train_defaults and the teacher's data, size and seed
     (`base` gives them where the teacher does not exist yet: a study plans before it trains)."""
-    from ldmscale.config import apply_overrides, route_overrides
-    from ldmscale.train.config import TrainConfig
 
     routed = route_overrides({"task": DistillConfig, "train": TrainConfig}, overrides)
     dcfg = apply_overrides(DistillConfig(teacher=str(teacher), method=method), routed["task"])
@@ -279,9 +277,6 @@ def configs(teacher: str, method: str, overrides: list[str] | tuple[str, ...], b
 def distill(cfg: DistillConfig, train_cfg, out: str | Path, images_per_round: int, progress: bool = True) -> dict:
     """Distill `cfg.teacher` into `out` with the training loop; `train_cfg` holds the loop's settings (images is
     the total over all rounds; each round ends on a checkpoint)."""
-    import dataclasses
-
-    from ldmscale.train.loop import train
 
     rounds = len(cfg.rounds)
     per_round = math.ceil(images_per_round / train_cfg.batch_size)

@@ -12,8 +12,11 @@ from pathlib import Path
 import torch
 
 from ldmscale.config import to_dict
+from ldmscale.diffusion.schedulers import check_sampler_fits, check_sampling_args, generate_latents, make_sampler
 from ldmscale.errors import UserError
+from ldmscale.names import Kind
 from ldmscale.tasks.config import DreamBoothConfig
+from ldmscale.train.objectives import check_same_objective, objective_for
 
 
 def instance_prompt(cfg: DreamBoothConfig) -> str:
@@ -52,9 +55,9 @@ class DreamBoothData:
     """Index i < K: class prior image i (latent from the initial model); i >= K: subject image (i - K) mod n."""
 
     def __init__(self, cfg: DreamBoothConfig, model):
-        from ldmscale.data.autoencoder import encode, to_float
-        from ldmscale.diffusion.samplers import generate_latents, make_sampler
-        from ldmscale.diffusion.sampling import encode_prompts
+        from ldmscale.data.autoencoder import encode
+        from ldmscale.diffusion.generate import encode_prompts
+        from ldmscale.images import to_float
 
         data = model.config["data"]
         self.subject = subject_images(cfg.subject, int(data["resolution"]), int(data["channels"]))
@@ -94,14 +97,12 @@ class DreamBoothData:
 
 def dreambooth_task(db: DreamBoothConfig):
     from ldmscale import checkpoint
-    from ldmscale.diffusion.samplers import check_sampler_fits, check_sampling_args
-    from ldmscale.diffusion.sampling import load_run
+    from ldmscale.diffusion.generate import load_run
     from ldmscale.train.loop import Task, check_continuation
-    from ldmscale.train.objectives import check_same_objective, objective_for
 
     def make(cfg, run):
         model = load_run(db.init, db.checkpoint, "ema")
-        if model.config.get("kind") != "text-to-image":
+        if model.config.get("kind") != Kind.TEXT_TO_IMAGE:
             raise UserError(f"--init {db.init} is a {model.config.get('kind')} run; DreamBooth starts from a text-to-image run")
         check_sampling_args(db.prior_sampler, db.prior_steps, db.prior_guidance)
         check_sampler_fits(db.prior_sampler, model.prediction)
@@ -109,7 +110,7 @@ def dreambooth_task(db: DreamBoothConfig):
         if db.num_class_images < 1:
             raise UserError("num_class_images must be positive")
         resolved = dict(model.config)
-        resolved["kind"] = "dreambooth"
+        resolved["kind"] = Kind.DREAMBOOTH
         resolved["task"] = to_dict(db) | {"init": str(Path(db.init).resolve()), "subject": str(Path(db.subject).resolve()),
                                           "instance_prompt": instance_prompt(db)}
         resolved["init"] = {"run": str(Path(db.init).resolve()), "checkpoint": model.ckpt.name}

@@ -13,9 +13,14 @@ from pathlib import Path
 
 import torch
 
-from ldmscale.config import to_dict
+from ldmscale.config import from_dict, to_dict
+from ldmscale.data.degrade import degrade, resize
 from ldmscale.errors import UserError
+from ldmscale.model import flops
+from ldmscale.model.family import parse_size
+from ldmscale.names import Kind
 from ldmscale.tasks.config import SRConfig
+from ldmscale.train.objectives import check_same_objective, objective_for
 
 
 def sr_prediction(init_prediction: str) -> str:
@@ -40,8 +45,7 @@ def check_shapes(cfg: SRConfig, resolution: int, latent_side: int) -> None:
 
 def condition(lr: torch.Tensor, cfg: SRConfig, vae, resolution: int, latent_side: int, seeds) -> torch.Tensor:
     """uint8 low-resolution images -> the extra UNet input channels (noise-augmented)."""
-    from ldmscale.data.autoencoder import to_float
-    from ldmscale.data.degrade import resize
+    from ldmscale.images import to_float
 
     if lr.shape[-1] * cfg.scale != resolution:
         raise UserError(f"low-resolution inputs are {lr.shape[-1]}px; this model upsamples {resolution // cfg.scale}px "
@@ -71,8 +75,9 @@ class SRData:
     """High-resolution training images with their latents and caption states; degradations drawn per sample."""
 
     def __init__(self, cfg: SRConfig, model):
-        from ldmscale.data.autoencoder import encode, to_float
+        from ldmscale.data.autoencoder import encode
         from ldmscale.data.sources import load_images, parse_source
+        from ldmscale.images import to_float
 
         data = model.config["data"]
         self.cfg, self.vae = cfg, model.vae
@@ -91,7 +96,6 @@ class SRData:
         return len(self.hr)
 
     def batch(self, idx, latent_noise=None, seeds=None):
-        from ldmscale.data.degrade import degrade
 
         z = self.mean[idx] if latent_noise is None else self.mean[idx] + self.std[idx] * latent_noise
         seeds = [int(s) for s in (seeds if seeds is not None else idx)]
@@ -103,15 +107,12 @@ class SRData:
 def sr_task(sr: SRConfig):
     """A make_task for train.train: the widened init model on super-resolution data."""
     from ldmscale import checkpoint
-    from ldmscale.diffusion.sampling import load_run
-    from ldmscale.model import flops
-    from ldmscale.model.family import parse_size
+    from ldmscale.diffusion.generate import load_run
     from ldmscale.train.loop import check_continuation
-    from ldmscale.train.objectives import check_same_objective, objective_for
 
     def make(cfg, run):
         model = load_run(sr.init, sr.checkpoint, "ema")
-        if model.config.get("kind") != "text-to-image":
+        if model.config.get("kind") != Kind.TEXT_TO_IMAGE:
             raise UserError(f"--init {sr.init} is a {model.config.get('kind')} run; super-resolution starts from a text-to-image run")
         if "unet" not in model.config:
             raise UserError(f"--init {sr.init} is a {model.config.get('backbone')} run; super-resolution widens a UNet's "
@@ -122,7 +123,7 @@ def sr_task(sr: SRConfig):
         check_shapes(sr, resolution, h)
         extra = condition_channels(sr, channels, c)
         resolved = dict(model.config)
-        resolved["kind"] = "super-resolution"
+        resolved["kind"] = Kind.SUPER_RESOLUTION
         resolved["task"] = to_dict(sr) | {"init": str(Path(sr.init).resolve())}
         resolved["init"] = {"run": str(Path(sr.init).resolve()), "checkpoint": model.ckpt.name}
         resolved["unet"] = dict(model.config["unet"], in_channels=c + extra)
@@ -151,8 +152,7 @@ def finetune_sr(sr: SRConfig, train_cfg, out: str | Path, progress: bool = True)
 def upscale(model, lr: torch.Tensor, prompts: list[str], seeds: list[int], sampler: str, steps: int,
             guidance: float = 1.0, batch_size: int = 64, spacing: str = "leading") -> tuple[torch.Tensor, dict]:
     """Super-resolve uint8 low-resolution images with a super-resolution run."""
-    from ldmscale.config import from_dict
-    from ldmscale.diffusion.sampling import generate
+    from ldmscale.diffusion.generate import generate
 
     cfg = from_dict(SRConfig, model.config["task"])
     res = int(model.config["data"]["resolution"])

@@ -12,6 +12,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,10 +20,21 @@ import torch
 
 from ldmscale import checkpoint, integrity
 from ldmscale.config import from_dict, to_dict
+from ldmscale.device import accelerator_kwargs
 from ldmscale.errors import TrainingDiverged, UserError
-from ldmscale.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from ldmscale.io import (
+    DirLock,
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    check_output,
+    is_main_process,
+    read_jsonl,
+)
 from ldmscale.model import flops, fsdp
-from ldmscale.model.family import build_network
+from ldmscale.model.family import build_network, network_config, parse_size, size_spec
+from ldmscale.names import Kind
+from ldmscale.progress import bar
 from ldmscale.train import trackers
 from ldmscale.train.config import CONTINUABLE, TrainConfig  # noqa: F401  (re-exported)
 from ldmscale.train.objectives import Batch, Objective, TrainData, ValidationLoss, objective_for  # noqa: F401
@@ -46,10 +58,8 @@ def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
 
 def resolve_run(cfg: TrainConfig, run: Path) -> dict:
     """The fully resolved config of a run; checks a continued run matches the one on disk."""
-    from importlib.metadata import version
 
     from ldmscale.data.cache import read_manifest
-    from ldmscale.model.family import network_config, parse_size, size_spec
 
     size = parse_size(cfg.size)
     m = read_manifest(cfg.data)
@@ -57,7 +67,7 @@ def resolve_run(cfg: TrainConfig, run: Path) -> dict:
     network = network_config(size, h, m["context_dim"], c)
     cost = flops.cost(size, h, m["context_len"], m["context_dim"], c)
     resolved = {
-        "kind": "text-to-image",
+        "kind": Kind.TEXT_TO_IMAGE,
         "train": to_dict(cfg) | {"data": str(Path(cfg.data).resolve()), "size": size_spec(size)},
         **network,
         "data": {k: m[k] for k in ("source", "resolution", "channels", "latent_shape", "context_len", "context_dim",
@@ -123,7 +133,6 @@ def text_to_image_task(cfg: TrainConfig, run: Path) -> Task:
 
 def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=text_to_image_task) -> dict:
     """Train (or continue) the run at `run`, holding its lock; the main process checks --out first."""
-    from ldmscale.io import DirLock, check_output, is_main_process
 
     run, main = Path(run), is_main_process()
     trackers.check(cfg.report_to)
@@ -154,7 +163,6 @@ class State:
 
 def loop(cfg: TrainConfig, run: Path, progress: bool, make_task) -> dict:
     """setup -> resume -> (step, log, save) until the budget -> the ledger at the end."""
-    from ldmscale.progress import bar
 
     s = setup(cfg, run, make_task)
     resume(cfg, run, s)
@@ -203,8 +211,6 @@ def setup(cfg: TrainConfig, run: Path, make_task) -> State:
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
-
-    from ldmscale.device import accelerator_kwargs
 
     acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                       log_with=cfg.report_to or None, project_dir=str(run), **accelerator_kwargs())

@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ldmscale.diffusion.samplers import noise_scheduler
+from ldmscale.diffusion.schedulers import noise_scheduler
 from ldmscale.errors import UserError
 from ldmscale.train.config import TrainConfig
 

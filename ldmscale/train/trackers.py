@@ -4,12 +4,17 @@ tracker run per ldmscale run, resumed with it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
+from ldmscale.device import on
+from ldmscale.diffusion.schedulers import generate_latents, make_sampler
 from ldmscale.errors import UserError
+from ldmscale.io import atomic_write_json as write
+from ldmscale.model.family import build_network
 
 
 def start(cfg, run: Path, s) -> None:
@@ -17,7 +22,6 @@ def start(cfg, run: Path, s) -> None:
     run (its id is kept in RUN/tracker.json, so a resumed run logs into the same W&B run)."""
     if not cfg.report_to:
         return
-    from ldmscale.io import atomic_write_json as write
 
     ids = json.loads((run / "tracker.json").read_text()) if (run / "tracker.json").exists() else {}
     if s.acc.is_main_process and "wandb_id" not in ids:
@@ -46,12 +50,9 @@ def log_preview(cfg, s, step: int, ema_weights: dict) -> None:
     """A sample grid of the EMA weights (4 prompts x 2 seeds, DDIM 20 steps, guidance 3) in the tracker."""
     import numpy as np
 
-    from ldmscale.data.autoencoder import decode, to_uint8
-    from ldmscale.device import on
-    from ldmscale.diffusion.samplers import generate_latents, make_sampler
-    from ldmscale.diffusion.sampling import _text, _vae
-    from ldmscale.images import grid
-    from ldmscale.model.family import build_network
+    from ldmscale.data.autoencoder import decode
+    from ldmscale.diffusion.generate import _text, _vae
+    from ldmscale.images import grid, to_uint8
 
     data, dev = s.task.resolved["data"], s.acc.device
     unet = build_network(s.task.resolved)
@@ -76,7 +77,6 @@ def log_preview(cfg, s, step: int, ema_weights: dict) -> None:
 
 def check(report_to: str) -> None:
     """A tracker's package must be installed: say so now, not after an hour of silent training."""
-    import importlib.util
 
     need = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
     if need and importlib.util.find_spec(need) is None:

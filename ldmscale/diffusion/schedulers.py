@@ -7,6 +7,8 @@ give the same latents for the same seeds (tests/test_train_sample.py checks it).
 
 from __future__ import annotations
 
+import inspect
+import math
 import time
 from dataclasses import dataclass
 
@@ -64,7 +66,6 @@ def check_sampler_fits(name: str, prediction: str) -> None:
 
 def _build(cls, config: dict):
     """A scheduler from the keys of `config` that its class accepts (SD's config has keys DDPM lacks)."""
-    import inspect
 
     accepted = inspect.signature(cls.__init__).parameters
     return cls(**{k: v for k, v in config.items() if k in accepted})
@@ -87,7 +88,6 @@ def make_sampler(name: str, prediction_type: str = "epsilon", **overrides):
 
 
 def check_sampling_args(sampler: str, steps: int, guidance: float) -> None:
-    import math
 
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; samplers: {', '.join(SAMPLERS)}")
@@ -99,7 +99,6 @@ def check_sampling_args(sampler: str, steps: int, guidance: float) -> None:
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of the guidance scale (LCM/CoDi students take w as an input, w-1 as in diffusers)."""
-    import math
 
     w = w.float() * 1000.0
     half = dim // 2
@@ -148,7 +147,6 @@ def generate_latents(unet, sampler, steps: int, cond: torch.Tensor, uncond: torc
     if cond_mask is not None:
         mask = torch.cat([uncond_mask.expand(B, -1), cond_mask]) if do_cfg else cond_mask
     extra_kwargs = {}
-    import inspect
 
     if "generator" in inspect.signature(sampler.step).parameters:
         extra_kwargs["generator"] = generators

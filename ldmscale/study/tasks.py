@@ -14,7 +14,11 @@ from pathlib import Path
 
 from ldmscale.config import apply_overrides, route_overrides, to_dict
 from ldmscale.errors import UserError
+from ldmscale.eval import registry
+from ldmscale.model.family import parse_size, size_spec
+from ldmscale.names import Kind
 from ldmscale.tasks.config import DistillConfig, DreamBoothConfig, SRConfig, task_train_config
+from ldmscale.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,6 @@ def _sets(pairs: dict) -> list[str]:
 
 def _routed(task, cls) -> dict[str, list[str]]:
     """A task section's overrides: `set` routed by key (as a verb's --set), `train_set` to the loop."""
-    from ldmscale.train.config import TrainConfig
 
     items = _sets(task.set) + [f"train.{s}" for s in _sets(task.train_set)]
     return route_overrides({"task": cls, "train": TrainConfig}, items)
@@ -58,9 +61,10 @@ def _super_resolution(task, study, ev, base, init: Path, run: Path, progress: bo
     cfg = apply_overrides(SRConfig(init=str(init), data=study.data.source), sets["task"])
     tcfg = task_train_config(SRConfig, to_dict(base), sets["train"], images=task.images or SRConfig.default_images,
                              data=cfg.data, prediction=sr_prediction(base.prediction))
-    frechet = tuple(m for m in ev.metrics if m in ("fid", "fd-classifier"))
+    frechet = tuple(m for m in ev.metrics if m in registry.FRECHET)
     # no guidance for super-resolution, as the paper
-    return Built(cfg, tcfg, lambda: finetune_sr(cfg, tcfg, run, progress), ("psnr", "consistency", "ssim") + frechet,
+    return Built(cfg, tcfg, lambda: finetune_sr(cfg, tcfg, run, progress),
+                 registry.model_free(Kind.SUPER_RESOLUTION) + frechet,
                  (("ddim",), tuple(ev.steps), (1.0,)), tcfg.images)
 
 
@@ -76,13 +80,12 @@ def _dreambooth(task, study, ev, base, init: Path, run: Path, progress: bool) ->
     if "caption-accuracy" in task.metrics and not known_class:
         raise UserError(f"caption-accuracy needs a class prompt among the classifier's classes, not {cfg.class_prompt!r}")
     # caption accuracy only where the class prompt is one of the classifier's classes
-    metrics = ("subject-ssim", "subject-fidelity") + (("caption-accuracy",) if known_class else ())
+    metrics = registry.model_free(Kind.DREAMBOOTH) + (("caption-accuracy",) if known_class else ())
     return Built(cfg, tcfg, lambda: finetune_dreambooth(cfg, tcfg, run, progress), metrics,
                  (("ddim",), tuple(ev.steps), tuple(ev.guidance)), tcfg.images)
 
 
 def _distillation(task, study, ev, base, init: Path, run: Path, progress: bool) -> Built:
-    from ldmscale.model.family import parse_size, size_spec
     from ldmscale.tasks.distill import configs, distill
 
     cfg, tcfg = configs(str(init), task.kind, _sets(task.set) + [f"train.{s}" for s in _sets(task.train_set)],
@@ -97,8 +100,8 @@ def _distillation(task, study, ev, base, init: Path, run: Path, progress: bool) 
 
 
 KINDS: dict[str, TaskKind] = {k.name: k for k in (
-    TaskKind("super-resolution", "finetune", 3, True, _super_resolution),
-    TaskKind("dreambooth", "finetune", 3, True, _dreambooth),
+    TaskKind(Kind.SUPER_RESOLUTION, "finetune", 3, True, _super_resolution),
+    TaskKind(Kind.DREAMBOOTH, "finetune", 3, True, _dreambooth),
     TaskKind("consistency", "distill", 6, False, _distillation),
     TaskKind("progressive", "distill", 6, True, _distillation),
 )}

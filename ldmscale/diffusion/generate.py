@@ -8,9 +8,22 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ldmscale import checkpoint
+from ldmscale.data.text import load_text_encoder
+from ldmscale.device import current, on
+from ldmscale.diffusion.schedulers import (
+    SampleStats,
+    check_sampler_fits,
+    check_sampling_args,
+    generate_latents,
+    make_sampler,
+)
 from ldmscale.errors import UserError
+from ldmscale.model.family import build_network
+from ldmscale.model.flops import count_flops
+from ldmscale.progress import bar
 
 
 @dataclass
@@ -37,7 +50,6 @@ class RunModel:
         """The named sampler for this run: a distilled student steps on the grid it was distilled on; others on
         SD v1.5's leading timestep spacing or on the trailing one (every sample starts at t=999). A flow run takes
         the flow samplers only (they start at sigma 1 whatever the spacing)."""
-        from ldmscale.diffusion.samplers import check_sampler_fits, make_sampler
 
         check_sampler_fits(name, self.prediction)
 
@@ -52,15 +64,12 @@ class RunModel:
 @lru_cache(maxsize=4)
 def _vae(spec: str, device: str = "cpu"):
     from ldmscale.data.autoencoder import load_autoencoder
-    from ldmscale.device import on
 
     return on(load_autoencoder(spec), torch.device(device))
 
 
 @lru_cache(maxsize=4)
 def _text(spec: str, max_length: int, device: str = "cpu"):
-    from ldmscale.data.text import load_text_encoder
-    from ldmscale.device import on
 
     enc = load_text_encoder(spec, max_length)
     enc.model = on(enc.model, torch.device(device))
@@ -71,8 +80,6 @@ def load_run(run: str | Path, which: str = "latest", weights: str = "ema", devic
              dtype: torch.dtype | None = None) -> RunModel:
     """A run's UNet (its EMA or raw weights, in `dtype` when given: bf16 inference), autoencoder and text encoder,
     all on the device (ldmscale.device.current() unless given)."""
-    from ldmscale.device import current, on
-    from ldmscale.model.family import build_network
 
     device = torch.device(device) if device is not None else current()
     run = Path(run)
@@ -100,13 +107,8 @@ def generate(model: RunModel, prompts: list[str], sampler: str, steps: int, guid
              batch_size: int = 64, extra_channels: torch.Tensor | None = None, progress: bool = False,
              spacing: str = "leading") -> tuple[torch.Tensor, dict]:
     """One image per (prompt, seed) pair: uint8 [N,C,H,W] and sampling stats (model calls, latency)."""
-    from ldmscale.data.autoencoder import decode, to_uint8
-    from ldmscale.diffusion.samplers import (
-        SampleStats,
-        check_sampling_args,
-        generate_latents,
-    )
-    from ldmscale.progress import bar
+    from ldmscale.data.autoencoder import decode
+    from ldmscale.images import to_uint8
 
     check_sampling_args(sampler, steps, guidance)
     if len(prompts) != len(seeds):
@@ -142,10 +144,8 @@ def side_flops(text_spec: str, max_length: int, vae_spec: str, latent_shape: tup
     """Forward FLOPs (multiply-add = 2) of what the paper's cost axis leaves out: the text encoder on one prompt of
     `max_length` tokens, and the decoder on one latent. Counted with attention in torch's math kernel, whose
     products the FLOP counter sees (its CPU flash kernel has no formula)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from ldmscale.data.autoencoder import decode
-    from ldmscale.model.flops import count_flops
 
     text, vae = _text(text_spec, max_length), _vae(vae_spec)
     ids = torch.full((1, max_length), int(text.tokenizer.pad_token_id or 0), dtype=torch.long)
