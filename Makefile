@@ -43,6 +43,7 @@ backbones: $(STAMP)
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: $(STAMP)
 	$(PY) -m ruff check ldmscale tests bench   # the rules and why: [tool.ruff] in pyproject.toml
+	$(PY) -m ruff format --check ldmscale tests bench
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(STAMP)

@@ -33,8 +33,9 @@ def matmul_peak_gflops(n: int = 1024, seconds: float = 2.0) -> float:
 def record(name: str, result: dict) -> None:
     """Merge one bench's result into bench/results.json (read by `make bench`'s table)."""
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    result = dict(result, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-                  when=time.strftime("%Y-%m-%d %H:%M:%S"))
+    result = dict(
+        result, threads=torch.get_num_threads(), cpu_count=os.cpu_count(), when=time.strftime("%Y-%m-%d %H:%M:%S")
+    )
     data[name] = result
     RESULTS.write_text(json.dumps(data, indent=2) + "\n")
     print(json.dumps({name: result}, indent=2))
@@ -52,8 +53,14 @@ def tiny_run(tmp: Path, size: str = "c16", warmup_steps: int = 100) -> Path:
     from ldmscale.train.loop import train
 
     make_autoencoder(tmp / "ae")
-    prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tmp / "ae"), resolution=32, limit=64), tmp / "cache",
-            progress=False)
-    train(TrainConfig(data=str(tmp / "cache"), size=size, images=8, batch_size=8, warmup_steps=warmup_steps),
-          tmp / "run", progress=False)
+    prepare(
+        PrepareConfig(source="animal-mnist", autoencoder=str(tmp / "ae"), resolution=32, limit=64),
+        tmp / "cache",
+        progress=False,
+    )
+    train(
+        TrainConfig(data=str(tmp / "cache"), size=size, images=8, batch_size=8, warmup_steps=warmup_steps),
+        tmp / "run",
+        progress=False,
+    )
     return tmp / "run"

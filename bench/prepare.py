@@ -32,11 +32,12 @@ def naive(images: int, ae_dir: str, batch: int = 250) -> float:
     t = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(items), batch):
-            chunk = items[i:i + batch]
+            chunk = items[i : i + batch]
             x = ae.to_float(np.stack([data.preprocess(it.image, 32, 1) for it in chunk]))
             ae.encode(vae, x)
-            tok = text.tokenizer([it.caption for it in chunk], padding="max_length", max_length=77,
-                                 truncation=True, return_tensors="pt")
+            tok = text.tokenizer(
+                [it.caption for it in chunk], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            )
             text.model(**tok)
     return len(items) / (time.perf_counter() - t)
 
@@ -60,9 +61,16 @@ def main() -> None:
         base = naive(args.images, str(tmp / "ae"))
     finally:
         shutil.rmtree(tmp)
-    record("prepare", {"images": m["total"], "ldmscale_images_per_s": round(ours, 1),
-                       "baseline": "naive loop (full-length captions, no de-duplication)",
-                       "baseline_images_per_s": round(base, 1), "ratio": round(ours / base, 2)})
+    record(
+        "prepare",
+        {
+            "images": m["total"],
+            "ldmscale_images_per_s": round(ours, 1),
+            "baseline": "naive loop (full-length captions, no de-duplication)",
+            "baseline_images_per_s": round(base, 1),
+            "ratio": round(ours / base, 2),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -44,13 +44,19 @@ def main() -> None:
         t = time.perf_counter()
         generate(model, prompts, "ddim", args.steps, args.guidance, seeds, batch_size=args.images)
         ours = args.images / (time.perf_counter() - t)
-        pipe = StableDiffusionPipeline.from_pretrained(tmp / "export", safety_checker=None, requires_safety_checker=False,
-                                                       trust_remote_code=True)  # the MiniLM text encoder ships as code
+        pipe = StableDiffusionPipeline.from_pretrained(
+            tmp / "export", safety_checker=None, requires_safety_checker=False, trust_remote_code=True
+        )  # the MiniLM text encoder ships as code
         pipe.set_progress_bar_config(disable=True)
         cond, uncond = encode_prompts(model, prompts[:1])
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        kw = dict(prompt_embeds=cond.expand(args.images, -1, -1), negative_prompt_embeds=uncond.expand(args.images, -1, -1),
-                  num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np")
+        kw = dict(
+            prompt_embeds=cond.expand(args.images, -1, -1),
+            negative_prompt_embeds=uncond.expand(args.images, -1, -1),
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            output_type="np",
+        )
         pipe(**(kw | {"num_inference_steps": 2}), generator=gens)
         t = time.perf_counter()
         pipe(**kw, generator=gens)
@@ -60,11 +66,22 @@ def main() -> None:
         peak = matmul_peak_gflops()
     finally:
         shutil.rmtree(tmp)
-    record("sampling", {"size": args.size, "sampler": "ddim", "steps": args.steps, "guidance": args.guidance,
-                        "batch": args.images, "ldmscale_images_per_s": round(ours, 2),
-                        "baseline": "diffusers StableDiffusionPipeline on the exported run",
-                        "baseline_images_per_s": round(base, 2), "ratio": round(ours / base, 3),
-                        "fraction_of_peak": round(ours * calls * fwd / 1e9 / peak, 3), "matmul_peak_gflops": round(peak, 1)})
+    record(
+        "sampling",
+        {
+            "size": args.size,
+            "sampler": "ddim",
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "batch": args.images,
+            "ldmscale_images_per_s": round(ours, 2),
+            "baseline": "diffusers StableDiffusionPipeline on the exported run",
+            "baseline_images_per_s": round(base, 2),
+            "ratio": round(ours / base, 3),
+            "fraction_of_peak": round(ours * calls * fwd / 1e9 / peak, 3),
+            "matmul_peak_gflops": round(peak, 1),
+        },
+    )
 
 
 if __name__ == "__main__":

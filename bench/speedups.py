@@ -88,8 +88,11 @@ def main() -> None:
         r = {"baseline_step_s": round(seconds(base), 4)}
         sd_heads = make_size(size.C, heads=8, norm_groups=size.norm_groups)
         if sd_heads != size:  # ldmscale's C/8 heads (base) against SD's 8 (slower if the ratio base/8-heads > 1)
-            r["heads"] = {"ldmscale_heads": size.heads, "flops_ratio": cost(sd_heads, 8, 77, 384).flops / cost(size, 8, 77, 384).flops,
-                          "speedup_vs_8_heads": ratio(make_step(sd_heads), base, args.repeats)}
+            r["heads"] = {
+                "ldmscale_heads": size.heads,
+                "flops_ratio": cost(sd_heads, 8, 77, 384).flops / cost(size, 8, 77, 384).flops,
+                "speedup_vs_8_heads": ratio(make_step(sd_heads), base, args.repeats),
+            }
         r["channels_last"] = ratio(base, make_step(size, channels_last=True), args.repeats)
         r["fused_adamw"] = ratio(base, make_step(size, fused=True), args.repeats)
         r["sdpa_vs_classic"] = ratio(make_step(size, classic_attn=True), base, args.repeats)
@@ -108,11 +111,16 @@ def main() -> None:
         t0 = time.perf_counter()
         flops.measure(make_size(320), 64, 77, 1024)
         warm = time.perf_counter() - t0
-    record("speedups", {"note": "ratios > 1 mean the change is faster; each is the median of 5 alternating A/B "
-                                "measurements (3 steps each) with its min-max; step = fwd+bwd+AdamW, batch 64; "
-                                "a choice is kept only when its whole spread is above 1",
-                        "sizes": out, "flop_cache": {"cold_s": round(cold, 3), "cached_s": round(warm, 4),
-                                                     "speedup": round(cold / warm, 1)}})
+    record(
+        "speedups",
+        {
+            "note": "ratios > 1 mean the change is faster; each is the median of 5 alternating A/B "
+            "measurements (3 steps each) with its min-max; step = fwd+bwd+AdamW, batch 64; "
+            "a choice is kept only when its whole spread is above 1",
+            "sizes": out,
+            "flop_cache": {"cold_s": round(cold, 3), "cached_s": round(warm, 4), "speedup": round(cold / warm, 1)},
+        },
+    )
 
 
 if __name__ == "__main__":

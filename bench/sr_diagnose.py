@@ -43,8 +43,16 @@ def main() -> None:
     a = p.parse_args()
 
     init = json.loads((Path(a.init) / "config.json").read_text())["train"]
-    base = TrainConfig(size=init["size"], images=a.images, batch_size=32, lr=1e-3, warmup_steps=50,
-                       lr_schedule="cosine", checkpoint_every=0, data="animal-mnist")  # the study's [train.set]
+    base = TrainConfig(
+        size=init["size"],
+        images=a.images,
+        batch_size=32,
+        lr=1e-3,
+        warmup_steps=50,
+        lr_schedule="cosine",
+        checkpoint_every=0,
+        data="animal-mnist",
+    )  # the study's [train.set]
     tcfg = apply_overrides(base, a.train)
     sr = apply_overrides(SRConfig(init=a.init, data="animal-mnist"), a.sr)
     t0 = time.perf_counter()
@@ -65,14 +73,21 @@ def main() -> None:
     from ldmscale.images import to_float, to_uint8
 
     sf = float(model.vae.config.scaling_factor)
-    rec = to_uint8(decode(model.vae, encode(model.vae, to_float(hr))[0] * sf))  # the ceiling: the autoencoder's own loss
-    print(f"  autoencoder reconstruction: psnr {psnr(rec, hr):.2f} consistency "
-          f"{psnr(degrade(rec, sr.scale, 'bicubic', seeds), low):.2f}")
+    rec = to_uint8(
+        decode(model.vae, encode(model.vae, to_float(hr))[0] * sf)
+    )  # the ceiling: the autoencoder's own loss
+    print(
+        f"  autoencoder reconstruction: psnr {psnr(rec, hr):.2f} consistency "
+        f"{psnr(degrade(rec, sr.scale, 'bicubic', seeds), low):.2f}"
+    )
     for steps in [int(s) for s in a.steps.split(",")]:
         out, _ = upscale(model, low, caps, seeds, "ddim", steps, 1.0, 100, "trailing")
         other, _ = upscale(model, low.roll(1, 0), caps, seeds, "ddim", steps, 1.0, 100, "trailing")
-        print(f"  ddim {steps:2d}: psnr {psnr(out, hr):.2f} consistency {psnr(degrade(out, sr.scale, 'bicubic', seeds), low):.2f}"
-              f" | another image's input: psnr {psnr(other, hr):.2f}")
+        print(
+            f"  ddim {steps:2d}: psnr {psnr(out, hr):.2f} "
+            f"consistency {psnr(degrade(out, sr.scale, 'bicubic', seeds), low):.2f}"
+            f" | another image's input: psnr {psnr(other, hr):.2f}"
+        )
 
 
 if __name__ == "__main__":

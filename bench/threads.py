@@ -20,8 +20,23 @@ from common import ROOT, record, tiny_run
 
 def sample_ms(run: Path, out: Path, env: dict, args) -> tuple[float, float]:
     """(ms an image as `sample` reports it, seconds of the whole command with its start-up)."""
-    cmd = [sys.executable, "-m", "ldmscale", "sample", "--run", str(run), "--prompt", "a cat", "--steps",
-           str(args.steps), "--num-images", str(args.images), "--out", str(out), "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ldmscale",
+        "sample",
+        "--run",
+        str(run),
+        "--prompt",
+        "a cat",
+        "--steps",
+        str(args.steps),
+        "--num-images",
+        str(args.images),
+        "--out",
+        str(out),
+        "--overwrite",
+    ]
     full = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LDMSCALE_THREADS")} | env
     t = time.perf_counter()
     proc = subprocess.run(cmd, check=True, env=full, capture_output=True, text=True, cwd=ROOT)
@@ -39,8 +54,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     tiny_run(tmp, args.size, warmup_steps=0)
     cores = len(os.sched_getaffinity(0))
-    policies = {"default policy": {}, "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
-                "a thread per core": {"LDMSCALE_THREADS": str(cores)}}
+    policies = {
+        "default policy": {},
+        "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
+        "a thread per core": {"LDMSCALE_THREADS": str(cores)},
+    }
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # the other process on the machine
     try:
         time.sleep(1.0)
@@ -51,16 +69,23 @@ def main() -> None:
     finally:
         busy.kill()
     best = {name: min(ms for ms, _ in v) for name, v in times.items()}
-    result = {"cores": cores, "size": args.size, "steps": args.steps, "images": args.images,
-              "ms_per_image": {k: round(v, 2) for k, v in best.items()},
-              "command_seconds": {k: round(min(s for _, s in v), 2) for k, v in times.items()},
-              "default_over_one_thread": round(best["default policy"] / best["OMP_NUM_THREADS=1"], 3),
-              "thread_per_core_over_one_thread": round(best["a thread per core"] / best["OMP_NUM_THREADS=1"], 3),
-              "baseline": "OMP_NUM_THREADS=1 (target: the default within 1.2x of it)"}
-    print(f"with one busy process on {cores} cores, ms an image: default {best['default policy']:.1f}, one thread "
-          f"{best['OMP_NUM_THREADS=1']:.1f}, a thread per core {best['a thread per core']:.1f}: default / one "
-          f"thread = {result['default_over_one_thread']}x (target <= 1.2x), a thread per core / one thread = "
-          f"{result['thread_per_core_over_one_thread']}x")
+    result = {
+        "cores": cores,
+        "size": args.size,
+        "steps": args.steps,
+        "images": args.images,
+        "ms_per_image": {k: round(v, 2) for k, v in best.items()},
+        "command_seconds": {k: round(min(s for _, s in v), 2) for k, v in times.items()},
+        "default_over_one_thread": round(best["default policy"] / best["OMP_NUM_THREADS=1"], 3),
+        "thread_per_core_over_one_thread": round(best["a thread per core"] / best["OMP_NUM_THREADS=1"], 3),
+        "baseline": "OMP_NUM_THREADS=1 (target: the default within 1.2x of it)",
+    }
+    print(
+        f"with one busy process on {cores} cores, ms an image: default {best['default policy']:.1f}, one thread "
+        f"{best['OMP_NUM_THREADS=1']:.1f}, a thread per core {best['a thread per core']:.1f}: default / one "
+        f"thread = {result['default_over_one_thread']}x (target <= 1.2x), a thread per core / one thread = "
+        f"{result['thread_per_core_over_one_thread']}x"
+    )
     record("threads", result)
 
 

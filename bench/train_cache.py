@@ -39,7 +39,9 @@ from ldmscale.train.loop import train
 def on_the_fly(size: str, steps: int, batch: int, ae_dir: str) -> float:
     vae = ae.load_autoencoder(ae_dir)
     text = load_text_encoder("minilm")
-    items = [it for _, it in zip(range(steps * batch + batch), data.iterate(data.parse_source("animal-mnist"), "train"))]
+    items = [
+        it for _, it in zip(range(steps * batch + batch), data.iterate(data.parse_source("animal-mnist"), "train"))
+    ]
     torch.manual_seed(0)
     unet = build_unet(parse_size(size), 8, 384)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
@@ -49,12 +51,13 @@ def on_the_fly(size: str, steps: int, batch: int, ae_dir: str) -> float:
     for step in range(steps + 1):  # step 0 is warm-up, not timed
         if step == 1:
             t0 = time.perf_counter()
-        chunk = items[step * batch:(step + 1) * batch]
+        chunk = items[step * batch : (step + 1) * batch]
         pixels = ae.to_float(np.stack([data.preprocess(it.image, 32, 1) for it in chunk]))
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample() * sf
-            tok = text.tokenizer([it.caption for it in chunk], padding="max_length", max_length=77, truncation=True,
-                                 return_tensors="pt")
+            tok = text.tokenizer(
+                [it.caption for it in chunk], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            )
             states = text.model(**tok).last_hidden_state
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (batch,))
@@ -68,8 +71,16 @@ def on_the_fly(size: str, steps: int, batch: int, ae_dir: str) -> float:
 
 
 def cached(size: str, steps: int, batch: int, cache: Path, run: Path) -> float:
-    cfg = TrainConfig(data=str(cache), size=size, images=(steps + 2) * batch, batch_size=batch, log_every=1,
-                      checkpoint_every=10**9, keep=1, lr=1e-4)
+    cfg = TrainConfig(
+        data=str(cache),
+        size=size,
+        images=(steps + 2) * batch,
+        batch_size=batch,
+        log_every=1,
+        checkpoint_every=10**9,
+        keep=1,
+        lr=1e-4,
+    )
     train(cfg, run, progress=False)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in rows[2:]]  # skip warm-up steps
@@ -89,23 +100,36 @@ def main() -> None:
         vae = ae.build_autoencoder(ae.AutoencoderConfig(channels=1))  # animal-mnist is grayscale
         vae.register_to_config(scaling_factor=0.5)
         vae.save_pretrained(tmp / "ae")
-        prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tmp / "ae"), resolution=32,
-                              limit=args.cache_images),
-                tmp / "cache", progress=False)
+        prepare(
+            PrepareConfig(source="animal-mnist", autoencoder=str(tmp / "ae"), resolution=32, limit=args.cache_images),
+            tmp / "cache",
+            progress=False,
+        )
         peak = matmul_peak_gflops()
         for size in args.sizes.split(","):
             fwd = cost(parse_size(size), 8, 77, 384).flops
             ours = cached(size, args.steps, args.batch, tmp / "cache", tmp / f"run-{size}")
             base = on_the_fly(size, args.steps, args.batch, str(tmp / "ae"))
             gfs = 3 * fwd * ours / 1e9
-            results[size] = {"cache_images_per_s": round(ours, 1), "on_the_fly_images_per_s": round(base, 1),
-                             "ratio": round(ours / base, 2), "achieved_gflops": round(gfs, 1),
-                             "fraction_of_peak": round(gfs / peak, 3)}
+            results[size] = {
+                "cache_images_per_s": round(ours, 1),
+                "on_the_fly_images_per_s": round(base, 1),
+                "ratio": round(ours / base, 2),
+                "achieved_gflops": round(gfs, 1),
+                "fraction_of_peak": round(gfs / peak, 3),
+            }
             print(size, results[size], flush=True)
     finally:
         shutil.rmtree(tmp)
-    record("train_cache", {"baseline": "on-the-fly encoding (diffusers train_text_to_image.py loop)",
-                           "batch": args.batch, "matmul_peak_gflops": round(peak, 1), "sizes": results})
+    record(
+        "train_cache",
+        {
+            "baseline": "on-the-fly encoding (diffusers train_text_to_image.py loop)",
+            "batch": args.batch,
+            "matmul_peak_gflops": round(peak, 1),
+            "sizes": results,
+        },
+    )
 
 
 if __name__ == "__main__":

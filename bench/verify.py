@@ -37,8 +37,16 @@ def main() -> None:
         state = net.state_dict()
         with tempfile.TemporaryDirectory() as tmp:
             run = Path(tmp)
-            ckpt = checkpoint.save(run, 1, config, state, state, {"optimizer": {k: v.clone() for k, v in state.items()}},
-                                   {"step": 1}, keep=1)
+            ckpt = checkpoint.save(
+                run,
+                1,
+                config,
+                state,
+                state,
+                {"optimizer": {k: v.clone() for k, v in state.items()}},
+                {"step": 1},
+                keep=1,
+            )
             size_mb = sum(p.stat().st_size for p in ckpt.iterdir()) / 1e6
 
             def load(config=config, ckpt=ckpt):
@@ -50,12 +58,20 @@ def main() -> None:
 
             t_load, t_verify = best_of(load), best_of(lambda c=ckpt: checkpoint.damage(c, checkpoint.WEIGHTS))
             t_resume, t_all = best_of(resume), best_of(lambda c=ckpt: checkpoint.damage(c))
-        out[name] = {"checkpoint_mb": round(size_mb, 1), "load_s": round(t_load, 4), "verify_s": round(t_verify, 4),
-                     "verify_over_load": round(t_verify / t_load, 3), "resume_load_s": round(t_resume, 4),
-                     "resume_verify_s": round(t_all, 4), "resume_verify_over_load": round(t_all / t_resume, 3)}
-        print(f"{name}: checkpoint {size_mb:.1f} MB (model, EMA, optimizer); sampling: load {t_load:.3f} s, verify "
-              f"{t_verify:.3f} s ({t_verify / t_load:.2f}x); resume: load {t_resume:.3f} s, verify {t_all:.3f} s "
-              f"({t_all / t_resume:.2f}x)")
+        out[name] = {
+            "checkpoint_mb": round(size_mb, 1),
+            "load_s": round(t_load, 4),
+            "verify_s": round(t_verify, 4),
+            "verify_over_load": round(t_verify / t_load, 3),
+            "resume_load_s": round(t_resume, 4),
+            "resume_verify_s": round(t_all, 4),
+            "resume_verify_over_load": round(t_all / t_resume, 3),
+        }
+        print(
+            f"{name}: checkpoint {size_mb:.1f} MB (model, EMA, optimizer); sampling: load {t_load:.3f} s, verify "
+            f"{t_verify:.3f} s ({t_verify / t_load:.2f}x); resume: load {t_resume:.3f} s, verify {t_all:.3f} s "
+            f"({t_all / t_resume:.2f}x)"
+        )
     record("verify", {"baseline": "the same loads, unverified", "sizes": out})
 
 

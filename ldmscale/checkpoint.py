@@ -88,9 +88,11 @@ def newest_intact(run: Path, announce: bool = True, only: tuple[str, ...] | None
             break
         skipped.append((ckpt, bad))
     for ckpt, bad in skipped if announce else []:
-        integrity.note(f"checkpoint {ckpt} is damaged ({bad}); using "
-                       f"{found.name if found else 'none (no intact checkpoint: from the start)'} instead; the damaged "
-                       "one is kept")
+        integrity.note(
+            f"checkpoint {ckpt} is damaged ({bad}); using "
+            f"{found.name if found else 'none (no intact checkpoint: from the start)'} instead; the damaged "
+            "one is kept"
+        )
     return found
 
 
@@ -116,8 +118,10 @@ def _name(run: Path, which: str) -> str:
     p = Path(which)
     if p.name.startswith("step-") and p.resolve().parent == ckpt_dir(run).resolve():
         return p.name
-    raise UserError(f"--checkpoint {which!r} is not a checkpoint of run {run}: give latest, a step number or "
-                    "step-NNNNNN of this run")
+    raise UserError(
+        f"--checkpoint {which!r} is not a checkpoint of run {run}: give latest, a step number or "
+        "step-NNNNNN of this run"
+    )
 
 
 def resolve(run: Path, which: str = "latest", only: tuple[str, ...] | None = WEIGHTS) -> Path:
@@ -131,8 +135,9 @@ def resolve(run: Path, which: str = "latest", only: tuple[str, ...] | None = WEI
     if which in ("latest", ""):
         found = newest_intact(run, only=only)
         if found is None:
-            raise UserError(f"run {run} has no intact checkpoint (checkpoints: {have}; `ldmscale verify {run}` "
-                            "lists what is wrong)")
+            raise UserError(
+                f"run {run} has no intact checkpoint (checkpoints: {have}; `ldmscale verify {run}` lists what is wrong)"
+            )
         return found
     found = ckpt_dir(run) / _name(run, which)
     if not found.is_dir():
@@ -147,19 +152,34 @@ def _meta(config: dict, state: dict, kind: str) -> dict[str, str]:
     return {"ldmscale_config": json.dumps(config), "ldmscale_state": json.dumps(state), "weights": kind}
 
 
-def save(run: Path, step: int, config: dict, unet_state: dict, ema_state: dict | None, optimizer_state: dict,
-         state: dict, keep: int, protect: set[str] | frozenset = frozenset()) -> Path:
+def save(
+    run: Path,
+    step: int,
+    config: dict,
+    unet_state: dict,
+    ema_state: dict | None,
+    optimizer_state: dict,
+    state: dict,
+    keep: int,
+    protect: set[str] | frozenset = frozenset(),
+) -> Path:
     """Write checkpoint `step` atomically with the record of its files, point LATEST at it, keep the newest `keep`
     and those named in `protect`."""
     name = f"step-{step:06d}"
     out = ckpt_dir(run) / name
     try:
         with atomic_dir(out) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in unet_state.items()}, str(tmp / "model.safetensors"),
-                      metadata=_meta(config, state, "raw"))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in unet_state.items()},
+                str(tmp / "model.safetensors"),
+                metadata=_meta(config, state, "raw"),
+            )
             if ema_state is not None:
-                save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()},
-                          str(tmp / "ema.safetensors"), metadata=_meta(config, state, "ema"))
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in ema_state.items()},
+                    str(tmp / "ema.safetensors"),
+                    metadata=_meta(config, state, "ema"),
+                )
             torch.save(optimizer_state, tmp / "optimizer.pt")
             files = {f: integrity.record(tmp / f) for f in FILES if (tmp / f).exists()}
             atomic_write_json(tmp / "state.json", state | {"files": files})
@@ -167,8 +187,10 @@ def save(run: Path, step: int, config: dict, unet_state: dict, ema_state: dict |
         if not isinstance(e, DiskFull) and not disk_full(e):
             raise
         good = latest(run)
-        raise UserError(f"no space left on device while saving checkpoint {name} of {run}; last good checkpoint: "
-                        f"{good.name if good else 'none'} (free space and run the same command to continue)") from None
+        raise UserError(
+            f"no space left on device while saving checkpoint {name} of {run}; last good checkpoint: "
+            f"{good.name if good else 'none'} (free space and run the same command to continue)"
+        ) from None
     atomic_write_text(ckpt_dir(run) / "LATEST", name + "\n")
     for old in list_checkpoints(run)[:-keep] if keep > 0 else []:
         if old.name not in protect:
@@ -210,8 +232,10 @@ def load_optimizer(ckpt: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{path} cannot be loaded as optimizer state ({type(e).__name__}: {first[:200]}); "
-                        f"`ldmscale verify {Path(ckpt).parent.parent} --repair` sets the checkpoint aside") from None
+        raise UserError(
+            f"{path} cannot be loaded as optimizer state ({type(e).__name__}: {first[:200]}); "
+            f"`ldmscale verify {Path(ckpt).parent.parent} --repair` sets the checkpoint aside"
+        ) from None
 
 
 def read_run_config(run: Path) -> dict:

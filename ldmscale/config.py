@@ -40,8 +40,9 @@ class Range:
     lo_open: bool = False
 
     def check(self, value: float, where: str) -> None:
-        ok = (self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)) and \
-             (self.hi is None or value <= self.hi)
+        ok = (self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)) and (
+            self.hi is None or value <= self.hi
+        )
         if not ok:
             lo = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
             hi = "" if self.hi is None else f"<= {_num(self.hi)}"
@@ -203,9 +204,7 @@ def from_dict(cls: type[T], data: Any, where: str | None = None) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise UserError(
-            f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(fields))}"
-        )
+        raise UserError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(fields))}")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -310,8 +309,12 @@ def route_overrides(sections: dict[str, type], items: list[str] | tuple[str, ...
         if len(owners) == 1:
             out[owners[0]].append(item.strip())
         elif owners:
-            raise UserError(f"override {item!r}: {key!r} is a field of " + " and ".join(owners) +
-                            "; name one: " + " or ".join(f"{o}.{key}=..." for o in owners))
+            raise UserError(
+                f"override {item!r}: {key!r} is a field of "
+                + " and ".join(owners)
+                + "; name one: "
+                + " or ".join(f"{o}.{key}=..." for o in owners)
+            )
         else:
             known = "; ".join(f"{name}: {', '.join(sorted(fields[name]))}" for name in sections)
             raise UserError(f"override {item!r}: unknown key {key!r} ({known})")

@@ -92,8 +92,11 @@ def thread_count(given: int | None = None) -> tuple[int, str]:
     """(threads, why): --threads, else LDMSCALE_THREADS, else OMP_NUM_THREADS, else the cores this process may use
     (its CPU affinity) that other processes do not keep busy now, shared among the local processes of a distributed
     launch (LOCAL_WORLD_SIZE)."""
-    for value, source in ((given, "--threads"), (os.environ.get(THREADS_ENV), THREADS_ENV),
-                          (os.environ.get("OMP_NUM_THREADS"), "OMP_NUM_THREADS")):
+    for value, source in (
+        (given, "--threads"),
+        (os.environ.get(THREADS_ENV), THREADS_ENV),
+        (os.environ.get("OMP_NUM_THREADS"), "OMP_NUM_THREADS"),
+    ):
         if value is None or str(value).strip() == "":
             continue
         try:
@@ -135,6 +138,11 @@ def latency_conditions(device: torch.device | str) -> dict:
     1-minute load average at the end of the measurement (above the cores: other work shared the machine)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     device = torch.device(device)
-    return {"device": str(device), "cpu_model": cpu_model(), "threads": torch.get_num_threads(), "cores": cores,
-            "gpu_model": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+    return {
+        "device": str(device),
+        "cpu_model": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "cores": cores,
+        "gpu_model": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }

@@ -1,4 +1,5 @@
 """The one error users see: a UserError is printed by the CLI as one line, with exit code 2."""
+
 import shutil
 
 
@@ -16,8 +17,10 @@ class DiskFull(UserError):
             where = where.parent
         free = shutil.disk_usage(where).free
         need = f", about {needed / 1e6:,.1f} MB needed" if needed else ""
-        super().__init__(f"no space left on device writing {path} ({free / 1e6:,.1f} MB free{need}); nothing partial "
-                         "was kept: free space and run the same command again")
+        super().__init__(
+            f"no space left on device writing {path} ({free / 1e6:,.1f} MB free{need}); nothing partial "
+            "was kept: free space and run the same command again"
+        )
 
 
 class TrainingDiverged(RuntimeError):

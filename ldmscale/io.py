@@ -171,9 +171,13 @@ def file_sha256(path: str | os.PathLike, limit: int | None = None) -> str:
 
 # What marks a folder as each kind of ldmscale output (the first file found decides).
 OUTPUT_MARKERS = {
-    "run": ("config.json", "checkpoints"), "cache": ("prepare.json", "manifest.json"), "study": ("study.toml", "jobs"),
-    "autoencoder": ("ldmscale_autoencoder.json",), "classifier": ("classifier.json",),
-    "export": ("model_index.json",), "samples": ("sample.json",),
+    "run": ("config.json", "checkpoints"),
+    "cache": ("prepare.json", "manifest.json"),
+    "study": ("study.toml", "jobs"),
+    "autoencoder": ("ldmscale_autoencoder.json",),
+    "classifier": ("classifier.json",),
+    "export": ("model_index.json",),
+    "samples": ("sample.json",),
 }
 NEVER_REPLACED = ("run", "cache", "study")  # continued when the same kind, never replaced
 
@@ -207,8 +211,10 @@ def check_output(path: str | os.PathLike, kind: str, overwrite: bool = False) ->
     if have == kind:
         if overwrite:
             return
-        raise UserError(f"--out {path} already holds {'samples' if kind == 'samples' else 'a ' + kind}; pass "
-                        "--overwrite to replace it, or use a new --out")
+        raise UserError(
+            f"--out {path} already holds {'samples' if kind == 'samples' else 'a ' + kind}; pass "
+            "--overwrite to replace it, or use a new --out"
+        )
     what = f"a {have} folder" if have else "a folder with other files"
     raise UserError(f"--out {path} is {what}, not a {kind} folder; use a new --out")
 
@@ -223,7 +229,6 @@ class DirLock:
 
     def __enter__(self) -> DirLock:
 
-
         if not self.enabled:
             return self
         self.created = not self.path.exists()
@@ -234,8 +239,9 @@ class DirLock:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise UserError(f"{self.what} {self.path} is in use by process {holder}; wait for it or use another "
-                            "folder") from None
+            raise UserError(
+                f"{self.what} {self.path} is in use by process {holder}; wait for it or use another folder"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd

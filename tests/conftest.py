@@ -33,8 +33,14 @@ def run_cli(*args, env=None, timeout=600, check=False, subprocess_=False, cwd=RO
     if env is not None or subprocess_:
         full_env = dict(os.environ)
         full_env.update(env or {})
-        proc = subprocess.run([sys.executable, "-m", "ldmscale", *map(str, args)], capture_output=True, text=True,
-                              env=full_env, timeout=timeout, cwd=cwd)
+        proc = subprocess.run(
+            [sys.executable, "-m", "ldmscale", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+            cwd=cwd,
+        )
     else:
         proc = _in_process(list(map(str, args)), cwd)
     if check and proc.returncode != 0:
@@ -92,16 +98,35 @@ def tiny_cache(tmp_path_factory, tiny_ae):
     from ldmscale.data.config import PrepareConfig
 
     out = tmp_path_factory.mktemp("cache") / "cache"
-    prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tiny_ae), text_encoder="minilm", resolution=32,
-                          shard_size=64, limit=96), out, progress=False)
+    prepare(
+        PrepareConfig(
+            source="animal-mnist",
+            autoencoder=str(tiny_ae),
+            text_encoder="minilm",
+            resolution=32,
+            shard_size=64,
+            limit=96,
+        ),
+        out,
+        progress=False,
+    )
     return out
 
 
 def tiny_train_config(cache, **kw):
     from ldmscale.train.config import TrainConfig
 
-    base = dict(data=str(cache), size="c8", images=48, batch_size=8, lr=1e-3, warmup_steps=2, log_every=1,
-                checkpoint_every=24, keep=3)
+    base = dict(
+        data=str(cache),
+        size="c8",
+        images=48,
+        batch_size=8,
+        lr=1e-3,
+        warmup_steps=2,
+        log_every=1,
+        checkpoint_every=24,
+        keep=3,
+    )
     base.update(kw)
     return TrainConfig(**base)
 

@@ -16,7 +16,7 @@ def truncate(p: Path, other: Path | None = None) -> None:
 def garble(p: Path, other: Path | None = None) -> None:
     b = bytearray(p.read_bytes())
     i = len(b) // 2
-    b[i:i + 8] = bytes(x ^ 0xFF for x in b[i:i + 8])
+    b[i : i + 8] = bytes(x ^ 0xFF for x in b[i : i + 8])
     p.write_bytes(bytes(b))
 
 
@@ -60,8 +60,11 @@ def content(path: Path) -> tuple:
 
 
 def digest(root: Path, skip: Path | None = None) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock" and p != skip}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock" and p != skip
+    }
 
 
 @pytest.fixture(autouse=True)

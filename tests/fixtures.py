@@ -19,7 +19,7 @@ def shape_image(i: int, size: int = 24) -> Image.Image:
     if i % 2:
         arr[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = 255
     else:
-        arr[max(0, cy - r):cy + r, max(0, cx - r):cx + r] = 255
+        arr[max(0, cy - r) : cy + r, max(0, cx - r) : cx + r] = 255
     return Image.fromarray(arr, "L").convert("RGB")
 
 
@@ -66,8 +66,9 @@ def make_hf(root: Path, n: int = 5) -> Path:
     import datasets
 
     feats = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
-    ds = datasets.Dataset.from_dict({"image": [shape_image(i) for i in range(n)],
-                                     "text": [caption(i) for i in range(n)]}, features=feats)
+    ds = datasets.Dataset.from_dict(
+        {"image": [shape_image(i) for i in range(n)], "text": [caption(i) for i in range(n)]}, features=feats
+    )
     ds.save_to_disk(str(root))
     return root
 
@@ -80,8 +81,9 @@ def make_autoencoder(out: Path, channels: int = 1, resolution: int = 32) -> Path
     from ldmscale.data.config import AutoencoderConfig
 
     torch.manual_seed(0)
-    vae = build_autoencoder(AutoencoderConfig(channels=channels, resolution=resolution, block_out_channels=(8, 16, 16),
-                                              norm_groups=8))
+    vae = build_autoencoder(
+        AutoencoderConfig(channels=channels, resolution=resolution, block_out_channels=(8, 16, 16), norm_groups=8)
+    )
     vae.register_to_config(scaling_factor=0.7)
     vae.save_pretrained(out, safe_serialization=True)
     return out
@@ -105,10 +107,18 @@ def make_tiny_clip(out: Path, hidden: int = 32) -> Path:
     tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77)
     tok.save_pretrained(out)
     torch.manual_seed(0)
-    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
-                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                         pad_token_id=vocab["<|endoftext|>"])
+    cfg = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
     CLIPTextModel(cfg).save_pretrained(out)
     return out
 
@@ -128,16 +138,40 @@ def make_tiny_clip_model(out: Path, image_size: int = 32) -> Path:
     tok = CLIPTokenizer.from_pretrained(out / "_text")
     torch.manual_seed(0)
     text_cfg = json.loads((out / "_text" / "config.json").read_text())
-    text_cfg = {k: v for k, v in text_cfg.items() if k in ("vocab_size", "hidden_size", "intermediate_size",
-                                                           "num_hidden_layers", "num_attention_heads",
-                                                           "max_position_embeddings", "bos_token_id", "eos_token_id",
-                                                           "pad_token_id")}
-    cfg = CLIPConfig(text_config=text_cfg, vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                              num_attention_heads=2, image_size=image_size, patch_size=8),
-                     projection_dim=16)
+    text_cfg = {
+        k: v
+        for k, v in text_cfg.items()
+        if k
+        in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+        )
+    }
+    cfg = CLIPConfig(
+        text_config=text_cfg,
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     CLIPModel(cfg).save_pretrained(out)
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
-                                                            crop_size={"height": image_size, "width": image_size}),
-                         tokenizer=tok)
+    proc = CLIPProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
+        tokenizer=tok,
+    )
     proc.save_pretrained(out)
     return out

@@ -20,17 +20,32 @@ def test_power_law_fit_recovers_known_exponent_with_noise():
 
 
 def _row(size, norm_cost, sampler, steps, guidance, fd, std=0.1, images=100):
-    return {"size": size, "norm_cost": norm_cost, "sampler": sampler, "steps": steps, "guidance": guidance,
-            "sampling_cost": norm_cost * steps, "fd-classifier": fd, "fd-classifier_std": std, "images_seen": images,
-            "latency_ms_per_image": norm_cost * steps * 10, "model_calls_per_image": 2 * steps, "checkpoint": "x"}
+    return {
+        "size": size,
+        "norm_cost": norm_cost,
+        "sampler": sampler,
+        "steps": steps,
+        "guidance": guidance,
+        "sampling_cost": norm_cost * steps,
+        "fd-classifier": fd,
+        "fd-classifier_std": std,
+        "images_seen": images,
+        "latency_ms_per_image": norm_cost * steps * 10,
+        "model_calls_per_image": 2 * steps,
+        "checkpoint": "x",
+    }
 
 
 # a hand-made table: the small model is better at low budgets, the large one at high budgets
 TABLE = [
-    _row("small", 0.1, "ddim", 5, 2.0, 30.0), _row("small", 0.1, "ddim", 5, 4.0, 28.0),
-    _row("small", 0.1, "ddim", 20, 2.0, 20.0), _row("small", 0.1, "ddim", 50, 2.0, 18.0),
-    _row("large", 1.0, "ddim", 5, 2.0, 35.0), _row("large", 1.0, "ddim", 5, 4.0, 40.0),
-    _row("large", 1.0, "ddim", 20, 2.0, 12.0), _row("large", 1.0, "ddim", 50, 2.0, 10.0),
+    _row("small", 0.1, "ddim", 5, 2.0, 30.0),
+    _row("small", 0.1, "ddim", 5, 4.0, 28.0),
+    _row("small", 0.1, "ddim", 20, 2.0, 20.0),
+    _row("small", 0.1, "ddim", 50, 2.0, 18.0),
+    _row("large", 1.0, "ddim", 5, 2.0, 35.0),
+    _row("large", 1.0, "ddim", 5, 4.0, 40.0),
+    _row("large", 1.0, "ddim", 20, 2.0, 12.0),
+    _row("large", 1.0, "ddim", 50, 2.0, 10.0),
 ]
 
 
@@ -46,11 +61,22 @@ def test_best_over_guidance_keeps_the_best_guidance():
 def test_frontier_and_crossover_on_a_hand_made_table():
     best = analysis.best_over_guidance(TABLE, "fd-classifier")
     front = analysis.pareto_frontier(best, "fd-classifier")
-    assert [(r["size"], r["steps"]) for r in front] == [("small", 5), ("small", 20), ("small", 50), ("large", 20), ("large", 50)]
+    assert [(r["size"], r["steps"]) for r in front] == [
+        ("small", 5),
+        ("small", 20),
+        ("small", 50),
+        ("large", 20),
+        ("large", 50),
+    ]
     (x,) = analysis.crossovers(best, "fd-classifier")
     # at matched executed cost (2 calls a step): small 1, 4, 10; large 10, 40, 100. They meet at 10 only, where
     # small's 50 steps (18) beat large's 5 (35); the envelope rule called large's 20 steps at 40 a crossover
-    assert (x["smaller"], x["larger"], x["crossover"], x["kind"]) == ("small", "large", None, "smaller wins at every budget")
+    assert (x["smaller"], x["larger"], x["crossover"], x["kind"]) == (
+        "small",
+        "large",
+        None,
+        "smaller wins at every budget",
+    )
     assert (x["budgets_where_smaller_wins"], x["budgets"], x["range"]) == (1, 1, (10.0, 10.0))
     more = TABLE + [_row("small", 0.1, "ddim", 200, 2.0, 17.0), _row("small", 0.1, "ddim", 500, 2.0, 16.5)]
     (x,) = analysis.crossovers(analysis.best_over_guidance(more, "fd-classifier"), "fd-classifier")
@@ -87,11 +113,15 @@ def test_planner_choice_on_a_hand_made_table():
     p = analysis.plan(analysis.with_costs(best), 3.0, "fd-classifier")
     assert (p["cost"], p["best"]["steps"], p["best"]["executed_cost"]) == ("executed_cost", 5, 1.0)
     assert "small with ddim at 20 steps, guidance 2: fd-classifier 20 ± 0.1" in analysis.describe_choice(
-        analysis.plan(best, 3.0, "fd-classifier", "sampling_cost")["best"], "fd-classifier")
+        analysis.plan(best, 3.0, "fd-classifier", "sampling_cost")["best"], "fd-classifier"
+    )
 
 
 def test_final_rows_and_training_curves():
-    rows = [dict(_row("s", 0.1, "ddim", 20, 3.0, v, images=n), train_flops=n * 1e9) for n, v in ((10, 30), (20, 25), (40, 21))]
+    rows = [
+        dict(_row("s", 0.1, "ddim", 20, 3.0, v, images=n), train_flops=n * 1e9)
+        for n, v in ((10, 30), (20, 25), (40, 21))
+    ]
     assert [r["images_seen"] for r in analysis.final_rows(rows)] == [40]
     curves = analysis.training_curves(rows, "fd-classifier", "ddim", 20, 3.0)
     assert [r["images_seen"] for r in curves["s"]] == [10, 20, 40]

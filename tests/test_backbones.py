@@ -31,8 +31,11 @@ def test_published_transformer_parameter_counts():
     assert _params(ours) == 610_856_096 - 1152 * 2 * 2 * 4 - 2 * 2 * 4
     # SD3-medium's transformer (its published config: 128x128x16 latent, 4096-wide joint context, 2048-wide pooled
     # CLIP vector, position table 192): "2B"
-    sd3 = dict(transformer_config(parse_size("mmdit-d24"), 128, 4096, latent_channels=16),
-               pooled_projection_dim=2048, pos_embed_max_size=192)
+    sd3 = dict(
+        transformer_config(parse_size("mmdit-d24"), 128, 4096, latent_channels=16),
+        pooled_projection_dim=2048,
+        pos_embed_max_size=192,
+    )
     assert _params(build_transformer("mmdit", sd3, "meta")) == 2_028_328_000
     assert parse_size("mmdit-d24").hidden == 1536 and parse_size("dit-xl").heads == 16
 
@@ -74,8 +77,13 @@ def test_transformer_flops_equal_the_hand_formulas(name):
 def test_size_names_round_trip_and_bad_ones_say_why():
     for name in ["dit-s", "dit-xl", "dit-64x6", "dit-64x6:h4", "dit-96x2:p1", "mmdit-d24", "mmdit-d4:a16"]:
         assert size_spec(parse_size(name)) == name and parse_size(size_spec(parse_size(name))) == parse_size(name)
-    for bad, msg in [("dit-huge", "dit-s, dit-b"), ("dit-64x6:h5", "do not divide"), ("mmdit-d4:h2", "depth heads"),
-                     ("dit-64x6:a16", "mmdit"), ("mmdit-x", "mmdit-d<depth>")]:
+    for bad, msg in [
+        ("dit-huge", "dit-s, dit-b"),
+        ("dit-64x6:h5", "do not divide"),
+        ("mmdit-d4:h2", "depth heads"),
+        ("dit-64x6:a16", "mmdit"),
+        ("mmdit-x", "mmdit-d<depth>"),
+    ]:
         with pytest.raises(UserError, match=msg):
             parse_transformer(bad)
     with pytest.raises(UserError, match="patch 3 does not divide"):
@@ -114,8 +122,9 @@ def test_flow_samplers_recover_a_gaussian_target(sampler, steps):
     mu, s = 1.5, 0.5
     gens = [torch.Generator().manual_seed(i) for i in range(2000)]
     stats = SampleStats()
-    x = generate_latents(Velocity(mu, s), make_sampler(sampler), steps, torch.zeros(2000, 1, 1), None, 1.0, gens,
-                         (1, 4, 4), stats=stats)
+    x = generate_latents(
+        Velocity(mu, s), make_sampler(sampler), steps, torch.zeros(2000, 1, 1), None, 1.0, gens, (1, 4, 4), stats=stats
+    )
     assert float(x.mean()) == pytest.approx(mu, abs=0.02)
     assert float(x.std()) == pytest.approx(s, abs=0.02 if sampler == "flow-heun" else 0.03)
     assert stats.model_calls == (steps if sampler == "flow-euler" else 2 * steps - 1)
@@ -138,14 +147,29 @@ def test_flow_objective_interpolates_and_targets_the_velocity():
     assert 0 < float(t.min()) and float(t.max()) < 1  # logit-normal: never the ends of the path
 
 
-@pytest.mark.parametrize("size,prediction", [("dit-32x2", "epsilon"), ("dit-32x2", "flow"), ("mmdit-d2:a16", "epsilon"),
-                                             ("mmdit-d2:a16", "flow"), ("c8", "flow")])
+@pytest.mark.parametrize(
+    "size,prediction",
+    [
+        ("dit-32x2", "epsilon"),
+        ("dit-32x2", "flow"),
+        ("mmdit-d2:a16", "epsilon"),
+        ("mmdit-d2:a16", "flow"),
+        ("c8", "flow"),
+    ],
+)
 def test_every_backbone_and_objective_resumes_exactly(size, prediction, tiny_cache, tmp_path, monkeypatch):
     from ldmscale.train.loop import train
 
     cfg = tiny_train_config(tiny_cache, size=size, prediction=prediction, images=24, checkpoint_every=8)
-    resume_exactly(tmp_path, monkeypatch, lambda out: train(cfg, out, progress=False), kill_at=2, steps=3,
-                   weights=("raw", "ema"), atol=0.0)  # bit-equal
+    resume_exactly(
+        tmp_path,
+        monkeypatch,
+        lambda out: train(cfg, out, progress=False),
+        kill_at=2,
+        steps=3,
+        weights=("raw", "ema"),
+        atol=0.0,
+    )  # bit-equal
     rc = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert ("transformer" in rc) == (size != "c8") and rc["train"]["prediction"] == prediction
 
@@ -162,13 +186,25 @@ def test_a_sampler_must_fit_the_objective_and_export_says_what_it_writes(tiny_ca
     assert images.shape == (1, 1, 32, 32) and info["model_calls_per_image"] == 2 * (2 * 2 - 1)
     p = run_cli("export", "--run", tmp_path / "f", "--out", tmp_path / "e")
     assert p.returncode == 2 and "no diffusers pipeline samples this combination" in p.stderr
-    p = run_cli("train", "--cache", tiny_cache, "--size", "c8", "--prediction", "flow", "--snr-gamma", "5",
-                "--out", tmp_path / "g", "--images", "8")
+    p = run_cli(
+        "train",
+        "--cache",
+        tiny_cache,
+        "--size",
+        "c8",
+        "--prediction",
+        "flow",
+        "--snr-gamma",
+        "5",
+        "--out",
+        tmp_path / "g",
+        "--images",
+        "8",
+    )
     assert p.returncode == 2 and "snr_gamma" in p.stderr
 
 
-def test_validation_loss_is_logged_at_every_checkpoint_and_reaches_the_eval_result(tiny_run, tiny_classifier,
-                                                                                   tmp_path):
+def test_validation_loss_is_logged_at_every_checkpoint_and_reaches_the_eval_result(tiny_run, tiny_classifier, tmp_path):
     """The number is the objective's loss on fixed validation triples, with the EMA weights: recomputed here by hand."""
     from ldmscale import checkpoint
     from ldmscale.data.cache import LatentCache
@@ -178,7 +214,7 @@ def test_validation_loss_is_logged_at_every_checkpoint_and_reaches_the_eval_resu
 
     logged = read_jsonl(tiny_run / "validation.jsonl")
     ckpts = checkpoint.list_checkpoints(tiny_run)
-    assert [r["step"] for r in logged][-len(ckpts):] == [int(c.name[5:]) for c in ckpts]
+    assert [r["step"] for r in logged][-len(ckpts) :] == [int(c.name[5:]) for c in ckpts]
     last = checkpoint.load_state(ckpts[-1])
     assert last["val_loss"] == logged[-1]["val_loss"]
     rc = json.loads((tiny_run / "config.json").read_text())
@@ -196,8 +232,24 @@ def test_validation_loss_is_logged_at_every_checkpoint_and_reaches_the_eval_resu
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    run_cli("eval", "--run", run, "--steps", "2", "--num-images", "4", "--classifier", tiny_classifier,
-            "--metrics", "fd-classifier", "--bootstrap", "0", "--reference-count", "20", check=True)
+    run_cli(
+        "eval",
+        "--run",
+        run,
+        "--steps",
+        "2",
+        "--num-images",
+        "4",
+        "--classifier",
+        tiny_classifier,
+        "--metrics",
+        "fd-classifier",
+        "--bootstrap",
+        "0",
+        "--reference-count",
+        "20",
+        check=True,
+    )
     r = json.loads(next((run / "eval").glob("*.json")).read_text())
     assert r["val_loss"] == last["val_loss"] and r["backbone"] == "unet-sd15" and r["prediction"] == "epsilon"
 
@@ -229,8 +281,7 @@ curve_guidance = 2.0
 """
 
 
-def test_isoflop_study_trains_every_size_to_each_budget_and_reports_per_backbone(tiny_cache, tiny_classifier,
-                                                                                tmp_path):
+def test_isoflop_study_trains_every_size_to_each_budget_and_reports_per_backbone(tiny_cache, tiny_classifier, tmp_path):
     study = tmp_path / "iso.toml"
     study.write_text(ISO.format(cache=tiny_cache, classifier=tiny_classifier))
     out = tmp_path / "s"
@@ -241,7 +292,8 @@ def test_isoflop_study_trains_every_size_to_each_budget_and_reports_per_backbone
     unet = a["isoflop"]["unet-sd15"]
     # every size has a checkpoint at every budget, within the rounding of whole optimizer steps
     assert sorted((p["size"], p["budget"]) for p in unet["points"]) == sorted(
-        (s, b) for s in ("c8", "c12", "c16") for b in (1e10, 2e10, 4e10))
+        (s, b) for s in ("c8", "c12", "c16") for b in (1e10, 2e10, 4e10)
+    )
     for p in unet["points"]:
         assert abs(p["train_flops"] / p["budget"] - 1) < 0.25 and p["val_loss"] > 0
     # three sizes per budget: a parabola each; one DiT size: none, and the report says why
@@ -272,17 +324,36 @@ def test_dit_export_loads_as_pixart_and_reproduces_ldmscale_latents(tiny_cache, 
     assert "use_resolution_binning=False" in proc.stdout and "height=32, width=32" in proc.stdout
     m = load_run(tmp_path / "run", device="cpu")
     cond, uncond = encode_prompts(m, ["a cat", "a zebra"])
-    ours = generate_latents(m.unet, make_sampler("ddim"), 5, cond, uncond, 3.0,
-                            [torch.Generator().manual_seed(s) for s in (3, 4)], m.latent_shape)
+    ours = generate_latents(
+        m.unet,
+        make_sampler("ddim"),
+        5,
+        cond,
+        uncond,
+        3.0,
+        [torch.Generator().manual_seed(s) for s in (3, 4)],
+        m.latent_shape,
+    )
     pipe = printed_pipeline(proc)  # the line export printed
     assert isinstance(pipe, PixArtAlphaPipeline)
     pipe.set_progress_bar_config(disable=True)
     ones = torch.ones(cond.shape[:2], dtype=torch.long)
     size = m.latent_shape[1] * pipe.vae_scale_factor
-    theirs = pipe(prompt=None, negative_prompt=None, prompt_embeds=cond, prompt_attention_mask=ones,
-                  negative_prompt_embeds=uncond.expand(2, -1, -1), negative_prompt_attention_mask=ones,
-                  num_inference_steps=5, guidance_scale=3.0, generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
-                  output_type="latent", height=size, width=size, use_resolution_binning=False).images
+    theirs = pipe(
+        prompt=None,
+        negative_prompt=None,
+        prompt_embeds=cond,
+        prompt_attention_mask=ones,
+        negative_prompt_embeds=uncond.expand(2, -1, -1),
+        negative_prompt_attention_mask=ones,
+        num_inference_steps=5,
+        guidance_scale=3.0,
+        generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
+        output_type="latent",
+        height=size,
+        width=size,
+        use_resolution_binning=False,
+    ).images
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
     assert "PixArtAlphaPipeline" in (tmp_path / "export" / "ldmscale_source.txt").read_text()
 
@@ -295,19 +366,38 @@ def test_flow_mmdit_export_loads_as_sd3_and_reproduces_ldmscale_latents(tiny_cac
     from ldmscale.diffusion.schedulers import generate_latents, make_sampler
     from ldmscale.train.loop import train
 
-    train(tiny_train_config(tiny_cache, size="mmdit-d2:a16", prediction="flow", images=16), tmp_path / "run",
-          progress=False)
+    train(
+        tiny_train_config(tiny_cache, size="mmdit-d2:a16", prediction="flow", images=16),
+        tmp_path / "run",
+        progress=False,
+    )
     export(tmp_path / "run", tmp_path / "export")
     m = load_run(tmp_path / "run", device="cpu")
     cond, uncond = encode_prompts(m, ["a cat", "a zebra"])
-    ours = generate_latents(m.unet, make_sampler("flow-euler"), 5, cond, uncond, 3.0,
-                            [torch.Generator().manual_seed(s) for s in (3, 4)], m.latent_shape)
+    ours = generate_latents(
+        m.unet,
+        make_sampler("flow-euler"),
+        5,
+        cond,
+        uncond,
+        3.0,
+        [torch.Generator().manual_seed(s) for s in (3, 4)],
+        m.latent_shape,
+    )
     pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "export", **{k: None for k in SD3_TEXT_SLOTS})
     pipe.set_progress_bar_config(disable=True)
     neg = uncond.expand(2, -1, -1)
     size = m.latent_shape[1] * pipe.vae_scale_factor
-    theirs = pipe(prompt_embeds=cond, pooled_prompt_embeds=cond.mean(1), negative_prompt_embeds=neg,
-                  negative_pooled_prompt_embeds=neg.mean(1), num_inference_steps=5, guidance_scale=3.0,
-                  generator=[torch.Generator().manual_seed(s) for s in (3, 4)], output_type="latent", height=size,
-                  width=size).images
+    theirs = pipe(
+        prompt_embeds=cond,
+        pooled_prompt_embeds=cond.mean(1),
+        negative_prompt_embeds=neg,
+        negative_pooled_prompt_embeds=neg.mean(1),
+        num_inference_steps=5,
+        guidance_scale=3.0,
+        generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
+        output_type="latent",
+        height=size,
+        width=size,
+    ).images
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()

@@ -21,10 +21,23 @@ def trained(tmp_path_factory):
     from ldmscale.train.loop import train
 
     root = tmp_path_factory.mktemp("trained")
-    train_autoencoder(AutoencoderConfig(block_out_channels=(8, 16, 16), norm_groups=8, steps=100, lr=8e-3),
-                      root / "ae", progress=False)
-    prepare(PrepareConfig(source="animal-mnist", autoencoder=str(root / "ae"), text_encoder="minilm", resolution=32,
-                          shard_size=64, limit=96), root / "cache", progress=False)
+    train_autoencoder(
+        AutoencoderConfig(block_out_channels=(8, 16, 16), norm_groups=8, steps=100, lr=8e-3),
+        root / "ae",
+        progress=False,
+    )
+    prepare(
+        PrepareConfig(
+            source="animal-mnist",
+            autoencoder=str(root / "ae"),
+            text_encoder="minilm",
+            resolution=32,
+            shard_size=64,
+            limit=96,
+        ),
+        root / "cache",
+        progress=False,
+    )
     train(tiny_train_config(root / "cache"), root / "c8", progress=False)
     return root
 
@@ -51,8 +64,15 @@ def test_super_resolution_output_follows_its_own_low_resolution_input(trained):
     def follows(images: int, prediction: str) -> tuple[float, float]:
         """(consistency with its own input, with the next image's input)"""
         run = trained / f"sr-{images}-{prediction}"
-        cfg = tiny_train_config(trained / "cache", images=images, batch_size=16, lr=3e-3, data="animal-mnist",
-                                checkpoint_every=0, prediction=prediction)
+        cfg = tiny_train_config(
+            trained / "cache",
+            images=images,
+            batch_size=16,
+            lr=3e-3,
+            data="animal-mnist",
+            checkpoint_every=0,
+            prediction=prediction,
+        )
         finetune_sr(SRConfig(init=str(trained / "c8"), data="animal-mnist", limit=512), cfg, run, progress=False)
         out, _ = upscale(load_run(run), low, [""] * 16, list(range(16)), "ddim", 4, 1.0, 16, "trailing")
         back = degrade(out, 4, "bicubic", list(range(16)))
@@ -81,8 +101,9 @@ def test_dreambooth_moves_samples_towards_the_subject(trained, tmp_path):
     subject.mkdir()
     for k, v in enumerate([one, one[:, ::-1], np.roll(one, 1, 1), np.roll(one, 1, 0)]):
         Image.fromarray(np.ascontiguousarray(v)).save(subject / f"{k}.png")
-    db = DreamBoothConfig(init=str(trained / "c8"), subject=str(subject), class_prompt="a dog", num_class_images=1,
-                          prior_steps=2)
+    db = DreamBoothConfig(
+        init=str(trained / "c8"), subject=str(subject), class_prompt="a dog", num_class_images=1, prior_steps=2
+    )
     cfg = tiny_train_config(trained / "cache", images=3200, batch_size=8, lr=2e-3, checkpoint_every=0)
     finetune_dreambooth(db, cfg, tmp_path / "db", progress=False)
     views = subject_images(str(subject), 32, 1)

@@ -23,8 +23,15 @@ TINY = {  # each script's arguments at a size that runs in seconds here
 }
 
 
-ROWS = {"prepare.py": 1, "train_cache.py": 1, "sampling.py": 1, "features.py": 1, "speedups.py": 2, "verify.py": 1,
-        "threads.py": 1}  # rows each adds to make bench's table
+ROWS = {
+    "prepare.py": 1,
+    "train_cache.py": 1,
+    "sampling.py": 1,
+    "features.py": 1,
+    "speedups.py": 2,
+    "verify.py": 1,
+    "threads.py": 1,
+}  # rows each adds to make bench's table
 
 
 def test_every_bench_script_has_a_tiny_size():

@@ -28,8 +28,11 @@ def with_downstream(profile: list[dict]) -> list[dict]:
     last = [p for p in profile if p["images_seen"] == final[p["size"]]]
     sr = [dict(p, task="super-resolution") for p in last if p["sampler"] == "ddim"]
     largest = max(last, key=lambda p: p["norm_cost"])["size"]
-    lcm = [dict(p, sampler="lcm", distilled=True, model_calls_per_image=p["steps"]) for p in last
-           if p["size"] == largest and p["sampler"] == "ddim" and p["steps"] <= 8]
+    lcm = [
+        dict(p, sampler="lcm", distilled=True, model_calls_per_image=p["steps"])
+        for p in last
+        if p["size"] == largest and p["sampler"] == "ddim" and p["steps"] <= 8
+    ]
     return profile + sr + lcm
 
 

@@ -14,11 +14,24 @@ STEPS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def row(size, norm, sampler, steps, value, std=0.5, images=1000, g=3.0, metric=M, calls=None, seed=0, **kw):
-    return {"size": size, "norm_cost": norm, "sampler": sampler, "steps": steps, "guidance": g, metric: value,
-            f"{metric}_std": std, "sampling_cost": norm * steps, "images_seen": images,
-            "train_flops": 3 * images * norm * 1e9, "checkpoint": f"step-{images}", "latency_ms_per_image": steps,
-            "model_calls_per_image": 2 * steps if calls is None else calls, "task": "text-to-image",
-            "train_seed": seed, **kw}
+    return {
+        "size": size,
+        "norm_cost": norm,
+        "sampler": sampler,
+        "steps": steps,
+        "guidance": g,
+        metric: value,
+        f"{metric}_std": std,
+        "sampling_cost": norm * steps,
+        "images_seen": images,
+        "train_flops": 3 * images * norm * 1e9,
+        "checkpoint": f"step-{images}",
+        "latency_ms_per_image": steps,
+        "model_calls_per_image": 2 * steps if calls is None else calls,
+        "task": "text-to-image",
+        "train_seed": seed,
+        **kw,
+    }
 
 
 def grid(size, norm, values, sampler="ddim", **kw):
@@ -68,7 +81,7 @@ def test_claim3_is_not_measured_when_the_crossover_is_within_noise():
 def test_claim3_ignores_a_grid_that_only_looks_like_a_crossover():
     """Quality a function of executed cost alone: the old envelope rule called this a crossover (small's point just
     under a budget against large's point far below it); at matched cost there is nothing."""
-    f = lambda c: 20 + 30 / c ** 0.5  # noqa: E731
+    f = lambda c: 20 + 30 / c**0.5  # noqa: E731
     rows = grid("small", 0.1, [f(0.2 * s) for s in STEPS]) + grid("large", 1.0, [f(2.0 * s) for s in STEPS])
     assert analysis.crossover(rows[:7], rows[7:], M)["kind"] == "smaller wins at every budget"  # interpolation bias
     v = claims.claim3(rows, M)
@@ -86,14 +99,20 @@ def test_a_value_without_standard_error_is_never_significant():
 def test_claim4_needs_the_crossover_with_each_sampler():
     ddpm = [dict(r, sampler="ddpm") for r in CROSS]
     assert claims.claim4(CROSS + ddpm, M).verdict == "holds"
-    flat = [dict(r, sampler="dpmsolver++") for r in grid("small", 0.1, SMALL, std=30) + grid("large", 1.0, LARGE_CROSS, std=30)]
+    flat = [
+        dict(r, sampler="dpmsolver++")
+        for r in grid("small", 0.1, SMALL, std=30) + grid("large", 1.0, LARGE_CROSS, std=30)
+    ]
     v = claims.claim4(CROSS + ddpm + flat, M)
     assert v.verdict == "not measured" and v.reason == "within noise with dpmsolver++"
-    bad = [dict(r, sampler="dpmsolver++") for r in grid("small", 0.1, [90, 80, 70, 60, 50, 45, 42])
-           + grid("large", 1.0, [30, 20, 15, 12, 10, 9, 8])]
+    bad = [
+        dict(r, sampler="dpmsolver++")
+        for r in grid("small", 0.1, [90, 80, 70, 60, 50, 45, 42]) + grid("large", 1.0, [30, 20, 15, 12, 10, 9, 8])
+    ]
     v = claims.claim4(CROSS + ddpm + bad, M)
-    assert v.verdict == "does not hold" and v.evidence == ("ddim: crossover beyond noise; ddpm: crossover beyond noise; "
-                                                           "dpmsolver++: contradicted")
+    assert v.verdict == "does not hold" and v.evidence == (
+        "ddim: crossover beyond noise; ddpm: crossover beyond noise; dpmsolver++: contradicted"
+    )
     assert claims.claim4(CROSS, M).verdict == "not measured"
 
 
@@ -104,9 +123,11 @@ def test_claim1_holds_when_the_larger_is_better_at_the_largest_matched_compute()
     assert v.verdict == "holds", v.reason
     (p,) = v.data["pairs"]
     assert p["flops"] == pytest.approx(9.6e10) and p["a"] == pytest.approx(30 - 12 * 0.678072, abs=1e-4)
-    assert p["b"] == 26 and p["z"] == pytest.approx((26 - p["a"]) / 2 ** 0.5, rel=1e-6)
-    assert ("at 9.6e+10 training FLOPs (the largest both reached; large before the end of its run) large 21.86 ± 1 "
-            "vs small 26 ± 1: z = 2.9") in v.evidence
+    assert p["b"] == 26 and p["z"] == pytest.approx((26 - p["a"]) / 2**0.5, rel=1e-6)
+    assert (
+        "at 9.6e+10 training FLOPs (the largest both reached; large before the end of its run) large 21.86 ± 1 "
+        "vs small 26 ± 1: z = 2.9"
+    ) in v.evidence
 
 
 def test_claim1_fails_when_the_smaller_is_better_at_the_largest_matched_compute():
@@ -129,11 +150,15 @@ def test_claim1_fails_when_a_size_gets_worse_with_training():
 
 
 def test_claim1_is_not_measured_without_a_common_training_compute_and_says_what_would_measure_it():
-    rows = curve("small", 0.1, [50, 40, 33], images=(10, 20, 40)) + curve("large", 1.0, [45, 30, 18], images=(10, 20, 40))
+    rows = curve("small", 0.1, [50, 40, 33], images=(10, 20, 40)) + curve(
+        "large", 1.0, [45, 30, 18], images=(10, 20, 40)
+    )
     v = claims.claim1(rows, M, CURVE)
     assert v.verdict == "not measured"
-    assert v.reason == ("no two sizes were evaluated at a common training compute: train small to 1.2e+11 FLOPs "
-                        "(large's final compute) to compare them where large is best")
+    assert v.reason == (
+        "no two sizes were evaluated at a common training compute: train small to 1.2e+11 FLOPs "
+        "(large's final compute) to compare them where large is best"
+    )
     assert claims.claim1(curve("small", 0.1, [40, 30, 25]), M, CURVE).verdict == "not measured"
 
 
@@ -146,8 +171,9 @@ def test_seeds_are_averaged_and_their_spread_enters_the_error():
     # an error from few seeds makes the test a Student t (Welch's degrees of freedom): 2.5 errors is not enough
     c = stats.compare(10.0, 1.0, 12.5, 1.0, M, 2, 2)
     assert c["z"] == pytest.approx(2.5 / 2**0.5) and c["df"] == pytest.approx(4.0)
-    assert c["p"] == pytest.approx(0.0759, abs=1e-4) and stats.compare(10.0, 1.0, 12.5, 1.0, M)["p"] == \
-        pytest.approx(0.0385, abs=1e-4)
+    assert c["p"] == pytest.approx(0.0759, abs=1e-4) and stats.compare(10.0, 1.0, 12.5, 1.0, M)["p"] == pytest.approx(
+        0.0385, abs=1e-4
+    )
     close = [row("s", 0.1, "ddim", 4, v, std=3.0, seed=k) for k, v in enumerate((10.0, 10.5))]
     (agg,) = stats.aggregate_seeds(close)
     assert agg[f"{M}_std"] == pytest.approx((9.0 / 2) ** 0.5)  # never below the evaluation noise of the mean
@@ -163,8 +189,11 @@ def test_two_seeds_of_one_size_presented_as_two_sizes_hold_no_claim():
 
 
 def sr_rows(values_small, values_large, std=0.1):
-    return [dict(r, task="super-resolution") for r in grid("small", 0.1, values_small, metric="psnr", std=std)
-            + grid("large", 1.0, values_large, metric="psnr", std=std)]
+    return [
+        dict(r, task="super-resolution")
+        for r in grid("small", 0.1, values_small, metric="psnr", std=std)
+        + grid("large", 1.0, values_large, metric="psnr", std=std)
+    ]
 
 
 PRE = curve("small", 0.1, [50, 40, 33, 29, 27, 26]) + curve("large", 1.0, [45, 30, 18], images=(10, 20, 40))
@@ -175,8 +204,11 @@ def test_claim2_needs_a_significant_supporting_pair_and_no_contradiction():
     v = claims.claim2(PRE + sr_rows([15, 16, 17, 17, 17, 18, 18], [12, 14, 16, 18, 20, 21, 22]), M, CURVE, tm)
     assert v.verdict == "holds", v.reason
     v = claims.claim2(PRE + sr_rows([15, 16, 17, 17, 17, 18, 23], [12, 14, 16, 18, 20, 21, 22]), M, CURVE, tm)
-    assert v.verdict == "does not hold" and v.reason == "large is better pretrained than small but worse at " \
-                                                        "super-resolution fidelity (psnr) beyond noise"
+    assert (
+        v.verdict == "does not hold"
+        and v.reason
+        == "large is better pretrained than small but worse at super-resolution fidelity (psnr) beyond noise"
+    )
     v = claims.claim2(PRE + sr_rows([15, 16, 17, 17, 17, 18, 22], [12, 14, 16, 18, 20, 21, 22.2]), M, CURVE, tm)
     assert v.verdict == "not measured" and v.reason.startswith("no pair of sizes differs beyond noise")
     alike = [dict(r, **{M: 26.0}) if r["size"] == "large" else r for r in PRE]  # pretrained alike: no evidence
@@ -189,16 +221,21 @@ def test_claims_2_and_5_give_a_verdict_per_metric_family():
     """Super-resolution is judged on realism (a Frechet distance) and fidelity (PSNR): an upscaler better at one and
     worse at the other is named in both families, and the contradiction decides claim 2."""
     tm = {"super-resolution": ("fd-classifier", "psnr")}
-    real = [dict(r, task="super-resolution", psnr=None) for r in grid("small", 0.1, [60, 50, 45, 42, 41, 40, 40])
-            + grid("large", 1.0, [80, 50, 40, 35, 30, 28, 27])]  # the large upscaler more realistic at the top
+    real = [
+        dict(r, task="super-resolution", psnr=None)
+        for r in grid("small", 0.1, [60, 50, 45, 42, 41, 40, 40]) + grid("large", 1.0, [80, 50, 40, 35, 30, 28, 27])
+    ]  # the large upscaler more realistic at the top
     faithful = sr_rows([15, 16, 17, 17, 17, 18, 23], [12, 14, 16, 18, 20, 21, 22])  # ... and less faithful
     v = claims.claim2(PRE + real + [dict(r, **{M: None}) for r in faithful], M, CURVE, tm)
     assert v.verdict == "does not hold"
-    assert v.evidence.startswith("super-resolution realism (fd-classifier): holds; super-resolution fidelity (psnr): "
-                                 "does not hold; ")
+    assert v.evidence.startswith(
+        "super-resolution realism (fd-classifier): holds; super-resolution fidelity (psnr): does not hold; "
+    )
     v = claims.claim5(PRE + real + [dict(r, **{M: None}) for r in faithful], tm)
-    assert [part.split(":")[0] for part in v.evidence.split("; super-resolution ")] == \
-        ["super-resolution realism (fd-classifier)", "fidelity (psnr)"]
+    assert [part.split(":")[0] for part in v.evidence.split("; super-resolution ")] == [
+        "super-resolution realism (fd-classifier)",
+        "fidelity (psnr)",
+    ]
 
 
 def test_claim5_downstream_crossover_at_small_step_counts():
@@ -206,16 +243,20 @@ def test_claim5_downstream_crossover_at_small_step_counts():
     # higher is better; the small upscaler is better at low cost, the large one at the top of the range (< 20 steps)
     small, large = [20, 22, 23, 23.5, 23.8, 99, 99], [10, 40, 41, 42, 43, 99, 99]
     assert claims.claim5(sr_rows(small, large), tm).verdict == "holds"
-    assert claims.claim5(sr_rows([10, 11, 12, 12, 12, 12, 12], [20, 24, 26, 27, 28, 28, 28]), tm).verdict == \
-        "does not hold"
+    assert (
+        claims.claim5(sr_rows([10, 11, 12, 12, 12, 12, 12], [20, 24, 26, 27, 28, 28, 28]), tm).verdict
+        == "does not hold"
+    )
     assert claims.claim5(CROSS, tm).verdict == "not measured"
 
 
 def test_claim6_compares_every_distilled_step_count_at_executed_cost_and_goes_either_way():
     plain = grid("small", 0.1, SMALL) + grid("large", 1.0, LARGE_CROSS)
+
     # an LCM step is one unguided call: executed cost 1, 2, 4, 8 for the large student
-    lcm = lambda values: [row("large", 1.0, "lcm", s, v, calls=s, distilled=True)  # noqa: E731
-                          for s, v in zip((1, 2, 4, 8), values)]
+    def lcm(values):
+        return [row("large", 1.0, "lcm", s, v, calls=s, distilled=True) for s, v in zip((1, 2, 4, 8), values)]
+
     v = claims.claim6(plain + lcm([60, 30, 25, 22]), M)
     assert v.verdict == "holds"  # small (about 22 at cost 1-8) is better than the 1- and 2-step student
     assert "distilled large at 1 steps (executed cost 1)" in v.evidence
@@ -230,10 +271,18 @@ def test_check_claims_gives_six_verdicts_in_order_and_one_seed_cannot_settle_run
     vs = claims.check_claims(CROSS + PRE, M, CURVE)
     assert [v.claim for v in vs] == [1, 2, 3, 4, 5, 6]
     # claim 1 compares one run's last checkpoint with another's: one seed leaves training noise out of the error
-    assert [v.verdict for v in vs] == ["not measured", "not measured", "holds", "not measured", "not measured",
-                                       "not measured"]
-    assert vs[0].reason.startswith("too few seeds to tell: with one training seed these comparisons of one run "
-                                   "against another leave out training noise")
+    assert [v.verdict for v in vs] == [
+        "not measured",
+        "not measured",
+        "holds",
+        "not measured",
+        "not measured",
+        "not measured",
+    ]
+    assert vs[0].reason.startswith(
+        "too few seeds to tell: with one training seed these comparisons of one run "
+        "against another leave out training noise"
+    )
     assert 'with seeds, the rule says "holds"' in vs[0].reason
     # two seeds a little apart: the same claim holds, with the spread between seeds in its errors
     seeds = CROSS + PRE + [dict(r, train_seed=1, **{M: r[M] + 0.5}) for r in CROSS + PRE]
@@ -255,18 +304,26 @@ def test_holm_and_the_threshold():
 
 def test_metric_agreement_is_oriented():
     rows = [{"fd-classifier": v, "fid": 2 * v + 1, "caption-accuracy": 1 / v} for v in (10, 20, 30, 40)]
-    assert claims.metric_agreement(rows, "fd-classifier", "fid") == {"a": "fd-classifier", "b": "fid", "spearman": 1.0,
-                                                                      "points": 4}
+    assert claims.metric_agreement(rows, "fd-classifier", "fid") == {
+        "a": "fd-classifier",
+        "b": "fid",
+        "spearman": 1.0,
+        "points": 4,
+    }
     assert claims.metric_agreement(rows, "fd-classifier", "caption-accuracy")["spearman"] == pytest.approx(1.0)
     rows[0]["fid"] = 1000
     assert claims.metric_agreement(rows, "fd-classifier", "fid")["spearman"] == pytest.approx(-0.2)
 
 
 def test_matched_crossover_kinds():
-    assert analysis.crossover(grid("s", 0.1, [90] * 7), grid("l", 1.0, [10] * 7), M)["kind"] == \
-        "larger wins wherever both run"
-    assert analysis.crossover(grid("s", 0.1, [1] * 7), grid("l", 1.0, [9] * 7), M)["kind"] == \
-        "smaller wins at every budget"
+    assert (
+        analysis.crossover(grid("s", 0.1, [90] * 7), grid("l", 1.0, [10] * 7), M)["kind"]
+        == "larger wins wherever both run"
+    )
+    assert (
+        analysis.crossover(grid("s", 0.1, [1] * 7), grid("l", 1.0, [9] * 7), M)["kind"]
+        == "smaller wins at every budget"
+    )
     x = analysis.crossover(grid("small", 0.1, SMALL), grid("large", 1.0, LARGE_CROSS), M)
     assert (x["kind"], x["crossover"], x["range"]) == ("crossover", 8.0, (2.0, 12.8))
 
@@ -278,6 +335,8 @@ def test_points_with_fewer_images_than_the_metric_has_dimensions_do_not_decide()
     assert claims.check_claims(rows, M, CURVE, feature_dims={M: 16})[2].verdict == "holds"  # 16 images, 16 dims
     v = claims.check_claims(rows, M, CURVE, feature_dims={M: 64})[2]
     assert v.verdict == "not measured"
-    assert v.reason.startswith(f"too few images to tell: {M} on 16 images a point, fewer than its 64 feature "
-                               'dimensions, is biased and noisier than its ± shows (with enough, the rule says "holds"')
+    assert v.reason.startswith(
+        f"too few images to tell: {M} on 16 images a point, fewer than its 64 feature "
+        'dimensions, is biased and noisier than its ± shows (with enough, the rule says "holds"'
+    )
     assert claims.check_claims(rows, M, CURVE, feature_dims={"other": 64})[2].verdict == "holds"

@@ -50,8 +50,10 @@ def test_types_are_checked():
 
 
 def test_overrides_parse_against_field_types():
-    cfg = apply_overrides(Outer(), ["steps=20", "flag=true", "inner.lr=3e-4", "sizes=c8,c16,c32", "maybe=none",
-                                    "mode=v", "inner.betas=[0.8,0.9]"])
+    cfg = apply_overrides(
+        Outer(),
+        ["steps=20", "flag=true", "inner.lr=3e-4", "sizes=c8,c16,c32", "maybe=none", "mode=v", "inner.betas=[0.8,0.9]"],
+    )
     assert cfg.steps == 20 and cfg.flag is True and cfg.inner.lr == 3e-4
     assert cfg.sizes == ("c8", "c16", "c32") and cfg.maybe is None and cfg.mode == "v"
     assert cfg.inner.betas == (0.8, 0.9)

@@ -53,9 +53,12 @@ def test_a_source_without_validation_split_holds_out_every_tenth_item(tmp_path):
     assert data.validation_rule(src) == "held out: every 10th item of 'train' (positions 9, 19, ...)"
     small = data.parse_source(f"folder:{make_folder(tmp_path / 's', n=9, corrupt=False)}")
     assert data.splits(small) == ["train"] and data.validation_rule(small) == (
-        "none: 'train' has fewer than 10 items to hold one out")
+        "none: 'train' has fewer than 10 items to hold one out"
+    )
     wds = data.parse_source(f"wds:{make_tars(tmp_path / 't', shards=4, per_shard=5)}")
-    assert [it.key for it in data.iterate(wds, "validation")] == [it.key for it in data._iterate(wds, "train", 0)][9::10]
+    assert [it.key for it in data.iterate(wds, "validation")] == [it.key for it in data._iterate(wds, "train", 0)][
+        9::10
+    ]
 
 
 def test_preprocess_center_crops_and_resizes():
@@ -109,11 +112,14 @@ def test_hf_saved_dataset(tmp_path):
     assert np.array_equal(np.asarray(items[2].image.convert("RGB")), np.asarray(__import__("fixtures").shape_image(2)))
 
 
-@pytest.mark.parametrize("spec,needle", [
-    ("folder:/no/such/dir", "folder not found"),
-    ("wds:/no/such/{0..3}.tar", "no tar shards match"),
-    ("s3://bucket", "unknown source"),
-])
+@pytest.mark.parametrize(
+    "spec,needle",
+    [
+        ("folder:/no/such/dir", "folder not found"),
+        ("wds:/no/such/{0..3}.tar", "no tar shards match"),
+        ("s3://bucket", "unknown source"),
+    ],
+)
 def test_bad_source_specs(spec, needle):
     with pytest.raises(UserError, match=needle):
         data.parse_source(spec)
@@ -135,8 +141,11 @@ def test_minilm_trimmed_encoding_equals_full_length():
 def test_prepare_folder_skips_corrupt_and_reports(tmp_path, tiny_ae):
     root = make_folder(tmp_path / "imgs", n=5)
     out = tmp_path / "cache"
-    m = prepare(PrepareConfig(source=f"folder:{root}", autoencoder=str(tiny_ae), resolution=32, shard_size=4), out,
-                progress=False)
+    m = prepare(
+        PrepareConfig(source=f"folder:{root}", autoencoder=str(tiny_ae), resolution=32, shard_size=4),
+        out,
+        progress=False,
+    )
     assert m["splits"]["train"]["count"] == 5 and m["skipped_total"] == 1
     skipped = json.loads((out / "skipped.json").read_text())
     assert skipped[0]["key"] == "broken.png" and "rror" in skipped[0]["error"]
@@ -182,40 +191,99 @@ def test_prepare_resumes_after_interruption(tmp_path, tiny_ae, monkeypatch):
     with safe_open(str(out / "train" / "shard-00002.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["start"]) == 20
     with pytest.raises(UserError, match="other settings"):
-        prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tiny_ae), resolution=32, shard_size=10, limit=36),
-                out, progress=False)
+        prepare(
+            PrepareConfig(source="animal-mnist", autoencoder=str(tiny_ae), resolution=32, shard_size=10, limit=36),
+            out,
+            progress=False,
+        )
 
 
 def test_prepare_cli_errors(tmp_path, tiny_ae):
     proc = run_cli("data", "prepare", "--source", "folder:/nope", "--autoencoder", tiny_ae, "--out", tmp_path / "c")
     assert proc.returncode == 2 and "folder not found: /nope" in proc.stderr
-    proc = run_cli("data", "prepare", "--source", "animal-mnist", "--autoencoder", tmp_path / "missing-ae",
-                   "--out", tmp_path / "c")
+    proc = run_cli(
+        "data", "prepare", "--source", "animal-mnist", "--autoencoder", tmp_path / "missing-ae", "--out", tmp_path / "c"
+    )
     assert proc.returncode == 2 and "autoencoder not found" in proc.stderr
-    proc = run_cli("data", "prepare", "--source", "animal-mnist", "--autoencoder", tiny_ae, "--text-encoder", "t5",
-                   "--out", tmp_path / "c")
+    proc = run_cli(
+        "data",
+        "prepare",
+        "--source",
+        "animal-mnist",
+        "--autoencoder",
+        tiny_ae,
+        "--text-encoder",
+        "t5",
+        "--out",
+        tmp_path / "c",
+    )
     assert proc.returncode == 2 and "unknown text encoder 't5'" in proc.stderr
-    proc = run_cli("data", "prepare", "--source", "animal-mnist", "--autoencoder", tiny_ae, "--resolution", "30",
-                   "--out", tmp_path / "c2")
+    proc = run_cli(
+        "data",
+        "prepare",
+        "--source",
+        "animal-mnist",
+        "--autoencoder",
+        tiny_ae,
+        "--resolution",
+        "30",
+        "--out",
+        tmp_path / "c2",
+    )
     assert proc.returncode == 2 and "not a multiple of the autoencoder's downsampling factor 4" in proc.stderr
 
 
 def test_prepare_cli_wds_and_hf(tmp_path, tiny_ae):
     pattern = make_tars(tmp_path / "tars", shards=2, per_shard=3)
-    proc = run_cli("data", "prepare", "--source", f"wds:{pattern}", "--autoencoder", tiny_ae, "--out",
-                   tmp_path / "wc", "--shard-size", "4", check=True)
+    proc = run_cli(
+        "data",
+        "prepare",
+        "--source",
+        f"wds:{pattern}",
+        "--autoencoder",
+        tiny_ae,
+        "--out",
+        tmp_path / "wc",
+        "--shard-size",
+        "4",
+        check=True,
+    )
     assert "6 images (train 6)" in proc.stdout
     make_hf(tmp_path / "hfds", n=5)
-    proc = run_cli("data", "prepare", "--source", f"hf:{tmp_path / 'hfds'}", "--autoencoder", tiny_ae, "--out",
-                   tmp_path / "hc", check=True)
+    proc = run_cli(
+        "data",
+        "prepare",
+        "--source",
+        f"hf:{tmp_path / 'hfds'}",
+        "--autoencoder",
+        tiny_ae,
+        "--out",
+        tmp_path / "hc",
+        check=True,
+    )
     assert "5 images (train 5)" in proc.stdout
 
 
 def test_autoencoder_train_cli(tmp_path):
     root = make_folder(tmp_path / "imgs", n=12, corrupt=False)
     out = tmp_path / "ae"
-    proc = run_cli("autoencoder", "train", "--source", f"folder:{root}", "--out", out, "--set", "steps=3",
-                   "--set", "batch_size=4", "--set", "block_out_channels=8,16,16", "--set", "norm_groups=8", check=True)
+    proc = run_cli(
+        "autoencoder",
+        "train",
+        "--source",
+        f"folder:{root}",
+        "--out",
+        out,
+        "--set",
+        "steps=3",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "block_out_channels=8,16,16",
+        "--set",
+        "norm_groups=8",
+        check=True,
+    )
     assert "validation PSNR" in proc.stdout
     from ldmscale.data.autoencoder import load_autoencoder
 
@@ -239,20 +307,70 @@ def test_an_rgb_folder_trains_rgb_models_end_to_end_by_default(tmp_path):
         Image.fromarray(arr).save(root / f"{i:02d}.png")
         rows.append({"file_name": f"{i:02d}.png", "text": "a yellow shape" if i % 2 else "a magenta shape"})
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    p = run_cli("autoencoder", "train", "--source", f"folder:{root}", "--out", tmp_path / "ae", "--set", "steps=3",
-                "--set", "batch_size=4", "--set", "block_out_channels=8,16,16", "--set", "norm_groups=8", check=True)
+    p = run_cli(
+        "autoencoder",
+        "train",
+        "--source",
+        f"folder:{root}",
+        "--out",
+        tmp_path / "ae",
+        "--set",
+        "steps=3",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "block_out_channels=8,16,16",
+        "--set",
+        "norm_groups=8",
+        check=True,
+    )
     assert "autoencoder channels=3: RGB, the source has colour images" in p.stderr
-    run_cli("data", "prepare", "--source", f"folder:{root}", "--autoencoder", tmp_path / "ae", "--out",
-            tmp_path / "cache", check=True)
+    run_cli(
+        "data",
+        "prepare",
+        "--source",
+        f"folder:{root}",
+        "--autoencoder",
+        tmp_path / "ae",
+        "--out",
+        tmp_path / "cache",
+        check=True,
+    )
     # one validation rule for the autoencoder, the cache and the run: every 10th image (here 09.png) held out
     rule = "held out: every 10th item of 'train' (positions 9, 19, ...)"
     assert json.loads((tmp_path / "ae" / "ldmscale_autoencoder.json").read_text())["validation_split"] == rule
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["validation"] == rule
     assert {k: v["count"] for k, v in manifest["splits"].items()} == {"train": 11, "validation": 1}
-    run_cli("train", "--cache", tmp_path / "cache", "--size", "c8", "--images", "8", "--set", "batch_size=8",
-            "--set", "warmup_steps=0", "--out", tmp_path / "run", check=True)
+    run_cli(
+        "train",
+        "--cache",
+        tmp_path / "cache",
+        "--size",
+        "c8",
+        "--images",
+        "8",
+        "--set",
+        "batch_size=8",
+        "--set",
+        "warmup_steps=0",
+        "--out",
+        tmp_path / "run",
+        check=True,
+    )
     assert (tmp_path / "run" / "validation.jsonl").exists()
-    run_cli("sample", "--run", tmp_path / "run", "--prompt", "a magenta shape", "--steps", "1", "--num-images", "1",
-            "--out", tmp_path / "s", check=True)
+    run_cli(
+        "sample",
+        "--run",
+        tmp_path / "run",
+        "--prompt",
+        "a magenta shape",
+        "--steps",
+        "1",
+        "--num-images",
+        "1",
+        "--out",
+        tmp_path / "s",
+        check=True,
+    )
     assert Image.open(tmp_path / "s" / "p00-000.png").mode == "RGB"

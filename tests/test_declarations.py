@@ -27,9 +27,14 @@ GENERATED = {
     ("distill",): (DistillConfig, {}, {}),
 }
 # EvalConfig fields a study sets per job rather than in [eval], and why
-PER_JOB = {"sampler": "[eval] samplers is a grid", "steps": "[eval] steps is a grid",
-           "guidance": "[eval] guidance is a grid", "checkpoint": "every training-curve checkpoint is a job",
-           "tag": "set by the study on agreement evaluations", "classifier": "given, or trained by the study"}
+PER_JOB = {
+    "sampler": "[eval] samplers is a grid",
+    "steps": "[eval] steps is a grid",
+    "guidance": "[eval] guidance is a grid",
+    "checkpoint": "every training-curve checkpoint is a job",
+    "tag": "set by the study on agreement evaluations",
+    "classifier": "given, or trained by the study",
+}
 
 
 def _command(path):
@@ -70,13 +75,20 @@ def test_generated_help_reads_as_written():
     """Golden help lines: the comment after a field, capitalized, its continuation lines joined, the default."""
     params = {p.name: p for p in _command(("eval",)).params}
     assert params["num_images"].help == "Images to generate and measure [default: 1000]"
-    assert params["metrics"].help == ("Fid, fd-classifier, caption-accuracy, clip; psnr, consistency, ssim, lpips "
-                                      "(super-resolution); subject-ssim, subject-fidelity (DreamBooth) "
-                                      "[default: fd-classifier,caption-accuracy]")
+    assert params["metrics"].help == (
+        "Fid, fd-classifier, caption-accuracy, clip; psnr, consistency, ssim, lpips "
+        "(super-resolution); subject-ssim, subject-fidelity (DreamBooth) "
+        "[default: fd-classifier,caption-accuracy]"
+    )
     params = {p.name: p for p in _command(("data", "prepare")).params}
-    assert params["source"].required and params["source"].help == "Animal-mnist, folder:PATH, wds:PATTERN or hf:NAME[:SPLIT]"
+    assert (
+        params["source"].required
+        and params["source"].help == "Animal-mnist, folder:PATH, wds:PATTERN or hf:NAME[:SPLIT]"
+    )
     params = {p.name: p for p in _command(("finetune", "sr")).params}
-    assert params["init"].required and params["images"].help.startswith("Fine-tuning duration in images [default: 20000]")
+    assert params["init"].required and params["images"].help.startswith(
+        "Fine-tuning duration in images [default: 20000]"
+    )
 
 
 def test_the_study_eval_section_is_the_eval_settings_plus_its_grid():
@@ -85,8 +97,18 @@ def test_the_study_eval_section_is_the_eval_settings_plus_its_grid():
     missing = _names(EvalConfig) - _names(EvalSection) - set(PER_JOB)
     assert not missing, f"EvalConfig fields a study file cannot set: {sorted(missing)}"
     # every [eval] field of the same name reaches the evaluations
-    ev = EvalSection(lpips="lp.pt", precision="bf16", weights="raw", fid_resize="pytorch", seed=7, bootstrap=3,
-                     spacing="trailing", clip="clipdir", inception="inc.pt", reference="animal-mnist:train")
+    ev = EvalSection(
+        lpips="lp.pt",
+        precision="bf16",
+        weights="raw",
+        fid_resize="pytorch",
+        seed=7,
+        bootstrap=3,
+        spacing="trailing",
+        clip="clipdir",
+        inception="inc.pt",
+        reference="animal-mnist:train",
+    )
     cfg = eval_config(ev, "clf", sampler="ddim", steps=4, guidance=2.0)
     for name in EVAL_SHARED:
         assert getattr(cfg, name) == getattr(ev, name), name
@@ -135,14 +157,16 @@ def test_objectives_and_training_data_satisfy_the_loops_protocols(tiny_cache):
     from ldmscale.tasks.distill import Consistency, Progressive
     from ldmscale.train.objectives import Denoising, Objective, RectifiedFlow, TrainData
 
-    assert [c.__name__ for c in (Denoising, RectifiedFlow, Consistency, Progressive)
-            if not issubclass(c, Objective)] == []
+    assert [
+        c.__name__ for c in (Denoising, RectifiedFlow, Consistency, Progressive) if not issubclass(c, Objective)
+    ] == []
     assert isinstance(LatentCache(tiny_cache), TrainData)
     assert not isinstance(object(), TrainData) and not issubclass(dict, Objective)
 
 
-@pytest.mark.parametrize("cls,kind", [(SRConfig, "super-resolution"), (DreamBoothConfig, "dreambooth"),
-                                      (DistillConfig, "consistency")])
+@pytest.mark.parametrize(
+    "cls,kind", [(SRConfig, "super-resolution"), (DreamBoothConfig, "dreambooth"), (DistillConfig, "consistency")]
+)
 def test_a_task_trains_with_the_same_loop_from_the_cli_and_from_a_study(cls, kind, tiny_run, tmp_path, monkeypatch):
     """The task's defaults live in its config (train_defaults, default_images): `finetune`/`distill` and a study's
     [tasks.*] of the same init run build one TrainConfig, and one --set / set convention routes keys to either."""
@@ -154,7 +178,9 @@ def test_a_task_trains_with_the_same_loop_from_the_cli_and_from_a_study(cls, kin
 
     init_train = read_run_config(tiny_run)["train"]
     base = from_dict(TrainConfig, {k: v for k, v in init_train.items() if k in TrainConfig.__dataclass_fields__})
-    sets = {"lr": "3e-4", "warmup_steps": "7"} | ({"subject": "examples/subject_elephant"} if kind == "dreambooth" else {})
+    sets = {"lr": "3e-4", "warmup_steps": "7"} | (
+        {"subject": "examples/subject_elephant"} if kind == "dreambooth" else {}
+    )
     task = TaskSection(kind=kind, set=sets)
     study = Study(data=dataclasses.replace(Study().data, source="animal-mnist"))
     built = tasks.kind(kind).build(task, study, study.eval, base, tiny_run, tmp_path / "t", False)
@@ -169,29 +195,44 @@ def test_a_task_trains_with_the_same_loop_from_the_cli_and_from_a_study(cls, kin
     else:
         from ldmscale.tasks.superres import sr_prediction
 
-        extra = {"data": lambda c, _: c.data, "prediction": lambda _, t: sr_prediction(t["prediction"])} \
-            if cls is SRConfig else {}
-        _, from_cli = cli_tasks._configs(cls, "init", {"init": str(tiny_run), "out": tmp_path / "cli"}, overrides,
-                                         None, **extra)
+        extra = (
+            {"data": lambda c, _: c.data, "prediction": lambda _, t: sr_prediction(t["prediction"])}
+            if cls is SRConfig
+            else {}
+        )
+        _, from_cli = cli_tasks._configs(
+            cls, "init", {"init": str(tiny_run), "out": tmp_path / "cli"}, overrides, None, **extra
+        )
         assert to_dict(from_cli) == to_dict(built.train)
     assert (built.train.lr, built.train.warmup_steps, built.images) == (3e-4, 7, cls.default_images)
     if cls is not DistillConfig:  # a fine-tune keeps its init run's loop otherwise
         assert (built.train.batch_size, built.train.lr_schedule) == (base.batch_size, base.lr_schedule)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["finetune", "dreambooth", "--set", "seed=1"], "'seed' is a field of task and train; name one: task.seed=... or "
-                                                    "train.seed=..."),
-    (["distill", "--set", "nope=1"], "unknown key 'nope' (task: checkpoint, cond_dim,"),
-    (["finetune", "sr", "--set", "lr"], "is not of the form KEY=VALUE"),
-    (["eval", "--set", "steps=0"], "steps must be >= 1 and <= 1,000, got 0"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["finetune", "dreambooth", "--set", "seed=1"],
+            "'seed' is a field of task and train; name one: task.seed=... or train.seed=...",
+        ),
+        (["distill", "--set", "nope=1"], "unknown key 'nope' (task: checkpoint, cond_dim,"),
+        (["finetune", "sr", "--set", "lr"], "is not of the form KEY=VALUE"),
+        (["eval", "--set", "steps=0"], "steps must be >= 1 and <= 1,000, got 0"),
+    ],
+)
 def test_one_set_convention_on_every_verb(argv, message, tiny_run, tmp_path):
     from conftest import run_cli
 
-    where = {"finetune": ["--init", str(tiny_run), "--out", str(tmp_path / "o")],
-             "distill": ["--teacher", str(tiny_run), "--out", str(tmp_path / "o")], "eval": ["--run", str(tiny_run)]}
+    where = {
+        "finetune": ["--init", str(tiny_run), "--out", str(tmp_path / "o")],
+        "distill": ["--teacher", str(tiny_run), "--out", str(tmp_path / "o")],
+        "eval": ["--run", str(tiny_run)],
+    }
     extra = ["--subject", "examples/subject_elephant"] if "dreambooth" in argv else []
-    proc = run_cli(*argv[:2], *where[argv[0]], *extra, *argv[2:]) if argv[0] == "finetune" else \
-        run_cli(argv[0], *where[argv[0]], *argv[1:])
+    proc = (
+        run_cli(*argv[:2], *where[argv[0]], *extra, *argv[2:])
+        if argv[0] == "finetune"
+        else run_cli(argv[0], *where[argv[0]], *argv[1:])
+    )
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -42,8 +42,13 @@ def test_evaluation_feature_networks_are_on_the_device(tiny_classifier, tmp_path
     from ldmscale.eval.evaluate import build_extractors
 
     clip = make_tiny_clip_model(tmp_path / "clip")
-    ex, clf, cl = build_extractors(EvalConfig(metrics=("fid", "fd-classifier", "caption-accuracy", "clip"),
-                                              classifier=str(tiny_classifier), clip=str(clip)))
+    ex, clf, cl = build_extractors(
+        EvalConfig(
+            metrics=("fid", "fd-classifier", "caption-accuracy", "clip"),
+            classifier=str(tiny_classifier),
+            clip=str(clip),
+        )
+    )
     assert ex["fid"].device == META and clf.device == META
     assert _devices(clf.model, cl.model) == {META}
 
@@ -64,12 +69,14 @@ def accelerator_on_meta(monkeypatch):
     monkeypatch.setattr(accelerate.Accelerator, "device", property(lambda self: META))
 
 
-def test_training_puts_model_ema_and_objective_networks_on_the_device(tiny_run, tiny_cache, tmp_path,
-                                                                    accelerator_on_meta):
+def test_training_puts_model_ema_and_objective_networks_on_the_device(
+    tiny_run, tiny_cache, tmp_path, accelerator_on_meta
+):
     from conftest import tiny_train_config
 
     from ldmscale.tasks.distill import configs, distill_task
-    from ldmscale.train.loop import setup, text_to_image_task
+    from ldmscale.train.loop import setup
+    from ldmscale.train.run import text_to_image_task
 
     s = setup(tiny_train_config(tiny_cache), tmp_path / "run", text_to_image_task)
     assert _devices(s.model) == {META} and {t.device for t in s.ema.shadow_params} == {META}

@@ -71,11 +71,15 @@ def test_student_starts_as_the_teacher(tiny_run):
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.randn(2, 77, 384)
     with torch.no_grad():
         a = teacher(x, t, encoder_hidden_states=ctx).sample
-        b = student(x, t, encoder_hidden_states=ctx, timestep_cond=guidance_embedding(torch.tensor([2.0, 6.0]), 256)).sample
+        b = student(
+            x, t, encoder_hidden_states=ctx, timestep_cond=guidance_embedding(torch.tensor([2.0, 6.0]), 256)
+        ).sample
     assert torch.allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("method,extra,total", [("consistency", (), 2), ("progressive", ("start_steps=8", "final_steps=2"), 4)])
+@pytest.mark.parametrize(
+    "method,extra,total", [("consistency", (), 2), ("progressive", ("start_steps=8", "final_steps=2"), 4)]
+)
 def test_two_step_distillation_resumes_exactly(tiny_run, tmp_path, monkeypatch, method, extra, total):
     sets = ("checkpoint_every=8", "log_every=1", *extra)
     _distill(tiny_run, tmp_path / "straight", method, sets=sets)
@@ -98,8 +102,10 @@ def test_two_step_distillation_resumes_exactly(tiny_run, tmp_path, monkeypatch, 
         b = checkpoint.load_weights(checkpoint.latest(tmp_path / "resumed"), which)
         assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     # the metrics log of the resumed run is the uninterrupted one's: no step logged twice
-    logs = [[(r["step"], round(r["loss"], 6), r["train_flops"]) for r in read_jsonl(tmp_path / n / "metrics.jsonl")]
-            for n in ("straight", "resumed")]
+    logs = [
+        [(r["step"], round(r["loss"], 6), r["train_flops"]) for r in read_jsonl(tmp_path / n / "metrics.jsonl")]
+        for n in ("straight", "resumed")
+    ]
     assert [r[0] for r in logs[0]] == list(range(1, total + 1)) and logs[0] == logs[1]
     state = checkpoint.load_state(checkpoint.latest(tmp_path / "straight"))
     fwd = json.loads((tiny_run / "config.json").read_text())["accounting"]["forward_flops"]
@@ -118,17 +124,50 @@ def test_two_step_distillation_resumes_exactly(tiny_run, tmp_path, monkeypatch, 
 
 def test_distilled_model_samples_with_lcm_and_is_marked(tiny_run, tiny_classifier, tmp_path):
     _distill(tiny_run, tmp_path / "lcm")
-    p = run_cli("sample", "--run", tmp_path / "lcm", "--prompt", "a cat", "--sampler", "lcm", "--steps", "4",
-                "--guidance", "3", "--num-images", "2", "--out", tmp_path / "s", check=True)
+    p = run_cli(
+        "sample",
+        "--run",
+        tmp_path / "lcm",
+        "--prompt",
+        "a cat",
+        "--sampler",
+        "lcm",
+        "--steps",
+        "4",
+        "--guidance",
+        "3",
+        "--num-images",
+        "2",
+        "--out",
+        tmp_path / "s",
+        check=True,
+    )
     assert "4 model calls/image" in p.stdout  # guidance is embedded: no second (unconditional) call
     from ldmscale.diffusion.generate import load_run
 
     sampler = load_run(tmp_path / "lcm").sampler("lcm")  # lcm steps on the grid the student was distilled on
     sampler.set_timesteps(4)
     assert sampler.timesteps.tolist() == [999, 799, 499, 299]
-    p = run_cli("eval", "--run", tmp_path / "lcm", "--sampler", "lcm", "--steps", "2", "--guidance", "3",
-                "--num-images", "8", "--classifier", tiny_classifier, "--reference-count", "50", "--batch-size", "8",
-                check=True)
+    p = run_cli(
+        "eval",
+        "--run",
+        tmp_path / "lcm",
+        "--sampler",
+        "lcm",
+        "--steps",
+        "2",
+        "--guidance",
+        "3",
+        "--num-images",
+        "8",
+        "--classifier",
+        tiny_classifier,
+        "--reference-count",
+        "50",
+        "--batch-size",
+        "8",
+        check=True,
+    )
     r = json.loads(next((tmp_path / "lcm" / "eval").glob("*.json")).read_text())
     assert r["distilled"] is True and r["model_calls_per_image"] == 2
 
@@ -139,5 +178,7 @@ def test_distill_bad_teacher_exits_2(tiny_run, tmp_path):
     _distill(tiny_run, tmp_path / "student", images=8)
     p = run_cli("distill", "--teacher", tmp_path / "student", "--out", tmp_path / "y")
     assert p.returncode == 2 and "needs an undistilled text-to-image run" in p.stderr
-    p = run_cli("distill", "--teacher", tiny_run, "--method", "progressive", "--set", "start_steps=6", "--out", tmp_path / "z")
+    p = run_cli(
+        "distill", "--teacher", tiny_run, "--method", "progressive", "--set", "start_steps=6", "--out", tmp_path / "z"
+    )
     assert p.returncode == 2 and "start_steps dividing 1000" in p.stderr

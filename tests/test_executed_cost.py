@@ -37,8 +37,9 @@ def test_calls_per_image_match_the_formula(unet, sampler, guidance, steps):
     stats = SampleStats()
     sch = make_sampler(sampler, "flow" if sampler in FLOW_SAMPLERS else "epsilon", timestep_spacing="trailing")
     gens = [torch.Generator().manual_seed(i) for i in range(batch)]
-    generate_latents(unet, sch, steps, torch.randn(batch, 4, 16), torch.zeros(1, 4, 16), guidance, gens, (4, 8, 8),
-                     stats=stats)
+    generate_latents(
+        unet, sch, steps, torch.randn(batch, 4, 16), torch.zeros(1, 4, 16), guidance, gens, (4, 8, 8), stats=stats
+    )
     unet._forward_hooks.clear()
     calls = sum(seen) / batch
     assert calls == model_calls(sampler, steps, guidance) == stats.model_calls
@@ -53,8 +54,16 @@ def test_an_embedded_guidance_scale_runs_one_call_a_step():
     student = UNet2DConditionModel(**cfg).eval()
     seen = counted(student)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    generate_latents(student, make_sampler("lcm", timestep_spacing="trailing"), 4, torch.randn(2, 4, 16),
-                     torch.zeros(1, 4, 16), 8.0, gens, (4, 8, 8))
+    generate_latents(
+        student,
+        make_sampler("lcm", timestep_spacing="trailing"),
+        4,
+        torch.randn(2, 4, 16),
+        torch.zeros(1, 4, 16),
+        8.0,
+        gens,
+        (4, 8, 8),
+    )
     assert sum(seen) / 2 == 4 == model_calls("lcm", 4, 8.0, guidance_embedded=True)
 
 

@@ -138,26 +138,32 @@ def test_family_cli_table_and_csv():
     assert header.startswith("name,C,heads") and row.startswith("c64,64,4,")
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["family", "--size", "huge"], "unknown size 'huge'"),
-    (["family", "--preset", "gpu"], "unknown preset 'gpu'"),
-    (["family", "--set", "width=3"], "unknown key 'width'"),
-    (["family", "--set", "heads=many"], "cannot parse 'many'"),
-    (["family", "--set", "heads"], "not of the form key=value"),
-    (["family", "--latent-size", "12"], "multiple of 8"),
-    (["family", "--format", "xml"], "'xml' is not one of"),
-    (["train-everything"], "No such command"),
-    # size fields, by --set and in the size name (#27)
-    (["family", "--size", "c16", "--set", "heads=0"], "heads must be >= 1 and <= 65,536, got 0"),
-    (["family", "--size", "c16", "--set", "norm_groups=-2"], "norm_groups must be >= 1 and <= 65,536, got -2"),
-    (["family", "--size", "c16", "--set", "layers_per_block=0"], "layers_per_block must be >= 1 and <= 64, got 0"),
-    (["family", "--size", "c16", "--set", "layers_per_block=1e40"], "layers_per_block must be >= 1 and <= 64, got 1e+40"),
-    (["family", "--size", "c16", "--set", "heads=3"], "3 heads do not divide C=16"),
-    (["family", "--size", "c16", "--set", "heads=inf"], "heads: cannot parse 'inf' as int"),
-    (["family", "--size", "c16:h0"], "must be positive (got 0, 16, 2)"),
-    (["family", "--size", "c0"], "base width C must be between 1 and 65536, got 0"),
-    (["family", "--size", "dit-64x4:h0"], "hidden, depth, heads and patch must be positive"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["family", "--size", "huge"], "unknown size 'huge'"),
+        (["family", "--preset", "gpu"], "unknown preset 'gpu'"),
+        (["family", "--set", "width=3"], "unknown key 'width'"),
+        (["family", "--set", "heads=many"], "cannot parse 'many'"),
+        (["family", "--set", "heads"], "not of the form key=value"),
+        (["family", "--latent-size", "12"], "multiple of 8"),
+        (["family", "--format", "xml"], "'xml' is not one of"),
+        (["train-everything"], "No such command"),
+        # size fields, by --set and in the size name (#27)
+        (["family", "--size", "c16", "--set", "heads=0"], "heads must be >= 1 and <= 65,536, got 0"),
+        (["family", "--size", "c16", "--set", "norm_groups=-2"], "norm_groups must be >= 1 and <= 65,536, got -2"),
+        (["family", "--size", "c16", "--set", "layers_per_block=0"], "layers_per_block must be >= 1 and <= 64, got 0"),
+        (
+            ["family", "--size", "c16", "--set", "layers_per_block=1e40"],
+            "layers_per_block must be >= 1 and <= 64, got 1e+40",
+        ),
+        (["family", "--size", "c16", "--set", "heads=3"], "3 heads do not divide C=16"),
+        (["family", "--size", "c16", "--set", "heads=inf"], "heads: cannot parse 'inf' as int"),
+        (["family", "--size", "c16:h0"], "must be positive (got 0, 16, 2)"),
+        (["family", "--size", "c0"], "base width C must be between 1 and 65536, got 0"),
+        (["family", "--size", "dit-64x4:h0"], "hidden, depth, heads and patch must be positive"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(args, needle):
     proc = run_cli(*args)
     assert proc.returncode == 2, proc.stderr
@@ -179,8 +185,15 @@ def test_context_length_accounting_follows_the_tokens_kept(C, latent):
     # (channels, query tokens) of every cross-attention transformer: 2 per down level 0-2, 1 in the middle,
     # 3 per up level 2-0
     h = latent
-    blocks = [(C, h * h)] * 2 + [(2 * C, (h // 2) ** 2)] * 2 + [(4 * C, (h // 4) ** 2)] * 2 + [(4 * C, (h // 8) ** 2)] \
-        + [(4 * C, (h // 4) ** 2)] * 3 + [(2 * C, (h // 2) ** 2)] * 3 + [(C, h * h)] * 3
+    blocks = (
+        [(C, h * h)] * 2
+        + [(2 * C, (h // 2) ** 2)] * 2
+        + [(4 * C, (h // 4) ** 2)] * 2
+        + [(4 * C, (h // 8) ** 2)]
+        + [(4 * C, (h // 4) ** 2)] * 3
+        + [(2 * C, (h // 2) ** 2)] * 3
+        + [(C, h * h)] * 3
+    )
     per_token = sum(4 * c * D + 4 * n * c for c, n in blocks)
     f77, f16 = cost(size, latent, 77, D).flops, cost(size, latent, 16, D).flops
     assert f77 - f16 == 61 * per_token

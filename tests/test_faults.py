@@ -31,8 +31,20 @@ def _config_classes():
     from ldmscale.tasks.config import DistillConfig, DreamBoothConfig, SRConfig
     from ldmscale.train.config import TrainConfig
 
-    return [TrainConfig, EvalConfig, PrepareConfig, AutoencoderConfig, ClassifierConfig, DistillConfig, SRConfig,
-            DreamBoothConfig, DataSection, TrainSection, EvalSection, TaskSection]
+    return [
+        TrainConfig,
+        EvalConfig,
+        PrepareConfig,
+        AutoencoderConfig,
+        ClassifierConfig,
+        DistillConfig,
+        SRConfig,
+        DreamBoothConfig,
+        DataSection,
+        TrainSection,
+        EvalSection,
+        TaskSection,
+    ]
 
 
 def _numeric_kind(tp):
@@ -47,9 +59,12 @@ def _numeric_kind(tp):
     return None
 
 
-NUMERIC_FIELDS = [(cls, f.name, _numeric_kind(typing.get_type_hints(cls, include_extras=True)[f.name]))
-                  for cls in _config_classes() for f in dataclasses.fields(cls)
-                  if _numeric_kind(typing.get_type_hints(cls, include_extras=True)[f.name])]
+NUMERIC_FIELDS = [
+    (cls, f.name, _numeric_kind(typing.get_type_hints(cls, include_extras=True)[f.name]))
+    for cls in _config_classes()
+    for f in dataclasses.fields(cls)
+    if _numeric_kind(typing.get_type_hints(cls, include_extras=True)[f.name])
+]
 REQUIRED = {"PrepareConfig": {"source": "animal-mnist", "autoencoder": "x"}}
 
 
@@ -71,8 +86,9 @@ def test_every_numeric_config_field_refuses_bad_values_with_a_user_error(cls, na
         except UserError as e:
             assert name in str(e), f"{cls.__name__}.{name}={value!r}: the message does not name the field: {e}"
             continue
-        assert value not in ALWAYS_BAD and not (isinstance(value, float) and not math.isfinite(value)), \
+        assert value not in ALWAYS_BAD and not (isinstance(value, float) and not math.isfinite(value)), (
             f"{cls.__name__}.{name} accepted {value!r}"
+        )
 
 
 def _commands(group=None, path=()):
@@ -90,8 +106,10 @@ def _commands(group=None, path=()):
 
 def _numeric(param):
     t = param.type
-    return isinstance(param, click.Option) and (isinstance(t, (click.types.IntParamType, click.types.FloatParamType))
-                                                 or t.name in ("integer", "float", "integer range", "float range"))
+    return isinstance(param, click.Option) and (
+        isinstance(t, (click.types.IntParamType, click.types.FloatParamType))
+        or t.name in ("integer", "float", "integer range", "float range")
+    )
 
 
 # arguments that make each command fail fast (one line, exit 2) once its options are valid
@@ -105,8 +123,16 @@ BASE = {
     ("plan",): ["/nonexistent"],
     ("study", "calibrate"): ["/nonexistent"],
     ("finetune", "sr"): ["--init", "/nonexistent", "--out", "{tmp}/f"],
-    ("finetune", "dreambooth"): ["--init", "/nonexistent", "--subject", "/nonexistent", "--class-prompt", "a cat",
-                                 "--out", "{tmp}/d"],
+    ("finetune", "dreambooth"): [
+        "--init",
+        "/nonexistent",
+        "--subject",
+        "/nonexistent",
+        "--class-prompt",
+        "a cat",
+        "--out",
+        "{tmp}/d",
+    ],
     ("distill",): ["--teacher", "/nonexistent", "--out", "{tmp}/t"],
     ("autoencoder", "train"): ["--source", "folder:/nonexistent", "--out", "{tmp}/a"],
     ("classifier", "train"): ["--source", "folder:/nonexistent", "--out", "{tmp}/k"],
@@ -149,10 +175,16 @@ def _set_targets():
     """Every verb's --set and the configs it reaches (a generated option's command and its sections)."""
     from ldmscale.model.family import ModelSize
 
-    by_cmd = {("train",): "TrainConfig", ("eval",): "EvalConfig", ("data", "prepare"): "PrepareConfig",
-              ("autoencoder", "train"): "AutoencoderConfig", ("classifier", "train"): "ClassifierConfig",
-              ("finetune", "sr"): "SRConfig TrainConfig", ("finetune", "dreambooth"): "DreamBoothConfig TrainConfig",
-              ("distill",): "DistillConfig TrainConfig"}
+    by_cmd = {
+        ("train",): "TrainConfig",
+        ("eval",): "EvalConfig",
+        ("data", "prepare"): "PrepareConfig",
+        ("autoencoder", "train"): "AutoencoderConfig",
+        ("classifier", "train"): "ClassifierConfig",
+        ("finetune", "sr"): "SRConfig TrainConfig",
+        ("finetune", "dreambooth"): "DreamBoothConfig TrainConfig",
+        ("distill",): "DistillConfig TrainConfig",
+    }
     classes = {c.__name__: c for c in _config_classes()}
     out = [(("family",), ModelSize, f.name, "scalar") for f in dataclasses.fields(ModelSize)]
     for path, names in by_cmd.items():
@@ -208,9 +240,12 @@ def _toml(v):
     return f'"{v}"' if isinstance(v, str) else repr(v)
 
 
-STUDY_FIELDS = [(sec, name, kind) for cls, name, kind in NUMERIC_FIELDS
-                for sec in [{"DataSection": "data", "TrainSection": "train", "EvalSection": "eval"}.get(cls.__name__)]
-                if sec]
+STUDY_FIELDS = [
+    (sec, name, kind)
+    for cls, name, kind in NUMERIC_FIELDS
+    for sec in [{"DataSection": "data", "TrainSection": "train", "EvalSection": "eval"}.get(cls.__name__)]
+    if sec
+]
 
 
 @pytest.mark.parametrize("section,name,kind", STUDY_FIELDS, ids=[f"{s}.{n}" for s, n, _ in STUDY_FIELDS])
@@ -252,7 +287,16 @@ def _writers(o, tiny_run, tiny_cache):
     return {
         "autoencoder train": ["autoencoder", "train", "--set", "steps=1"],
         "classifier train": ["classifier", "train", "--set", "epochs=1"],
-        "data prepare": ["data", "prepare", "--source", "animal-mnist", "--autoencoder", str(tiny_cache), "--num-images", "4"],
+        "data prepare": [
+            "data",
+            "prepare",
+            "--source",
+            "animal-mnist",
+            "--autoencoder",
+            str(tiny_cache),
+            "--num-images",
+            "4",
+        ],
         "train": ["train", "--cache", str(tiny_cache), "--size", "c8", "--images", "8"],
         "sample": ["sample", "--run", str(tiny_run), "--prompt", "a cat", "--steps", "1", "--num-images", "1"],
         "export": ["export", "--run", str(tiny_run)],
@@ -263,17 +307,26 @@ def _writers(o, tiny_run, tiny_cache):
 
 
 def test_no_verb_replaces_what_it_did_not_make(outputs, tiny_run, tiny_cache, capfd):
-    before = {k: sorted(str(p) for p in Path(v).rglob("*")) if Path(v).is_dir() else Path(v).read_text()
-              for k, v in outputs.items()}
+    before = {
+        k: sorted(str(p) for p in Path(v).rglob("*")) if Path(v).is_dir() else Path(v).read_text()
+        for k, v in outputs.items()
+    }
     for verb, args in _writers(outputs, tiny_run, tiny_cache).items():
         for kind, target in outputs.items():
-            if (verb, kind) in {("train", "run"), ("finetune sr", "run"), ("distill", "run"), ("data prepare", "cache")}:
+            if (verb, kind) in {
+                ("train", "run"),
+                ("finetune sr", "run"),
+                ("distill", "run"),
+                ("data prepare", "cache"),
+            }:
                 continue  # the same kind: continued, tested elsewhere
             code, err = _main([*args, "--out", target], capfd)
             assert code == 2 and len(err.strip().splitlines()) == 1, (verb, kind, err[-1500:])
             assert str(target) in err and ("--out" in err), (verb, kind, err)
-    after = {k: sorted(str(p) for p in Path(v).rglob("*")) if Path(v).is_dir() else Path(v).read_text()
-             for k, v in outputs.items()}
+    after = {
+        k: sorted(str(p) for p in Path(v).rglob("*")) if Path(v).is_dir() else Path(v).read_text()
+        for k, v in outputs.items()
+    }
     assert after == before
 
 
@@ -302,10 +355,27 @@ def _wait_for(pred, timeout=120):
 
 def test_a_run_in_use_is_locked_and_the_lock_dies_with_its_process(tmp_path, tiny_cache):
     run = tmp_path / "run"
-    args = ["train", "--cache", tiny_cache, "--size", "c8", "--images", "100000", "--set", "batch_size=8",
-            "--set", "checkpoint_every=8", "--out", run]
-    first = subprocess.Popen([sys.executable, "-m", "ldmscale", *map(str, args)], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "train",
+        "--cache",
+        tiny_cache,
+        "--size",
+        "c8",
+        "--images",
+        "100000",
+        "--set",
+        "batch_size=8",
+        "--set",
+        "checkpoint_every=8",
+        "--out",
+        run,
+    ]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "ldmscale", *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert _wait_for(lambda: (run / "checkpoints" / "LATEST").exists())
         second = run_cli(*args)
@@ -345,8 +415,12 @@ def test_kill_during_a_checkpoint_prune_leaves_only_complete_checkpoints(tmp_pat
 
     cfg = tiny_train_config(tiny_cache, images=48, checkpoint_every=8, keep=1)
     run = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-c", KILL_IN_PRUNE, json.dumps(to_dict(cfg)), str(run)], cwd=ROOT,
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", KILL_IN_PRUNE, json.dumps(to_dict(cfg)), str(run)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == -signal.SIGKILL
     left = [c.name for c in checkpoint.list_checkpoints(run)]
     assert left == ["step-000002"]  # the pruned step-000001 is gone from the listing, though half deleted

@@ -22,8 +22,14 @@ from ldmscale.eval import metrics
 from ldmscale.model.family import build_unet, parse_size
 
 # the first six optimizer steps of the tiny c8 run (conftest.tiny_run: seed 0, batch 8, lr 1e-3, warmup 2)
-FIRST_LOSSES = [1.1703790426254272, 1.1881029605865479, 1.139922857284546, 1.1439212560653687, 1.0681036710739136,
-                0.9781308174133301]
+FIRST_LOSSES = [
+    1.1703790426254272,
+    1.1881029605865479,
+    1.139922857284546,
+    1.1439212560653687,
+    1.0681036710739136,
+    0.9781308174133301,
+]
 
 # latents[0, 0, 0, :4] after 3 steps at guidance 2, a seeded c8 UNet, prompt states and noise
 LATENT_SLICES = {
@@ -40,14 +46,26 @@ LATENT_SLICES = {
 # the planner on test_analysis.TABLE (small: cost 0.1 a step, large: 1.0) at four budgets
 GOLDEN_PLANS = {  # executed cost: 2 calls a step (guided), so small costs 1, 4, 10 and large 10, 40, 100
     0.5: ["none", "none", "nothing fits a budget of 0.5; the cheapest configuration costs 1"],
-    1.0: ["small with ddim at 5 steps, guidance 4: fd-classifier 28 ± 0.1 (executed cost 1, sampling cost 0.5, 5.0 "
-          "ms/image here)", "none", "no other size has a configuration within this budget, so there is no runner-up"],
-    10.0: ["small with ddim at 50 steps, guidance 2: fd-classifier 18 ± 0.1 (executed cost 10, sampling cost 5, 50.0 "
-           "ms/image here)", "large with ddim at 5 steps, guidance 2: fd-classifier 35 ± 0.1 (executed cost 10, sampling "
-           "cost 5, 50.0 ms/image here)", "the runner-up is 120.2 standard errors worse"],
-    100.0: ["large with ddim at 50 steps, guidance 2: fd-classifier 10 ± 0.1 (executed cost 100, sampling cost 50, 500.0 "
-            "ms/image here)", "small with ddim at 50 steps, guidance 2: fd-classifier 18 ± 0.1 (executed cost 10, "
-            "sampling cost 5, 50.0 ms/image here)", "the runner-up is 56.6 standard errors worse"],
+    1.0: [
+        "small with ddim at 5 steps, guidance 4: fd-classifier 28 ± 0.1 (executed cost 1, sampling cost 0.5, 5.0 "
+        "ms/image here)",
+        "none",
+        "no other size has a configuration within this budget, so there is no runner-up",
+    ],
+    10.0: [
+        "small with ddim at 50 steps, guidance 2: fd-classifier 18 ± 0.1 (executed cost 10, sampling cost 5, 50.0 "
+        "ms/image here)",
+        "large with ddim at 5 steps, guidance 2: fd-classifier 35 ± 0.1 (executed cost 10, sampling "
+        "cost 5, 50.0 ms/image here)",
+        "the runner-up is 120.2 standard errors worse",
+    ],
+    100.0: [
+        "large with ddim at 50 steps, guidance 2: fd-classifier 10 ± 0.1 (executed cost 100, sampling cost 50, 500.0 "
+        "ms/image here)",
+        "small with ddim at 50 steps, guidance 2: fd-classifier 18 ± 0.1 (executed cost 10, "
+        "sampling cost 5, 50.0 ms/image here)",
+        "the runner-up is 56.6 standard errors worse",
+    ],
 }
 
 
@@ -62,8 +80,9 @@ def _slice(name: str) -> list[float]:
     g = torch.Generator().manual_seed(1)
     cond, uncond = torch.randn(1, 4, 32, generator=g), torch.zeros(1, 4, 32)
     with torch.no_grad():
-        z = generate_latents(unet, make_sampler(name), 3, cond, uncond, 2.0, [torch.Generator().manual_seed(2)],
-                             (4, 8, 8))
+        z = generate_latents(
+            unet, make_sampler(name), 3, cond, uncond, 2.0, [torch.Generator().manual_seed(2)], (4, 8, 8)
+        )
     return z[0, 0, 0, :4].tolist()
 
 
@@ -86,5 +105,8 @@ def test_planner_answer_on_a_fixed_table():
     rows = analysis.best_over_guidance(TABLE, "fd-classifier")
     for budget, want in GOLDEN_PLANS.items():
         p = analysis.plan(rows, budget, "fd-classifier")
-        assert [analysis.describe_choice(p["best"], "fd-classifier"),
-                analysis.describe_choice(p["runner_up"], "fd-classifier"), analysis.plan_note(p, "fd-classifier")] == want
+        assert [
+            analysis.describe_choice(p["best"], "fd-classifier"),
+            analysis.describe_choice(p["runner_up"], "fd-classifier"),
+            analysis.plan_note(p, "fd-classifier"),
+        ] == want

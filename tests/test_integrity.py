@@ -53,11 +53,37 @@ def test_sample_eval_and_export_use_the_newest_intact_checkpoint(run, verb, tmp_
     last = run / "checkpoints" / "step-000006"
     truncate(last / "model.safetensors")
     before = digest(run)
-    args = {"sample": ["sample", "--run", run, "--prompt", "a cat", "--steps", "2", "--num-images", "2", "--out",
-                       tmp_path / "out"],
-            "eval": ["eval", "--run", run, "--steps", "2", "--num-images", "4", "--classifier", tiny_classifier,
-                     "--reference-count", "20", "--bootstrap", "0"],
-            "export": ["export", "--run", run, "--out", tmp_path / "out"]}[verb]
+    args = {
+        "sample": [
+            "sample",
+            "--run",
+            run,
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--num-images",
+            "2",
+            "--out",
+            tmp_path / "out",
+        ],
+        "eval": [
+            "eval",
+            "--run",
+            run,
+            "--steps",
+            "2",
+            "--num-images",
+            "4",
+            "--classifier",
+            tiny_classifier,
+            "--reference-count",
+            "20",
+            "--bootstrap",
+            "0",
+        ],
+        "export": ["export", "--run", run, "--out", tmp_path / "out"],
+    }[verb]
     code, out, err = cli(capsys, *args)
     assert code == 0, err
     notes = [line for line in err.splitlines() if "damaged" in line]
@@ -68,7 +94,8 @@ def test_sample_eval_and_export_use_the_newest_intact_checkpoint(run, verb, tmp_
         assert "checkpoint: step-000003" in (tmp_path / "out" / "ldmscale_source.txt").read_text()
     else:
         assert [p.name for p in (run / "eval").glob("*.json")] and all(
-            "step-000003" in p.name for p in (run / "eval").glob("*.json"))
+            "step-000003" in p.name for p in (run / "eval").glob("*.json")
+        )
     assert {k: v for k, v in digest(run).items() if not k.startswith("eval/")} == before
 
 
@@ -112,18 +139,39 @@ def test_a_resume_without_any_checkpoint_rewrites_the_ledger(tmp_path, tiny_cach
     assert [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     monkeypatch.setattr(loop, "batch_indices", real)
     loop.train(cfg, tmp_path / "r", progress=False)
-    assert [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == \
-        [1, 2, 3, 4, 5, 6]
+    assert [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
 
 
 def test_checkpoint_option_names_a_checkpoint_of_this_run_only(run, tmp_path, capsys, tiny_run):
     other = tiny_run / "checkpoints" / "step-000003"
     for which in (str(other), "../../other/runs/c8/checkpoints/step-000003", "step-3/../../x"):
-        code, _, err = cli(capsys, "sample", "--run", run, "--prompt", "a cat", "--checkpoint", which, "--out",
-                           tmp_path / "o")
+        code, _, err = cli(
+            capsys, "sample", "--run", run, "--prompt", "a cat", "--checkpoint", which, "--out", tmp_path / "o"
+        )
         assert code == 2 and len(err.strip().splitlines()) == 1 and "is not a checkpoint of run" in err
-    code, out, err = cli(capsys, "sample", "--run", run, "--prompt", "a cat", "--steps", "1", "--num-images", "1",
-                         "--checkpoint", run / "checkpoints" / "step-000003", "--out", tmp_path / "o")
+    code, out, err = cli(
+        capsys,
+        "sample",
+        "--run",
+        run,
+        "--prompt",
+        "a cat",
+        "--steps",
+        "1",
+        "--num-images",
+        "1",
+        "--checkpoint",
+        run / "checkpoints" / "step-000003",
+        "--out",
+        tmp_path / "o",
+    )
     assert code == 0 and json.loads((tmp_path / "o" / "sample.json").read_text())["checkpoint"] == "step-000003"
 
 
@@ -137,16 +185,23 @@ def test_verify_repair_sets_damaged_checkpoints_aside_and_rewrites_the_config(ru
     assert (run / "checkpoints" / "LATEST").read_text().strip() == "step-000003"
     assert (run / "checkpoints" / "damaged" / "step-000006" / "ema.safetensors").exists()
     original = json.loads((tiny_run / "config.json").read_text())
-    assert json.loads((run / "config.json").read_text()) == {k: v for k, v in original.items()
-                                                             if k not in ("machine", "warnings")}
+    assert json.loads((run / "config.json").read_text()) == {
+        k: v for k, v in original.items() if k not in ("machine", "warnings")
+    }
     assert (run / "damaged" / "config.json").read_text() == "{garbage"
     assert cli(capsys, "verify", run)[0] == 0
 
 
 # ------------------------------------------------------------------------------------------ latent caches
 
-CACHE_FILES = ("train/shard-00000.safetensors", "train/shard-00001.safetensors", "validation/shard-00000.safetensors",
-               "empty_caption.safetensors", "manifest.json", "index.json")
+CACHE_FILES = (
+    "train/shard-00000.safetensors",
+    "train/shard-00001.safetensors",
+    "validation/shard-00000.safetensors",
+    "empty_caption.safetensors",
+    "manifest.json",
+    "index.json",
+)
 
 
 @pytest.fixture()
@@ -181,8 +236,20 @@ def test_every_damage_to_a_cache_is_named_and_repaired(cache, name, damage, caps
 
 def test_a_training_on_a_damaged_shard_fails_in_one_line(cache, tmp_path, capsys):
     garble(cache / "train" / "shard-00001.safetensors")
-    code, _, err = cli(capsys, "train", "--cache", cache, "--size", "c8", "--images", "16", "--batch-size", "8",
-                       "--out", tmp_path / "r")
+    code, _, err = cli(
+        capsys,
+        "train",
+        "--cache",
+        cache,
+        "--size",
+        "c8",
+        "--images",
+        "16",
+        "--batch-size",
+        "8",
+        "--out",
+        tmp_path / "r",
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "shard-00001.safetensors is damaged" in err and f"ldmscale verify {cache} --repair" in err
     assert not (tmp_path / "r").exists()

@@ -74,8 +74,11 @@ def test_a_damaged_job_record_or_eval_result_is_run_again(study, what, damage, c
     rec, result = _eval_record(study)
     csv_before = (study / "results.csv").read_text()
     target = rec if what == "record" else result
-    others = [p for p in (study / "jobs").glob("*.json") if p != rec] if what == "record" else \
-        [p for p in result.parent.glob("*.json") if p != result]
+    others = (
+        [p for p in (study / "jobs").glob("*.json") if p != rec]
+        if what == "record"
+        else [p for p in result.parent.glob("*.json") if p != result]
+    )
     DAMAGES[damage](target, others[0])
     before = digest(study, skip=target)
     code, out, _ = cli(capsys, "verify", study)
@@ -140,19 +143,22 @@ def test_report_and_plan_from_results_csv_alone(study, capsys):
 def test_plan_in_milliseconds_says_what_the_latencies_were_measured_under(study, capsys):
     from ldmscale.analysis.scaling import latency_note
     from ldmscale.device import cpu_model
-    from ldmscale.study.plan import read_csv
+    from ldmscale.study.results import read_csv
 
     code, out, _ = cli(capsys, "plan", study, "--budget-ms", "1e9")
     rows = read_csv(study / "results.csv")
     assert code == 0 and out.splitlines()[-1] == latency_note(rows)
     assert out.splitlines()[-1].startswith(f"latencies measured on {cpu_model()}, {rows[0]['threads']} thread")
     busy = [dict(r, load_average=r["cores"] + 0.5) for r in rows[:1]] + [dict(r, load_average=0.5) for r in rows[1:]]
-    assert latency_note(busy).endswith(f"; 1 of {len(rows)} under load (load average up to {rows[0]['cores'] + 0.5:g} "
-                                       f"on {rows[0]['cores']} cores): those are slower than on an idle machine, so a "
-                                       "budget in ms reads them pessimistically")
+    assert latency_note(busy).endswith(
+        f"; 1 of {len(rows)} under load (load average up to {rows[0]['cores'] + 0.5:g} "
+        f"on {rows[0]['cores']} cores): those are slower than on an idle machine, so a "
+        "budget in ms reads them pessimistically"
+    )
     idle = [dict(r, load_average=r["cores"]) for r in rows]
-    assert latency_note(idle).endswith(f"; none under load (load average up to {rows[0]['cores']:g} on "
-                                       f"{rows[0]['cores']} cores)")
+    assert latency_note(idle).endswith(
+        f"; none under load (load average up to {rows[0]['cores']:g} on {rows[0]['cores']} cores)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ sources and full disks
@@ -170,10 +176,22 @@ def test_a_folder_without_metadata_refuses_links_outside_and_a_cache_without_cap
     (tmp_path / "d" / "link.png").symlink_to(tmp_path / "secret.png")
     items = list(iterate(parse_source(f"folder:{tmp_path / 'd'}"), "train"))
     assert [(i.key, i.image is None, i.error) for i in items] == [
-        ("0.png", False, ""), ("1.png", False, ""), ("2.png", False, ""),
-        ("link.png", True, "path outside the dataset folder (not read)")]
-    code, _, err = cli(capsys, "data", "prepare", "--source", f"folder:{tmp_path / 'd'}", "--autoencoder", tiny_ae,
-                       "--out", tmp_path / "c")
+        ("0.png", False, ""),
+        ("1.png", False, ""),
+        ("2.png", False, ""),
+        ("link.png", True, "path outside the dataset folder (not read)"),
+    ]
+    code, _, err = cli(
+        capsys,
+        "data",
+        "prepare",
+        "--source",
+        f"folder:{tmp_path / 'd'}",
+        "--autoencoder",
+        tiny_ae,
+        "--out",
+        tmp_path / "c",
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "has no captions" in err and "metadata.jsonl" in err
 
 
@@ -195,8 +213,11 @@ def test_a_webdataset_sample_without_caption_is_skipped_and_listed(tmp_path):
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     items = list(iterate(parse_source(f"wds:{tmp_path / 's.tar'}"), "train"))
-    assert [(i.key, i.caption, i.error[:10]) for i in items] == [("a", "a cat", ""), ("b", "", "no caption"),
-                                                                 ("c", "", "no caption")]
+    assert [(i.key, i.caption, i.error[:10]) for i in items] == [
+        ("a", "a cat", ""),
+        ("b", "", "no caption"),
+        ("c", "", "no caption"),
+    ]
 
 
 def _full_disk_after(monkeypatch, module, name: str, calls: int = 0):
@@ -217,12 +238,29 @@ def _full_disk_after(monkeypatch, module, name: str, calls: int = 0):
     monkeypatch.setattr(module, name, full)
 
 
-def test_a_full_disk_during_prepare_is_one_line_and_the_same_command_finishes(tmp_path, tiny_ae, tiny_cache, capsys,
-                                                                              monkeypatch):
+def test_a_full_disk_during_prepare_is_one_line_and_the_same_command_finishes(
+    tmp_path, tiny_ae, tiny_cache, capsys, monkeypatch
+):
     import ldmscale.data.cache as cache_mod
 
-    args = ["data", "prepare", "--source", "animal-mnist", "--autoencoder", tiny_ae, "--text-encoder", "minilm",
-            "--resolution", "32", "--shard-size", "64", "--num-images", "96", "--out", tmp_path / "c"]
+    args = [
+        "data",
+        "prepare",
+        "--source",
+        "animal-mnist",
+        "--autoencoder",
+        tiny_ae,
+        "--text-encoder",
+        "minilm",
+        "--resolution",
+        "32",
+        "--shard-size",
+        "64",
+        "--num-images",
+        "96",
+        "--out",
+        tmp_path / "c",
+    ]
     _full_disk_after(monkeypatch, cache_mod, "save_file", calls=1)
     code, _, err = cli(capsys, *args)
     assert code == 2 and len(err.strip().splitlines()) == 1
@@ -245,7 +283,19 @@ def test_a_full_disk_during_export_and_sample_leaves_nothing(tiny_run, tmp_path,
     assert code == 2 and len(err.strip().splitlines()) == 1 and f"writing {tmp_path / 'e'}" in err
     assert not list(tmp_path.iterdir())
     _full_disk_after(monkeypatch, images, "save_png", calls=1)
-    code, _, err = cli(capsys, "sample", "--run", tiny_run, "--prompt", "a cat", "--steps", "1", "--num-images", "2",
-                       "--out", tmp_path / "s")
+    code, _, err = cli(
+        capsys,
+        "sample",
+        "--run",
+        tiny_run,
+        "--prompt",
+        "a cat",
+        "--steps",
+        "1",
+        "--num-images",
+        "2",
+        "--out",
+        tmp_path / "s",
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no space left on device" in err
     assert not list(tmp_path.iterdir())

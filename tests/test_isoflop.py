@@ -9,7 +9,7 @@ import pytest
 from ldmscale.analysis.isoflop import fit_parabola, isoflop, loss_to_metric
 
 BUDGETS = [1e12, 1e13, 1e14]
-SIZES = [10 ** x for x in np.arange(7.5, 11.51, 0.5)]
+SIZES = [10**x for x in np.arange(7.5, 11.51, 0.5)]
 A_TRUE, B_TRUE = 0.5, 0.1  # N_opt = 1e3 C^0.5, L_opt = 50 C^-0.1
 
 

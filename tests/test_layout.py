@@ -38,8 +38,12 @@ def _graph() -> dict[str, set[str]]:
 
 
 def test_subpackages_import_only_what_is_below_them():
-    bad = [f"{m} ({_layer(m)}) imports {d} ({_layer(d)})" for m, deps in _graph().items() for d in deps
-           if ORDER.index(_layer(d)) > ORDER.index(_layer(m))]
+    bad = [
+        f"{m} ({_layer(m)}) imports {d} ({_layer(d)})"
+        for m, deps in _graph().items()
+        for d in deps
+        if ORDER.index(_layer(d)) > ORDER.index(_layer(m))
+    ]
     assert not bad, "\n".join(bad)
     assert {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == set(ORDER) - {"core"}
 
@@ -59,3 +63,17 @@ def test_no_import_cycles():
     for m in graph:
         if m not in state:
             visit(m, [m])
+
+
+def test_the_command_line_starts_without_torch():
+    """`ldmscale --help` and every verb's options load only the light modules (configs, cli/): the heavy imports of
+    the modules a command needs stay inside it, so a mistyped option answers at once."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from ldmscale.cli.main import MODULES, register; register(*MODULES); "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -37,7 +37,7 @@ def test_running_stats_equal_numpy_and_merge():
     x = rng.normal(size=(300, 5)) * [1, 2, 3, 4, 5] + 7
     s = metrics.FeatureStats(5)
     for i in range(0, 300, 64):
-        s.update(torch.as_tensor(x[i:i + 64]))
+        s.update(torch.as_tensor(x[i : i + 64]))
     assert np.allclose(s.mean, x.mean(0)) and np.allclose(s.cov, np.cov(x, rowvar=False))
     a, b = metrics.FeatureStats(5), metrics.FeatureStats(5)
     a.update(torch.as_tensor(x[:100]))
@@ -107,6 +107,7 @@ def test_clip_score_matches_torchmetrics(tmp_path, two_image_sets):
     texts = [f"a silhouette number {i}" for i in range(12)]
     cos = clip.cosine(images, texts)
     ours = metrics.clip_scores(float(cos.double().sum()), 12)
+
     class Tensors(torch.nn.Module):
         """transformers 5 returns a ModelOutput from get_*_features, torchmetrics 1.9 expects the tensor
         (what transformers 4 returned): hand it the pooled output, nothing else changes."""
@@ -154,9 +155,28 @@ def test_classifier_features_and_accuracy(tiny_classifier):
 
 
 def _eval_args(run, clf, *extra):
-    return ["eval", "--run", run, "--sampler", "ddim", "--steps", "3", "--guidance", "2", "--num-images", "24",
-            "--metrics", "fd-classifier,caption-accuracy", "--classifier", clf, "--batch-size", "8",
-            "--reference-count", "200", *extra]
+    return [
+        "eval",
+        "--run",
+        run,
+        "--sampler",
+        "ddim",
+        "--steps",
+        "3",
+        "--guidance",
+        "2",
+        "--num-images",
+        "24",
+        "--metrics",
+        "fd-classifier,caption-accuracy",
+        "--classifier",
+        clf,
+        "--batch-size",
+        "8",
+        "--reference-count",
+        "200",
+        *extra,
+    ]
 
 
 @MULTIPROCESS
@@ -195,9 +215,23 @@ def test_eval_writes_result_with_provenance_and_one_equals_two_processes(tiny_ru
     assert r1["metrics"]["fd-classifier"] == pytest.approx(metrics.fd_of(gen, ref), rel=1e-6)
     # 10 bootstrap replicates of 24 images: a spread of the FD, well below the FD itself
     assert 0 < r1["metrics"]["fd-classifier_std"] < 0.5 * r1["metrics"]["fd-classifier"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldmscale",
-           *map(str, _eval_args(run2, tiny_classifier))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "ldmscale",
+        *map(str, _eval_args(run2, tiny_classifier)),
+    ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     r2 = json.loads(next((run2 / "eval").glob("*.json")).read_text())
@@ -217,21 +251,29 @@ def test_mismatched_reference_statistics_are_refused(tiny_run, tiny_classifier, 
     assert manifest["images"] == 50 and stats.n == 50
     from ldmscale.eval.reference import _cache_root
 
-    stored = next(p for p in _cache_root().glob("*.safetensors")
-                  if json.loads(__import__("safetensors").safe_open(str(p), "pt").metadata()["manifest"])["count"] == 50)
+    stored = next(
+        p
+        for p in _cache_root().glob("*.safetensors")
+        if json.loads(__import__("safetensors").safe_open(str(p), "pt").metadata()["manifest"])["count"] == 50
+    )
     with pytest.raises(UserError, match="resolution differ"):
         reference_stats(cfg, clf, 16, 1, stats_file=str(stored))
     with pytest.raises(UserError, match="split differ"):
-        reference_stats(EvalConfig(reference="animal-mnist:train", reference_count=50), clf, 32, 1, stats_file=str(stored))
+        reference_stats(
+            EvalConfig(reference="animal-mnist:train", reference_count=50), clf, 32, 1, stats_file=str(stored)
+        )
     assert reference_stats(cfg, clf, 32, 1, stats_file=str(stored))[0].n == 50
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--metrics", "is"], "unknown metric 'is'"),
-    (["--sampler", "plms"], "unknown sampler"),
-    (["--reference", "animal-mnist:test"], "no split 'test'"),
-    (["--metrics", "clip"], "needs --clip"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--metrics", "is"], "unknown metric 'is'"),
+        (["--sampler", "plms"], "unknown sampler"),
+        (["--reference", "animal-mnist:test"], "no split 'test'"),
+        (["--metrics", "clip"], "needs --clip"),
+    ],
+)
 def test_eval_bad_input_exits_2(tiny_run, tiny_classifier, extra, needle):
     p = run_cli(*_eval_args(tiny_run, tiny_classifier, *extra))
     assert p.returncode == 2 and needle in p.stderr, p.stderr
@@ -240,8 +282,22 @@ def test_eval_bad_input_exits_2(tiny_run, tiny_classifier, extra, needle):
 def test_compare_cli_blur_increases_distance(tiny_classifier):
     vals = []
     for blur in (0.0, 1.0):
-        p = run_cli("compare", "--a", "animal-mnist:validation", "--b", "animal-mnist:validation", "--blur-b", blur,
-                    "--metric", "fd-classifier", "--classifier", tiny_classifier, "--num-images", "300", check=True)
+        p = run_cli(
+            "compare",
+            "--a",
+            "animal-mnist:validation",
+            "--b",
+            "animal-mnist:validation",
+            "--blur-b",
+            blur,
+            "--metric",
+            "fd-classifier",
+            "--classifier",
+            tiny_classifier,
+            "--num-images",
+            "300",
+            check=True,
+        )
         vals.append(json.loads(p.stdout)["value"])
     assert abs(vals[0]) < 1e-6 and vals[1] > 0.1
 

@@ -22,15 +22,19 @@ SHRINK = {
     "ldmscale classifier train": ["--set", "epochs=1", "--set", "width=4"],
     "ldmscale train": [("--images 40000", "--images 16"), ("--images 20000", "--images 16")],
     # 8 images; no bootstrap: each replica of a 2048-dimensional FID costs 5 s of eigendecompositions here
-    "ldmscale eval": [("--num-images 1000", "--num-images 8"), ("--num-images 500", "--num-images 8"), "--bootstrap",
-                      "0"],
+    "ldmscale eval": [
+        ("--num-images 1000", "--num-images 8"),
+        ("--num-images 500", "--num-images 8"),
+        "--bootstrap",
+        "0",
+    ],
 }
 # commands that need what this machine has not, and where the suite runs them instead
 ELSEWHERE = {
     "make demo": "about 20 minutes; `make demo` itself (docs/demo.md has its measured run)",
     "make test": "this suite",
-    "ldmscale plan backbones --train-flops 2e13":
-        "an IsoFLOP study: test_backbones.py::test_isoflop_study_trains_every_size_to_each_budget_and_reports_per_backbone",
+    "ldmscale plan backbones --train-flops 2e13": "an IsoFLOP study: test_backbones.py::"
+    "test_isoflop_study_trains_every_size_to_each_budget_and_reports_per_backbone",
     "ldmscale train --cache cache/laion": "a LAION cache and GPUs; test_devices.py runs train under accelerate",
     "accelerate launch": "8 GPUs or 4 nodes; test_devices.py runs DDP and FSDP with 2 CPU processes",
 }
@@ -89,12 +93,14 @@ def test_every_readme_command_runs_or_says_where_it_is_run(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     _photos(tmp_path / "photos")
     (tmp_path / "tiny.toml").write_text(STUDY.format(cache=tiny_cache, classifier=tiny_classifier))
-    run_cli("study", "run", "tiny.toml", "--out", "demo", "--no-report", check=True, cwd=tmp_path)  # `demo`, at a tiny size
+    run_cli(
+        "study", "run", "tiny.toml", "--out", "demo", "--no-report", check=True, cwd=tmp_path
+    )  # `demo`, at a tiny size
     ran, skipped = [], []
     for lang, cmd in readme_commands():
         if lang == "python":  # the export's loading lines, after `ldmscale export` wrote export/c32
             namespace: dict = {}
-            exec(cmd.replace('num_inference_steps=8', 'num_inference_steps=2'), namespace)
+            exec(cmd.replace("num_inference_steps=8", "num_inference_steps=2"), namespace)
             assert namespace["images"][0].size == (32, 32)
             ran.append("python")
         elif lang == "output":

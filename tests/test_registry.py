@@ -17,9 +17,17 @@ def test_directions_come_from_the_registry_not_the_name():
         registry.lower_is_better("fd-inception")
 
 
-@pytest.mark.parametrize("metric,kind", [("clip", "super-resolution"), ("clip", "dreambooth"),
-                                         ("caption-accuracy", "super-resolution"), ("psnr", "text-to-image"),
-                                         ("subject-ssim", "consistency"), ("fid", "dreambooth")])
+@pytest.mark.parametrize(
+    "metric,kind",
+    [
+        ("clip", "super-resolution"),
+        ("clip", "dreambooth"),
+        ("caption-accuracy", "super-resolution"),
+        ("psnr", "text-to-image"),
+        ("subject-ssim", "consistency"),
+        ("fid", "dreambooth"),
+    ],
+)
 def test_a_metric_a_kind_does_not_compute_is_refused(metric, kind):
     # before, clip asked of a super-resolution or DreamBooth run was validated and then silently dropped
     with pytest.raises(UserError, match=f"metric '{metric}' is not computed for {kind} runs"):
@@ -52,11 +60,14 @@ metrics = {metrics}
 """
 
 
-@pytest.mark.parametrize("kind,metrics,message", [
-    ("super-resolution", '["psnr", "clip"]', "metric 'clip' is not computed for super-resolution runs"),
-    ("dreambooth", '["subject-ssim", "lpips"]', "metric 'lpips' is not computed for dreambooth runs"),
-    ("consistency", '["psnr"]', "metric 'psnr' is not computed for consistency runs"),
-])
+@pytest.mark.parametrize(
+    "kind,metrics,message",
+    [
+        ("super-resolution", '["psnr", "clip"]', "metric 'clip' is not computed for super-resolution runs"),
+        ("dreambooth", '["subject-ssim", "lpips"]', "metric 'lpips' is not computed for dreambooth runs"),
+        ("consistency", '["psnr"]', "metric 'psnr' is not computed for consistency runs"),
+    ],
+)
 def test_study_refuses_task_metrics_at_load_time(tmp_path, kind, metrics, message):
     path = tmp_path / "s.toml"
     path.write_text(STUDY.format(kind=kind, metrics=metrics))

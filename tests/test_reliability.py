@@ -40,13 +40,22 @@ def test_folder_with_root_metadata_naming_split_files(tmp_path):
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     src = parse_source(f"folder:{root}")
     items = list(iterate(src, "train"))
-    assert [(i.key, i.caption) for i in items if i.image] == [("train/0.png", "train 0"), ("train/1.png", "train 1"),
-                                                              ("train/2.png", "train 2")]
+    assert [(i.key, i.caption) for i in items if i.image] == [
+        ("train/0.png", "train 0"),
+        ("train/1.png", "train 1"),
+        ("train/2.png", "train 2"),
+    ]
     errors = {i.key: i.error for i in items if not i.image}
-    assert errors == {"../outside.png": "path outside the dataset folder (not read)",
-                      "nocaption.png": "no caption in the metadata"}
+    assert errors == {
+        "../outside.png": "path outside the dataset folder (not read)",
+        "nocaption.png": "no caption in the metadata",
+    }
     assert count(src, "train") == len(items) == 5
-    assert [i.caption for i in iterate(src, "validation") if i.image] == ["validation 0", "validation 1", "validation 2"]
+    assert [i.caption for i in iterate(src, "validation") if i.image] == [
+        "validation 0",
+        "validation 1",
+        "validation 2",
+    ]
 
 
 def test_captions_csv_row_without_caption(tmp_path):
@@ -97,13 +106,24 @@ def test_eval_reference_defaults_to_the_runs_data_and_names_carry_it(tiny_run, t
     from ldmscale.eval.config import EvalConfig
     from ldmscale.eval.evaluate import evaluate, result_name
 
-    cfg = EvalConfig(sampler="ddim", steps=1, guidance=1.0, num_images=4, classifier=str(tiny_classifier),
-                     metrics=("fd-classifier",), reference_count=20, batch_size=4)
+    cfg = EvalConfig(
+        sampler="ddim",
+        steps=1,
+        guidance=1.0,
+        num_images=4,
+        classifier=str(tiny_classifier),
+        metrics=("fd-classifier",),
+        reference_count=20,
+        batch_size=4,
+    )
     r = evaluate(tiny_run, cfg, progress=False)
     assert r["reference"]["spec"] == "animal-mnist:validation"
     assert r["metrics"]["fd-classifier"] > 0  # 4 images: the bootstrap no longer crashes
-    names = {result_name(EvalConfig(reference=ref, classifier=c), "step-000006")
-             for ref in ("animal-mnist:validation", "animal-mnist:train") for c in ("a", "b")}
+    names = {
+        result_name(EvalConfig(reference=ref, classifier=c), "step-000006")
+        for ref in ("animal-mnist:validation", "animal-mnist:train")
+        for c in ("a", "b")
+    }
     assert len(names) == 4
 
 
@@ -153,8 +173,11 @@ def test_autoencoder_step_counts_and_bad_shapes(tmp_path):
     from ldmscale.data.autoencoder import train_autoencoder
     from ldmscale.data.config import AutoencoderConfig
 
-    r = train_autoencoder(AutoencoderConfig(steps=20, batch_size=4, max_images=16, block_out_channels=(8, 8),
-                                            norm_groups=4), tmp_path / "ae", progress=False)
+    r = train_autoencoder(
+        AutoencoderConfig(steps=20, batch_size=4, max_images=16, block_out_channels=(8, 8), norm_groups=4),
+        tmp_path / "ae",
+        progress=False,
+    )
     assert r["config"]["steps"] == 20  # OneCycleLR divided by zero at exactly 20 steps
     with pytest.raises(UserError, match="resolution 30 is not a multiple of its downsampling factor 4"):
         AutoencoderConfig(resolution=30)
@@ -175,8 +198,9 @@ def test_guidance_that_is_not_finite_is_refused_before_sampling(tiny_run, tmp_pa
 def test_a_warmup_longer_than_the_run_is_said_at_the_start_and_recorded(tmp_path, tiny_cache, capsys):
     from ldmscale.train.loop import train
 
-    train(tiny_train_config(tiny_cache, images=32, warmup_steps=100, checkpoint_at=(2, 9)), tmp_path / "r",
-          progress=False)
+    train(
+        tiny_train_config(tiny_cache, images=32, warmup_steps=100, checkpoint_at=(2, 9)), tmp_path / "r", progress=False
+    )
     err = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
     assert len(err) == 2 and "warmup_steps=100 is not shorter than the run (4 optimizer steps of 8 images)" in err[0]
     assert "ends at 4% of it" in err[0] and "checkpoint_at steps 9 are after the run's last step (4)" in err[1]

@@ -52,8 +52,12 @@ def test_dry_run_lists_jobs_with_cost(study_file, tmp_path):
 
 def test_killed_study_resumes_without_redoing_finished_jobs(study_file, tmp_path):
     out = tmp_path / "s"
-    proc = subprocess.Popen([sys.executable, "-m", "ldmscale", "study", "run", str(study_file), "--out", str(out)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ldmscale", "study", "run", str(study_file), "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and len(list((out / "jobs").glob("*.json")) if (out / "jobs").exists() else []) < 5:
         time.sleep(0.2)
@@ -128,14 +132,17 @@ def test_killed_study_resumes_without_redoing_finished_jobs(study_file, tmp_path
     assert moved["best"] == best
 
 
-@pytest.mark.parametrize("edit,needle", [
-    (lambda s: s.replace('name = "tiny"', 'name = "tiny"\nepochs = 3'), "unknown key 'epochs'"),
-    (lambda s: s.replace('sizes = ["c8", "c16"]', 'sizes = ["c8", "huge"]'), "unknown size 'huge'"),
-    (lambda s: s.replace("steps = [2, 3]", "steps = []"), "evaluation grid is empty"),
-    (lambda s: s.replace('samplers = ["ddim", "ddpm"]', 'samplers = ["ddim", "plms"]'), "unknown sampler 'plms'"),
-    (lambda s: s.replace("[train.set]", "[train.set]\nlrr = 1"), "unknown key 'lrr'"),
-    (lambda s: s.replace('name = "tiny"', 'name = "tiny'), "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda s: s.replace('name = "tiny"', 'name = "tiny"\nepochs = 3'), "unknown key 'epochs'"),
+        (lambda s: s.replace('sizes = ["c8", "c16"]', 'sizes = ["c8", "huge"]'), "unknown size 'huge'"),
+        (lambda s: s.replace("steps = [2, 3]", "steps = []"), "evaluation grid is empty"),
+        (lambda s: s.replace('samplers = ["ddim", "ddpm"]', 'samplers = ["ddim", "plms"]'), "unknown sampler 'plms'"),
+        (lambda s: s.replace("[train.set]", "[train.set]\nlrr = 1"), "unknown key 'lrr'"),
+        (lambda s: s.replace('name = "tiny"', 'name = "tiny'), "not valid TOML"),
+    ],
+)
 def test_bad_study_files_exit_2(study_file, tmp_path, edit, needle):
     study_file.write_text(edit(study_file.read_text()))
     p = run_cli("study", "run", study_file, "--out", tmp_path / "s")
@@ -164,8 +171,11 @@ def test_paper_study_plans_the_papers_compute(tmp_path):
 def test_submitit_local_executor_runs_and_skips_like_local(study_file, tmp_path):
     out = tmp_path / "s"
     # one size and sampler: every job is a process that imports torch, and a wave runs them all at once
-    study_file.write_text(study_file.read_text().replace('sizes = ["c8", "c16"]', 'sizes = ["c8"]')
-                          .replace('samplers = ["ddim", "ddpm"]', 'samplers = ["ddim"]'))
+    study_file.write_text(
+        study_file.read_text()
+        .replace('sizes = ["c8", "c16"]', 'sizes = ["c8"]')
+        .replace('samplers = ["ddim", "ddpm"]', 'samplers = ["ddim"]')
+    )
     p = run_cli("study", "run", study_file, "--out", out, "--executor", "submitit-local", "--no-report", check=True)
     assert "wave 2: submitting 2 job(s)" in p.stdout and "wave 3: submitting 3 job(s)" in p.stdout
     assert len(list((out / "jobs").glob("*.json"))) == 5
@@ -182,7 +192,9 @@ def test_downstream_study_is_the_demo_plus_tasks():
     from ldmscale.study.spec import load_study
 
     demo, full = (to_dict(load_study(ROOT / "studies" / f"{n}.toml")) for n in ("demo", "downstream"))
-    assert {k: v for k, v in full.items() if k not in ("name", "tasks")} == {k: v for k, v in demo.items() if k not in ("name", "tasks")}
+    assert {k: v for k, v in full.items() if k not in ("name", "tasks")} == {
+        k: v for k, v in demo.items() if k not in ("name", "tasks")
+    }
     assert sorted(t["kind"] for t in full["tasks"].values()) == ["consistency", "dreambooth", "super-resolution"]
 
 
@@ -192,14 +204,21 @@ def test_a_study_file_extends_another_key_by_key_and_its_folder_copy_stands_alon
     from ldmscale.errors import UserError
     from ldmscale.study.spec import load_study, resolved_toml
 
-    (tmp_path / "base.toml").write_text('name = "base"\n[train]\nsizes = ["c8", "c16"]\nimages = 100\n'
-                                        '[train.set]\nlr = 1e-3\nwarmup_steps = 5\n[eval]\nsteps = [2]\n'
-                                        'guidance = [2.0]\nsamplers = ["ddim"]\nnum_images = 20\n')
+    (tmp_path / "base.toml").write_text(
+        'name = "base"\n[train]\nsizes = ["c8", "c16"]\nimages = 100\n'
+        "[train.set]\nlr = 1e-3\nwarmup_steps = 5\n[eval]\nsteps = [2]\n"
+        'guidance = [2.0]\nsamplers = ["ddim"]\nnum_images = 20\n'
+    )
     (tmp_path / "sub").mkdir()
     child = tmp_path / "sub" / "child.toml"
     child.write_text('extends = "../base.toml"\nname = "child"\n[train]\nimages = 200\n[train.set]\nbatch_size = 8\n')
     st = load_study(child)
-    assert (st.name, st.train.sizes, st.train.images, st.train.set) == ("child", ("c8", "c16"), 200, {"batch_size": "8"})
+    assert (st.name, st.train.sizes, st.train.images, st.train.set) == (
+        "child",
+        ("c8", "c16"),
+        200,
+        {"batch_size": "8"},
+    )
     assert (st.eval.steps, st.eval.num_images) == ((2,), 20)
     copy = tmp_path / "elsewhere" / "study.toml"
     copy.parent.mkdir()
@@ -230,25 +249,36 @@ def test_seeds_study_is_the_demo_with_seeds_and_reuses_its_jobs(tmp_path):
     assert ids <= {j.id for j in more}
     extra = [j for j in more if j.id not in ids]
     assert sorted(j.name for j in extra if j.kind == "train") == [
-        "train c16 seed 1 (32,000 images)", "train c16 seed 2 (32,000 images)", "train c32 seed 1 (32,000 images)",
-        "train c32 seed 2 (32,000 images)", "train c8 seed 1 (91,520 images)", "train c8 seed 2 (91,520 images)"]
+        "train c16 seed 1 (32,000 images)",
+        "train c16 seed 2 (32,000 images)",
+        "train c32 seed 1 (32,000 images)",
+        "train c32 seed 2 (32,000 images)",
+        "train c8 seed 1 (91,520 images)",
+        "train c8 seed 2 (91,520 images)",
+    ]
     assert not [j for j in extra if "agreement" in j.name]  # the metric check is made once, on seed 0
 
 
 def test_dreambooth_caption_accuracy_needs_a_class_prompt_at_planning(study_file, tmp_path):
     # caption accuracy of a subject whose class the classifier does not know used to vanish from the results
-    study_file.write_text(study_file.read_text() + '\n[tasks.db]\nkind = "dreambooth"\nimages = 16\n'
-                          'set = { subject = "examples/subject_elephant", class_prompt = "a robot" }\n'
-                          'metrics = ["subject-ssim", "caption-accuracy"]\n')
+    study_file.write_text(
+        study_file.read_text() + '\n[tasks.db]\nkind = "dreambooth"\nimages = 16\n'
+        'set = { subject = "examples/subject_elephant", class_prompt = "a robot" }\n'
+        'metrics = ["subject-ssim", "caption-accuracy"]\n'
+    )
     p = run_cli("study", "run", study_file, "--out", tmp_path / "s", "--dry-run")
     assert p.returncode == 2, p.stderr
-    assert p.stderr.strip().splitlines()[-1] == ("ldmscale: error: [tasks.db]: caption-accuracy needs a class prompt "
-                                                 "among the classifier's classes, not 'a robot'")
+    assert p.stderr.strip().splitlines()[-1] == (
+        "ldmscale: error: [tasks.db]: caption-accuracy needs a class prompt "
+        "among the classifier's classes, not 'a robot'"
+    )
 
 
 def test_every_task_kind_plans_its_training_and_grid(study_file, tmp_path):
     # planning reads the task registry: one training job per (task, size), then the task's default grid
-    study_file.write_text(study_file.read_text() + """
+    study_file.write_text(
+        study_file.read_text()
+        + """
 [tasks.sr]
 kind = "super-resolution"
 images = 16
@@ -263,7 +293,8 @@ images = 16
 kind = "progressive"
 images = 16
 set = { start_steps = 4, final_steps = 2 }
-""")
+"""
+    )
     p = run_cli("study", "run", study_file, "--out", tmp_path / "s", "--dry-run", check=True)
     lines = p.stdout.strip().splitlines()
     assert lines[-1].startswith("39 jobs, 39 to run")
@@ -272,12 +303,17 @@ set = { start_steps = 4, final_steps = 2 }
         assert {f"sr {size}", f"db {size}", f"lcm {size}", f"pd {size}"} <= set(names)
         # super-resolution: ddim at the [eval] steps, no guidance; dreambooth: the [eval] grid;
         # consistency: lcm at 1, 2, 4, 8 steps; progressive: ddim at its final round's steps
-        assert [n for n in names if n.startswith(f"eval sr {size}")] == [f"eval sr {size} ddim 2 steps g1",
-                                                                         f"eval sr {size} ddim 3 steps g1"]
-        assert [n for n in names if n.startswith(f"eval db {size}")] == [f"eval db {size} ddim 2 steps g2",
-                                                                         f"eval db {size} ddim 3 steps g2"]
+        assert [n for n in names if n.startswith(f"eval sr {size}")] == [
+            f"eval sr {size} ddim 2 steps g1",
+            f"eval sr {size} ddim 3 steps g1",
+        ]
+        assert [n for n in names if n.startswith(f"eval db {size}")] == [
+            f"eval db {size} ddim 2 steps g2",
+            f"eval db {size} ddim 3 steps g2",
+        ]
         assert [n for n in names if n.startswith(f"eval lcm {size}")] == [
-            f"eval lcm {size} lcm {s} step{'s' * (s > 1)} g2" for s in (1, 2, 4, 8)]
+            f"eval lcm {size} lcm {s} step{'s' * (s > 1)} g2" for s in (1, 2, 4, 8)
+        ]
         assert [n for n in names if n.startswith(f"eval pd {size}")] == [f"eval pd {size} ddim 2 steps g2"]
 
 

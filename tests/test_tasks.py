@@ -53,10 +53,32 @@ def test_sr_finetune_resumes_exactly_and_evaluates(tiny_run, tiny_cache, tiny_cl
     run = tmp_path / "straight"
     rc = json.loads((run / "config.json").read_text())
     assert rc["kind"] == "super-resolution" and rc["unet"]["in_channels"] == 5
-    assert rc["accounting"]["forward_flops"] > json.loads((tiny_run / "config.json").read_text())["accounting"]["forward_flops"]
-    p = run_cli("eval", "--run", run, "--sampler", "ddim", "--steps", "3", "--guidance", "1", "--num-images", "8",
-                "--metrics", "psnr,ssim,fd-classifier", "--classifier", tiny_classifier, "--reference-count", "50",
-                "--batch-size", "8", check=True)
+    assert (
+        rc["accounting"]["forward_flops"]
+        > json.loads((tiny_run / "config.json").read_text())["accounting"]["forward_flops"]
+    )
+    p = run_cli(
+        "eval",
+        "--run",
+        run,
+        "--sampler",
+        "ddim",
+        "--steps",
+        "3",
+        "--guidance",
+        "1",
+        "--num-images",
+        "8",
+        "--metrics",
+        "psnr,ssim,fd-classifier",
+        "--classifier",
+        tiny_classifier,
+        "--reference-count",
+        "50",
+        "--batch-size",
+        "8",
+        check=True,
+    )
     r = json.loads(next((run / "eval").glob("*.json")).read_text())
     m = r["metrics"]
     assert {"psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "fd-classifier", "bicubic_fd-classifier"} <= set(m)
@@ -73,8 +95,22 @@ def test_sr_finetune_resumes_exactly_and_evaluates(tiny_run, tiny_cache, tiny_cl
     assert m["psnr_std"] > 0 and m["psnr"] != m["bicubic_psnr"]
     assert r["init_run"] == str(tiny_run.resolve()) and r["model_calls_per_image"] == 3
     out = tmp_path / "srsamples"
-    p = run_cli("sample", "--run", run, "--lowres", "animal-mnist:validation", "--num-images", "3", "--steps", "2",
-                "--guidance", "1", "--out", out, check=True)
+    p = run_cli(
+        "sample",
+        "--run",
+        run,
+        "--lowres",
+        "animal-mnist:validation",
+        "--num-images",
+        "3",
+        "--steps",
+        "2",
+        "--guidance",
+        "1",
+        "--out",
+        out,
+        check=True,
+    )
     assert "3 inputs x 1 samplers" in p.stdout and len(list(out.glob("ddim-*.png"))) == 3
 
 
@@ -101,14 +137,31 @@ def test_dreambooth_resumes_exactly_and_measures_fidelity(tiny_run, tiny_cache, 
     images, labels = animal_mnist_arrays()
     for k, i in enumerate(np.flatnonzero(labels == 4)[:4]):
         Image.fromarray(images[i]).save(subject / f"{k}.png")
-    db = DreamBoothConfig(init=str(tiny_run), subject=str(subject), class_prompt="a dog", num_class_images=8,
-                          prior_steps=2)
+    db = DreamBoothConfig(
+        init=str(tiny_run), subject=str(subject), class_prompt="a dog", num_class_images=8, prior_steps=2
+    )
     assert instance_prompt(db) == "a sks dog"
     cfg = tiny_train_config(tiny_cache, images=16, checkpoint_every=8)
     resume_exactly(tmp_path, monkeypatch, lambda out: finetune_dreambooth(db, cfg, out, progress=False))
     run = tmp_path / "straight"
-    run_cli("eval", "--run", run, "--sampler", "ddim", "--steps", "3", "--guidance", "3", "--num-images", "6",
-                "--metrics", "subject-ssim,subject-fidelity,caption-accuracy", "--classifier", tiny_classifier, check=True)
+    run_cli(
+        "eval",
+        "--run",
+        run,
+        "--sampler",
+        "ddim",
+        "--steps",
+        "3",
+        "--guidance",
+        "3",
+        "--num-images",
+        "6",
+        "--metrics",
+        "subject-ssim,subject-fidelity,caption-accuracy",
+        "--classifier",
+        tiny_classifier,
+        check=True,
+    )
     r = json.loads(next((run / "eval").glob("*.json")).read_text())
     assert r["task"] == "dreambooth" and r["prompt"] == "a sks dog"
     # the same numbers from the images regenerated with the eval's seeds, measured directly
@@ -122,17 +175,38 @@ def test_dreambooth_resumes_exactly_and_measures_fidelity(tiny_run, tiny_cache, 
     feat = ClassifierFeatures(tiny_classifier)
     assert r["metrics"]["subject-ssim"] == pytest.approx(metrics.subject_ssim(images, views)[0], abs=1e-6)
     assert r["metrics"]["subject-fidelity"] == pytest.approx(
-        metrics.subject_fidelity(feat(images), feat(views))[0], abs=1e-5)
+        metrics.subject_fidelity(feat(images), feat(views))[0], abs=1e-5
+    )
     assert r["metrics"]["caption-accuracy"] == pytest.approx(float((feat.predict(images) == 4).float().mean()))
 
 
 def test_dreambooth_bad_inputs_exit_2(tiny_run, tmp_path):
     (tmp_path / "empty").mkdir()
-    p = run_cli("finetune", "dreambooth", "--init", tiny_run, "--subject", tmp_path / "empty", "--class-prompt", "a dog",
-                "--out", tmp_path / "x")
+    p = run_cli(
+        "finetune",
+        "dreambooth",
+        "--init",
+        tiny_run,
+        "--subject",
+        tmp_path / "empty",
+        "--class-prompt",
+        "a dog",
+        "--out",
+        tmp_path / "x",
+    )
     assert p.returncode == 2 and "has no images" in p.stderr
-    p = run_cli("finetune", "dreambooth", "--init", tiny_run, "--subject", tmp_path / "none", "--class-prompt", "a dog",
-                "--out", tmp_path / "x")
+    p = run_cli(
+        "finetune",
+        "dreambooth",
+        "--init",
+        tiny_run,
+        "--subject",
+        tmp_path / "none",
+        "--class-prompt",
+        "a dog",
+        "--out",
+        tmp_path / "x",
+    )
     assert p.returncode == 2 and "subject folder not found" in p.stderr
     with pytest.raises(UserError):
         from ldmscale.tasks.dreambooth import subject_images
@@ -141,8 +215,9 @@ def test_dreambooth_bad_inputs_exit_2(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("verb", ["train", "finetune sr", "finetune dreambooth", "distill"])
-def test_every_verb_that_trains_stops_on_a_non_finite_loss_in_one_line(verb, tiny_run, tiny_cache, tmp_path,
-                                                                        monkeypatch):
+def test_every_verb_that_trains_stops_on_a_non_finite_loss_in_one_line(
+    verb, tiny_run, tiny_cache, tmp_path, monkeypatch
+):
     """One handler (cli.main) for every training verb: exit 1, one line naming the step, no traceback (#27)."""
     import math
 
@@ -161,14 +236,26 @@ def test_every_verb_that_trains_stops_on_a_non_finite_loss_in_one_line(verb, tin
 
     (tmp_path / "subject").mkdir()
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "subject" / "0.png")
-    args = {"train": ["--cache", tiny_cache, "--size", "c8"],
-            "finetune sr": ["--init", tiny_run, "--source", "animal-mnist"],
-            "finetune dreambooth": ["--init", tiny_run, "--subject", tmp_path / "subject", "--class-prompt", "a dog",
-                                    "--set", "num_class_images=4"],
-            "distill": ["--teacher", tiny_run]}[verb]
+    args = {
+        "train": ["--cache", tiny_cache, "--size", "c8"],
+        "finetune sr": ["--init", tiny_run, "--source", "animal-mnist"],
+        "finetune dreambooth": [
+            "--init",
+            tiny_run,
+            "--subject",
+            tmp_path / "subject",
+            "--class-prompt",
+            "a dog",
+            "--set",
+            "num_class_images=4",
+        ],
+        "distill": ["--teacher", tiny_run],
+    }[verb]
     p = run_cli(*verb.split(), *args, "--images", "16", "--out", tmp_path / "out")
     last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode == 1 and re.fullmatch(r"ldmscale: stopped: loss is \S+ at step 1 \(images seen 0\); stopped "
-                                              r"without saving; last good checkpoint: none; try a lower lr", last), \
-        p.stderr[-2000:]
+    assert p.returncode == 1 and re.fullmatch(
+        r"ldmscale: stopped: loss is \S+ at step 1 \(images seen 0\); stopped "
+        r"without saving; last good checkpoint: none; try a lower lr",
+        last,
+    ), p.stderr[-2000:]
     assert "Traceback" not in p.stderr

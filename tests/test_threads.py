@@ -51,8 +51,26 @@ def test_busy_cores_sees_a_process_spinning_on_this_machine():
 
 
 def test_the_cli_option_sets_torch_threads_and_results_record_them(tiny_run, tiny_classifier, tmp_path):
-    p = run_cli("--threads", "1", "eval", "--run", tiny_run, "--steps", "1", "--num-images", "4", "--classifier",
-                tiny_classifier, "--reference-count", "20", "--bootstrap", "0", "--seed", "7", check=True)
+    p = run_cli(
+        "--threads",
+        "1",
+        "eval",
+        "--run",
+        tiny_run,
+        "--steps",
+        "1",
+        "--num-images",
+        "4",
+        "--classifier",
+        tiny_classifier,
+        "--reference-count",
+        "20",
+        "--bootstrap",
+        "0",
+        "--seed",
+        "7",
+        check=True,
+    )
     import json
 
     results = [json.loads(f.read_text()) for f in (tiny_run / "eval").glob("*.json")]

@@ -104,10 +104,27 @@ def test_kill9_during_save_keeps_previous_checkpoint(tmp_path, tiny_cache):
     run, marker = tmp_path / "run", tmp_path / "marker"
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
-    args = ["train", "--cache", str(tiny_cache), "--size", "c8", "--out", str(run), "--images", "48",
-            "--set", "batch_size=8", "--set", "checkpoint_every=24"]
-    proc = subprocess.Popen([sys.executable, str(script), str(marker), *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "train",
+        "--cache",
+        str(tiny_cache),
+        "--size",
+        "c8",
+        "--out",
+        str(run),
+        "--images",
+        "48",
+        "--set",
+        "batch_size=8",
+        "--set",
+        "checkpoint_every=24",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(marker), *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while not marker.exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -146,12 +163,39 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_cache, mon
 
 @MULTIPROCESS
 def test_two_process_data_parallel_trains_the_same_model(tmp_path, tiny_cache):
-    args = ["train", "--cache", str(tiny_cache), "--size", "c8", "--images", "32", "--set", "batch_size=8",
-            "--set", "warmup_steps=1"]
+    args = [
+        "train",
+        "--cache",
+        str(tiny_cache),
+        "--size",
+        "c8",
+        "--images",
+        "32",
+        "--set",
+        "batch_size=8",
+        "--set",
+        "warmup_steps=1",
+    ]
     run_cli(*args, "--out", tmp_path / "one", check=True)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldmscale",
-           *args, "--out", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "ldmscale",
+        *args,
+        "--out",
+        str(tmp_path / "two"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run ") == 1  # only the main process reports
@@ -208,8 +252,9 @@ def test_guidance_doubles_model_calls_and_lcm_runs():
     model = ToyGaussianDenoiser(mu=0.0, s=1.0)
     gens = [torch.Generator().manual_seed(0)]
     stats = SampleStats()
-    generate_latents(model, make_sampler("ddim"), 10, torch.zeros(1, 4, 8), torch.zeros(1, 4, 8), 3.0, gens,
-                     (4, 8, 8), stats=stats)
+    generate_latents(
+        model, make_sampler("ddim"), 10, torch.zeros(1, 4, 8), torch.zeros(1, 4, 8), 3.0, gens, (4, 8, 8), stats=stats
+    )
     assert stats.model_calls == 20
     stats = SampleStats()
     x = generate_latents(model, make_sampler("lcm"), 4, torch.zeros(1, 4, 8), None, 1.0, gens, (4, 8, 8), stats=stats)
@@ -230,8 +275,26 @@ def test_same_seed_same_images_whatever_the_batch(tiny_run):
 
 def test_sample_cli(tiny_run, tmp_path):
     out = tmp_path / "s"
-    proc = run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--prompt", "a zebra", "--sampler",
-                   "dpmsolver++", "--steps", "4", "--guidance", "2", "--num-images", "3", "--out", out, check=True)
+    proc = run_cli(
+        "sample",
+        "--run",
+        tiny_run,
+        "--prompt",
+        "a cat",
+        "--prompt",
+        "a zebra",
+        "--sampler",
+        "dpmsolver++",
+        "--steps",
+        "4",
+        "--guidance",
+        "2",
+        "--num-images",
+        "3",
+        "--out",
+        out,
+        check=True,
+    )
     assert "8 model calls/image" in proc.stdout
     assert sorted(p.name for p in out.glob("p*.png")) == [f"p{p:02d}-{k:03d}.png" for p in range(2) for k in range(3)]
     from PIL import Image
@@ -242,12 +305,32 @@ def test_sample_cli(tiny_run, tmp_path):
     assert rec["seeds"] == [0, 1, 2, 3, 4, 5] and rec["checkpoint"] == "step-000006"
     assert rec["results"]["dpmsolver++"]["sampling_cost"] == pytest.approx(rec["norm_cost"] * 4)
     out2 = tmp_path / "two"
-    proc = run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--sampler", "ddim", "--sampler", "heun",
-                   "--steps", "3", "--guidance", "1", "--num-images", "2", "--out", out2, check=True)
+    proc = run_cli(
+        "sample",
+        "--run",
+        tiny_run,
+        "--prompt",
+        "a cat",
+        "--sampler",
+        "ddim",
+        "--sampler",
+        "heun",
+        "--steps",
+        "3",
+        "--guidance",
+        "1",
+        "--num-images",
+        "2",
+        "--out",
+        out2,
+        check=True,
+    )
     assert "heun: 5 model calls/image" in proc.stdout and "ddim: 3 model calls/image" in proc.stdout
     assert Image.open(out2 / "grid.png").size == (4 * (96 + 2) + 2, 96 + 4)
-    assert np.array_equal(np.asarray(Image.open(out2 / "grid.png"))[2:98, 2:98],
-                          np.asarray(Image.open(out2 / "ddim-p00-000.png").resize((96, 96), Image.NEAREST)))
+    assert np.array_equal(
+        np.asarray(Image.open(out2 / "grid.png"))[2:98, 2:98],
+        np.asarray(Image.open(out2 / "ddim-p00-000.png").resize((96, 96), Image.NEAREST)),
+    )
     for args, needle in [
         (["--sampler", "plms"], "unknown sampler 'plms'"),
         (["--steps", "0"], "'--steps': 0 is not in the range 1<=x<=1000"),
@@ -259,21 +342,45 @@ def test_sample_cli(tiny_run, tmp_path):
     assert p.returncode == 2 and "not a run directory" in p.stderr
     p = run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--out", out)
     assert p.returncode == 2 and "already holds samples; pass --overwrite" in p.stderr
-    run_cli("sample", "--run", tiny_run, "--prompt", "a cat", "--steps", "2", "--num-images", "1", "--out", out,
-            "--overwrite", check=True)
+    run_cli(
+        "sample",
+        "--run",
+        tiny_run,
+        "--prompt",
+        "a cat",
+        "--steps",
+        "2",
+        "--num-images",
+        "1",
+        "--out",
+        out,
+        "--overwrite",
+        check=True,
+    )
 
 
-def _pipeline_latents(folder, prompt_embeds=None, negative=None, prompt=None, seeds=(3, 4), steps=5, guidance=3.0,
-                      pipe=None):
+def _pipeline_latents(
+    folder, prompt_embeds=None, negative=None, prompt=None, seeds=(3, 4), steps=5, guidance=3.0, pipe=None
+):
     from diffusers import StableDiffusionPipeline
 
-    pipe = pipe or StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
-                                                           trust_remote_code=True)
+    pipe = pipe or StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False, trust_remote_code=True
+    )
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    out = pipe(prompt=prompt, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, num_inference_steps=steps,
-               guidance_scale=guidance, generator=gens, output_type="latent", height=size, width=size)
+    out = pipe(
+        prompt=prompt,
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=gens,
+        output_type="latent",
+        height=size,
+        width=size,
+    )
     return out.images
 
 
@@ -294,8 +401,13 @@ def test_export_clip_pipeline_matches_ldmscale_sample(tmp_path, tiny_ae):
 
     clip = make_tiny_clip(tmp_path / "clip")
     cache = tmp_path / "cache"
-    prepare(PrepareConfig(source="animal-mnist", autoencoder=str(tiny_ae), text_encoder=f"clip:{clip}",
-                          resolution=32, limit=16), cache, progress=False)
+    prepare(
+        PrepareConfig(
+            source="animal-mnist", autoencoder=str(tiny_ae), text_encoder=f"clip:{clip}", resolution=32, limit=16
+        ),
+        cache,
+        progress=False,
+    )
     train(tiny_train_config(cache, images=16), tmp_path / "run", progress=False)
     proc = run_cli("export", "--run", tmp_path / "run", "--out", tmp_path / "export", check=True)
     assert "trust_remote_code" not in proc.stdout  # a CLIP text encoder is plain transformers
@@ -316,8 +428,9 @@ def test_export_minilm_pipeline_takes_plain_prompts_or_refuses(tiny_run, tmp_pat
     # plain prompts through the pipeline's own tokenizer and text encoder give ldmscale's zero-padded states, from
     # the pipeline that the line export printed loads
     ours = _our_latents(tiny_run, ["a cat", "a zebra"])
-    assert torch.allclose(ours, _pipeline_latents(None, prompt=["a cat", "a zebra"], pipe=printed_pipeline(proc)),
-                          atol=1e-5)
+    assert torch.allclose(
+        ours, _pipeline_latents(None, prompt=["a cat", "a zebra"], pipe=printed_pipeline(proc)), atol=1e-5
+    )
     cond, uncond = encode_prompts(model, ["a cat", "a zebra"])
     theirs = _pipeline_latents(tmp_path / "export", prompt_embeds=cond, negative=uncond.expand(2, -1, -1))
     assert torch.allclose(ours, theirs, atol=1e-5)
@@ -329,17 +442,44 @@ def test_export_minilm_pipeline_takes_plain_prompts_or_refuses(tiny_run, tmp_pat
 
 
 def _launch2(args, out):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldmscale",
-           *map(str, args), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "ldmscale",
+        *map(str, args),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @MULTIPROCESS
 def test_fsdp_two_processes_train_resume_and_match_one_process(tmp_path, tiny_cache):
-    args = ["train", "--cache", tiny_cache, "--size", "c8", "--set", "batch_size=8", "--set", "warmup_steps=1",
-            "--set", "checkpoint_every=16"]
+    args = [
+        "train",
+        "--cache",
+        tiny_cache,
+        "--size",
+        "c8",
+        "--set",
+        "batch_size=8",
+        "--set",
+        "warmup_steps=1",
+        "--set",
+        "checkpoint_every=16",
+    ]
     run_cli(*args, "--images", "32", "--out", tmp_path / "one", check=True)
     _launch2([*args, "--images", "32", "--set", "fsdp=true"], tmp_path / "fsdp")
     _launch2([*args, "--images", "16", "--set", "fsdp=true"], tmp_path / "fsdp-resumed")
@@ -367,13 +507,16 @@ def test_tensorboard_tracking_logs_config_curves_and_sample_grids(tmp_path, tiny
     train(tiny_train_config(tiny_cache, images=32, report_to="tensorboard"), run, progress=False)  # resumed
     dirs = sorted({str(p.parent) for p in run.rglob("events.out.*")})
     events = [EventAccumulator(d, size_guidance={"images": 0}).Reload() for d in dirs]
-    scalars = {t: [e.step for ev in events if t in ev.Tags()["scalars"] for e in ev.Scalars(t)]
-               for t in ("loss", "lr", "train_flops", "images_seen")}
+    scalars = {
+        t: [e.step for ev in events if t in ev.Tags()["scalars"] for e in ev.Scalars(t)]
+        for t in ("loss", "lr", "train_flops", "images_seen")
+    }
     assert sorted(scalars["loss"]) == [1, 2, 3, 4] and scalars["train_flops"] and "seed" not in str(scalars)
     images = [e.step for ev in events if "samples" in ev.Tags()["images"] for e in ev.Images("samples")]
     assert sorted(images) == [2, 3, 4]  # a grid at each checkpoint: the end of run 1, then steps 3 and 4
-    p = run_cli("train", "--cache", tiny_cache, "--size", "c8", "--out", tmp_path / "w", "--images", "8",
-                "--report-to", "wandb")
+    p = run_cli(
+        "train", "--cache", tiny_cache, "--size", "c8", "--out", tmp_path / "w", "--images", "8", "--report-to", "wandb"
+    )
     import importlib.util
 
     if importlib.util.find_spec("wandb") is None:
@@ -387,8 +530,18 @@ def test_two_process_data_parallel_distillation_and_superres(verb, tmp_path, tin
     if verb == "distill":
         args = ["distill", "--teacher", tiny_run, "--images", "16", "--set", "batch_size=8"]
     else:
-        args = ["finetune", "sr", "--init", tiny_run, "--images", "16", "--set", "batch_size=8",
-                "--set", "warmup_steps=1"]
+        args = [
+            "finetune",
+            "sr",
+            "--init",
+            tiny_run,
+            "--images",
+            "16",
+            "--set",
+            "batch_size=8",
+            "--set",
+            "warmup_steps=1",
+        ]
     run_cli(*args, "--out", tmp_path / "one", check=True)
     _launch2(args, tmp_path / "two")
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")

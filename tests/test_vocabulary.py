@@ -81,7 +81,11 @@ def test_each_concept_has_one_word():
             if isinstance(p, click.Option) and "SOURCE" in (p.help or ""):
                 assert p.opts[0] in {"--source", "--reference", "--lowres", "--a", "--b"}, (path, p.opts)
     assert {p for p, c in COMMANDS.items() if "--source" in _options(c)} == {
-        "autoencoder train", "data prepare", "classifier train", "finetune sr"}
+        "autoencoder train",
+        "data prepare",
+        "classifier train",
+        "finetune sr",
+    }
     assert "--format" in _options(COMMANDS["family"]) and "--format" in _options(COMMANDS["plan"])
     assert "--cache" in _options(COMMANDS["train"])
     # the study folder is the positional argument wherever a command reads one
@@ -93,12 +97,25 @@ def test_each_concept_has_one_word():
 def test_old_spellings_still_parse_and_say_they_are_deprecated(path, capsys):
     cmd = COMMANDS[path]
     assert cmd.aliases == ALIASES[path]
-    base = {"train": [], "sample": ["--run", "r", "--out", "o"], "data prepare": ["--out", "o", "--autoencoder", "a"],
-            "compare": ["--a", "x", "--b", "y"], "finetune sr": ["--init", "i", "--out", "o"],
-            "finetune dreambooth": ["--init", "i", "--subject", "s", "--out", "o"],
-            "study report": ["DIR"], "plan": []}[path]
-    values = {"--data": "somewhere", "--num": "3", "--lr": "animal-mnist:validation", "--limit": "5",
-              "--study": "DIR", "--json": None, "--train-set": "lr=1e-4"}
+    base = {
+        "train": [],
+        "sample": ["--run", "r", "--out", "o"],
+        "data prepare": ["--out", "o", "--autoencoder", "a"],
+        "compare": ["--a", "x", "--b", "y"],
+        "finetune sr": ["--init", "i", "--out", "o"],
+        "finetune dreambooth": ["--init", "i", "--subject", "s", "--out", "o"],
+        "study report": ["DIR"],
+        "plan": [],
+    }[path]
+    values = {
+        "--data": "somewhere",
+        "--num": "3",
+        "--lr": "animal-mnist:validation",
+        "--limit": "5",
+        "--study": "DIR",
+        "--json": None,
+        "--train-set": "lr=1e-4",
+    }
     for old, new in ALIASES[path].items():
         value = values[old]
         old_args = [old] + ([value] if value is not None else [])
@@ -130,16 +147,48 @@ def test_every_train_config_field_is_a_train_option_with_help():
 
 def test_train_options_and_set_build_the_same_config():
     train = COMMANDS["train"]
-    params = train.make_context("train", ["--out", "o", "--cache", "c", "--lr", "5e-4", "--batch-size", "8",
-                                          "--betas", "0.8,0.99", "--no-ema-warmup", "--prediction",
-                                          "v_prediction", "--checkpoint-at", "3,9"]).params
+    params = train.make_context(
+        "train",
+        [
+            "--out",
+            "o",
+            "--cache",
+            "c",
+            "--lr",
+            "5e-4",
+            "--batch-size",
+            "8",
+            "--betas",
+            "0.8,0.99",
+            "--no-ema-warmup",
+            "--prediction",
+            "v_prediction",
+            "--checkpoint-at",
+            "3,9",
+        ],
+    ).params
     fields = {k: v for k, v in params.items() if k not in ("out", "config_file", "overrides")}
     from_options = apply_overrides(TrainConfig(), given_overrides(TrainConfig, fields))
-    from_set = apply_overrides(TrainConfig(), ["data=c", "lr=5e-4", "batch_size=8", "betas=0.8,0.99",
-                                               "ema_warmup=false", "prediction=v_prediction", "checkpoint_at=3,9"])
+    from_set = apply_overrides(
+        TrainConfig(),
+        [
+            "data=c",
+            "lr=5e-4",
+            "batch_size=8",
+            "betas=0.8,0.99",
+            "ema_warmup=false",
+            "prediction=v_prediction",
+            "checkpoint_at=3,9",
+        ],
+    )
     assert from_options == from_set
-    assert (from_options.lr, from_options.batch_size, from_options.betas, from_options.ema_warmup,
-            from_options.checkpoint_at) == (5e-4, 8, (0.8, 0.99), False, (3, 9))
+    assert (
+        from_options.lr,
+        from_options.batch_size,
+        from_options.betas,
+        from_options.ema_warmup,
+        from_options.checkpoint_at,
+    ) == (5e-4, 8, (0.8, 0.99), False, (3, 9))
     # options not given stay None, so a continued run keeps its own settings
     assert params["seed"] is None and params["fsdp"] is None
 

@@ -17,8 +17,19 @@ from ldmscale.analysis import claims, stats
 from ldmscale.analysis import scaling as analysis
 from ldmscale.names import Kind
 
-FIELDS = ("task", "size", "norm_cost", "sampler", "steps", "guidance", "model_calls_per_image", "images_seen",
-          "train_flops", "checkpoint", "distilled")
+FIELDS = (
+    "task",
+    "size",
+    "norm_cost",
+    "sampler",
+    "steps",
+    "guidance",
+    "model_calls_per_image",
+    "images_seen",
+    "train_flops",
+    "checkpoint",
+    "distilled",
+)
 SHARED = 0.5  # the share of a run's training variance common to all of its configurations
 
 
@@ -53,8 +64,13 @@ def null_world(p: list[dict], claim: int, curve: tuple, metric: str) -> list[dic
     in log executed cost over all sizes) at its executed cost."""
     q = [dict(x) for x in p]
     if claim == 1:
-        points = [x for x in q if x["task"] == Kind.TEXT_TO_IMAGE and not x.get("distilled")
-                  and (x["sampler"], x["steps"], float(x["guidance"])) == (curve[0], curve[1], float(curve[2]))]
+        points = [
+            x
+            for x in q
+            if x["task"] == Kind.TEXT_TO_IMAGE
+            and not x.get("distilled")
+            and (x["sampler"], x["steps"], float(x["guidance"])) == (curve[0], curve[1], float(curve[2]))
+        ]
         _fit(points, lambda x: math.log(x["train_flops"]))
         return q
     if claim == 2:
@@ -67,12 +83,16 @@ def null_world(p: list[dict], claim: int, curve: tuple, metric: str) -> list[dic
         return q
     final = _final(q)
     for key in {(x["task"], x["sampler"]) for x in final}:
-        _fit([x for x in final if (x["task"], x["sampler"]) == key],
-             lambda x: math.log(x["norm_cost"] * x["model_calls_per_image"]))
+        _fit(
+            [x for x in final if (x["task"], x["sampler"]) == key],
+            lambda x: math.log(x["norm_cost"] * x["model_calls_per_image"]),
+        )
     if claim == 6:  # each distilled row as good as the best undistilled curve at its cost, and no better
         curves = {}
         for smp in {x["sampler"] for x in final if not x.get("distilled") and x["task"] == Kind.TEXT_TO_IMAGE}:
-            pts = [x for x in final if x["sampler"] == smp and not x.get("distilled") and x["task"] == Kind.TEXT_TO_IMAGE]
+            pts = [
+                x for x in final if x["sampler"] == smp and not x.get("distilled") and x["task"] == Kind.TEXT_TO_IMAGE
+            ]
             lx = [math.log(x["norm_cost"] * x["model_calls_per_image"]) for x in pts]
             if len(set(lx)) > 2:
                 curves[smp] = (np.polyfit(lx, [x["value"] for x in pts], 2), min(lx), max(lx))
@@ -102,8 +122,9 @@ def _final(q: list[dict]) -> list[dict]:
     return [x for x in q if (x.get("images_seen") or 0) == last[(x["task"], x["size"], bool(x.get("distilled")))]]
 
 
-def draw(p: list[dict], seeds: int, metric: str, rng: np.random.Generator, train_std: list[float] | None = None
-         ) -> list[dict]:
+def draw(
+    p: list[dict], seeds: int, metric: str, rng: np.random.Generator, train_std: list[float] | None = None
+) -> list[dict]:
     """One simulated study: every configuration once per seed, as the rows study.collect makes."""
     train_std = _train_std(p) if train_std is None else train_std
     rows = []
@@ -114,21 +135,43 @@ def draw(p: list[dict], seeds: int, metric: str, rng: np.random.Generator, train
         for x, t, (zr, ze) in zip(p, train_std, own):
             z_run = shared[(x["task"], x["size"], bool(x.get("distilled")))]
             noise = t * (math.sqrt(SHARED) * z_run + math.sqrt(1 - SHARED) * zr) + (x["eval_std"] or 0.0) * ze
-            rows.append({k: x[k] for k in FIELDS} | {metric: x["value"] + noise, f"{metric}_std": x["eval_std"],
-                                                     "train_seed": s, "spacing": "trailing", "tag": ""})
+            rows.append(
+                {k: x[k] for k in FIELDS}
+                | {
+                    metric: x["value"] + noise,
+                    f"{metric}_std": x["eval_std"],
+                    "train_seed": s,
+                    "spacing": "trailing",
+                    "tag": "",
+                }
+            )
     return rows
 
 
-def rates(p: list[dict], metric: str, curve: tuple, world: str, seeds: int, studies: int = 500, seed: int = 0,
-          task_metrics: dict | None = None, which: tuple[int, ...] = (1, 2, 3, 4, 5, 6)) -> dict[int, Counter]:
+def rates(
+    p: list[dict],
+    metric: str,
+    curve: tuple,
+    world: str,
+    seeds: int,
+    studies: int = 500,
+    seed: int = 0,
+    task_metrics: dict | None = None,
+    which: tuple[int, ...] = (1, 2, 3, 4, 5, 6),
+) -> dict[int, Counter]:
     """For each claim, how many of `studies` simulated studies got each verdict. world: "measured" (the profile as
     it is) or "null" (each claim in its own null world: null_world; claims 3-5 share one)."""
     rng = np.random.default_rng(seed)
     train_std = _train_std(p)
     worlds: dict[int, list[dict]] = {}
     for c in which:
-        worlds[c] = p if world == "measured" else worlds.get(3) if c in (4, 5) and 3 in worlds else \
-            null_world(p, c, curve, metric)
+        worlds[c] = (
+            p
+            if world == "measured"
+            else worlds.get(3)
+            if c in (4, 5) and 3 in worlds
+            else null_world(p, c, curve, metric)
+        )
     groups: dict[int, list[int]] = {}
     for c, w in worlds.items():
         groups.setdefault(id(w), []).append(c)
@@ -141,14 +184,27 @@ def rates(p: list[dict], metric: str, curve: tuple, world: str, seeds: int, stud
     return out
 
 
-def summary(p: list[dict], metric: str, curve: tuple, seeds: int, studies: int = 500, seed: int = 0,
-            task_metrics: dict | None = None) -> dict:
+def summary(
+    p: list[dict],
+    metric: str,
+    curve: tuple,
+    seeds: int,
+    studies: int = 500,
+    seed: int = 0,
+    task_metrics: dict | None = None,
+) -> dict:
     """The false "holds" rate (null) and the "holds" rate (measured effects) of every claim, as fractions."""
     null = rates(p, metric, curve, "null", seeds, studies, seed, task_metrics)
     power = rates(p, metric, curve, "measured", seeds, studies, seed + 1, task_metrics)
-    return {c: {"null_holds": null[c][claims.HOLDS] / studies, "power_holds": power[c][claims.HOLDS] / studies,
-                "null": dict(null[c]), "measured": dict(power[c])} for c in range(1, 7)}
-
+    return {
+        c: {
+            "null_holds": null[c][claims.HOLDS] / studies,
+            "power_holds": power[c][claims.HOLDS] / studies,
+            "null": dict(null[c]),
+            "measured": dict(power[c]),
+        }
+        for c in range(1, 7)
+    }
 
 
 def negative_control(rows: list[dict], metric: str, curve: tuple, task_metrics: dict | None = None) -> dict | None:
@@ -169,8 +225,10 @@ def negative_control(rows: list[dict], metric: str, curve: tuple, task_metrics: 
     for g in stats.aggregate_seeds(mine):
         sd, e = g.get(f"{metric}_seed_sd"), g.get(f"{metric}_eval_std")
         one = e * math.sqrt(g["n_seeds"]) if e else 0.0
-        spread[tuple(str(g.get(k)) for k in stats.CONFIG_KEY if k != "size")] = \
-            (math.sqrt(max(0.0, sd**2 - one**2)) if sd is not None else 0.0, g.get(f"{metric}_df"))
+        spread[tuple(str(g.get(k)) for k in stats.CONFIG_KEY if k != "size")] = (
+            math.sqrt(max(0.0, sd**2 - one**2)) if sd is not None else 0.0,
+            g.get(f"{metric}_df"),
+        )
     pseudo = []
     for r in mine:
         k = int(r.get(stats.SEED) or 0)
@@ -178,9 +236,19 @@ def negative_control(rows: list[dict], metric: str, curve: tuple, task_metrics: 
             continue
         t, df = spread.get(tuple(str(r.get(x)) for x in stats.CONFIG_KEY if x != "size"), (0.0, None))
         e = stats.std(r, metric)
-        pseudo.append(dict(r, size=f"{size} seed {k}", train_seed=0,
-                           norm_cost=float(r["norm_cost"]) * (1.0 if k == a else 1.000001),
-                           **{f"{metric}_std": math.hypot(e, t) if e is not None else None, f"{metric}_df": df}))
+        pseudo.append(
+            dict(
+                r,
+                size=f"{size} seed {k}",
+                train_seed=0,
+                norm_cost=float(r["norm_cost"]) * (1.0 if k == a else 1.000001),
+                **{f"{metric}_std": math.hypot(e, t) if e is not None else None, f"{metric}_df": df},
+            )
+        )
     verdicts = claims.check_claims(pseudo, metric, curve, task_metrics)
-    return {"size": size, "seeds": [a, b], "verdicts": [v.as_dict() for v in verdicts],
-            "holds": [v.claim for v in verdicts if v.verdict == claims.HOLDS]}
+    return {
+        "size": size,
+        "seeds": [a, b],
+        "verdicts": [v.as_dict() for v in verdicts],
+        "holds": [v.claim for v in verdicts if v.verdict == claims.HOLDS],
+    }

@@ -45,26 +45,48 @@ def sample_grids(a: dict, study, folder: Path, per_prompt: int = 4) -> list[dict
         cheap = analysis.plan(mine, small, metric, "executed_cost")["best"] if small is not None else None
         picks.append((f"small budget ({small:.3g})", cheap))
         if not Path(mine[0]["run"]).is_dir():  # a report redrawn from results.csv alone
-            out.append({"size": size, "label": "best configuration", "note": f"no sample grid: {size}'s run "
-                        f"{mine[0]['run']} is not on this machine"})
+            out.append(
+                {
+                    "size": size,
+                    "label": "best configuration",
+                    "note": f"no sample grid: {size}'s run {mine[0]['run']} is not on this machine",
+                }
+            )
             continue
         model = load_run(mine[0]["run"], mine[0].get("checkpoint") or "latest")
         for label, c in picks:
             entry = {"size": size, "label": label}
-            if c is None or (c is not top and (c["sampler"], c["steps"], c["guidance"]) ==
-                             (top["sampler"], top["steps"], top["guidance"])):
-                entry["note"] = (f"{size} has no configuration within the small budget" if c is None else
-                                 "its best configuration fits the small budget: the grid above")
+            if c is None or (
+                c is not top
+                and (c["sampler"], c["steps"], c["guidance"]) == (top["sampler"], top["steps"], top["guidance"])
+            ):
+                entry["note"] = (
+                    f"{size} has no configuration within the small budget"
+                    if c is None
+                    else "its best configuration fits the small budget: the grid above"
+                )
                 out.append(entry)
                 continue
             seeds = [ev.seed + i for i in range(len(prompts) * per_prompt)]
-            images, _ = generate(model, [p for p in prompts for _ in range(per_prompt)], c["sampler"], c["steps"],
-                                 c["guidance"], seeds, batch_size=64, spacing=ev.spacing)
+            images, _ = generate(
+                model,
+                [p for p in prompts for _ in range(per_prompt)],
+                c["sampler"],
+                c["steps"],
+                c["guidance"],
+                seeds,
+                batch_size=64,
+                spacing=ev.spacing,
+            )
             name = f"{size}-{c['sampler']}-s{c['steps']}-g{c['guidance']:g}.png"
             save_png(label_rows(grid(images, per_prompt), prompts), folder / "samples" / name)
-            entry |= {"config": c, "file": f"samples/{name}", "png": (folder / "samples" / name).read_bytes(),
-                      "caption": f"{size}, {c['sampler']} {c['steps']} steps, guidance {c['guidance']:g}: "
-                                 f"{metric} {c[metric]:.4g} (executed cost {c['executed_cost']:.3g}, sampling cost "
-                                 f"{c['sampling_cost']:.3g})"}
+            entry |= {
+                "config": c,
+                "file": f"samples/{name}",
+                "png": (folder / "samples" / name).read_bytes(),
+                "caption": f"{size}, {c['sampler']} {c['steps']} steps, guidance {c['guidance']:g}: "
+                f"{metric} {c[metric]:.4g} (executed cost {c['executed_cost']:.3g}, sampling cost "
+                f"{c['sampling_cost']:.3g})",
+            }
             out.append(entry)
     return out

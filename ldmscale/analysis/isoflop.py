@@ -41,7 +41,7 @@ class Parabola:
 
     @property
     def n_opt(self) -> float:
-        return 10 ** self.x_opt
+        return 10**self.x_opt
 
     @property
     def loss_opt(self) -> float:
@@ -113,8 +113,13 @@ class IsoFlop:
     def predict(self, budget: float, level: float = 0.9) -> dict:
         if self.n_opt is None or self.loss_opt is None:
             return {"budget": budget, "why": self.why}
-        return {"budget": budget, "n_opt": self.n_opt(budget), "n_opt_interval": self.n_opt.interval(budget, level),
-                "loss": self.loss_opt(budget), "loss_interval": self.loss_opt.interval(budget, level)}
+        return {
+            "budget": budget,
+            "n_opt": self.n_opt(budget),
+            "n_opt_interval": self.n_opt.interval(budget, level),
+            "loss": self.loss_opt(budget),
+            "loss_interval": self.loss_opt.interval(budget, level),
+        }
 
 
 def isoflop(rows: list[dict], loss_key: str = "val_loss", bootstrap: int = 200, seed: int = 0) -> IsoFlop:
@@ -125,8 +130,10 @@ def isoflop(rows: list[dict], loss_key: str = "val_loss", bootstrap: int = 200, 
     parabolas = _fits(groups, loss_key)
     good = [p for p in parabolas if p.ok]
     if len(good) < 2:
-        why = (f"an interior optimum at {len(good)} of {len(parabolas)} budgets; the power laws need 2 or more "
-               "(train smaller and larger sizes around the optimum)")
+        why = (
+            f"an interior optimum at {len(good)} of {len(parabolas)} budgets; the power laws need 2 or more "
+            "(train smaller and larger sizes around the optimum)"
+        )
         return IsoFlop(parabolas, None, None, why)
     n_line = LogLine(*_line([p.budget for p in good], [p.n_opt for p in good]))
     l_line = LogLine(*_line([p.budget for p in good], [p.loss_opt for p in good]))
@@ -135,8 +142,10 @@ def isoflop(rows: list[dict], loss_key: str = "val_loss", bootstrap: int = 200, 
     parametric = all(r.get(std_key) is not None for g in groups.values() for r in g)
     for _ in range(bootstrap):  # redraw, refit the parabolas and the lines
         if parametric:
-            boot = {c: [r | {loss_key: r[loss_key] + r[std_key] * rng.standard_normal()} for r in g]
-                    for c, g in groups.items()}
+            boot = {
+                c: [r | {loss_key: r[loss_key] + r[std_key] * rng.standard_normal()} for r in g]
+                for c, g in groups.items()
+            }
         else:
             boot = {c: [g[i] for i in rng.integers(0, len(g), len(g))] for c, g in groups.items()}
         fits = [p for p in _fits(boot, loss_key) if p.ok]
@@ -160,31 +169,58 @@ def loss_to_metric(rows: list[dict], metric: str, loss_key: str = "val_loss") ->
     x, y = np.log10([p[0] for p in pts]), np.asarray([p[1] for p in pts], dtype=float)
     v, u = np.polyfit(x, y, 1)
     rho = spearmanr(x, y).statistic
-    return {"points": len(pts), "spearman": float(rho), "intercept": float(u), "slope": float(v), "metric": metric,
-            "read": lambda loss: float(u + v * math.log10(loss))}
+    return {
+        "points": len(pts),
+        "spearman": float(rho),
+        "intercept": float(u),
+        "slope": float(v),
+        "metric": metric,
+        "read": lambda loss: float(u + v * math.log10(loss)),
+    }
 
 
 def _parabola_dict(p: Parabola) -> dict:
-    return {"budget": p.budget, "a": p.a, "b": p.b, "c": p.c, "points": p.points, "ok": p.ok, "why": p.why,
-            "n_opt": p.n_opt if p.ok else None, "loss_opt": p.loss_opt if p.ok else None}
+    return {
+        "budget": p.budget,
+        "a": p.a,
+        "b": p.b,
+        "c": p.c,
+        "points": p.points,
+        "ok": p.ok,
+        "why": p.why,
+        "n_opt": p.n_opt if p.ok else None,
+        "loss_opt": p.loss_opt if p.ok else None,
+    }
 
 
 def _law_dict(line: LogLine | None) -> dict | None:
     if line is None:
         return None
-    return {"exponent": line.a, "log10_k": line.log_k, "interval": list(line.interval_a),
-            "replicates": len(line.replicates)}
+    return {
+        "exponent": line.a,
+        "log10_k": line.log_k,
+        "interval": list(line.interval_a),
+        "replicates": len(line.replicates),
+    }
 
 
-def study_isoflop(rows: list[dict], budgets: list[float], metric: str, curve: tuple, loss_key: str = "val_loss",
-                  bootstrap: int = 200) -> dict:
+def study_isoflop(
+    rows: list[dict], budgets: list[float], metric: str, curve: tuple, loss_key: str = "val_loss", bootstrap: int = 200
+) -> dict:
     """A study's IsoFLOP analysis, per backbone: each size's checkpoints at the budgets (evaluated at the curve
     setting), the parabolas, N_opt(C) and L_opt(C) on all budgets, the largest budget predicted from the others
     and measured, and how loss reads as the primary metric over every checkpoint."""
     sampler, steps, guidance = curve
-    on_curve = [r for r in rows if r.get("sampler") == sampler and int(r.get("steps", -1)) == steps
-                and float(r.get("guidance", -1)) == float(guidance) and not r.get("tag")
-                and task_of(r) == Kind.TEXT_TO_IMAGE and r.get(loss_key) is not None]
+    on_curve = [
+        r
+        for r in rows
+        if r.get("sampler") == sampler
+        and int(r.get("steps", -1)) == steps
+        and float(r.get("guidance", -1)) == float(guidance)
+        and not r.get("tag")
+        and task_of(r) == Kind.TEXT_TO_IMAGE
+        and r.get(loss_key) is not None
+    ]
     held = max(budgets)
     out = {}
     for bb in sorted({backbone_of(r) for r in on_curve}):
@@ -193,9 +229,17 @@ def study_isoflop(rows: list[dict], budgets: list[float], metric: str, curve: tu
         for r in mine:  # a checkpoint belongs to the budget it reached (steps are whole: within a few percent)
             b = min(budgets, key=lambda x: abs(math.log10(float(r["train_flops"]) / x)))
             if abs(math.log10(float(r["train_flops"]) / b)) < 0.1:
-                pts.append({"budget": b, "params": int(r["params"]), "size": r["size"], loss_key: float(r[loss_key]),
-                            f"{loss_key}_std": r.get(f"{loss_key}_std"), metric: r.get(metric),
-                            "train_flops": float(r["train_flops"])})
+                pts.append(
+                    {
+                        "budget": b,
+                        "params": int(r["params"]),
+                        "size": r["size"],
+                        loss_key: float(r[loss_key]),
+                        f"{loss_key}_std": r.get(f"{loss_key}_std"),
+                        metric: r.get(metric),
+                        "train_flops": float(r["train_flops"]),
+                    }
+                )
         full = isoflop(pts, loss_key, bootstrap)
         fit = isoflop([p for p in pts if p["budget"] != held], loss_key, bootstrap)
         measured = next((p for p in full.parabolas if p.budget == held), None)
@@ -203,12 +247,16 @@ def study_isoflop(rows: list[dict], budgets: list[float], metric: str, curve: tu
         out[bb] = {
             "points": sorted(pts, key=lambda p: (p["budget"], p["params"])),
             "parabolas": [_parabola_dict(p) for p in full.parabolas],
-            "n_opt": _law_dict(full.n_opt), "loss_opt": _law_dict(full.loss_opt), "why": full.why,
-            "held_out": {"budget": held, "predicted": {k: v for k, v in fit.predict(held).items()},
-                         "fitted_on": sorted({p["budget"] for p in pts} - {held}),
-                         "measured": _parabola_dict(measured) if measured else None,
-                         "best_trained": min((p for p in pts if p["budget"] == held), key=lambda p: p[loss_key],
-                                             default=None)},
+            "n_opt": _law_dict(full.n_opt),
+            "loss_opt": _law_dict(full.loss_opt),
+            "why": full.why,
+            "held_out": {
+                "budget": held,
+                "predicted": {k: v for k, v in fit.predict(held).items()},
+                "fitted_on": sorted({p["budget"] for p in pts} - {held}),
+                "measured": _parabola_dict(measured) if measured else None,
+                "best_trained": min((p for p in pts if p["budget"] == held), key=lambda p: p[loss_key], default=None),
+            },
             "loss_to_metric": {k: v for k, v in rel.items() if k != "read"} if rel else None,
         }
         out[bb] = _finite(out[bb]) | {"_fit": full, "_rel": rel}
@@ -234,7 +282,11 @@ def plan_training(iso: dict, budget: float, sizes: list[dict], metric: str) -> d
     if "n_opt" not in pred:
         return {"budget": budget, "why": pred["why"]}
     near = min(sizes, key=lambda s: abs(math.log10(s["params"] / pred["n_opt"])))
-    return pred | {"size": near["size"], "size_params": near["params"],
-                   "images": int(budget / (3 * near["forward_flops"])),
-                   "quality": rel["read"](pred["loss"]) if rel else None, "metric": metric,
-                   "quality_spearman": rel["spearman"] if rel else None}
+    return pred | {
+        "size": near["size"],
+        "size_params": near["params"],
+        "images": int(budget / (3 * near["forward_flops"])),
+        "quality": rel["read"](pred["loss"]) if rel else None,
+        "metric": metric,
+        "quality_spearman": rel["spearman"] if rel else None,
+    }

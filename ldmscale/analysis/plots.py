@@ -30,7 +30,6 @@ def size_order(rows: list[dict]) -> list[str]:
     return sorted(sizes, key=sizes.get)
 
 
-
 def log_axis(ax, axis: str = "x", values=None) -> None:
     """A log axis that reads as plain numbers: ticks at the measured values when given (steps), else at 1-2-5 of
     each decade, labelled 0.05, 2, 1e+12 ... instead of 6x10^0, and no labels on minor ticks."""
@@ -79,7 +78,9 @@ def training_compute(curves: dict[str, list[dict]], fits: dict[str, PowerLaw], m
     return fig
 
 
-def per_sampler(best: list[dict], metric: str, x: str, title: str, xlabel: str, frontier: bool = False, logx: bool = True):
+def per_sampler(
+    best: list[dict], metric: str, x: str, title: str, xlabel: str, frontier: bool = False, logx: bool = True
+):
     """One panel per sampler: metric against `x` (steps, sampling cost, latency), a line per size."""
     samplers = sorted({r["sampler"] for r in best})
     sizes = size_order(best)
@@ -89,16 +90,31 @@ def per_sampler(best: list[dict], metric: str, x: str, title: str, xlabel: str, 
         sub = [r for r in best if r["sampler"] == smp and r.get(x) is not None]
         for size in sizes:
             for distilled in (False, True):
-                pts = sorted((r for r in sub if r["size"] == size and bool(r.get("distilled")) == distilled), key=lambda r: r[x])
+                pts = sorted(
+                    (r for r in sub if r["size"] == size and bool(r.get("distilled")) == distilled), key=lambda r: r[x]
+                )
                 if not pts:
                     continue
-                ax.errorbar([p[x] for p in pts], [p[metric] for p in pts], yerr=[p.get(f"{metric}_std") or 0 for p in pts],
-                            fmt="s--" if distilled else "o-", color=colors[size], capsize=2,
-                            label=f"{size}{' distilled' if distilled else ''}")
+                ax.errorbar(
+                    [p[x] for p in pts],
+                    [p[metric] for p in pts],
+                    yerr=[p.get(f"{metric}_std") or 0 for p in pts],
+                    fmt="s--" if distilled else "o-",
+                    color=colors[size],
+                    capsize=2,
+                    label=f"{size}{' distilled' if distilled else ''}",
+                )
         if frontier and sub:
             front = pareto_frontier(sub, metric, x)
-            ax.step([p[x] for p in front], [p[metric] for p in front], where="post", color="k", lw=1, alpha=0.6,
-                    label="Pareto frontier")
+            ax.step(
+                [p[x] for p in front],
+                [p[metric] for p in front],
+                where="post",
+                color="k",
+                lw=1,
+                alpha=0.6,
+                label="Pareto frontier",
+            )
         ax.set_title(smp)
         if logx:
             log_axis(ax, values=[p[x] for p in sub] if x == "steps" else None)
@@ -121,17 +137,37 @@ def all_samplers(best: list[dict], metric: str, x: str, xlabel: str):
     for size in sizes:
         for smp in samplers:
             for distilled in (False, True):
-                mine = sorted((r for r in pts if r["size"] == size and r["sampler"] == smp
-                               and bool(r.get("distilled")) == distilled), key=lambda r: r[x])
+                mine = sorted(
+                    (
+                        r
+                        for r in pts
+                        if r["size"] == size and r["sampler"] == smp and bool(r.get("distilled")) == distilled
+                    ),
+                    key=lambda r: r[x],
+                )
                 if mine:
-                    ax.errorbar([r[x] for r in mine], [r[metric] for r in mine],
-                                yerr=[r.get(f"{metric}_std") or 0 for r in mine], fmt=markers[smp] + ("--" if distilled else "-"),
-                                color=colors[size], capsize=2, alpha=0.85, ms=5,
-                                label=f"{size}{' distilled' if distilled else ''} {smp}")
+                    ax.errorbar(
+                        [r[x] for r in mine],
+                        [r[metric] for r in mine],
+                        yerr=[r.get(f"{metric}_std") or 0 for r in mine],
+                        fmt=markers[smp] + ("--" if distilled else "-"),
+                        color=colors[size],
+                        capsize=2,
+                        alpha=0.85,
+                        ms=5,
+                        label=f"{size}{' distilled' if distilled else ''} {smp}",
+                    )
     front = pareto_frontier(pts, metric, x)
     if front:
-        ax.step([p[x] for p in front], [p[metric] for p in front], where="post", color="k", lw=1, alpha=0.6,
-                label="Pareto frontier")
+        ax.step(
+            [p[x] for p in front],
+            [p[metric] for p in front],
+            where="post",
+            color="k",
+            lw=1,
+            alpha=0.6,
+            label="Pareto frontier",
+        )
     log_axis(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(_label(metric))
@@ -148,10 +184,14 @@ def paper_overlay(best: list[dict], metric: str = "fid"):
     ax.plot(PAPER_TABLE1["norm_cost"], PAPER_TABLE1["fid"], "k^-", label="paper Table 1 (COCO, 30k, DDIM 50)")
     for c, f, p in zip(PAPER_TABLE1["norm_cost"], PAPER_TABLE1["fid"], PAPER_TABLE1["params"]):
         ax.annotate(p, (c, f), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ours = sorted((r for r in best if r["sampler"] == "ddim" and r["steps"] == 50 and r.get(metric) is not None),
-                  key=lambda r: r["norm_cost"])
+    ours = sorted(
+        (r for r in best if r["sampler"] == "ddim" and r["steps"] == 50 and r.get(metric) is not None),
+        key=lambda r: r["norm_cost"],
+    )
     if ours:
-        ax.plot([r["norm_cost"] for r in ours], [r[metric] for r in ours], "o-", label=f"this study ({metric}, DDIM 50)")
+        ax.plot(
+            [r["norm_cost"] for r in ours], [r[metric] for r in ours], "o-", label=f"this study ({metric}, DDIM 50)"
+        )
     log_axis(ax)
     ax.set_xlabel("normalized cost (C=320 = 1)")
     ax.set_ylabel(f"FID (paper) / {metric} (this study)")
@@ -183,7 +223,13 @@ def metric_agreement(rows: list[dict], a: str, b: str):
     colors = _colors(size_order(rows))
     for r in rows:
         ax.plot(r[a], r[b], "o", color=colors[r["size"]], ms=7)
-        ax.annotate(f"{r['size']} {r['sampler']} {r['steps']}", (r[a], r[b]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(
+            f"{r['size']} {r['sampler']} {r['steps']}",
+            (r[a], r[b]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     ax.set_xlabel(_label(a))
     ax.set_ylabel(_label(b))
     ax.set_title(f"Do {a} and {b} rank the models alike?")
@@ -204,12 +250,18 @@ def isoflop(iso: dict):
         m = markers.get(bb, "o")
         for par in res["parabolas"]:
             pts = [p for p in res["points"] if p["budget"] == par["budget"]]
-            axes[0].plot([p["params"] for p in pts], [p["val_loss"] for p in pts], m, color=bcolor[par["budget"]],
-                         label=f"{bb} {par['budget']:.2g} FLOPs")
+            axes[0].plot(
+                [p["params"] for p in pts],
+                [p["val_loss"] for p in pts],
+                m,
+                color=bcolor[par["budget"]],
+                label=f"{bb} {par['budget']:.2g} FLOPs",
+            )
             if par["a"] is not None:
                 xs = np.linspace(np.log10(min(p["params"] for p in pts)), np.log10(max(p["params"] for p in pts)), 50)
-                axes[0].plot(10 ** xs, par["a"] * xs**2 + par["b"] * xs + par["c"], "--", color=bcolor[par["budget"]],
-                             lw=1)
+                axes[0].plot(
+                    10**xs, par["a"] * xs**2 + par["b"] * xs + par["c"], "--", color=bcolor[par["budget"]], lw=1
+                )
             if par["ok"]:
                 axes[0].plot(par["n_opt"], par["loss_opt"], "*", color=bcolor[par["budget"]], ms=11, mec="k")
         good = [p for p in res["parabolas"] if p["ok"]]
@@ -218,11 +270,17 @@ def isoflop(iso: dict):
             ax.plot(cs, [p[key] for p in good], m, label=bb)
             if law:
                 xs = np.geomspace(min(budgets), max(budgets) * 2, 20)
-                ax.plot(xs, 10 ** (law["log10_k"] + law["exponent"] * np.log10(xs)), "--", lw=1,
-                        label=f"{bb}: C^{law['exponent']:.2f}")
+                ax.plot(
+                    xs,
+                    10 ** (law["log10_k"] + law["exponent"] * np.log10(xs)),
+                    "--",
+                    lw=1,
+                    label=f"{bb}: C^{law['exponent']:.2f}",
+                )
     axes[0].set(xscale="log", xlabel="parameters", ylabel="validation loss", title="IsoFLOP curves (star: minimum)")
-    axes[1].set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="compute-optimal parameters N_opt",
-                title="N_opt(C)")
+    axes[1].set(
+        xscale="log", yscale="log", xlabel="training FLOPs", ylabel="compute-optimal parameters N_opt", title="N_opt(C)"
+    )
     axes[2].set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="loss at N_opt", title="Loss frontier L(C)")
     for ax in axes:
         ax.grid(alpha=0.3, which="both")

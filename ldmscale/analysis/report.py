@@ -5,22 +5,21 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import math
 import time
 from importlib.metadata import version
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 
-from ldmscale.analysis import calibrate, claims, plots, stats
+from ldmscale.analysis import calibrate, claims, stats
 from ldmscale.analysis import scaling as analysis
+from ldmscale.analysis.figures import figures
 from ldmscale.analysis.grids import sample_grids
 from ldmscale.analysis.isoflop import plan_training, study_isoflop
 from ldmscale.errors import UserError
 from ldmscale.eval import registry
-from ldmscale.io import atomic_write, atomic_write_json, atomic_write_text
+from ldmscale.io import atomic_write_json, atomic_write_text
 from ldmscale.names import Kind, backbone_of, task_of
 from ldmscale.study.spec import study_eval
 
@@ -40,8 +39,13 @@ def default_budgets(rows: list[dict], cost: str = "executed_cost") -> list[dict]
     costs = sorted(r[cost] for r in rows if r.get(cost) is not None)
     if not costs:
         return []
-    return [{"budget": float(np.percentile(costs, 25)), "why": "small budget: the 25th percentile of the measured "
-             "executed costs"}, {"budget": float(costs[-1]), "why": "large budget: the largest measured executed cost"}]
+    return [
+        {
+            "budget": float(np.percentile(costs, 25)),
+            "why": "small budget: the 25th percentile of the measured executed costs",
+        },
+        {"budget": float(costs[-1]), "why": "large budget: the largest measured executed cost"},
+    ]
 
 
 def fits_table(curves: dict, metric: str) -> tuple[dict, list[dict]]:
@@ -53,8 +57,11 @@ def fits_table(curves: dict, metric: str) -> tuple[dict, list[dict]]:
             row["reason"] = f"needs 3 evaluated checkpoints, has {len(pts)}"
         else:
             try:
-                f = analysis.fit_power_law([p["train_flops"] for p in pts], [p[metric] for p in pts],
-                                           lower_better=registry.lower_is_better(metric))
+                f = analysis.fit_power_law(
+                    [p["train_flops"] for p in pts],
+                    [p[metric] for p in pts],
+                    lower_better=registry.lower_is_better(metric),
+                )
             except (RuntimeError, ValueError) as e:
                 row["reason"] = f"the fit failed: {str(e).splitlines()[0]}"
             else:
@@ -79,8 +86,16 @@ def analyze(rows: list[dict], study) -> dict:
     rows = analysis.with_costs(stats.aggregate_seeds(raw))
     t2i = [r for r in rows if task_of(r) == Kind.TEXT_TO_IMAGE]
     final = analysis.final_rows(t2i)
-    grid = [r for r in final if not (r["sampler"] == ev.curve_sampler and r["steps"] == ev.curve_steps
-                                     and float(r["guidance"]) == ev.curve_guidance and r["guidance"] not in ev.guidance)]
+    grid = [
+        r
+        for r in final
+        if not (
+            r["sampler"] == ev.curve_sampler
+            and r["steps"] == ev.curve_steps
+            and float(r["guidance"]) == ev.curve_guidance
+            and r["guidance"] not in ev.guidance
+        )
+    ]
     best = analysis.best_over_guidance(grid, metric)
     curve = (ev.curve_sampler, ev.curve_steps, ev.curve_guidance)
     dims = frechet_dims(study)  # a claim on points with fewer images than these is "not measured"
@@ -93,14 +108,24 @@ def analyze(rows: list[dict], study) -> dict:
         plans.append(p | {"why": b["why"], "note": analysis.plan_note(p, metric)})
     samplers = sorted({r["sampler"] for r in best})
     out = {
-        "metric": metric, "lower_is_better": registry.lower_is_better(metric), "rows": len(rows),
-        "best_over_guidance": best, "curves": curves, "fit_rows": fit_rows,
+        "metric": metric,
+        "lower_is_better": registry.lower_is_better(metric),
+        "rows": len(rows),
+        "best_over_guidance": best,
+        "curves": curves,
+        "fit_rows": fit_rows,
         "fits": {s: {"a": f.a, "b": f.b, "c": f.c, "ci": f.ci, "ok": f.ok} for s, f in fits.items()},
         "frontier": analysis.pareto_frontier(best, metric, "executed_cost"),
-        "crossovers": {smp: analysis.crossovers([r for r in best if r["sampler"] == smp and not r.get("distilled")],
-                                                metric, boot=200) for smp in samplers},
+        "crossovers": {
+            smp: analysis.crossovers(
+                [r for r in best if r["sampler"] == smp and not r.get("distilled")], metric, boot=200
+            )
+            for smp in samplers
+        },
         "training_frontier": analysis.training_frontier(curves, metric, boot=200),
-        "plans": plans, "_fit_objects": fits, "noise": stats.noise_of([r for r in rows if r.get(metric) is not None]),
+        "plans": plans,
+        "_fit_objects": fits,
+        "noise": stats.noise_of([r for r in rows if r.get(metric) is not None]),
         "seeds": sorted({int(r.get(stats.SEED) or 0) for r in raw}),
         "claims": [v.as_dict() for v in claims.check_claims(raw, metric, curve, task_metrics(metric), dims)],
         "side_costs": side_costs(best),
@@ -111,24 +136,40 @@ def analyze(rows: list[dict], study) -> dict:
         budget = 2 * max(study.train.budgets)
         out["training_plans"] = {}
         for bb, v in iso.items():
-            sizes = {r["size"]: {"size": r["size"], "params": int(r["params"]), "forward_flops": float(r["gflops"]) * 1e9}
-                     for r in final if backbone_of(r) == bb}
+            sizes = {
+                r["size"]: {"size": r["size"], "params": int(r["params"]), "forward_flops": float(r["gflops"]) * 1e9}
+                for r in final
+                if backbone_of(r) == bb
+            }
             out["training_plans"][bb] = _finite_plan(plan_training(v, budget, list(sizes.values()), metric))
         out["_isoflop"] = {bb: (v.pop("_fit"), v.pop("_rel")) for bb, v in iso.items()}
         out["isoflop"] = iso
     backbones = sorted({backbone_of(r) for r in t2i})
     if len(backbones) > 1:  # the paper's claims within each family, beside the claims across all models
         out["by_backbone"] = {
-            bb: {"claims": [v.as_dict() for v in claims.check_claims(
-                     [r for r in raw if backbone_of(r) == bb], metric, curve, task_metrics(metric),
-                     dims)],
-                 "crossovers": analysis.crossovers([r for r in best if backbone_of(r) == bb
-                                                    and not r.get("distilled")], metric, boot=200)}
-            for bb in backbones}
+            bb: {
+                "claims": [
+                    v.as_dict()
+                    for v in claims.check_claims(
+                        [r for r in raw if backbone_of(r) == bb], metric, curve, task_metrics(metric), dims
+                    )
+                ],
+                "crossovers": analysis.crossovers(
+                    [r for r in best if backbone_of(r) == bb and not r.get("distilled")], metric, boot=200
+                ),
+            }
+            for bb in backbones
+        }
     # the rules on this study's own grid and noise: false "holds" where size has no effect, and power
 
-    out["calibration"] = calibrate.summary(calibrate.profile(raw, metric), metric, curve, len(out["seeds"]),
-                                           CALIBRATION_STUDIES, task_metrics=task_metrics(metric))
+    out["calibration"] = calibrate.summary(
+        calibrate.profile(raw, metric),
+        metric,
+        curve,
+        len(out["seeds"]),
+        CALIBRATION_STUDIES,
+        task_metrics=task_metrics(metric),
+    )
     out["calibration_studies"] = CALIBRATION_STUDIES
     out["negative_control"] = calibrate.negative_control(raw, metric, curve, task_metrics(metric))
     out["headline"] = headline(out)
@@ -142,8 +183,11 @@ def analyze(rows: list[dict], study) -> dict:
         out["alignment_top"] = top
     out["agreement"], out["agreement_points"] = None, []
     if ev.agreement_metric:
-        pts = [r for r in tagged if r["tag"] == "agreement" and r.get(ev.agreement_metric) is not None
-               and r.get(metric) is not None]
+        pts = [
+            r
+            for r in tagged
+            if r["tag"] == "agreement" and r.get(ev.agreement_metric) is not None and r.get(metric) is not None
+        ]
         out["agreement"] = claims.metric_agreement(pts, metric, ev.agreement_metric)
         out["agreement_points"] = pts
     return out
@@ -155,8 +199,12 @@ def side_costs(best: list[dict]) -> list[dict]:
     out = {}
     for r in best:
         if r.get("text_encoder_cost") is not None and r["size"] not in out:
-            out[r["size"]] = {"size": r["size"], "unet": r["norm_cost"], "text_encoder": r["text_encoder_cost"],
-                              "decoder": r["decoder_cost"]}
+            out[r["size"]] = {
+                "size": r["size"],
+                "unet": r["norm_cost"],
+                "text_encoder": r["text_encoder_cost"],
+                "decoder": r["decoder_cost"],
+            }
     return sorted(out.values(), key=lambda x: x["unet"])
 
 
@@ -166,8 +214,9 @@ def headline(a: dict) -> str:
     for c in a["claims"]:
         by.setdefault(c["verdict"], []).append(str(c["claim"]))
     plural = {"holds": "hold", "does not hold": "do not hold"}
-    verdicts = "; ".join(f"claim{'s' * (len(v) > 1)} {', '.join(v)} {plural.get(k, k) if len(v) > 1 else k}"
-                         for k, v in by.items())
+    verdicts = "; ".join(
+        f"claim{'s' * (len(v) > 1)} {', '.join(v)} {plural.get(k, k) if len(v) > 1 else k}" for k, v in by.items()
+    )
     plans = [p for p in a["plans"] if p["best"]]
     answer = ""
     if plans:
@@ -184,8 +233,16 @@ def _short(c: dict) -> str:
 
 def _finite_plan(p: dict) -> dict:
 
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else
-                [None if not math.isfinite(x) else x for x in v] if isinstance(v, tuple) else v) for k, v in p.items()}
+    return {
+        k: (
+            None
+            if isinstance(v, float) and not math.isfinite(v)
+            else [None if not math.isfinite(x) else x for x in v]
+            if isinstance(v, tuple)
+            else v
+        )
+        for k, v in p.items()
+    }
 
 
 FIDELITY = {Kind.SUPER_RESOLUTION: ("psnr", "consistency")}  # shown beside a task's headline metric
@@ -207,14 +264,24 @@ def task_analysis(rows: list[dict], curves: dict, pre_metric: str) -> dict:
             down = [r[metric] for r in mine if r["steps"] == top]
             pick = min(down) if registry.lower_is_better(metric) else max(down)
             if size in curves:
-                points.append({"size": size, "pretrain": curves[size][-1][pre_metric], "downstream": pick, "steps": top})
+                points.append(
+                    {"size": size, "pretrain": curves[size][-1][pre_metric], "downstream": pick, "steps": top}
+                )
         # every step count on each metric of the task, beside bicubic upsampling of the same inputs (super-resolution)
         cols = [m for m in dict.fromkeys((metric,) + FIDELITY.get(task, ())) if any(r.get(m) is not None for r in best)]
-        table = [{"size": r["size"], "steps": r["steps"], "values": {m: (r.get(m), r.get(f"{m}_std")) for m in cols}}
-                 for r in sorted(best, key=lambda r: (r["norm_cost"], r["steps"]))]
+        table = [
+            {"size": r["size"], "steps": r["steps"], "values": {m: (r.get(m), r.get(f"{m}_std")) for m in cols}}
+            for r in sorted(best, key=lambda r: (r["norm_cost"], r["steps"]))
+        ]
         baseline = {m: next((r[f"bicubic_{m}"] for r in best if r.get(f"bicubic_{m}") is not None), None) for m in cols}
-        out[task] = {"metric": metric, "best_over_guidance": best, "points": points, "columns": cols, "table": table,
-                     "bicubic": baseline if any(v is not None for v in baseline.values()) else None}
+        out[task] = {
+            "metric": metric,
+            "best_over_guidance": best,
+            "points": points,
+            "columns": cols,
+            "table": table,
+            "bicubic": baseline if any(v is not None for v in baseline.values()) else None,
+        }
     return out
 
 
@@ -226,9 +293,18 @@ def distillation_table(best: list[dict], metric: str) -> list[dict]:
     for d in sorted((r for r in best if r.get("distilled")), key=lambda r: (r["norm_cost"], r["steps"])):
         smaller = [r for r in plain if r["norm_cost"] < d["norm_cost"]]
         rival = analysis.plan(smaller, d["executed_cost"], metric, "executed_cost")["best"] if smaller else None
-        out.append({"distilled": d["size"], "sampler": d["sampler"], "steps": d["steps"],
-                    "executed_cost": d["executed_cost"], "sampling_cost": d["sampling_cost"], metric: d[metric],
-                    f"{metric}_std": d.get(f"{metric}_std"), "undistilled_best": rival})
+        out.append(
+            {
+                "distilled": d["size"],
+                "sampler": d["sampler"],
+                "steps": d["steps"],
+                "executed_cost": d["executed_cost"],
+                "sampling_cost": d["sampling_cost"],
+                metric: d[metric],
+                f"{metric}_std": d.get(f"{metric}_std"),
+                "undistilled_best": rival,
+            }
+        )
     return out
 
 
@@ -242,92 +318,50 @@ def provenance(out: Path, study, rows: list[dict]) -> dict:
     ev, d = study_eval(study), study.data
     saved = out / "study.toml"
     info = {
-        "ldmscale": version("ldmscale"), "torch": torch.__version__, "diffusers": version("diffusers"),
+        "ldmscale": version("ldmscale"),
+        "torch": torch.__version__,
+        "diffusers": version("diffusers"),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "study_file": f"{saved} (sha256 {hashlib.sha256(saved.read_bytes()).hexdigest()[:12]})" if saved.exists() else "-",
+        "study_file": f"{saved} (sha256 {hashlib.sha256(saved.read_bytes()).hexdigest()[:12]})"
+        if saved.exists()
+        else "-",
         "reference": ev.reference + (f" (first {ev.reference_count} images)" if ev.reference_count else ""),
         "images_per_point": sorted({int(r["num_images"]) for r in rows if r.get("num_images")}),
-        "seeds": f"{ev.seed}..{ev.seed + ev.num_images - 1}", "bootstrap": ev.bootstrap, "spacing": ev.spacing,
-        "fid": ({"tf": "Inception-v3 at 299 px, TensorFlow 1's bilinear resize (as published FIDs)",
-                 "pytorch": "Inception-v3 at 299 px, torch's bilinear resize (as pytorch-fid; not comparable to "
-                            "published FIDs)"}[ev.fid_resize]
-                if "fid" in (*ev.metrics, ev.agreement_metric) else ""),
+        "seeds": f"{ev.seed}..{ev.seed + ev.num_images - 1}",
+        "bootstrap": ev.bootstrap,
+        "spacing": ev.spacing,
+        "fid": (
+            {
+                "tf": "Inception-v3 at 299 px, TensorFlow 1's bilinear resize (as published FIDs)",
+                "pytorch": "Inception-v3 at 299 px, torch's bilinear resize (as pytorch-fid; not comparable to "
+                "published FIDs)",
+            }[ev.fid_resize]
+            if "fid" in (*ev.metrics, ev.agreement_metric)
+            else ""
+        ),
         "machine": analysis.latency_note(rows),
     }
     cache = Path(d.cache or out / "cache")
     if (cache / "manifest.json").exists():
         m = read_manifest(cache)
-        info["data"] = (f"{m['source']}, {m['resolution']} px, {m['total']:,} images, latents "
-                        f"{'x'.join(map(str, m['latent_shape']))}, {m['text_encoder']['spec']} text "
-                        f"{m['context_len']} tokens x {m['context_dim']}")
+        info["data"] = (
+            f"{m['source']}, {m['resolution']} px, {m['total']:,} images, latents "
+            f"{'x'.join(map(str, m['latent_shape']))}, {m['text_encoder']['spec']} text "
+            f"{m['context_len']} tokens x {m['context_dim']}"
+        )
     return info
-
-
-def _save(fig, folder: Path, name: str) -> dict:
-
-    paths = {"wide": len(fig.axes) > 1}  # several panels: the report gives the figure the page's full width
-    for ext in ("png", "svg"):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=130)
-        data = buf.getvalue()
-        atomic_write(folder / f"{name}.{ext}", lambda tmp, d=data: Path(tmp).write_bytes(d))
-        paths[ext] = data
-    plt.close(fig)
-    return paths
-
-
-def figures(a: dict, folder: Path, overlay_paper: bool) -> dict:
-    metric, best = a["metric"], a["best_over_guidance"]
-    cost_label = "sampling cost (normalized cost x steps)"
-    figs = {"sampling_cost": ("Quality vs sampling cost (normalized cost x steps), with the Pareto frontier",
-                              plots.per_sampler(best, metric, "sampling_cost", "Quality vs sampling cost", cost_label,
-                                                frontier=True))}
-    if a["curves"]:
-        figs["training_compute"] = ("Quality vs training compute (per size, power-law fits dashed)",
-                                    plots.training_compute(a["curves"], a["_fit_objects"], metric))
-    figs["executed_cost"] = ("Quality vs executed cost (normalized cost x model calls per image), every sampler on one "
-                             "axis, with the Pareto frontier",
-                             plots.all_samplers(best, metric, "executed_cost",
-                                                "executed cost (normalized cost x model calls per image)"))
-    figs["steps"] = ("Quality vs sampling steps (best guidance per point)",
-                     plots.per_sampler(best, metric, "steps", "Quality vs sampling steps", "sampling steps"))
-    figs["latency"] = ("Quality vs measured latency on this machine",
-                       plots.per_sampler(best, metric, "latency_ms_per_image", "Quality vs latency",
-                                         "ms per image (this machine)", frontier=True))
-    if "alignment_best" in a:
-        am = a["alignment_metric"]
-        figs["alignment"] = (f"Text alignment ({am}) vs sampling cost",
-                             plots.per_sampler(a["alignment_best"], am, "sampling_cost", f"{am} vs sampling cost",
-                                               cost_label))
-    if a.get("agreement"):
-        ag = a["agreement"]
-        figs["agreement"] = (f"{ag['a']} against {ag['b']} at the final checkpoints (Spearman {ag['spearman']:.2f})",
-                             plots.metric_agreement(a["agreement_points"], ag["a"], ag["b"]))
-    if a.get("isoflop"):
-        figs["isoflop"] = ("IsoFLOP curves, compute-optimal size and loss frontier (validation loss)",
-                           plots.isoflop(a["isoflop"]))
-    for task, ta in a["tasks"].items():
-        tm = ta["metric"]
-        if ta["best_over_guidance"]:
-            figs[f"{task}_cost"] = (f"{task}: {tm} vs sampling cost",
-                                    plots.per_sampler(ta["best_over_guidance"], tm, "sampling_cost",
-                                                      f"{task}: {tm} vs sampling cost", cost_label))
-        if len(ta["points"]) >= 2:
-            figs[f"{task}_vs_pretraining"] = (f"{task}: downstream vs pretraining quality",
-                                              plots.downstream_vs_pretraining(ta["points"], metric, tm, task))
-    if overlay_paper:
-        figs["paper"] = ("The paper's Table 1 beside this study", plots.paper_overlay(best, metric))
-    n = len(a.get("seeds") or [0])
-    seeds = f"; each point the mean of {n} training seeds, ± one standard error over seeds and images" if n > 1 else \
-        "; one training seed, ± one standard error of the evaluation"
-    return {name: (title + seeds, _save(fig, folder, name)) for name, (title, fig) in figs.items()}
 
 
 def render(template: str, **context) -> str:
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("ldmscale.analysis", "templates"), undefined=jinja2.StrictUndefined,
-                             autoescape=template.endswith(".html.j2"), trim_blocks=True, lstrip_blocks=True)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("ldmscale.analysis", "templates"),
+        undefined=jinja2.StrictUndefined,
+        autoescape=template.endswith(".html.j2"),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["num"] = lambda v, digits=4: "-" if v is None else f"{v:.{digits}g}"
     env.filters["b64"] = lambda data: base64.b64encode(data).decode()
     env.filters["choice"] = lambda c, metric: analysis.describe_choice(c, metric)
@@ -335,7 +369,7 @@ def render(template: str, **context) -> str:
 
 
 def build_report(out: str | Path, study, overlay_paper: bool = False, samples: bool = True) -> dict:
-    from ldmscale.study.plan import study_results, write_csv
+    from ldmscale.study.results import study_results, write_csv
 
     out = Path(out)
     rows, stale = study_results(out, study)
@@ -357,6 +391,12 @@ def build_report(out: str | Path, study, overlay_paper: bool = False, samples: b
     ctx = dict(a=a, study=study, figs=figs, grids=grids, sanity=sanity, prov=prov)
     atomic_write_text(folder / "summary.md", render("summary.md.j2", **ctx))
     atomic_write_text(folder / "report.html", render("report.html.j2", **ctx))
-    atomic_write_json(folder / "analysis.json", {k: v for k, v in a.items() if not k.startswith("_")} | {"sanity": sanity})
-    return {"html": str(folder / "report.html"), "markdown": str(folder / "summary.md"), "plans": a["plans"],
-            "analysis": a}
+    atomic_write_json(
+        folder / "analysis.json", {k: v for k, v in a.items() if not k.startswith("_")} | {"sanity": sanity}
+    )
+    return {
+        "html": str(folder / "report.html"),
+        "markdown": str(folder / "summary.md"),
+        "plans": a["plans"],
+        "analysis": a,
+    }

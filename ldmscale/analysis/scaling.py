@@ -78,7 +78,7 @@ def fit_power_law(x, y, boot: int = 200, seed: int = 0, lower_better: bool = Tru
     x0 = float(np.exp(np.mean(np.log(x))))
 
     def f(u, a, b, c):
-        return a * u ** -b + c
+        return a * u**-b + c
 
     def fit(xs, ys):
         # the asymptote c lies beyond the best value seen (and at or above 0 for a non-negative, lower-is-better
@@ -119,16 +119,22 @@ def training_curves(rows: list[dict], metric: str, sampler: str, steps: int, gui
     """Per size: the metric at each checkpoint, at the study's curve setting, ordered by training compute."""
     out: dict[str, list[dict]] = {}
     for r in rows:
-        if (r["sampler"], r["steps"], float(r["guidance"])) == (sampler, steps, float(guidance)) and r.get(metric) is not None \
-                and not r.get("distilled") and task_of(r) == Kind.TEXT_TO_IMAGE:
+        if (
+            (r["sampler"], r["steps"], float(r["guidance"])) == (sampler, steps, float(guidance))
+            and r.get(metric) is not None
+            and not r.get("distilled")
+            and task_of(r) == Kind.TEXT_TO_IMAGE
+        ):
             out.setdefault(r["size"], []).append(r)
     return {k: sorted(v, key=lambda r: r["train_flops"]) for k, v in out.items()}
 
 
 def pareto_frontier(rows: list[dict], metric: str, cost: str = "sampling_cost") -> list[dict]:
     """Configurations not beaten by any other at lower or equal cost, by increasing cost."""
-    pts = sorted((r for r in rows if r.get(metric) is not None and r.get(cost) is not None),
-                 key=lambda r: (r[cost], r[metric] if lower_is_better(metric) else -r[metric]))
+    pts = sorted(
+        (r for r in rows if r.get(metric) is not None and r.get(cost) is not None),
+        key=lambda r: (r[cost], r[metric] if lower_is_better(metric) else -r[metric]),
+    )
     front, best = [], None
     for r in pts:
         if best is None or _better(r[metric], best, metric):
@@ -144,7 +150,9 @@ def with_costs(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         calls, norm = r.get("model_calls_per_image"), r.get("norm_cost")
-        ex = float(norm) * float(calls) if calls not in (None, "") and norm not in (None, "") else r.get("executed_cost")
+        ex = (
+            float(norm) * float(calls) if calls not in (None, "") and norm not in (None, "") else r.get("executed_cost")
+        )
         out.append(dict(r, executed_cost=ex))
     return out
 
@@ -166,23 +174,35 @@ def crossover(small: list[dict], large: list[dict], metric: str, cost: str = "ex
         kind, x = "smaller wins at every budget", None
     else:
         kind, x = "crossover", m[small_wins[-1] + 1]["x"]
-    return {"crossover": x, "kind": kind, "budgets_where_smaller_wins": len(small_wins), "budgets": len(m),
-            "range": (m[0]["x"], m[-1]["x"]) if m else None}
+    return {
+        "crossover": x,
+        "kind": kind,
+        "budgets_where_smaller_wins": len(small_wins),
+        "budgets": len(m),
+        "range": (m[0]["x"], m[-1]["x"]) if m else None,
+    }
 
 
-def crossover_with_interval(small: list[dict], large: list[dict], metric: str, boot: int = 300, seed: int = 0,
-                            cost: str = "executed_cost") -> dict:
+def crossover_with_interval(
+    small: list[dict], large: list[dict], metric: str, boot: int = 300, seed: int = 0, cost: str = "executed_cost"
+) -> dict:
     """crossover() plus its uncertainty: each point is redrawn from its value and standard error (`metric`_std)
     `boot` times; `share` is the fraction of replicates with a crossover, `interval` the 5-95% range of theirs
     (evidence for the report; the claims' verdicts use stats' tests)."""
     rng = np.random.default_rng(seed)
 
     def redraw(rows):
-        return [dict(r, **{metric: r[metric] + (stats.std(r, metric) or 0.0) * rng.standard_normal()}) for r in rows
-                if r.get(metric) is not None]
+        return [
+            dict(r, **{metric: r[metric] + (stats.std(r, metric) or 0.0) * rng.standard_normal()})
+            for r in rows
+            if r.get(metric) is not None
+        ]
 
-    found = [x for x in (crossover(redraw(small), redraw(large), metric, cost)["crossover"] for _ in range(boot))
-             if x is not None]
+    found = [
+        x
+        for x in (crossover(redraw(small), redraw(large), metric, cost)["crossover"] for _ in range(boot))
+        if x is not None
+    ]
     interval = (float(np.percentile(found, 5)), float(np.percentile(found, 95))) if found else None
     return crossover(small, large, metric, cost) | {"share": len(found) / boot if boot else 0.0, "interval": interval}
 
@@ -195,9 +215,12 @@ def crossovers(rows: list[dict], metric: str, cost: str = "executed_cost", boot:
     sizes = sorted(by_size, key=lambda s: by_size[s][0]["norm_cost"])
     out = []
     for i, small in enumerate(sizes):
-        for large in sizes[i + 1:]:
-            x = (crossover_with_interval(by_size[small], by_size[large], metric, boot, cost=cost) if boot
-                 else crossover(by_size[small], by_size[large], metric, cost))
+        for large in sizes[i + 1 :]:
+            x = (
+                crossover_with_interval(by_size[small], by_size[large], metric, boot, cost=cost)
+                if boot
+                else crossover(by_size[small], by_size[large], metric, cost)
+            )
             out.append({"smaller": small, "larger": large} | x)
     return out
 
@@ -208,8 +231,10 @@ def training_frontier(curves: dict[str, list[dict]], metric: str, boot: int = 20
     cs = {s: stats.curve(pts, "train_flops", metric) for s, pts in curves.items()}
     points = []
     for x in stats.knots([p[0] for c in cs.values() for p in c]):
-        vals = sorted(((s, v) for s, v in ((s, stats.at(c, x)) for s, c in cs.items()) if v is not None),
-                      key=lambda sv: sv[1][0] if lower_is_better(metric) else -sv[1][0])
+        vals = sorted(
+            ((s, v) for s, v in ((s, stats.at(c, x)) for s, c in cs.items()) if v is not None),
+            key=lambda sv: sv[1][0] if lower_is_better(metric) else -sv[1][0],
+        )
         (s, (y, e, d)), runner = vals[0], vals[1] if len(vals) > 1 else None
         p = {"flops": x, "best": s, "value": y, "std": e, "runner_up": None, "z": None}
         if runner:
@@ -225,24 +250,51 @@ def plan(rows: list[dict], budget: float, metric: str, cost: str = "executed_cos
     executed cost by default (normalized cost x model calls per image, so that samplers with more calls per step and
     unguided students are placed where they really are); "sampling_cost" is the paper's axis."""
     rows = with_costs(rows) if cost == "executed_cost" else rows
-    ok = sorted((r for r in rows if r.get(cost) is not None and r[cost] <= budget + 1e-12 and r.get(metric) is not None),
-                key=lambda r: r[metric] if lower_is_better(metric) else -r[metric])
+    ok = sorted(
+        (r for r in rows if r.get(cost) is not None and r[cost] <= budget + 1e-12 and r.get(metric) is not None),
+        key=lambda r: r[metric] if lower_is_better(metric) else -r[metric],
+    )
     if not ok:
         cheapest = min((r[cost] for r in rows if r.get(cost) is not None), default=math.nan)
-        return {"budget": budget, "cost": cost, "metric": metric, "best": None, "runner_up": None,
-                "message": f"nothing fits a budget of {budget:g}; the cheapest configuration costs {cheapest:g}"}
+        return {
+            "budget": budget,
+            "cost": cost,
+            "metric": metric,
+            "best": None,
+            "runner_up": None,
+            "message": f"nothing fits a budget of {budget:g}; the cheapest configuration costs {cheapest:g}",
+        }
     best = ok[0]
-    runner = next((r for r in ok[1:] if (r["size"], bool(r.get("distilled"))) != (best["size"], bool(best.get("distilled")))), None)
-    return {"budget": budget, "cost": cost, "metric": metric, "best": _choice(best, metric, cost),
-            "runner_up": _choice(runner, metric, cost) if runner else None}
+    runner = next(
+        (r for r in ok[1:] if (r["size"], bool(r.get("distilled"))) != (best["size"], bool(best.get("distilled")))),
+        None,
+    )
+    return {
+        "budget": budget,
+        "cost": cost,
+        "metric": metric,
+        "best": _choice(best, metric, cost),
+        "runner_up": _choice(runner, metric, cost) if runner else None,
+    }
 
 
 def _choice(r: dict, metric: str, cost: str) -> dict:
-    return {"size": r["size"], "distilled": bool(r.get("distilled")), "sampler": r["sampler"], "steps": r["steps"],
-            "guidance": r["guidance"], metric: r[metric], f"{metric}_std": r.get(f"{metric}_std"),
-            cost: r[cost], "sampling_cost": r.get("sampling_cost"), "executed_cost": r.get("executed_cost"),
-            "model_calls_per_image": r.get("model_calls_per_image"), "n_seeds": r.get("n_seeds", 1),
-            "latency_ms_per_image": r.get("latency_ms_per_image"), "task": task_of(r)}
+    return {
+        "size": r["size"],
+        "distilled": bool(r.get("distilled")),
+        "sampler": r["sampler"],
+        "steps": r["steps"],
+        "guidance": r["guidance"],
+        metric: r[metric],
+        f"{metric}_std": r.get(f"{metric}_std"),
+        cost: r[cost],
+        "sampling_cost": r.get("sampling_cost"),
+        "executed_cost": r.get("executed_cost"),
+        "model_calls_per_image": r.get("model_calls_per_image"),
+        "n_seeds": r.get("n_seeds", 1),
+        "latency_ms_per_image": r.get("latency_ms_per_image"),
+        "task": task_of(r),
+    }
 
 
 def plan_note(p: dict, metric: str) -> str:
@@ -257,8 +309,9 @@ def plan_note(p: dict, metric: str) -> str:
     if se == 0:
         return f"the runner-up is {gap:.3g} worse (no standard errors recorded)"
     if gap < 2 * se:
-        return (f"within noise: the runner-up is {gap / se:.1f} standard errors away, so either is as good at this "
-                f"budget")
+        return (
+            f"within noise: the runner-up is {gap / se:.1f} standard errors away, so either is as good at this budget"
+        )
     return f"the runner-up is {gap / se:.1f} standard errors worse"
 
 
@@ -270,9 +323,12 @@ def describe_choice(c: dict | None, metric: str) -> str:
     seeds = f", {c['n_seeds']} seeds" if (c.get("n_seeds") or 1) > 1 else ""
     tag = " (distilled)" if c.get("distilled") else ""
     executed = f"executed cost {c['executed_cost']:.3g}, " if c.get("executed_cost") is not None else ""
-    return (f"{c['size']}{tag} with {c['sampler']} at {c['steps']} step{'s' * (c['steps'] != 1)}, guidance {c['guidance']:g}: "
-            f"{metric} {c[metric]:.4g}{unc}{seeds} ({executed}sampling cost {c['sampling_cost']:.3g}, "
-            f"{c['latency_ms_per_image']:.1f} ms/image here)")
+    return (
+        f"{c['size']}{tag} with {c['sampler']} at {c['steps']} step{'s' * (c['steps'] != 1)}, "
+        f"guidance {c['guidance']:g}: "
+        f"{metric} {c[metric]:.4g}{unc}{seeds} ({executed}sampling cost {c['sampling_cost']:.3g}, "
+        f"{c['latency_ms_per_image']:.1f} ms/image here)"
+    )
 
 
 def latency_note(rows: list[dict]) -> str:
@@ -290,8 +346,10 @@ def latency_note(rows: list[dict]) -> str:
     top = max(known, key=lambda r: float(r["load_average"]))
     load = f"load average up to {float(top['load_average']):g} on {int(top['cores'])} cores"
     if busy:
-        return (text + f"; {len(busy)} of {len(pts)} under load ({load}): those are slower than on an idle machine, "
-                "so a budget in ms reads them pessimistically")
+        return (
+            text + f"; {len(busy)} of {len(pts)} under load ({load}): those are slower than on an idle machine, "
+            "so a budget in ms reads them pessimistically"
+        )
     return text + f"; none under load ({load})"
 
 

@@ -75,8 +75,9 @@ def aggregate_seeds(rows: list[dict]) -> list[dict]:
                 continue
             between = float(v.var(ddof=1))
             agg[f"{m}_seed_sd"] = math.sqrt(between)
-            agg[f"{m}_std"] = math.sqrt(max(between, eval_var or 0.0) / len(v)) if eval_var is not None or between > 0 \
-                else None
+            agg[f"{m}_std"] = (
+                math.sqrt(max(between, eval_var or 0.0) / len(v)) if eval_var is not None or between > 0 else None
+            )
             agg[f"_{m}_parts"] = (len(v), between, eval_var)
         out.append(agg)
     return pool_training_variance(out, metrics)
@@ -181,8 +182,15 @@ def knots(xs: list[float]) -> list[float]:
     return out
 
 
-def compare(ya: float, ea: float | None, yb: float | None, eb: float | None, metric: str, dfa: int | None = None,
-            dfb: int | None = None) -> dict:
+def compare(
+    ya: float,
+    ea: float | None,
+    yb: float | None,
+    eb: float | None,
+    metric: str,
+    dfa: int | None = None,
+    dfb: int | None = None,
+) -> dict:
     """How much better a is than b: the difference (positive: a better), its standard error, z and the one-sided
     p-value of "a is better". Errors estimated from a few seeds (dfa, dfb degrees of freedom) make z a Student t
     with Welch-Satterthwaite's degrees of freedom: with 3 seeds "two standard errors" is not enough. Without a

@@ -20,7 +20,8 @@ STATEMENTS = {
     3: "Under a small sampling budget a smaller model beats a larger one (bigger is not always better).",
     4: "The sampler (DDIM, DDPM, DPM-Solver++) does not change that trend.",
     5: "The same holds for downstream tasks at small step counts.",
-    6: "Distillation does not change it: a distilled larger model is matched by an undistilled smaller one at similar cost.",
+    6: "Distillation does not change it: a distilled larger model is matched by an undistilled smaller one at "
+    "similar cost.",
 }
 
 
@@ -38,8 +39,15 @@ class Verdict:
         return STATEMENTS[self.claim]
 
     def as_dict(self) -> dict:
-        return {"claim": self.claim, "statement": self.statement, "verdict": self.verdict, "evidence": self.evidence,
-                "reason": self.reason, "noise": self.noise, "data": self.data}
+        return {
+            "claim": self.claim,
+            "statement": self.statement,
+            "verdict": self.verdict,
+            "evidence": self.evidence,
+            "reason": self.reason,
+            "noise": self.noise,
+            "data": self.data,
+        }
 
 
 def fmt(y: float, e: float | None) -> str:
@@ -51,8 +59,15 @@ def row_text(r: dict, metric: str) -> str:
 
 
 def compare_rows(a: dict, b: dict, metric: str) -> dict:
-    return stats.compare(a[metric], stats.std(a, metric), b[metric], stats.std(b, metric), metric, stats.dof(a, metric),
-                         stats.dof(b, metric))
+    return stats.compare(
+        a[metric],
+        stats.std(a, metric),
+        b[metric],
+        stats.std(b, metric),
+        metric,
+        stats.dof(a, metric),
+        stats.dof(b, metric),
+    )
 
 
 def pretraining(rows: list[dict]) -> list[dict]:
@@ -82,7 +97,7 @@ def crossover_tests(rows: list[dict], metric: str, cost: str = COST) -> list[dic
         mine = [r for r in best if r["sampler"] == sampler]
         sizes = by_cost(mine)
         for i, small in enumerate(sizes):
-            for large in sizes[i + 1:]:
+            for large in sizes[i + 1 :]:
                 a, b = (stats.curve([r for r in mine if r["size"] == s], cost, metric) for s in (small, large))
                 m = stats.matched(a, b, metric)
                 if not m:
@@ -90,19 +105,32 @@ def crossover_tests(rows: list[dict], metric: str, cost: str = COST) -> list[dic
                 k = min(range(len(m)), key=lambda j: m[j]["p"])
                 p_small = stats.simes([c["p"] for c in m])
                 p_large = p_worse(m[-1])
-                tests.append({"sampler": sampler, "smaller": small, "larger": large, "budgets": m, "small_best": m[k],
-                              "top": m[-1], "p_small": p_small, "p_large": p_large, "p": max(p_small, p_large),
-                              "p_reversed": p_worse(m[0]) if len(m) > 1 else 1.0,
-                              "p_small_top": m[-1]["p"]})
+                tests.append(
+                    {
+                        "sampler": sampler,
+                        "smaller": small,
+                        "larger": large,
+                        "budgets": m,
+                        "small_best": m[k],
+                        "top": m[-1],
+                        "p_small": p_small,
+                        "p_large": p_large,
+                        "p": max(p_small, p_large),
+                        "p_reversed": p_worse(m[0]) if len(m) > 1 else 1.0,
+                        "p_small_top": m[-1]["p"],
+                    }
+                )
     return tests
 
 
 def describe(t: dict, cost: str = COST) -> str:
     s, top = t["small_best"], t["top"]
-    return (f"{t['smaller']} -> {t['larger']} with {t['sampler']}: at {cost.replace('_', ' ')} {s['x']:.3g} "
-            f"{t['smaller']} {fmt(s['a'], s['a_std'])} vs {t['larger']} {fmt(s['b'], s['b_std'])} (z = {s['z']:.1f}); "
-            f"at {top['x']:.3g} {t['larger']} {fmt(top['b'], top['b_std'])} vs {t['smaller']} "
-            f"{fmt(top['a'], top['a_std'])} (z = {-top['z']:.1f})")
+    return (
+        f"{t['smaller']} -> {t['larger']} with {t['sampler']}: at {cost.replace('_', ' ')} {s['x']:.3g} "
+        f"{t['smaller']} {fmt(s['a'], s['a_std'])} vs {t['larger']} {fmt(s['b'], s['b_std'])} (z = {s['z']:.1f}); "
+        f"at {top['x']:.3g} {t['larger']} {fmt(top['b'], top['b_std'])} vs {t['smaller']} "
+        f"{fmt(top['a'], top['a_std'])} (z = {-top['z']:.1f})"
+    )
 
 
 def holm_text(test: dict) -> str:
@@ -121,12 +149,25 @@ def judge_crossovers(claim: int, tests: list[dict], label: str = "") -> Verdict:
         t["significant"], t["p_adjusted"], t["contradicted"] = ok, adj, no
     data = {"tests": [{k: v for k, v in t.items() if k != "budgets"} for t in tests]}
     if any(passed):
-        return Verdict(claim, HOLDS, "; ".join(f"{describe(t)}; {holm_text(t)}" for t in tests if t["significant"]),
-                       data=data)
+        return Verdict(
+            claim, HOLDS, "; ".join(f"{describe(t)}; {holm_text(t)}" for t in tests if t["significant"]), data=data
+        )
     strongest = min(tests, key=lambda t: t["p"])
     evidence = f"closest: {describe(strongest)}; {holm_text(strongest)}"
     if all(against):
-        return Verdict(claim, FAILS, evidence, "in every pair the larger size is better even at the cheapest budget "
-                       f"where both run, or the smaller even at the top{label}", data)
-    return Verdict(claim, NOT_MEASURED, evidence, "no smaller size is better at a small budget and the larger at the "
-                   f"top beyond noise, after correcting for the {len(tests)} comparisons{label}", data)
+        return Verdict(
+            claim,
+            FAILS,
+            evidence,
+            "in every pair the larger size is better even at the cheapest budget "
+            f"where both run, or the smaller even at the top{label}",
+            data,
+        )
+    return Verdict(
+        claim,
+        NOT_MEASURED,
+        evidence,
+        "no smaller size is better at a small budget and the larger at the "
+        f"top beyond noise, after correcting for the {len(tests)} comparisons{label}",
+        data,
+    )

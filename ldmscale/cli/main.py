@@ -40,8 +40,22 @@ POSITIVE = click.IntRange(1, 10**12)
 
 
 # `ldmscale --help` lists the verbs in the order of the pipeline, not alphabetically
-ORDER = ("family", "autoencoder", "data", "classifier", "train", "sample", "eval", "compare", "finetune", "distill",
-         "export", "study", "plan", "verify")
+ORDER = (
+    "family",
+    "autoencoder",
+    "data",
+    "classifier",
+    "train",
+    "sample",
+    "eval",
+    "compare",
+    "finetune",
+    "distill",
+    "export",
+    "study",
+    "plan",
+    "verify",
+)
 MODULES = ("family", "data", "train", "eval", "study", "tasks", "verify")  # the cli modules that define commands
 
 
@@ -52,14 +66,23 @@ class PipelineGroup(click.Group):
 
 @click.group(cls=PipelineGroup, context_settings=CONTEXT)
 @click.version_option(package_name="ldmscale")
-@click.option("--device", default=None, metavar="DEVICE",
-              help="Compute on this device (cpu, cuda, cuda:1; default: accelerate's choice, the GPU when there is "
-                   "one). Same as LDMSCALE_DEVICE=DEVICE.")
-@click.option("--threads", default=None, type=click.IntRange(1, 4096), metavar="N",
-              help="CPU threads for torch (default: LDMSCALE_THREADS, else OMP_NUM_THREADS, else the cores this "
-                   "process may use that other processes do not keep busy now, shared among the processes of a "
-                   "launch). On a shared machine fewer threads are faster: a thread per core spins on cores "
-                   "others use.")
+@click.option(
+    "--device",
+    default=None,
+    metavar="DEVICE",
+    help="Compute on this device (cpu, cuda, cuda:1; default: accelerate's choice, the GPU when there is "
+    "one). Same as LDMSCALE_DEVICE=DEVICE.",
+)
+@click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(1, 4096),
+    metavar="N",
+    help="CPU threads for torch (default: LDMSCALE_THREADS, else OMP_NUM_THREADS, else the cores this "
+    "process may use that other processes do not keep busy now, shared among the processes of a "
+    "launch). On a shared machine fewer threads are faster: a thread per core spins on cores "
+    "others use.",
+)
 @click.pass_context
 def cli(ctx, device, threads) -> None:
     """ldmscale: scaling studies of latent diffusion models.
@@ -124,8 +147,11 @@ def main(argv: list[str] | None = None) -> None:
 
         if not disk_full(e):
             raise
-        click.echo(f"ldmscale: error: no space left on device writing {e.filename or 'output'}; free space and run the "
-                   "same command again", err=True)
+        click.echo(
+            f"ldmscale: error: no space left on device writing {e.filename or 'output'}; free space and run the "
+            "same command again",
+            err=True,
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("ldmscale: interrupted", err=True)

@@ -8,9 +8,12 @@ release: `Verb` rewrites them before parsing and says so on stderr.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
-import re
+import io
+import textwrap
+import tokenize
 import typing
 
 import click
@@ -28,8 +31,9 @@ class Verb(click.Command):
         super().__init__(*args, **kwargs)
         self.aliases = aliases or {}
         if self.aliases:
-            said = "; ".join(f"{old} -> {' '.join(new) or 'the positional argument'}"
-                             for old, new in self.aliases.items())
+            said = "; ".join(
+                f"{old} -> {' '.join(new) or 'the positional argument'}" for old, new in self.aliases.items()
+            )
             self.epilog = (self.epilog or "") + f"\n\b\nDeprecated spellings (removed in {REMOVED_IN}): {said}.\n"
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -38,8 +42,11 @@ class Verb(click.Command):
             flag, eq, value = tok.partition("=")
             if flag in self.aliases and tok.startswith("--"):
                 new = self.aliases[flag]
-                click.echo(f"{ctx.command_path}: {flag} is deprecated, use "
-                           f"{' '.join(new) or 'the positional argument'} (removed in {REMOVED_IN})", err=True)
+                click.echo(
+                    f"{ctx.command_path}: {flag} is deprecated, use "
+                    f"{' '.join(new) or 'the positional argument'} (removed in {REMOVED_IN})",
+                    err=True,
+                )
                 out += new + ([value] if eq else [])
             else:
                 out.append(tok)
@@ -47,22 +54,35 @@ class Verb(click.Command):
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """Each field's help text: the comment after its declaration in the class body (declared once, there)."""
+    """Each field's help text: the comment after its declaration in the class body, with the comment-only lines
+    right below it (declared once, there; read with tokenize, so a formatter may wrap the declaration)."""
     text: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
-        last = None
-        for line in inspect.getsource(klass).splitlines():
-            m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
-            more = re.match(r"\s+#\s*(.+)$", line)
-            if m:
-                last = m.group(1)
-                text[last] = m.group(2).strip()
-            elif more and last:  # a comment continued on the next line
-                text[last] += " " + more.group(1).strip()
-            else:
-                last = None
+        src = textwrap.dedent(inspect.getsource(klass))
+        comments = {
+            tok.start[0]: tok.string.lstrip("#").strip()
+            for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+            if tok.type == tokenize.COMMENT
+        }
+        lines = src.splitlines()
+        body = ast.parse(src).body[0].body
+        for node in body:
+            if not (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and node.target.id in klass.__dataclass_fields__
+            ):
+                continue
+            found = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+            if not found:
+                continue
+            n = node.end_lineno + 1
+            while n <= len(lines) and lines[n - 1].strip().startswith("#"):  # continued on the next lines
+                found.append(comments[n])
+                n += 1
+            text[node.target.id] = " ".join(found)
     return text
 
 
@@ -84,8 +104,9 @@ class ConfigValue(click.ParamType):
         return str(value)
 
 
-def config_options(cls: type, rename: dict[str, str] | None = None, skip: tuple[str, ...] = (),
-                   required: tuple[str, ...] = ()):
+def config_options(
+    cls: type, rename: dict[str, str] | None = None, skip: tuple[str, ...] = (), required: tuple[str, ...] = ()
+):
     """A decorator adding one option per field of a config dataclass (`--batch-size` for batch_size; `rename`
     gives another word, e.g. data -> cache). The command receives `<field>` kwargs, None when not given;
     `given_overrides` turns them into `field=value` overrides. A field without a default, or named in `required`, is
@@ -101,15 +122,22 @@ def config_options(cls: type, rename: dict[str, str] | None = None, skip: tuple[
             while typing.get_origin(base) is typing.Annotated:
                 base = typing.get_args(base)[0]
             flag = "--" + rename.get(f.name, f.name).replace("_", "-")
-            required = f.name in names_required or (f.default is dataclasses.MISSING
-                                                    and f.default_factory is dataclasses.MISSING)
+            required = f.name in names_required or (
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            )
             doc = helps.get(f.name, "")
             text = f"{doc[:1].upper()}{doc[1:]}" + ("" if required else f" [default: {shown_default(f)}]")
             if base is bool:
                 fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=text)(fn)
             elif typing.get_origin(base) is typing.Literal:
-                fn = click.option(flag, f.name, type=click.Choice([str(c) for c in typing.get_args(base)]),
-                                  default=None, required=required, help=text)(fn)
+                fn = click.option(
+                    flag,
+                    f.name,
+                    type=click.Choice([str(c) for c in typing.get_args(base)]),
+                    default=None,
+                    required=required,
+                    help=text,
+                )(fn)
             else:
                 fn = click.option(flag, f.name, type=ConfigValue(tp), default=None, required=required, help=text)(fn)
         return fn
@@ -136,7 +164,13 @@ def given_overrides(cls: type, kwargs: dict) -> list[str]:
 
 def set_option(*sections: str):
     """The `--set KEY=VALUE` option of every verb: any field of the verb's configs (named in the help)."""
-    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                        help=f"Set a {' or '.join(sections)} field (repeatable); a key two of them share takes its "
-                             "section: train.seed=1." if len(sections) > 1 else
-                             f"Set a {sections[0]} field (repeatable), as its option would.")
+    return click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help=f"Set a {' or '.join(sections)} field (repeatable); a key two of them share takes its "
+        "section: train.seed=1."
+        if len(sections) > 1
+        else f"Set a {sections[0]} field (repeatable), as its option would.",
+    )

@@ -35,7 +35,9 @@ def study_group() -> None:
     """
 
 
-@study_group.command("run", epilog="""
+@study_group.command(
+    "run",
+    epilog="""
 \b
 Examples:
   ldmscale study run studies/demo.toml --out demo
@@ -43,18 +45,29 @@ Examples:
   ldmscale study run studies/paper.toml --out /scratch/paper --executor slurm
 \b
 Running it again skips finished jobs; a killed study loses at most the job in flight.
-""")
+""",
+)
 @click.argument("study_file", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help='Study folder (created, or resumed: finished jobs are skipped).')
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Study folder (created, or resumed: finished jobs are skipped).",
+)
 @click.option("--dry-run", is_flag=True, help="List the jobs and their estimated cost, run nothing.")
-@click.option("--executor", default="local", type=click.Choice(["local", "slurm", "submitit-local"]), show_default=True,
-              help='local (this process), slurm or submitit-local (through submitit, in dependency waves).')
+@click.option(
+    "--executor",
+    default="local",
+    type=click.Choice(["local", "slurm", "submitit-local"]),
+    show_default=True,
+    help="local (this process), slurm or submitit-local (through submitit, in dependency waves).",
+)
 @click.option("--report/--no-report", default=True, show_default=True, help="Write the report when done.")
 def study_run(study_file, out, dry_run, executor, report) -> None:
     """Train every size and evaluate every grid point of a study file."""
     from ldmscale.study.jobs import job_done, run_jobs
-    from ldmscale.study.plan import plan_jobs, sample_size_warnings, study_results, write_csv
+    from ldmscale.study.plan import plan_jobs, sample_size_warnings
+    from ldmscale.study.results import study_results, write_csv
     from ldmscale.study.spec import load_study, read_toml, resolved_toml
 
     study = load_study(study_file)
@@ -72,8 +85,10 @@ def study_run(study_file, out, dry_run, executor, report) -> None:
             total += 0 if state == "done" else j.cost_flops
             cost = f"{j.cost_flops:.3e}" if j.cost_flops else "-"
             click.echo(f"{state:4}  {j.kind:11} {cost:>10} FLOPs  {j.name}")
-        click.echo(f"{len(jobs)} jobs, {sum(not job_done(out, j) for j in jobs)} to run, "
-                   f"~{total:.3e} FLOPs to do (multiply-add = 2)")
+        click.echo(
+            f"{len(jobs)} jobs, {sum(not job_done(out, j) for j in jobs)} to run, "
+            f"~{total:.3e} FLOPs to do (multiply-add = 2)"
+        )
         return
     from ldmscale.io import DirLock, atomic_write_text, check_output
 
@@ -91,8 +106,10 @@ def study_run(study_file, out, dry_run, executor, report) -> None:
             result = run_submitit(out, jobs, executor, log=click.echo, parameters=study.cluster)
         rows, stale = study_results(out, study)
         write_csv(rows, out / "results.csv")
-        click.echo(f"{result['ran']} jobs run in {result['seconds']:.0f} s; {len(rows)} results in {out / 'results.csv'}"
-                   + (f" ({stale} results of jobs no longer in the study left out, kept on disk)" if stale else ""))
+        click.echo(
+            f"{result['ran']} jobs run in {result['seconds']:.0f} s; {len(rows)} results in {out / 'results.csv'}"
+            + (f" ({stale} results of jobs no longer in the study left out, kept on disk)" if stale else "")
+        )
         if report and rows:
             _report(out, study)
 
@@ -106,36 +123,51 @@ def _report(out: Path, study) -> None:
     click.echo(f"report: {r['html']}")
     click.echo(f"in one line: {r['analysis']['headline']}")
     metric = r["analysis"]["metric"]
-    click.echo(f"\nthe paper's claims at this budget (evidence in the report; the standard errors hold "
-               f"{r['analysis']['noise']}):")
+    click.echo(
+        f"\nthe paper's claims at this budget (evidence in the report; the standard errors hold "
+        f"{r['analysis']['noise']}):"
+    )
     for c in r["analysis"]["claims"]:
         click.echo(f"  {c['claim']}  {c['verdict']:<14} {c['statement']}")
         if c["verdict"] != "holds" and c["reason"]:
             click.echo(f"     {'' if c['verdict'] == 'not measured' else 'why not: '}{c['reason']}")
     if r["analysis"].get("agreement"):
         ag = r["analysis"]["agreement"]
-        click.echo(f"metric check: {ag['a']} and {ag['b']} rank {ag['points']} final configurations with Spearman "
-                   f"{ag['spearman']:.2f}")
+        click.echo(
+            f"metric check: {ag['a']} and {ag['b']} rank {ag['points']} final configurations with Spearman "
+            f"{ag['spearman']:.2f}"
+        )
     click.echo("")
     for p in r["plans"]:
-        click.echo(f"plan for executed-cost budget {p['budget']:.3g} ({p['why']}): {describe_choice(p['best'], metric)}")
+        click.echo(
+            f"plan for executed-cost budget {p['budget']:.3g} ({p['why']}): {describe_choice(p['best'], metric)}"
+        )
         click.echo(f"    runner-up: {describe_choice(p['runner_up'], metric)}; {p['note']}")
     for bb, p in (r["analysis"].get("training_plans") or {}).items():
         if p.get("n_opt"):
-            click.echo(f"plan for training budget {p['budget']:.3g} FLOPs, {bb}: compute-optimal size {p['n_opt']:.3g} "
-                       f"parameters, nearest trained {p['size']} for {p['images']:,} images, predicted validation loss "
-                       f"{p['loss']:.4f}")
+            click.echo(
+                f"plan for training budget {p['budget']:.3g} FLOPs, {bb}: compute-optimal size {p['n_opt']:.3g} "
+                f"parameters, nearest trained {p['size']} for {p['images']:,} images, predicted validation loss "
+                f"{p['loss']:.4f}"
+            )
         else:
             click.echo(f"plan for training budget {p['budget']:.3g} FLOPs, {bb}: not predicted ({p['why']})")
 
 
-@study_group.command("report", cls=Verb, aliases={"--study": ["--study-file"]}, epilog="""
+@study_group.command(
+    "report",
+    cls=Verb,
+    aliases={"--study": ["--study-file"]},
+    epilog="""
 \b
 Example:
   ldmscale study report demo
-""")
+""",
+)
 @click.argument("out", metavar="DIR", type=click.Path(path_type=Path))
-@click.option("--study-file", "study_file", type=click.Path(path_type=Path), help="Study file (default: OUT/study.toml).")
+@click.option(
+    "--study-file", "study_file", type=click.Path(path_type=Path), help="Study file (default: OUT/study.toml)."
+)
 def study_report(out, study_file) -> None:
     """Figures (PNG, SVG), a Markdown summary and a self-contained HTML report of a study."""
     if not out.is_dir():
@@ -143,29 +175,46 @@ def study_report(out, study_file) -> None:
     _report(out, _study_of(out, study_file))
 
 
-@study_group.command("calibrate", epilog="""
+@study_group.command(
+    "calibrate",
+    epilog="""
 \b
 Examples:
   ldmscale study calibrate demo
   ldmscale study calibrate demo --seeds 3 --studies 1000 --format json
   ldmscale study calibrate demo --profile-out profile.json
-""")
+""",
+)
 @click.argument("out", metavar="DIR", type=click.Path(path_type=Path))
-@click.option("--studies", default=500, show_default=True, type=click.IntRange(10, 100_000),
-              help="Simulated studies per world.")
-@click.option("--seeds", type=click.IntRange(1, 100), default=None,
-              help="Training seeds per simulated study (default: as many as the study has).")
-@click.option("--profile-out", type=click.Path(path_type=Path), help="Also write the study's profile (per configuration: "
-              "mean, evaluation error, training-seed spread) as JSON.")
-@click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "json"]),
-              help="Print the rates as text or JSON.")
+@click.option(
+    "--studies", default=500, show_default=True, type=click.IntRange(10, 100_000), help="Simulated studies per world."
+)
+@click.option(
+    "--seeds",
+    type=click.IntRange(1, 100),
+    default=None,
+    help="Training seeds per simulated study (default: as many as the study has).",
+)
+@click.option(
+    "--profile-out",
+    type=click.Path(path_type=Path),
+    help="Also write the study's profile (per configuration: mean, evaluation error, training-seed spread) as JSON.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"]),
+    help="Print the rates as text or JSON.",
+)
 def study_calibrate(out, studies, seeds, profile_out, fmt) -> None:
     """How often the claims' rules say "holds" on this study's grid and noise: where size has no effect at matched
     cost (false "holds"), and where the effects are the ones measured (power)."""
     from ldmscale.analysis import calibrate
     from ldmscale.analysis.report import task_metrics
     from ldmscale.io import atomic_write_json
-    from ldmscale.study.plan import study_results
+    from ldmscale.study.results import study_results
 
     study = _study_of(out, None)
     ev = study.eval
@@ -176,36 +225,65 @@ def study_calibrate(out, studies, seeds, profile_out, fmt) -> None:
     if profile_out:
         atomic_write_json(profile_out, prof)
     n = seeds or len({r.get("train_seed") or 0 for r in rows})
-    res = calibrate.summary(prof, ev.primary, (ev.curve_sampler, ev.curve_steps, ev.curve_guidance), n, studies,
-                            task_metrics=task_metrics(ev.primary))
+    res = calibrate.summary(
+        prof,
+        ev.primary,
+        (ev.curve_sampler, ev.curve_steps, ev.curve_guidance),
+        n,
+        studies,
+        task_metrics=task_metrics(ev.primary),
+    )
     if fmt == "json":
         click.echo(json.dumps({"seeds": n, "studies": studies, "claims": res}, indent=2))
         return
-    click.echo(f"{studies} simulated studies per world, {n} training seed{'s' * (n > 1)} each, on {out}'s grid and noise")
+    click.echo(
+        f"{studies} simulated studies per world, {n} training seed{'s' * (n > 1)} each, on {out}'s grid and noise"
+    )
     click.echo("claim  false 'holds' (size has no effect)  'holds' at the measured effects")
     for c, r in res.items():
         click.echo(f"  {c}    {100 * r['null_holds']:5.1f}%                             {100 * r['power_holds']:5.1f}%")
 
 
-@click.command("plan", cls=Verb, aliases={"--study": [], "--json": ["--format", "json"]}, epilog="""
+@click.command(
+    "plan",
+    cls=Verb,
+    aliases={"--study": [], "--json": ["--format", "json"]},
+    epilog="""
 \b
 Examples:
   ldmscale plan demo --budget 0.5
   ldmscale plan demo --budget-ms 40 --metric caption-accuracy --format json
   ldmscale plan backbones --train-flops 2e13      # an isoflop study: the compute-optimal size per backbone
-""")
+""",
+)
 @click.argument("out", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("--budget", type=FINITE, help="Sampling budget in the units of --cost.")
-@click.option("--cost", "cost_axis", default="executed", show_default=True, type=click.Choice(["executed", "paper"]),
-              help="executed: normalized cost x model calls per image, as each sampler and guidance run (Heun's two "
-                   "calls a step, guidance's two, an LCM step's one); paper: normalized cost x steps (the paper's axis).")
+@click.option(
+    "--cost",
+    "cost_axis",
+    default="executed",
+    show_default=True,
+    type=click.Choice(["executed", "paper"]),
+    help="executed: normalized cost x model calls per image, as each sampler and guidance run (Heun's two "
+    "calls a step, guidance's two, an LCM step's one); paper: normalized cost x steps (the paper's axis).",
+)
 @click.option("--budget-ms", type=FINITE, help="Budget in milliseconds per image, as measured on this hardware.")
-@click.option("--train-flops", type=FINITE, help="A training budget in FLOPs (isoflop studies): the compute-optimal size, "
-                                                  "its images, predicted loss and quality, per backbone.")
+@click.option(
+    "--train-flops",
+    type=FINITE,
+    help="A training budget in FLOPs (isoflop studies): the compute-optimal size, "
+    "its images, predicted loss and quality, per backbone.",
+)
 @click.option("--metric", default=None, help="Metric to optimize (default: the study's primary metric).")
 @click.option("--sampler", default=None, help="Only consider this sampler.")
-@click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "json"]),
-              help="Print the answer as text or JSON.")
+@click.option(
+    "--format",
+    "fmt",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"]),
+    help="Print the answer as text or JSON.",
+)
 def plan_cmd(out, budget, budget_ms, train_flops, cost_axis, metric, sampler, fmt) -> None:
     """The best (size, sampler, steps, guidance) within a sampling budget, and the runner-up."""
     from ldmscale.analysis.scaling import (
@@ -218,7 +296,7 @@ def plan_cmd(out, budget, budget_ms, train_flops, cost_axis, metric, sampler, fm
         with_costs,
     )
     from ldmscale.analysis.stats import aggregate_seeds
-    from ldmscale.study.plan import study_results
+    from ldmscale.study.results import study_results
 
     if sum(x is not None for x in (budget, budget_ms, train_flops)) != 1:
         raise UserError("give exactly one of --budget (normalized-cost units), --budget-ms or --train-flops")
@@ -234,16 +312,22 @@ def plan_cmd(out, budget, budget_ms, train_flops, cost_axis, metric, sampler, fm
     if sampler:
         rows = [r for r in rows if r["sampler"] == sampler]
     best = best_over_guidance(final_rows(with_costs(aggregate_seeds(rows))), metric)
-    cost = {"executed": "executed_cost", "paper": "sampling_cost"}[cost_axis] if budget is not None else \
-        "latency_ms_per_image"
+    cost = (
+        {"executed": "executed_cost", "paper": "sampling_cost"}[cost_axis]
+        if budget is not None
+        else "latency_ms_per_image"
+    )
     p = plan(best, budget if budget is not None else budget_ms, metric, cost)
     if budget_ms is not None:
         p["latency_conditions"] = latency_note(rows)
     if fmt == "json":
         click.echo(json.dumps(p, indent=2))
         return
-    unit = {"executed_cost": "executed-cost units (normalized cost x model calls)", "sampling_cost": "sampling-cost "
-            "units (normalized cost x steps)", "latency_ms_per_image": "ms/image"}[cost]
+    unit = {
+        "executed_cost": "executed-cost units (normalized cost x model calls)",
+        "sampling_cost": "sampling-cost units (normalized cost x steps)",
+        "latency_ms_per_image": "ms/image",
+    }[cost]
     if p["best"] is None:
         click.echo(p["message"])
         return
@@ -257,21 +341,27 @@ def plan_cmd(out, budget, budget_ms, train_flops, cost_axis, metric, sampler, fm
 def _plan_training(out, study, train_flops: float, metric: str, fmt: str) -> None:
     from ldmscale.analysis.isoflop import plan_training, study_isoflop
     from ldmscale.analysis.scaling import final_rows
-    from ldmscale.study.plan import study_results
+    from ldmscale.study.results import study_results
 
     if study.train.budget != "isoflop":
-        raise UserError(f"--train-flops reads an isoflop study ([train] budget = \"isoflop\"); {out} is budget = "
-                        f"{study.train.budget!r}")
+        raise UserError(
+            f'--train-flops reads an isoflop study ([train] budget = "isoflop"); {out} is budget = '
+            f"{study.train.budget!r}"
+        )
     if not train_flops > 0:
         raise UserError(f"--train-flops must be positive, got {train_flops:g}")
     rows = [r for r in study_results(out, study)[0] if task_of(r) == Kind.TEXT_TO_IMAGE]
     ev = study.eval
-    iso = study_isoflop(rows, list(study.train.budgets), metric, (ev.curve_sampler, ev.curve_steps, ev.curve_guidance),
-                        bootstrap=200)
+    iso = study_isoflop(
+        rows, list(study.train.budgets), metric, (ev.curve_sampler, ev.curve_steps, ev.curve_guidance), bootstrap=200
+    )
     answers = {}
     for bb, res in iso.items():
-        sizes = {r["size"]: {"size": r["size"], "params": int(r["params"]), "forward_flops": float(r["gflops"]) * 1e9}
-                 for r in final_rows(rows) if backbone_of(r) == bb}
+        sizes = {
+            r["size"]: {"size": r["size"], "params": int(r["params"]), "forward_flops": float(r["gflops"]) * 1e9}
+            for r in final_rows(rows)
+            if backbone_of(r) == bb
+        }
         answers[bb] = plan_training(res, train_flops, list(sizes.values()), metric)
     if not answers:
         raise UserError(f"no validation losses in {out}: its runs predate validation loss, or nothing has run")
@@ -283,10 +373,12 @@ def _plan_training(out, study, train_flops: float, metric: str, fmt: str) -> Non
             click.echo(f"{bb}: not predicted: {p['why']}")
             continue
         q = f", {metric} ~ {p['quality']:.3g}" if p.get("quality") is not None else ""
-        click.echo(f"{bb}: for {train_flops:.3g} training FLOPs the compute-optimal size is {p['n_opt']:.3g} parameters "
-                   f"(90% interval {p['n_opt_interval'][0]:.3g}-{p['n_opt_interval'][1]:.3g}); nearest trained: "
-                   f"{p['size']} ({p['size_params']:,}) for {p['images']:,} images; predicted validation loss "
-                   f"{p['loss']:.4f} ({p['loss_interval'][0]:.4f}-{p['loss_interval'][1]:.4f}){q}")
+        click.echo(
+            f"{bb}: for {train_flops:.3g} training FLOPs the compute-optimal size is {p['n_opt']:.3g} parameters "
+            f"(90% interval {p['n_opt_interval'][0]:.3g}-{p['n_opt_interval'][1]:.3g}); nearest trained: "
+            f"{p['size']} ({p['size_params']:,}) for {p['images']:,} images; predicted validation loss "
+            f"{p['loss']:.4f} ({p['loss_interval'][0]:.4f}-{p['loss_interval'][1]:.4f}){q}"
+        )
 
 
 COMMANDS = [study_group, plan_cmd]

@@ -20,15 +20,16 @@ from ldmscale.train.config import TrainConfig
 
 
 def _images_option(cls: type, what: str):
-    return click.option("--images", type=click.IntRange(1, 10**12), default=None,
-                        help=f"{what} [default: {cls.default_images}].")
+    return click.option(
+        "--images", type=click.IntRange(1, 10**12), default=None, help=f"{what} [default: {cls.default_images}]."
+    )
 
 
 def _configs(cls: type, init_field: str, fields: dict, overrides, images: int | None, **given):
     """The task's config (options, then --set) and its loop (the init run's, train_defaults, --set); a fine-tune
     that exists continues with its own loop settings."""
     from ldmscale.checkpoint import read_run_config
-    from ldmscale.train.loop import load_train_config
+    from ldmscale.train.run import load_train_config
 
     routed = route_overrides({"task": cls, "train": TrainConfig}, overrides)
     cfg = apply_overrides(cls(), [*given_overrides(cls, fields), *routed["task"]])
@@ -37,8 +38,10 @@ def _configs(cls: type, init_field: str, fields: dict, overrides, images: int | 
         raise UserError(f"--{init_field} RUN_DIR is required")
     out = fields["out"]
     if (out / "config.json").exists():  # continue a fine-tune with its own settings
-        tcfg = apply_overrides(load_train_config(out / "config.json"), routed["train"] +
-                               ([f"images={images}"] if images is not None else []))
+        tcfg = apply_overrides(
+            load_train_config(out / "config.json"),
+            routed["train"] + ([f"images={images}"] if images is not None else []),
+        )
         return cfg, tcfg
     init_train = read_run_config(init)["train"]
     given = {k: v(cfg, init_train) if callable(v) else v for k, v in given.items()}
@@ -53,42 +56,71 @@ def finetune_group() -> None:
     \b
     Examples:
       ldmscale finetune sr --init runs/c32 --out runs/c32-sr --images 20000
-      ldmscale finetune dreambooth --init runs/c32 --subject examples/subject_elephant --class-prompt "an elephant" --out runs/c32-db
+      ldmscale finetune dreambooth --init runs/c32 --subject examples/subject_elephant \\
+          --class-prompt "an elephant" --out runs/c32-db
     """
 
 
-@finetune_group.command("sr", cls=Verb, aliases={"--data": ["--source"], "--train-set": ["--set"]}, epilog="""
+@finetune_group.command(
+    "sr",
+    cls=Verb,
+    aliases={"--data": ["--source"], "--train-set": ["--set"]},
+    epilog="""
 \b
 Examples:
   ldmscale finetune sr --init runs/c32 --source animal-mnist --out runs/c32-sr --images 20000
   ldmscale finetune sr --init runs/c32 --out runs/c32-sr-real --degradation realesrgan --condition latent \\
       --noise-aug 0.1 --set lr=5e-4
-""")
+""",
+)
 @config_options(SRConfig, rename={"data": "source", "limit": "num_images"}, required=("init",))
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help='Run directory of the fine-tune (resumes if it exists).')
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Run directory of the fine-tune (resumes if it exists).",
+)
 @_images_option(SRConfig, "Fine-tuning duration in images")
 @set_option("SRConfig", "TrainConfig")
 def finetune_sr_cmd(out, images, overrides, **fields) -> None:
     """Turn a text-to-image run into a 4x super-resolution model (SD x4 upscaler conditioning)."""
     from ldmscale.tasks.superres import finetune_sr, sr_prediction
 
-    sr, cfg = _configs(SRConfig, "init", fields | {"out": out}, overrides, images, data=lambda c, _: c.data,
-                       prediction=lambda _, t: sr_prediction(t.get("prediction", "epsilon")))
+    sr, cfg = _configs(
+        SRConfig,
+        "init",
+        fields | {"out": out},
+        overrides,
+        images,
+        data=lambda c, _: c.data,
+        prediction=lambda _, t: sr_prediction(t.get("prediction", "epsilon")),
+    )
     r = finetune_sr(sr, cfg, out)
     if r["is_main"]:
-        click.echo(f"super-resolution run {out}: {r['step']} steps, {r['images_seen']:,} images, "
-                   f"{r['train_flops']:.3e} training FLOPs")
+        click.echo(
+            f"super-resolution run {out}: {r['step']} steps, {r['images_seen']:,} images, "
+            f"{r['train_flops']:.3e} training FLOPs"
+        )
 
 
-@finetune_group.command(Kind.DREAMBOOTH, cls=Verb, aliases={"--train-set": ["--set"]}, epilog="""
+@finetune_group.command(
+    Kind.DREAMBOOTH,
+    cls=Verb,
+    aliases={"--train-set": ["--set"]},
+    epilog="""
 \b
 Example:
-  ldmscale finetune dreambooth --init runs/c32 --subject my_dog/ --identifier sks --class-prompt "a dog" --out runs/c32-db
-""")
+  ldmscale finetune dreambooth --init runs/c32 --subject my_dog/ --identifier sks --class-prompt "a dog" \\
+      --out runs/c32-db
+""",
+)
 @config_options(DreamBoothConfig, required=("init", "subject"))
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help='Run directory of the fine-tune (resumes if it exists).')
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Run directory of the fine-tune (resumes if it exists).",
+)
 @_images_option(DreamBoothConfig, "Fine-tuning duration in images")
 @set_option("DreamBoothConfig", "TrainConfig")
 def finetune_dreambooth_cmd(out, images, overrides, **fields) -> None:
@@ -103,7 +135,9 @@ def finetune_dreambooth_cmd(out, images, overrides, **fields) -> None:
         click.echo(f"dreambooth run {out}: {r['step']} steps; prompt the subject with '{instance_prompt(db)}'")
 
 
-@click.command("distill", epilog="""
+@click.command(
+    "distill",
+    epilog="""
 \b
 Examples:
   ldmscale distill --teacher runs/c32 --method consistency --out runs/c32-lcm --images 20000
@@ -111,10 +145,15 @@ Examples:
   ldmscale sample --run runs/c32-lcm --prompt "a horse" --sampler lcm --steps 4 --guidance 3 --out samples/lcm
   ldmscale distill --teacher runs/c32 --method progressive --out runs/c32-pd --start-steps 8 --final-steps 2
   accelerate launch --multi_gpu --num_processes 2 -m ldmscale distill --teacher runs/c32 --out runs/c32-lcm-ddp
-""")
+""",
+)
 @config_options(DistillConfig, required=("teacher",))
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help='Run directory of the fine-tune (resumes if it exists).')
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Run directory of the fine-tune (resumes if it exists).",
+)
 @_images_option(DistillConfig, "Training duration in images: per run (consistency) or per halving round (progressive)")
 @set_option("DistillConfig", "TrainConfig")
 def distill_cmd(out, images, overrides, **fields) -> None:
@@ -124,15 +163,20 @@ def distill_cmd(out, images, overrides, **fields) -> None:
     teacher = fields.get("teacher") or ""
     if not teacher:
         raise UserError("--teacher RUN_DIR is required")
-    cfg, tcfg = configs(teacher, fields.get("method") or "consistency",
-                        [*given_overrides(DistillConfig, fields), *overrides])
+    cfg, tcfg = configs(
+        teacher, fields.get("method") or "consistency", [*given_overrides(DistillConfig, fields), *overrides]
+    )
     r = distill(cfg, tcfg, out, images or DistillConfig.default_images)
     if not r["is_main"]:
         return
-    how = ("sample with --sampler lcm --steps 1..8" if cfg.method == "consistency"
-           else f"sample with --sampler ddim --steps {r['rounds'][-1]}")
-    click.echo(f"distilled {teacher} -> {out} ({cfg.method}): {r['step']} steps, {r['train_flops']:.3e} training "
-               f"FLOPs; {how}")
+    how = (
+        "sample with --sampler lcm --steps 1..8"
+        if cfg.method == "consistency"
+        else f"sample with --sampler ddim --steps {r['rounds'][-1]}"
+    )
+    click.echo(
+        f"distilled {teacher} -> {out} ({cfg.method}): {r['step']} steps, {r['train_flops']:.3e} training FLOPs; {how}"
+    )
 
 
 COMMANDS = [finetune_group, distill_cmd]

@@ -15,8 +15,13 @@ import numpy as np
 from ldmscale.errors import UserError
 
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
-ANIMAL_TEMPLATES = ("a {}", "a photo of a {}", "a silhouette of a {}", "a black and white picture of a {}",
-                    "the shape of a {}")
+ANIMAL_TEMPLATES = (
+    "a {}",
+    "a photo of a {}",
+    "a silhouette of a {}",
+    "a black and white picture of a {}",
+    "the shape of a {}",
+)
 ANIMAL_VAL_PER_CLASS = 100  # fixed split: 100 per class for validation, 900 per class for training
 
 

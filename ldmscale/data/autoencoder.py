@@ -33,10 +33,15 @@ def build_autoencoder(cfg: AutoencoderConfig):
         raise ValueError("build_autoencoder needs channels 1 or 3: call resolve_channels(cfg) first")
     n = len(cfg.block_out_channels)
     return AutoencoderKL(
-        in_channels=cfg.channels, out_channels=cfg.channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_groups, sample_size=cfg.resolution,
+        in_channels=cfg.channels,
+        out_channels=cfg.channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_groups,
+        sample_size=cfg.resolution,
         mid_block_add_attention=False,  # attention at 8x8 buys nothing for silhouettes and costs time
     )
 
@@ -48,7 +53,7 @@ def encode(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, t
     p = next(vae.parameters())
     means, stds = [], []
     for i in range(0, len(images), batch):
-        dist = vae.encode(images[i:i + batch].to(p.device, p.dtype)).latent_dist
+        dist = vae.encode(images[i : i + batch].to(p.device, p.dtype)).latent_dist
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
@@ -60,7 +65,10 @@ def decode(vae, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
     sf = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     p = next(vae.parameters())
-    out = [vae.decode(latents[i:i + batch].to(p.device, p.dtype) / sf + shift).sample for i in range(0, len(latents), batch)]
+    out = [
+        vae.decode(latents[i : i + batch].to(p.device, p.dtype) / sf + shift).sample
+        for i in range(0, len(latents), batch)
+    ]
     return torch.cat(out).clamp(-1, 1)
 
 
@@ -90,9 +98,15 @@ def resolve_channels(cfg: AutoencoderConfig, announce: bool = True) -> Autoencod
     if announce:
         from ldmscale.integrity import note
 
-        note(f"autoencoder channels={channels}: "
-             + ("RGB, the source has colour images" if channels == 3 else "grayscale, no colour among the source's "
-                "first 64 images") + " (set channels=1 or 3 to choose)")
+        note(
+            f"autoencoder channels={channels}: "
+            + (
+                "RGB, the source has colour images"
+                if channels == 3
+                else "grayscale, no colour among the source's first 64 images"
+            )
+            + " (set channels=1 or 3 to choose)"
+        )
     return dataclasses.replace(cfg, channels=channels)
 
 
@@ -106,8 +120,7 @@ def train_autoencoder(cfg: AutoencoderConfig, out: str | Path, progress: bool = 
     src = parse_source(cfg.source)
     names = splits(src)
     if "validation" not in names:
-        raise UserError(f"source {src} has no validation split to measure the autoencoder on: "
-                        f"{validation_rule(src)}")
+        raise UserError(f"source {src} has no validation split to measure the autoencoder on: {validation_rule(src)}")
     limit = cfg.max_images or None
     train_u8, _, _ = load_images(src, "train" if "train" in names else names[0], cfg.resolution, cfg.channels, limit)
     val_u8, _, _ = load_images(src, "validation", cfg.resolution, cfg.channels, limit)
@@ -141,7 +154,9 @@ def train_autoencoder(cfg: AutoencoderConfig, out: str | Path, progress: bool = 
     val = to_float(val_u8)
     mean, std = encode(vae, val)
     with torch.no_grad():
-        rec = torch.cat([vae.decode(mean[i:i + 256].to(dev)).sample.cpu() for i in range(0, len(mean), 256)]).clamp(-1, 1)
+        rec = torch.cat([vae.decode(mean[i : i + 256].to(dev)).sample.cpu() for i in range(0, len(mean), 256)]).clamp(
+            -1, 1
+        )
     val_psnr = float(psnr(rec, val).mean())
     # scaling factor: 1 / std of posterior samples on training images (the LDM/SD recipe)
     sample_mean, sample_std = encode(vae, train[:2048])
@@ -149,10 +164,14 @@ def train_autoencoder(cfg: AutoencoderConfig, out: str | Path, progress: bool = 
     scaling = float(1.0 / z.std())
     vae.register_to_config(scaling_factor=scaling)
     report = {
-        "config": to_dict(cfg), "train_images": len(train_u8), "validation_images": len(val_u8),
+        "config": to_dict(cfg),
+        "train_images": len(train_u8),
+        "validation_images": len(val_u8),
         "validation_split": validation_rule(src),
-        "validation_psnr_db": round(val_psnr, 3), "train_seconds": round(seconds, 1),
-        "scaling_factor": scaling, "params": sum(p.numel() for p in vae.parameters()),
+        "validation_psnr_db": round(val_psnr, 3),
+        "train_seconds": round(seconds, 1),
+        "scaling_factor": scaling,
+        "params": sum(p.numel() for p in vae.parameters()),
         "downsample": 2 ** (len(cfg.block_out_channels) - 1),
     }
     with atomic_dir(out) as tmp:
@@ -202,10 +221,13 @@ def identity(vae, spec: str) -> dict:
             h.update(v.detach().float().cpu().contiguous().numpy().tobytes()[:4096])
         weights = h.hexdigest()[:16]
     return {
-        "spec": str(path.resolve()) if path.exists() else str(spec), "config_sha": config_sha, "weights_sha": weights,
+        "spec": str(path.resolve()) if path.exists() else str(spec),
+        "config_sha": config_sha,
+        "weights_sha": weights,
         "scaling_factor": float(cfg["scaling_factor"]),
         "shift_factor": float(cfg.get("shift_factor") or 0.0),
-        "channels": int(cfg["in_channels"]), "latent_channels": int(cfg["latent_channels"]),
+        "channels": int(cfg["in_channels"]),
+        "latent_channels": int(cfg["latent_channels"]),
         "downsample": 2 ** (len(cfg["block_out_channels"]) - 1),
     }
 
@@ -216,5 +238,3 @@ def check_resolution(vae, resolution: int) -> int:
     if resolution % f:
         raise UserError(f"resolution {resolution} is not a multiple of the autoencoder's downsampling factor {f}")
     return resolution // f
-
-

@@ -49,8 +49,9 @@ from ldmscale.errors import UserError
 from ldmscale.io import DirLock, atomic_write, atomic_write_json, check_output
 from ldmscale.progress import bar as progress_bar
 
-REPAIR = ("`ldmscale verify {cache} --repair` (or the same `ldmscale data prepare` again) encodes only what is damaged "
-          "again")
+REPAIR = (
+    "`ldmscale verify {cache} --repair` (or the same `ldmscale data prepare` again) encodes only what is damaged again"
+)
 
 
 def _settings(cfg: PrepareConfig) -> dict:
@@ -59,15 +60,18 @@ def _settings(cfg: PrepareConfig) -> dict:
     return d
 
 
-def _write_shard(path: Path, mean, std, states, masks, labels, keys, captions, skipped, start, end, zero_pad,
-                 truncated: int = 0) -> None:
+def _write_shard(
+    path: Path, mean, std, states, masks, labels, keys, captions, skipped, start, end, zero_pad, truncated: int = 0
+) -> None:
     n = len(keys)
     lengths = masks.sum(1).to(torch.int32) if n else torch.zeros(0, dtype=torch.int32)
     if zero_pad and n:
         states = states[:, : max(1, int(lengths.max()))]
     tensors = {
-        "mean": mean.to(torch.float16).contiguous(), "std": std.to(torch.float16).contiguous(),
-        "text": states.to(torch.float16).contiguous(), "text_len": lengths.contiguous(),
+        "mean": mean.to(torch.float16).contiguous(),
+        "std": std.to(torch.float16).contiguous(),
+        "text": states.to(torch.float16).contiguous(),
+        "text_len": lengths.contiguous(),
         "label": torch.as_tensor(labels, dtype=torch.int64),
     }
     meta = {"start": start, "end": end, "keys": keys, "captions": captions, "skipped": skipped, "truncated": truncated}
@@ -105,8 +109,9 @@ def _prepare(cfg: PrepareConfig, out: Path, progress: bool) -> dict:
             raise UserError(f"{e}; the cache's settings are unknown: use a new --out folder") from None
         diff = [k for k in settings if old.get(k) != settings[k]]
         if diff:
-            raise UserError(f"{out} holds a cache prepared with other settings ({', '.join(diff)} differ); "
-                            "use a new --out folder")
+            raise UserError(
+                f"{out} holds a cache prepared with other settings ({', '.join(diff)} differ); use a new --out folder"
+            )
         if not file_damage(out, MANIFEST) and indexed(out) and not damaged_files(out):
             return json.loads((out / MANIFEST).read_text())
     vae, text = encoders(cfg)
@@ -135,8 +140,9 @@ def _prepare(cfg: PrepareConfig, out: Path, progress: bool) -> dict:
             if want <= 0:
                 break
             start = pos
-            pos, exhausted = enc.shard(items, out, sdir / f"shard-{len(shards(sdir)):05d}.safetensors", start, want,
-                                       bar)
+            pos, exhausted = enc.shard(
+                items, out, sdir / f"shard-{len(shards(sdir)):05d}.safetensors", start, want, bar
+            )
         bar.close()
         metas = [shard_meta(p) for p in shards(sdir)]
         if not metas and split == "validation" and data.count(src, split) is None:  # a stream of < HOLDOUT items
@@ -145,11 +151,15 @@ def _prepare(cfg: PrepareConfig, out: Path, progress: bool) -> dict:
         if not any(m["keys"] for m in metas):  # nothing to train or evaluate on: refuse to call it a cache
             skipped = [x for m in metas for x in m["skipped"]]
             why = f"; e.g. {skipped[0]['key']}: {skipped[0]['error']}" if skipped else ""
-            raise UserError(f"source {src} split {split!r} has no readable image ({len(skipped)} item(s) skipped"
-                            f"{why}); the cache at {out} is left incomplete")
+            raise UserError(
+                f"source {src} split {split!r} has no readable image ({len(skipped)} item(s) skipped"
+                f"{why}); the cache at {out} is left incomplete"
+            )
         if not any(c for m in metas for c in m["captions"]):
-            raise UserError(f"source {src} split {split!r} has no captions (a folder needs metadata.jsonl with "
-                            "file_name and text, or captions.csv); a text-to-image cache needs them")
+            raise UserError(
+                f"source {src} split {split!r} has no captions (a folder needs metadata.jsonl with "
+                "file_name and text, or captions.csv); a text-to-image cache needs them"
+            )
     return _finish(out, cfg, src, vae, text, enc.side, enc.channels, enc.encoded, time.time() - t0)
 
 
@@ -198,11 +208,14 @@ class _Encoder:
         if bar is not None:
             bar.update(pos - start)
             if cut:
-                bar.write(f"{cut} caption(s) in {path.parent.name} are longer than {cfg.max_length} tokens and were "
-                          "truncated")
+                bar.write(
+                    f"{cut} caption(s) in {path.parent.name} are longer than {cfg.max_length} tokens and were truncated"
+                )
             if skipped:
-                bar.write(f"skipped {len(skipped)} unreadable item(s) in {path.parent.name}, e.g. {skipped[0]['key']}: "
-                          f"{skipped[0]['error']}")
+                bar.write(
+                    f"skipped {len(skipped)} unreadable item(s) in {path.parent.name}, e.g. {skipped[0]['key']}: "
+                    f"{skipped[0]['error']}"
+                )
         return pos, exhausted
 
 
@@ -219,10 +232,13 @@ def _reencode_damaged(out: Path, src, enc: _Encoder, progress: bool) -> None:
         start, end = shard_range(out, path, sorted(set(shards(path.parent)) | {path}))
         dest = integrity.set_aside(path, out / "damaged" / path.parent.name)
         if end is None:  # the last shard of its split: the resume below encodes from its start
-            integrity.note(f"cache shard {path} is damaged ({what}); moved to {dest}; encoding again from position "
-                           f"{start}")
+            integrity.note(
+                f"cache shard {path} is damaged ({what}); moved to {dest}; encoding again from position {start}"
+            )
             continue
-        integrity.note(f"cache shard {path} is damaged ({what}); moved to {dest}; encoding positions {start}-{end} again")
+        integrity.note(
+            f"cache shard {path} is damaged ({what}); moved to {dest}; encoding positions {start}-{end} again"
+        )
         enc.shard(data.iterate(src, path.parent.name, start=start), out, path, start, end - start)
     if not indexed(out):  # a damaged or missing index (a cache from before it): recorded again from intact shards
         if file_damage(out, INDEX):
@@ -242,21 +258,31 @@ def _finish(out, cfg, src, vae, text, latent_side, channels, encoded, seconds) -
         skipped = [dict(s, split=sdir.name) for m in metas for s in m["skipped"]]
         skipped_all += skipped
         truncated += sum(m.get("truncated", 0) for m in metas)
-        splits[sdir.name] = {"count": sum(len(m["keys"]) for m in metas), "skipped": len(skipped),
-                             "shards": [s.name for s in shards(sdir)]}
+        splits[sdir.name] = {
+            "count": sum(len(m["keys"]) for m in metas),
+            "skipped": len(skipped),
+            "shards": [s.name for s in shards(sdir)],
+        }
     empty_states, _ = text.encode([""])
     manifest = {
         "format": "ldmscale-latent-cache-v1",
-        "source": str(src), "resolution": cfg.resolution, "channels": channels,
+        "source": str(src),
+        "resolution": cfg.resolution,
+        "channels": channels,
         "latent_shape": [int(vae.config.latent_channels), latent_side, latent_side],
         "autoencoder": ae.identity(vae, cfg.autoencoder),
         "text_encoder": text.identity(),
-        "context_len": cfg.max_length, "context_dim": text.dim,
-        "splits": splits, "total": sum(s["count"] for s in splits.values()),
-        "validation": data.validation_rule(src) if "validation" in splits else
-        f"none: fewer than {data.HOLDOUT} items to hold one out",
-        "skipped_total": len(skipped_all), "truncated_captions": truncated,
-        "encoded_this_run": encoded, "seconds_this_run": round(seconds, 2),
+        "context_len": cfg.max_length,
+        "context_dim": text.dim,
+        "splits": splits,
+        "total": sum(s["count"] for s in splits.values()),
+        "validation": data.validation_rule(src)
+        if "validation" in splits
+        else f"none: fewer than {data.HOLDOUT} items to hold one out",
+        "skipped_total": len(skipped_all),
+        "truncated_captions": truncated,
+        "encoded_this_run": encoded,
+        "seconds_this_run": round(seconds, 2),
         "images_per_second": round(encoded / seconds, 1) if seconds > 0 and encoded else None,
     }
     empty = {"text": empty_states[0].to(torch.float16).contiguous()}
@@ -273,11 +299,15 @@ def read_manifest(cache_dir: str | Path) -> dict:
         raise UserError(f"latent cache not found: {cache_dir}")
     if not (cache_dir / MANIFEST).exists():
         if (cache_dir / "prepare.json").exists():
-            raise UserError(f"latent cache {cache_dir} is incomplete: run the same `ldmscale data prepare` again to finish it")
+            raise UserError(
+                f"latent cache {cache_dir} is incomplete: run the same `ldmscale data prepare` again to finish it"
+            )
         raise UserError(f"{cache_dir} is not a latent cache (no {MANIFEST}); make one with `ldmscale data prepare`")
     bad = file_damage(cache_dir, MANIFEST)
     if bad:
-        raise UserError(f"latent cache manifest {cache_dir / MANIFEST} is damaged ({bad}); {REPAIR.format(cache=cache_dir)}")
+        raise UserError(
+            f"latent cache manifest {cache_dir / MANIFEST} is damaged ({bad}); {REPAIR.format(cache=cache_dir)}"
+        )
     return json.loads((cache_dir / MANIFEST).read_text())
 
 
@@ -289,7 +319,9 @@ class LatentCache:
         self.dir, self.split = Path(cache_dir), split
         self.manifest = read_manifest(self.dir)
         if split not in self.manifest["splits"]:
-            raise UserError(f"latent cache {self.dir} has no split {split!r}; splits: {', '.join(self.manifest['splits'])}")
+            raise UserError(
+                f"latent cache {self.dir} has no split {split!r}; splits: {', '.join(self.manifest['splits'])}"
+            )
         self.context_len = int(self.manifest["context_len"])
         for path, what in damaged_files(self.dir, split)[:1]:
             raise UserError(f"latent cache shard {path} is damaged ({what}); {REPAIR.format(cache=self.dir)}")

@@ -52,4 +52,6 @@ class AutoencoderConfig(Config):
             raise UserError(f"autoencoder: {self.norm_groups} norm groups do not divide width {bad[0]}")
         f = 2 ** (len(self.block_out_channels) - 1)
         if self.resolution % f:
-            raise UserError(f"autoencoder resolution {self.resolution} is not a multiple of its downsampling factor {f}")
+            raise UserError(
+                f"autoencoder resolution {self.resolution} is not a multiple of its downsampling factor {f}"
+            )

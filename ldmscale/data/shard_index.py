@@ -32,7 +32,9 @@ def read_index(out: Path) -> dict:
         idx = integrity.read_json(Path(out) / INDEX, "cache index")
     except (ValueError, OSError):
         return {}
-    ok = all(k.endswith(".safetensors") and isinstance(v, dict) and {"bytes", "sha256"} <= set(v) for k, v in idx.items())
+    ok = all(
+        k.endswith(".safetensors") and isinstance(v, dict) and {"bytes", "sha256"} <= set(v) for k, v in idx.items()
+    )
     return idx if ok else {}
 
 
@@ -40,7 +42,11 @@ def file_damage(out: Path, name: str) -> str:
     """What is wrong with a cache's manifest or index (the shards: damaged_files), "" when intact or absent."""
     path = Path(out) / name
     if not path.exists():
-        return "missing: the cache is incomplete (the same `ldmscale data prepare` finishes it)" if name == MANIFEST else ""
+        return (
+            "missing: the cache is incomplete (the same `ldmscale data prepare` finishes it)"
+            if name == MANIFEST
+            else ""
+        )
     bad = integrity.json_damage(path)
     if bad:
         return bad
@@ -54,7 +60,9 @@ def file_damage(out: Path, name: str) -> str:
 
 def index_add(out: Path, path: Path, start: int | None = None, end: int | None = None) -> None:
     idx = read_index(out)
-    idx[str(path.relative_to(out))] = integrity.record(path) | ({"start": start, "end": end} if start is not None else {})
+    idx[str(path.relative_to(out))] = integrity.record(path) | (
+        {"start": start, "end": end} if start is not None else {}
+    )
     atomic_write_json(out / INDEX, idx)
 
 

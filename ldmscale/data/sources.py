@@ -54,7 +54,9 @@ class SourceSpec:
     split: str = ""  # hf: the dataset split to read
 
     def __str__(self) -> str:
-        return {"animal-mnist": "animal-mnist"}.get(self.kind, f"{self.kind}:{self.arg}" + (f":{self.split}" if self.split else ""))
+        return {"animal-mnist": "animal-mnist"}.get(
+            self.kind, f"{self.kind}:{self.arg}" + (f":{self.split}" if self.split else "")
+        )
 
 
 def parse_source(spec: str) -> SourceSpec:
@@ -68,8 +70,10 @@ def parse_source(spec: str) -> SourceSpec:
         return SourceSpec("folder", arg)
     if kind == "wds" and arg:
         if arg.startswith(("pipe:", "http:", "https:", "s3:", "gs:")):
-            raise UserError(f"source {spec!r}: only local tar shards are read (a pipe: or URL source would run or "
-                            "fetch something); download the shards first")
+            raise UserError(
+                f"source {spec!r}: only local tar shards are read (a pipe: or URL source would run or "
+                "fetch something); download the shards first"
+            )
         if not shard_paths(arg):
             raise UserError(f"source {spec!r}: no tar shards match {arg}")
         return SourceSpec("wds", arg)
@@ -86,7 +90,9 @@ def _iter_animal(split: str, start: int) -> Iterator[Item]:
     images, labels = animal_mnist_arrays()
     for i in animal_mnist_split_indices()[split][start:]:
         i = int(i)
-        yield Item(f"am-{i:05d}", Image.fromarray(images[i], mode="L"), animal_caption(i, int(labels[i])), int(labels[i]))
+        yield Item(
+            f"am-{i:05d}", Image.fromarray(images[i], mode="L"), animal_caption(i, int(labels[i])), int(labels[i])
+        )
 
 
 # ---------------------------------------------------------------------------------------- folder
@@ -137,8 +143,12 @@ def _folder_entries(root: Path, split: str) -> list[tuple[str, Path | None, str,
     top = base.resolve()
     images = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
     if not caps:  # no metadata: images only (an autoencoder's data; a latent cache refuses a source without captions)
-        return [(name, None, "", "path outside the dataset folder (not read)") if not (base / name).resolve()
-                .is_relative_to(top) else (name, base / name, "", "") for name in images]
+        return [
+            (name, None, "", "path outside the dataset folder (not read)")
+            if not (base / name).resolve().is_relative_to(top)
+            else (name, base / name, "", "")
+            for name in images
+        ]
     out, listed = [], set()
     for name in sorted(caps):
         path = (rel / name).resolve()
@@ -342,8 +352,9 @@ def iterate(src: SourceSpec, split: str, start: int = 0) -> Iterator[Item]:
         # item k of the held-out split is the source's HOLDOUT*k + HOLDOUT-1; the others keep HOLDOUT-1 in HOLDOUT
         held = split == "validation"
         first = HOLDOUT * start + HOLDOUT - 1 if held else start + start // (HOLDOUT - 1)
-        return (item for pos, item in enumerate(_iterate(src, base, first), first)
-                if (pos % HOLDOUT == HOLDOUT - 1) == held)
+        return (
+            item for pos, item in enumerate(_iterate(src, base, first), first) if (pos % HOLDOUT == HOLDOUT - 1) == held
+        )
     return _iterate(src, split, start)
 
 
@@ -357,8 +368,13 @@ def _iterate(src: SourceSpec, split: str, start: int) -> Iterator[Item]:
     return _iter_hf(src.arg, split, start)
 
 
-def load_images(src: SourceSpec, split: str, resolution: int, channels: int, limit: int | None = None,
-                ) -> tuple[np.ndarray, list[str], np.ndarray]:
+def load_images(
+    src: SourceSpec,
+    split: str,
+    resolution: int,
+    channels: int,
+    limit: int | None = None,
+) -> tuple[np.ndarray, list[str], np.ndarray]:
     """A whole split in memory (small datasets, tests, reference sets): uint8 [N,C,H,W], captions, labels."""
     imgs, caps, labels = [], [], []
     for item in iterate(src, split):

@@ -63,19 +63,29 @@ class TextEncoder:
         states = torch.zeros(len(unique), self.max_length, self.dim)
         masks = torch.zeros(len(unique), self.max_length, dtype=torch.bool)
         for i in range(0, len(unique), batch):
-            chunk = unique[i:i + batch]
-            tok = self.tokenizer(chunk, padding="longest" if self.zero_pad else "max_length",
-                                 max_length=self.max_length, truncation=True, return_tensors="pt")
+            chunk = unique[i : i + batch]
+            tok = self.tokenizer(
+                chunk,
+                padding="longest" if self.zero_pad else "max_length",
+                max_length=self.max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
             mask = tok["attention_mask"].bool()
             dev = next(self.model.parameters()).device
-            hidden = self.model(input_ids=tok["input_ids"].to(dev),
-                                attention_mask=tok["attention_mask"].to(dev) if self.kind == "minilm" else None,
-                                ).last_hidden_state.float().cpu()
+            hidden = (
+                self.model(
+                    input_ids=tok["input_ids"].to(dev),
+                    attention_mask=tok["attention_mask"].to(dev) if self.kind == "minilm" else None,
+                )
+                .last_hidden_state.float()
+                .cpu()
+            )
             if self.zero_pad:
                 hidden = hidden * mask[..., None]
             n = hidden.shape[1]
-            states[i:i + len(chunk), :n] = hidden
-            masks[i:i + len(chunk), :n] = mask
+            states[i : i + len(chunk), :n] = hidden
+            masks[i : i + len(chunk), :n] = mask
         idx = torch.tensor([where[c] for c in captions], dtype=torch.long)
         return states[idx], masks[idx]
 
@@ -96,8 +106,15 @@ class TextEncoder:
         for k, v in sorted(self.model.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().float().cpu().contiguous().numpy().tobytes()[:4096])
-        return {"spec": self.spec, "kind": self.kind, "source": self.source, "dim": self.dim,
-                "max_length": self.max_length, "zero_pad": self.zero_pad, "weights_sha": h.hexdigest()[:16]}
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "source": self.source,
+            "dim": self.dim,
+            "max_length": self.max_length,
+            "zero_pad": self.zero_pad,
+            "weights_sha": h.hexdigest()[:16],
+        }
 
 
 def _clip_parts(source: str):
@@ -149,7 +166,9 @@ def _load_text_encoder(spec: str, max_length: int) -> TextEncoder:
             tokenizer, model = _clip_parts(source)
             enc = TextEncoder(spec, "clip", source, tokenizer, model.eval(), max_length, zero_pad=False)
         else:
-            raise UserError(f"unknown text encoder {spec!r}: use minilm, clip-l[:PATH], clip-h[:PATH] or clip:PATH_OR_ID")
+            raise UserError(
+                f"unknown text encoder {spec!r}: use minilm, clip-l[:PATH], clip-h[:PATH] or clip:PATH_OR_ID"
+            )
     except UserError:
         raise
     except (OSError, ValueError) as e:

@@ -17,7 +17,9 @@ from ldmscale.io import atomic_dir, check_output
 from ldmscale.names import Backbone, Kind, backbone_of
 
 
-def export(run: str | Path, out: str | Path, which: str = "latest", weights: str = "ema", overwrite: bool = False) -> Path:
+def export(
+    run: str | Path, out: str | Path, which: str = "latest", weights: str = "ema", overwrite: bool = False
+) -> Path:
 
     check_output(out, "export", overwrite)
     from transformers.utils import logging as hf_logging
@@ -34,16 +36,23 @@ def export(run: str | Path, out: str | Path, which: str = "latest", weights: str
 
     model = load_run(run, which, weights, device="cpu")  # saved from the CPU, whatever the machine
     if model.config.get("kind") != Kind.TEXT_TO_IMAGE:
-        raise UserError(f"run {run} is a {model.config.get('kind')} model; only text-to-image runs export as a pipeline")
+        raise UserError(
+            f"run {run} is a {model.config.get('kind')} model; only text-to-image runs export as a pipeline"
+        )
     backbone = backbone_of(model.config)
     # the pipeline that samples each (backbone, objective) as ldmscale does: SD's and PixArt's step DDPM
     # schedulers, SD3's the flow ones
-    pipeline = {(Backbone.UNET, False): "StableDiffusionPipeline", (Backbone.DIT, False): "PixArtAlphaPipeline",
-                (Backbone.MMDIT, True): "StableDiffusion3Pipeline"}.get((backbone, model.prediction == "flow"))
+    pipeline = {
+        (Backbone.UNET, False): "StableDiffusionPipeline",
+        (Backbone.DIT, False): "PixArtAlphaPipeline",
+        (Backbone.MMDIT, True): "StableDiffusion3Pipeline",
+    }.get((backbone, model.prediction == "flow"))
     if pipeline is None:
-        raise UserError(f"run {run} ({backbone}, prediction={model.prediction}): no diffusers pipeline samples this "
-                        "combination as ldmscale does (UNet and DiT runs on the DDPM objective, MM-DiT runs on flow "
-                        "export); sample it with `ldmscale sample`")
+        raise UserError(
+            f"run {run} ({backbone}, prediction={model.prediction}): no diffusers pipeline samples this "
+            "combination as ldmscale does (UNet and DiT runs on the DDPM objective, MM-DiT runs on flow "
+            "export); sample it with `ldmscale sample`"
+        )
     if pipeline == "StableDiffusion3Pipeline":
         return _export_sd3(model, run, out, weights)
     scheduler = make_sampler("ddim", model.prediction)
@@ -59,12 +68,20 @@ def export(run: str | Path, out: str | Path, which: str = "latest", weights: str
     if backbone == Backbone.DIT:  # the bare PixArtTransformer2DModel; prompts go in as ldmscale's states (see below)
         from diffusers import PixArtAlphaPipeline
 
-        pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=model.vae, transformer=model.unet.net,
-                                   scheduler=scheduler)
+        pipe = PixArtAlphaPipeline(
+            tokenizer=tok, text_encoder=text_encoder, vae=model.vae, transformer=model.unet.net, scheduler=scheduler
+        )
     else:
-        pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=text_encoder, tokenizer=tok, unet=model.unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=model.vae,
+            text_encoder=text_encoder,
+            tokenizer=tok,
+            unet=model.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if model.text.zero_pad:  # the class travels with the folder as remote code
@@ -80,10 +97,15 @@ def export(run: str | Path, out: str | Path, which: str = "latest", weights: str
         (Path(tmp) / "ldmscale_source.txt").write_text(
             f"run: {Path(run).resolve()}\ncheckpoint: {model.ckpt.name}\nweights: {weights}\n"
             f"text encoder: {model.text.spec} (zero-padded states: {model.text.zero_pad})\n"
-            + ("PixArtAlphaPipeline: the DiT attends to every token of ldmscale's states; call the pipeline with "
-               "prompt_embeds from ldmscale's encoder and all-ones prompt_attention_mask / "
-               "negative_prompt_attention_mask, use_resolution_binning=False (its own prompt encoding masks padding "
-               "and pads to 120 tokens)\n" if backbone == Backbone.DIT else ""))
+            + (
+                "PixArtAlphaPipeline: the DiT attends to every token of ldmscale's states; call the pipeline with "
+                "prompt_embeds from ldmscale's encoder and all-ones prompt_attention_mask / "
+                "negative_prompt_attention_mask, use_resolution_binning=False (its own prompt encoding masks padding "
+                "and pads to 120 tokens)\n"
+                if backbone == Backbone.DIT
+                else ""
+            )
+        )
     return Path(out)
 
 
@@ -102,9 +124,12 @@ def load_line(folder: str | Path) -> str:
     line = f"from diffusers import {cls}; pipe = {cls}.from_pretrained({', '.join(args)})"
     if cls == "PixArtAlphaPipeline":
         side = json.loads((folder / "transformer" / "config.json").read_text())["sample_size"] * 2 ** (
-            len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
-        line += (f"; pipe(prompt_embeds=..., prompt_attention_mask=..., height={side}, width={side}, "
-                 "use_resolution_binning=False)  # prompt_embeds from ldmscale's encoder: see ldmscale_source.txt")
+            len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1
+        )
+        line += (
+            f"; pipe(prompt_embeds=..., prompt_attention_mask=..., height={side}, width={side}, "
+            "use_resolution_binning=False)  # prompt_embeds from ldmscale's encoder: see ldmscale_source.txt"
+        )
     elif cls == "StableDiffusion3Pipeline":
         line += "; pipe(prompt_embeds=..., pooled_prompt_embeds=...)  # see ldmscale_source.txt"
     return line
@@ -121,8 +146,12 @@ def _export_sd3(model, run, out, weights: str) -> Path:
 
     from ldmscale.diffusion.schedulers import make_sampler
 
-    pipe = StableDiffusion3Pipeline(transformer=model.unet.net, scheduler=make_sampler("flow-euler"), vae=model.vae,
-                                    **{k: None for k in SD3_TEXT_SLOTS})
+    pipe = StableDiffusion3Pipeline(
+        transformer=model.unet.net,
+        scheduler=make_sampler("flow-euler"),
+        vae=model.vae,
+        **{k: None for k in SD3_TEXT_SLOTS},
+    )
     level = d_logging.get_verbosity()
     d_logging.set_verbosity_error()  # "None cannot be saved", once per empty text slot
     try:
@@ -131,9 +160,11 @@ def _export_sd3(model, run, out, weights: str) -> Path:
             (Path(tmp) / "ldmscale_source.txt").write_text(
                 f"run: {Path(run).resolve()}\ncheckpoint: {model.ckpt.name}\nweights: {weights}\n"
                 f"text encoder: {model.text.spec} (not in this folder)\n"
-                "StableDiffusion3Pipeline.from_pretrained(folder, text_encoder=None, tokenizer=None, text_encoder_2=None, "
+                "StableDiffusion3Pipeline.from_pretrained(folder, text_encoder=None, tokenizer=None, "
+                "text_encoder_2=None, "
                 "tokenizer_2=None, text_encoder_3=None, tokenizer_3=None); call it with prompt_embeds from ldmscale's "
-                "encoder and pooled_prompt_embeds = prompt_embeds.mean(1) (and the same for the empty prompt)\n")
+                "encoder and pooled_prompt_embeds = prompt_embeds.mean(1) (and the same for the empty prompt)\n"
+            )
     finally:
         d_logging.set_verbosity(level)
     return Path(out)

@@ -76,8 +76,13 @@ def _text(spec: str, max_length: int, device: str = "cpu"):
     return enc
 
 
-def load_run(run: str | Path, which: str = "latest", weights: str = "ema", device: str | torch.device | None = None,
-             dtype: torch.dtype | None = None) -> RunModel:
+def load_run(
+    run: str | Path,
+    which: str = "latest",
+    weights: str = "ema",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> RunModel:
     """A run's UNet (its EMA or raw weights, in `dtype` when given: bf16 inference), autoencoder and text encoder,
     all on the device (ldmscale.device.current() unless given)."""
 
@@ -103,9 +108,18 @@ def encode_prompts(model: RunModel, prompts: list[str], with_mask: bool = False)
     return states[:-1], states[-1:]
 
 
-def generate(model: RunModel, prompts: list[str], sampler: str, steps: int, guidance: float, seeds: list[int],
-             batch_size: int = 64, extra_channels: torch.Tensor | None = None, progress: bool = False,
-             spacing: str = "leading") -> tuple[torch.Tensor, dict]:
+def generate(
+    model: RunModel,
+    prompts: list[str],
+    sampler: str,
+    steps: int,
+    guidance: float,
+    seeds: list[int],
+    batch_size: int = 64,
+    extra_channels: torch.Tensor | None = None,
+    progress: bool = False,
+    spacing: str = "leading",
+) -> tuple[torch.Tensor, dict]:
     """One image per (prompt, seed) pair: uint8 [N,C,H,W] and sampling stats (model calls, latency)."""
     from ldmscale.data.autoencoder import decode
     from ldmscale.images import to_uint8
@@ -117,20 +131,36 @@ def generate(model: RunModel, prompts: list[str], sampler: str, steps: int, guid
     use_mask = bool(model.config["train"].get("text_mask"))
     images, nfe, t_total, t_loop = [], 0, 0.0, 0.0
     for i in bar(range(0, len(prompts), batch_size), enabled=progress, desc=f"sample {sampler} {steps}", unit="batch"):
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch_size]]
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch_size]]
         stats = SampleStats()
         t0 = time.perf_counter()
-        extra = None if extra_channels is None else extra_channels[i:i + batch_size]
-        lat = generate_latents(model.unet, model.sampler(sampler, spacing), steps, cond[i:i + batch_size],
-                               uncond, guidance, gens, model.latent_shape, extra, stats,
-                               cmask[i:i + batch_size] if use_mask else None, umask if use_mask else None)
+        extra = None if extra_channels is None else extra_channels[i : i + batch_size]
+        lat = generate_latents(
+            model.unet,
+            model.sampler(sampler, spacing),
+            steps,
+            cond[i : i + batch_size],
+            uncond,
+            guidance,
+            gens,
+            model.latent_shape,
+            extra,
+            stats,
+            cmask[i : i + batch_size] if use_mask else None,
+            umask if use_mask else None,
+        )
         images.append(to_uint8(decode(model.vae, lat.float())).cpu())  # .cpu() waits for the device too
         t_total += time.perf_counter() - t0
         t_loop += stats.seconds
         nfe = stats.model_calls
     n = len(prompts)
-    info = {"model_calls_per_image": nfe, "seconds_per_image": t_total / n, "denoise_seconds_per_image": t_loop / n,
-            "images": n, "batch_size": batch_size}
+    info = {
+        "model_calls_per_image": nfe,
+        "seconds_per_image": t_total / n,
+        "denoise_seconds_per_image": t_loop / n,
+        "images": n,
+        "batch_size": batch_size,
+    }
     return torch.cat(images), info
 
 

@@ -17,8 +17,14 @@ import torch
 from ldmscale.errors import UserError
 
 SD_SCHEDULE = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    steps_offset=1, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading",
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    timestep_spacing="leading",
 )
 
 
@@ -117,10 +123,20 @@ class SampleStats:
 
 
 @torch.no_grad()
-def generate_latents(unet, sampler, steps: int, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float,
-                     generators: list[torch.Generator], latent_shape: tuple[int, int, int],
-                     extra_channels: torch.Tensor | None = None, stats: SampleStats | None = None,
-                     cond_mask: torch.Tensor | None = None, uncond_mask: torch.Tensor | None = None) -> torch.Tensor:
+def generate_latents(
+    unet,
+    sampler,
+    steps: int,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    guidance: float,
+    generators: list[torch.Generator],
+    latent_shape: tuple[int, int, int],
+    extra_channels: torch.Tensor | None = None,
+    stats: SampleStats | None = None,
+    cond_mask: torch.Tensor | None = None,
+    uncond_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """StableDiffusionPipeline's denoising loop: cond [B,L,D], one generator per image (so an image does not
     depend on its batch). `extra_channels` (super-resolution) is concatenated to the latent at the input."""
     stats = stats if stats is not None else SampleStats()
@@ -159,8 +175,9 @@ def generate_latents(unet, sampler, steps: int, cond: torch.Tensor, uncond: torc
             inp = sampler.scale_model_input(inp, t)
         if extra_channels is not None:
             inp = torch.cat([inp, torch.cat([extra_channels] * 2) if do_cfg else extra_channels], dim=1)
-        pred = unet(inp, t, encoder_hidden_states=context, timestep_cond=timestep_cond,
-                    encoder_attention_mask=mask).sample
+        pred = unet(
+            inp, t, encoder_hidden_states=context, timestep_cond=timestep_cond, encoder_attention_mask=mask
+        ).sample
         stats.model_calls += 2 if do_cfg else 1
         if do_cfg:
             p_uncond, p_cond = pred.chunk(2)

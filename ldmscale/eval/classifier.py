@@ -27,12 +27,25 @@ class Classifier(nn.Module):
         w = cfg.width
 
         def block(i, o):
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
-                                 nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+            return nn.Sequential(
+                nn.Conv2d(i, o, 3, padding=1),
+                nn.BatchNorm2d(o),
+                nn.ReLU(),
+                nn.Conv2d(o, o, 3, padding=1),
+                nn.BatchNorm2d(o),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            )
 
-        self.body = nn.Sequential(block(cfg.channels, w), block(w, 2 * w), block(2 * w, 4 * w),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(4 * w, cfg.feature_dim), nn.ReLU())
+        self.body = nn.Sequential(
+            block(cfg.channels, w),
+            block(w, 2 * w),
+            block(2 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4 * w, cfg.feature_dim),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(cfg.feature_dim, num_classes)
         self.cfg = cfg
 
@@ -48,7 +61,9 @@ def prepare_input(images: torch.Tensor, cfg: ClassifierConfig) -> torch.Tensor:
     if x.shape[1] != cfg.channels:
         x = x.mean(1, keepdim=True) if cfg.channels == 1 else x.expand(-1, 3, -1, -1)
     if x.shape[-1] != cfg.resolution:
-        x = F.interpolate(x, size=(cfg.resolution, cfg.resolution), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(
+            x, size=(cfg.resolution, cfg.resolution), mode="bilinear", align_corners=False, antialias=True
+        )
     return x
 
 
@@ -74,10 +89,14 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, progress: bool = Tr
     for _ in range(cfg.epochs):
         perm = torch.randperm(len(xt), generator=g)
         for i in range(0, len(xt), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
+            idx = perm[i : i + cfg.batch_size]
             x = prepare_input(xt[idx].to(dev), cfg)
             # light augmentation: shifts and flips keep silhouettes' classes
-            x = torch.roll(x, shifts=(int(torch.randint(-2, 3, (1,), generator=g)), int(torch.randint(-2, 3, (1,), generator=g))), dims=(2, 3))
+            x = torch.roll(
+                x,
+                shifts=(int(torch.randint(-2, 3, (1,), generator=g)), int(torch.randint(-2, 3, (1,), generator=g))),
+                dims=(2, 3),
+            )
             if torch.rand(1, generator=g) < 0.5:
                 x = x.flip(3)
             loss = F.cross_entropy(model(x), yt[idx].to(dev))
@@ -89,11 +108,19 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, progress: bool = Tr
     pbar.close()
     model.eval()
     with torch.no_grad():
-        pred = torch.cat([model(prepare_input(torch.as_tensor(x_va[i:i + 500]).to(dev), cfg)).argmax(1).cpu()
-                          for i in range(0, len(x_va), 500)])
+        pred = torch.cat(
+            [
+                model(prepare_input(torch.as_tensor(x_va[i : i + 500]).to(dev), cfg)).argmax(1).cpu()
+                for i in range(0, len(x_va), 500)
+            ]
+        )
     acc = float((pred == torch.as_tensor(y_va)).float().mean())
-    meta = {"config": to_dict(cfg), "classes": list(ANIMAL_CLASSES), "validation_accuracy": round(acc, 4),
-            "train_images": len(x_tr)}
+    meta = {
+        "config": to_dict(cfg),
+        "classes": list(ANIMAL_CLASSES),
+        "validation_accuracy": round(acc, 4),
+        "train_images": len(x_tr),
+    }
     with atomic_dir(out) as tmp:
         save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         atomic_write_json(tmp / "classifier.json", meta)

@@ -40,10 +40,30 @@ from ldmscale.progress import bar
 def result_name(cfg: EvalConfig, ckpt_name: str) -> str:
     """The sampling setting in words, then a hash of what else decides the numbers (reference, feature networks,
     metrics, seed), so that an evaluation against another reference or classifier never overwrites this one."""
-    extra = "".join(f"-{v}" for v in (cfg.spacing if cfg.spacing != "leading" else "", cfg.tag,
-                                       cfg.precision if cfg.precision != "fp32" else "") if v)
-    rest = {k: getattr(cfg, k) for k in ("reference", "reference_count", "classifier", "clip", "inception", "lpips",
-                                         "metrics", "seed", "bootstrap", "fid_resize")}
+    extra = "".join(
+        f"-{v}"
+        for v in (
+            cfg.spacing if cfg.spacing != "leading" else "",
+            cfg.tag,
+            cfg.precision if cfg.precision != "fp32" else "",
+        )
+        if v
+    )
+    rest = {
+        k: getattr(cfg, k)
+        for k in (
+            "reference",
+            "reference_count",
+            "classifier",
+            "clip",
+            "inception",
+            "lpips",
+            "metrics",
+            "seed",
+            "bootstrap",
+            "fid_resize",
+        )
+    }
     rest["classifier"] = str(Path(cfg.classifier).resolve()) if cfg.classifier else ""
     h = hashlib.sha256(json.dumps(rest, sort_keys=True, default=list).encode()).hexdigest()[:8]
     return f"{cfg.sampler}-s{cfg.steps}-g{cfg.guidance:g}-n{cfg.num_images}{extra}-{ckpt_name}-{cfg.weights}-{h}.json"
@@ -158,15 +178,30 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
 
     mine = list(range(rank, cfg.num_images, world))
     stats = {name: metrics.FeatureStats(ex.num_features) for name, ex in extractors.items()}
-    boot = {name: metrics.BootstrapStats(ex.num_features, cfg.bootstrap) for name, ex in extractors.items()
-            if cfg.bootstrap > 1}
+    boot = {
+        name: metrics.BootstrapStats(ex.num_features, cfg.bootstrap)
+        for name, ex in extractors.items()
+        if cfg.bootstrap > 1
+    }
     correct, counted, clip_sum, clip_sq = (torch.zeros(1, dtype=torch.float64) for _ in range(4))
     seconds, nfe = torch.zeros(1, dtype=torch.float64), 0
-    for i in bar(range(0, len(mine), cfg.batch_size), enabled=progress and state.is_main_process,
-                 desc=f"eval {cfg.sampler} {cfg.steps} g{cfg.guidance:g}", unit="batch"):
-        idx = mine[i:i + cfg.batch_size]
-        images, info = generate(model, [prompts[j] for j in idx], cfg.sampler, cfg.steps, cfg.guidance,
-                                [seeds[j] for j in idx], cfg.batch_size, spacing=cfg.spacing)
+    for i in bar(
+        range(0, len(mine), cfg.batch_size),
+        enabled=progress and state.is_main_process,
+        desc=f"eval {cfg.sampler} {cfg.steps} g{cfg.guidance:g}",
+        unit="batch",
+    ):
+        idx = mine[i : i + cfg.batch_size]
+        images, info = generate(
+            model,
+            [prompts[j] for j in idx],
+            cfg.sampler,
+            cfg.steps,
+            cfg.guidance,
+            [seeds[j] for j in idx],
+            cfg.batch_size,
+            spacing=cfg.spacing,
+        )
         seconds += info["seconds_per_image"] * len(idx)
         nfe = info["model_calls_per_image"]
         for name, ex in extractors.items():
@@ -198,7 +233,9 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
             values[f"{name}_std"] = metrics.bootstrap_std(boot[name], refs[name][0])
         minimum = metrics.FID_MIN_IMAGES if name == "fid" else metrics.FD_MIN_IMAGES
         if s.n < minimum:
-            warnings.append(f"{name} from {s.n} images (< {minimum} recommended): biased upward, compare only at equal counts")
+            warnings.append(
+                f"{name} from {s.n} images (< {minimum} recommended): biased upward, compare only at equal counts"
+            )
     if "caption-accuracy" in cfg.metrics:
         if counted.item() == 0:
             raise UserError("caption accuracy needs prompts that name a class of the dataset")
@@ -212,26 +249,49 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
     acc = model.config["accounting"]
     ck_state = load_state(model.ckpt)
     data = model.config["data"]
-    side = side_flops(data["text_encoder"]["spec"], int(data["context_len"]), data["autoencoder"]["spec"],
-                      model.latent_shape)
+    side = side_flops(
+        data["text_encoder"]["spec"], int(data["context_len"]), data["autoencoder"]["spec"], model.latent_shape
+    )
     ref_flops = acc["gflops"] * 1e9 / acc["norm_cost"]  # the C=320 UNet at this latent and context
     result = {
-        "run": str(Path(run).resolve()), "size": model.config["train"]["size"], "kind": model.config.get("kind"),
-        "checkpoint": model.ckpt.name, "weights": cfg.weights, "images_seen": ck_state.get("images_seen"),
-        "train_flops": ck_state.get("train_flops"), "steps_x_gflops": ck_state.get("steps_x_gflops"),
-        "val_loss": ck_state.get("val_loss"), "val_loss_std": ck_state.get("val_loss_std"), "backbone": backbone_of(model.config),
-        "prediction": model.prediction, "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance, "spacing": cfg.spacing,
-        "num_images": cfg.num_images, "tag": cfg.tag,
-        "seeds": [cfg.seed, cfg.seed + cfg.num_images - 1], "metrics": values, "warnings": warnings,
-        "params": acc["params"], "gflops": acc["gflops"], "norm_cost": acc["norm_cost"],
-        "sampling_cost": flops.sampling_cost(acc["norm_cost"], cfg.steps), "model_calls_per_image": nfe,
-        "executed_cost": acc["norm_cost"] * nfe, "train_seed": int(model.config["train"].get("seed", 0)),
-        "text_encoder_cost": side["text_encoder_flops"] / ref_flops, "decoder_cost": side["decoder_flops"] / ref_flops,
-        "latency_ms_per_image": 1000 * seconds.item() / cfg.num_images, "latency_batch_size": cfg.batch_size,
-        "processes": world, **latency_conditions(next(model.unet.parameters()).device),
+        "run": str(Path(run).resolve()),
+        "size": model.config["train"]["size"],
+        "kind": model.config.get("kind"),
+        "checkpoint": model.ckpt.name,
+        "weights": cfg.weights,
+        "images_seen": ck_state.get("images_seen"),
+        "train_flops": ck_state.get("train_flops"),
+        "steps_x_gflops": ck_state.get("steps_x_gflops"),
+        "val_loss": ck_state.get("val_loss"),
+        "val_loss_std": ck_state.get("val_loss_std"),
+        "backbone": backbone_of(model.config),
+        "prediction": model.prediction,
+        "sampler": cfg.sampler,
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+        "spacing": cfg.spacing,
+        "num_images": cfg.num_images,
+        "tag": cfg.tag,
+        "seeds": [cfg.seed, cfg.seed + cfg.num_images - 1],
+        "metrics": values,
+        "warnings": warnings,
+        "params": acc["params"],
+        "gflops": acc["gflops"],
+        "norm_cost": acc["norm_cost"],
+        "sampling_cost": flops.sampling_cost(acc["norm_cost"], cfg.steps),
+        "model_calls_per_image": nfe,
+        "executed_cost": acc["norm_cost"] * nfe,
+        "train_seed": int(model.config["train"].get("seed", 0)),
+        "text_encoder_cost": side["text_encoder_flops"] / ref_flops,
+        "decoder_cost": side["decoder_flops"] / ref_flops,
+        "latency_ms_per_image": 1000 * seconds.item() / cfg.num_images,
+        "latency_batch_size": cfg.batch_size,
+        "processes": world,
+        **latency_conditions(next(model.unet.parameters()).device),
         "distilled": bool(model.config.get("distilled", False)),
         "reference": {name: ref[1] for name, ref in refs.items()} | {"spec": cfg.reference},
-        "config": to_dict(cfg), "flop_convention": acc.get("flop_convention"),
+        "config": to_dict(cfg),
+        "flop_convention": acc.get("flop_convention"),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if state.is_main_process:
@@ -250,8 +310,14 @@ def extractor_for(metric: str, cfg: EvalConfig):
     raise UserError(f"{metric} is not a Frechet-distance metric (fid, fd-classifier)")
 
 
-def sanity_rows(cfg: EvalConfig, metric: str, resolution: int, channels: int, limit: int = 1000,
-                sigmas: tuple[float, ...] = (0.5, 1.0, 2.0)) -> list[dict]:
+def sanity_rows(
+    cfg: EvalConfig,
+    metric: str,
+    resolution: int,
+    channels: int,
+    limit: int = 1000,
+    sigmas: tuple[float, ...] = (0.5, 1.0, 2.0),
+) -> list[dict]:
     """The metric between the reference split and real images that should score well (the train split) or
     progressively worse (the reference blurred by each sigma): a metric that does not rank these is not sound."""
     from ldmscale.data.sources import load_images, splits
@@ -261,17 +327,25 @@ def sanity_rows(cfg: EvalConfig, metric: str, resolution: int, channels: int, li
     src, split = parse_reference(cfg.reference)
 
     def stats(images):
-        return metrics.stats_of((images[i:i + cfg.batch_size] for i in range(0, len(images), cfg.batch_size)), ex,
-                                ex.num_features)
+        return metrics.stats_of(
+            (images[i : i + cfg.batch_size] for i in range(0, len(images), cfg.batch_size)), ex, ex.num_features
+        )
 
     rows = []
     others = [s for s in splits(src) if s != split]
     if others:
         imgs = torch.as_tensor(load_images(src, others[0], resolution, channels, limit)[0])
-        rows.append({"metric": metric, "images": f"{others[0]} split", "n": len(imgs), "value": metrics.fd_of(stats(imgs), ref)})
+        rows.append(
+            {"metric": metric, "images": f"{others[0]} split", "n": len(imgs), "value": metrics.fd_of(stats(imgs), ref)}
+        )
     base = torch.as_tensor(load_images(src, split, resolution, channels, limit)[0])
     for sigma in sigmas:
-        rows.append({"metric": metric, "images": f"{split}, Gaussian blur sigma {sigma:g} px", "n": len(base),
-                     "value": metrics.fd_of(stats(gaussian_blur(base, sigma)), ref)})
+        rows.append(
+            {
+                "metric": metric,
+                "images": f"{split}, Gaussian blur sigma {sigma:g} px",
+                "n": len(base),
+                "value": metrics.fd_of(stats(gaussian_blur(base, sigma)), ref),
+            }
+        )
     return rows
-

@@ -76,8 +76,13 @@ class InceptionFeatures(nn.Module):
             self.nvlabs = "return_features" in str(self.net.forward.schema)
         except AttributeError:
             self.nvlabs = False
-        self.identity = {"name": "inception-v3-pool3", "weights": path.name, "weights_sha": file_sha256(path)[:16],
-                         "resize": "in-model" if self.nvlabs else f"{resize}-bilinear-299", "dim": 2048}
+        self.identity = {
+            "name": "inception-v3-pool3",
+            "weights": path.name,
+            "weights_sha": file_sha256(path)[:16],
+            "resize": "in-model" if self.nvlabs else f"{resize}-bilinear-299",
+            "dim": 2048,
+        }
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +115,9 @@ class ClassifierFeatures(nn.Module):
 
         path = Path(path)
         if not (path / "classifier.json").exists():
-            raise UserError(f"not a classifier folder (no classifier.json): {path}; train one with `ldmscale classifier train`")
+            raise UserError(
+                f"not a classifier folder (no classifier.json): {path}; train one with `ldmscale classifier train`"
+            )
         meta = json.loads((path / "classifier.json").read_text())
 
         self.cfg = from_dict(ClassifierConfig, meta["config"])
@@ -120,8 +127,13 @@ class ClassifierFeatures(nn.Module):
         self.model.load_state_dict(load_file(str(path / "model.safetensors")))
         self.model = on(self.model)
         self.num_features = self.cfg.feature_dim
-        self.identity = {"name": "classifier", "source": self.cfg.source, "weights_sha": file_sha256(path / "model.safetensors")[:16],
-                         "dim": self.cfg.feature_dim, "validation_accuracy": meta.get("validation_accuracy")}
+        self.identity = {
+            "name": "classifier",
+            "source": self.cfg.source,
+            "weights_sha": file_sha256(path / "model.safetensors")[:16],
+            "dim": self.cfg.feature_dim,
+            "validation_accuracy": meta.get("validation_accuracy"),
+        }
 
     @property
     def device(self) -> torch.device:
@@ -163,9 +175,9 @@ class ClipModel:
         inputs = self.processor(text=list(texts), images=list(images.cpu()), return_tensors="pt", padding=True)
         dev = next(self.model.parameters()).device
         img = self.model.get_image_features(pixel_values=inputs["pixel_values"].to(dev))
-        txt = self.model.get_text_features(input_ids=inputs["input_ids"].to(dev),
-                                           attention_mask=inputs["attention_mask"].to(dev))
+        txt = self.model.get_text_features(
+            input_ids=inputs["input_ids"].to(dev), attention_mask=inputs["attention_mask"].to(dev)
+        )
         img = getattr(img, "pooler_output", img)
         txt = getattr(txt, "pooler_output", txt)
         return F.cosine_similarity(img, txt, dim=-1).cpu()
-

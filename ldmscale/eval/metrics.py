@@ -74,8 +74,9 @@ class BootstrapStats:
 
     def update(self, feats: torch.Tensor, indices: list[int]) -> None:
         f = feats.detach().to(torch.float64).reshape(len(feats), -1)
-        w = torch.tensor(np.stack([np.random.default_rng(int(i)).poisson(1.0, self.k) for i in indices]),
-                         dtype=torch.float64)  # [N, K]
+        w = torch.tensor(
+            np.stack([np.random.default_rng(int(i)).poisson(1.0, self.k) for i in indices]), dtype=torch.float64
+        )  # [N, K]
         self.n += w.sum(0)
         self.sum += w.T @ f
         self.outer += torch.einsum("nk,ni,nj->kij", w, f, f)
@@ -184,7 +185,7 @@ def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     if pred.shape != target.shape:
         raise UserError(f"image shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
     p, t = pred.double(), target.double()
-    psnr = [float(peak_signal_noise_ratio(p[i:i + 1], t[i:i + 1], data_range=255.0)) for i in range(len(p))]
+    psnr = [float(peak_signal_noise_ratio(p[i : i + 1], t[i : i + 1], data_range=255.0)) for i in range(len(p))]
     ssim = structural_similarity_index_measure(p, t, data_range=255.0, reduction="none").tolist()
     return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "psnr_each": psnr, "ssim_each": ssim}
 
@@ -198,7 +199,11 @@ def lpips(pred: torch.Tensor, target: torch.Tensor, path: str | Path, reduce: bo
 
     dev = current()
     net = torch.jit.load(str(path), map_location=dev).eval()
-    to = lambda x: (x.to(dev).float() / 127.5 - 1).expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.to(dev).float() / 127.5 - 1  # noqa: E731
+
+    def to(x):  # uint8 -> [-1, 1], grayscale repeated to the 3 channels LPIPS expects
+        x = x.to(dev).float() / 127.5 - 1
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
     with torch.no_grad():
         d = net(to(pred), to(target)).flatten().double().cpu()
     return float(d.mean()) if reduce else d.tolist()

@@ -25,22 +25,38 @@ class Metric:
     about: str
 
 
-METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("fid", True, (T2I, SR), "", "Frechet distance in Inception-v3 pool features (FID)"),
-    Metric("fd-classifier", True, (T2I, SR), "classifier", "Frechet distance in the domain classifier's features"),
-    Metric("caption-accuracy", False, (T2I, DB), "classifier", "share of images classified as the prompted class"),
-    Metric("clip", False, (T2I,), "clip", "CLIP score (torchmetrics' definition) of image and prompt"),
-    Metric("psnr", False, (SR,), "", "PSNR of the upscaled image against the original (dB)"),
-    Metric("consistency", False, (SR,), "",
-           "PSNR of the upscaled image brought back down by bicubic, against its low-resolution input (dB)"),
-    Metric("ssim", False, (SR,), "", "SSIM of the upscaled image against the original"),
-    Metric("lpips", True, (SR,), "lpips", "LPIPS distance to the original (a TorchScript LPIPS model)"),
-    Metric("subject-ssim", False, (DB,), "", "best SSIM of each image against the subject's views (identity)"),
-    Metric("subject-fidelity", False, (DB,), "",
-           "cosine to the subject's mean feature (classifier features, Inception without a classifier)"),
-)}
-NEEDS_OPTION = {"classifier": "--classifier DIR (train one: ldmscale classifier train)",
-                "clip": "--clip PATH_OR_ID (a transformers CLIP model)", "lpips": "--lpips PATH (a TorchScript LPIPS model)"}
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("fid", True, (T2I, SR), "", "Frechet distance in Inception-v3 pool features (FID)"),
+        Metric("fd-classifier", True, (T2I, SR), "classifier", "Frechet distance in the domain classifier's features"),
+        Metric("caption-accuracy", False, (T2I, DB), "classifier", "share of images classified as the prompted class"),
+        Metric("clip", False, (T2I,), "clip", "CLIP score (torchmetrics' definition) of image and prompt"),
+        Metric("psnr", False, (SR,), "", "PSNR of the upscaled image against the original (dB)"),
+        Metric(
+            "consistency",
+            False,
+            (SR,),
+            "",
+            "PSNR of the upscaled image brought back down by bicubic, against its low-resolution input (dB)",
+        ),
+        Metric("ssim", False, (SR,), "", "SSIM of the upscaled image against the original"),
+        Metric("lpips", True, (SR,), "lpips", "LPIPS distance to the original (a TorchScript LPIPS model)"),
+        Metric("subject-ssim", False, (DB,), "", "best SSIM of each image against the subject's views (identity)"),
+        Metric(
+            "subject-fidelity",
+            False,
+            (DB,),
+            "",
+            "cosine to the subject's mean feature (classifier features, Inception without a classifier)",
+        ),
+    )
+}
+NEEDS_OPTION = {
+    "classifier": "--classifier DIR (train one: ldmscale classifier train)",
+    "clip": "--clip PATH_OR_ID (a transformers CLIP model)",
+    "lpips": "--lpips PATH (a TorchScript LPIPS model)",
+}
 PREFIXES = ("bicubic_", "teacher_")  # baselines reported beside a metric, in the same units
 
 
@@ -84,7 +100,8 @@ def check_metrics(names, kind: str, where: str = "", **models: str) -> None:
     run_kind = EVAL_KIND.get(kind, kind)
     for name, m in zip(names, known(names, where)):
         if run_kind not in m.kinds:
-            raise UserError(f"{at}metric {name!r} is not computed for {kind} runs (it applies to "
-                            f"{' and '.join(m.kinds)} runs)")
+            raise UserError(
+                f"{at}metric {name!r} is not computed for {kind} runs (it applies to {' and '.join(m.kinds)} runs)"
+            )
         if m.needs and m.needs in models and not models[m.needs]:
             raise UserError(f"{at}the {name} metric needs {NEEDS_OPTION[m.needs]}")

@@ -35,8 +35,10 @@ class ModelSize:
         if not 1 <= self.C <= 65536:
             raise UserError(f"base width C must be between 1 and 65536, got {self.C}")
         if self.heads < 1 or self.norm_groups < 1 or self.layers_per_block < 1:
-            raise UserError(f"size c{self.C}: heads, norm groups and layers per block must be positive "
-                            f"(got {self.heads}, {self.norm_groups}, {self.layers_per_block})")
+            raise UserError(
+                f"size c{self.C}: heads, norm groups and layers per block must be positive "
+                f"(got {self.heads}, {self.norm_groups}, {self.layers_per_block})"
+            )
         validate(self)  # and within their ranges
         if self.C % self.norm_groups:
             raise UserError(f"size c{self.C}: {self.norm_groups} norm groups do not divide C={self.C}")
@@ -73,19 +75,38 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "paper": Preset(
-        "paper", (64, 96, 128, 160, 192, 224, 256, 288, 320, 512, 768), 64, 4, 77, 1024,
+        "paper",
+        (64, 96, 128, 160, 192, 224, 256, 288, 320, 512, 768),
+        64,
+        4,
+        77,
+        1024,
         "the paper's 11 sizes, 39M-5B (64x64x4 latent, 77x1024 text context)",
     ),
     "cpu": Preset(
-        "cpu", (8, 16, 32, 64), 8, 4, 77, 384,
+        "cpu",
+        (8, 16, 32, 64),
+        8,
+        4,
+        77,
+        384,
         "tiny sizes of the same layout that train on a CPU (8x8x4 latent of 32px images, 77x384 MiniLM context)",
     ),
 }
 
 # The paper's labels for its sizes (Table 1), accepted as size names.
 PAPER_LABELS: dict[int, str] = {
-    64: "39M", 96: "83M", 128: "145M", 160: "223M", 192: "318M", 224: "430M",
-    256: "558M", 288: "704M", 320: "866M", 512: "2B", 768: "5B",
+    64: "39M",
+    96: "83M",
+    128: "145M",
+    160: "223M",
+    192: "318M",
+    224: "430M",
+    256: "558M",
+    288: "704M",
+    320: "866M",
+    512: "2B",
+    768: "5B",
 }
 _ALIASES = {label.lower(): c for c, label in PAPER_LABELS.items()} | {"sd1.5": 320, "sd15": 320}
 
@@ -183,8 +204,14 @@ def unet_config(
     )
 
 
-def build_unet(size: ModelSize, latent_size: int, context_dim: int, latent_channels: int = 4,
-               extra_in_channels: int = 0, device: str | None = None):
+def build_unet(
+    size: ModelSize,
+    latent_size: int,
+    context_dim: int,
+    latent_channels: int = 4,
+    extra_in_channels: int = 0,
+    device: str | None = None,
+):
     """Build the UNet (randomly initialised). device='meta' costs no memory, for counting."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -213,8 +240,9 @@ def backbone_of(size) -> str:
     return Backbone.UNET if isinstance(size, ModelSize) else size.backbone
 
 
-def network_config(size, latent_size: int, context_dim: int, latent_channels: int = 4,
-                   extra_in_channels: int = 0) -> dict:
+def network_config(
+    size, latent_size: int, context_dim: int, latent_channels: int = 4, extra_in_channels: int = 0
+) -> dict:
     """The run config's description of the network: {"unet": kwargs} for the UNet family (as every run before
     backbones had), {"backbone": "dit"|"mmdit", "transformer": kwargs} for the transformers."""
     if isinstance(size, ModelSize):
@@ -223,8 +251,10 @@ def network_config(size, latent_size: int, context_dim: int, latent_channels: in
         return {"unet": unet_config(size, latent_size, context_dim, latent_channels, extra_in_channels)}
     from ldmscale.model.transformers import transformer_config
 
-    return {"backbone": size.backbone,
-            "transformer": transformer_config(size, latent_size, context_dim, latent_channels, extra_in_channels)}
+    return {
+        "backbone": size.backbone,
+        "transformer": transformer_config(size, latent_size, context_dim, latent_channels, extra_in_channels),
+    }
 
 
 def build_network(config: dict, device: str | None = None):

@@ -52,10 +52,14 @@ def _cache_file() -> Path:
 def _key(size, latent_size: int, context_len: int, context_dim: int, latent_channels: int, extra_in: int) -> str:
 
     if not isinstance(size, ModelSize):
-        return (f"diffusers{version('diffusers')}-{size.backbone}-w{size.hidden}-d{size.depth}-h{size.heads}-"
-                f"p{size.patch}-lat{latent_channels}x{latent_size}-ctx{context_len}x{context_dim}-in{extra_in}")
-    return (f"diffusers{version('diffusers')}-C{size.C}-h{size.heads}-g{size.norm_groups}-l{size.layers_per_block}-lat{latent_channels}x{latent_size}"
-            f"-ctx{context_len}x{context_dim}-in{extra_in}")
+        return (
+            f"diffusers{version('diffusers')}-{size.backbone}-w{size.hidden}-d{size.depth}-h{size.heads}-"
+            f"p{size.patch}-lat{latent_channels}x{latent_size}-ctx{context_len}x{context_dim}-in{extra_in}"
+        )
+    return (
+        f"diffusers{version('diffusers')}-C{size.C}-h{size.heads}-g{size.norm_groups}-l{size.layers_per_block}-lat{latent_channels}x{latent_size}"
+        f"-ctx{context_len}x{context_dim}-in{extra_in}"
+    )
 
 
 def _load_disk_cache() -> dict:
@@ -90,8 +94,9 @@ def count_flops(module, *args, **kwargs) -> int:
 
 
 @functools.cache
-def measure(size, latent_size: int, context_len: int, context_dim: int,
-            latent_channels: int = 4, extra_in_channels: int = 0) -> tuple[int, int]:
+def measure(
+    size, latent_size: int, context_len: int, context_dim: int, latent_channels: int = 4, extra_in_channels: int = 0
+) -> tuple[int, int]:
     """(params, forward FLOPs per sample) of one network of any backbone, counted on the meta device (cached on
     disk too)."""
     key = _key(size, latent_size, context_len, context_dim, latent_channels, extra_in_channels)
@@ -110,8 +115,14 @@ def measure(size, latent_size: int, context_len: int, context_dim: int,
     return params, flops
 
 
-def cost(size: ModelSize, latent_size: int, context_len: int, context_dim: int, latent_channels: int = 4,
-         extra_in_channels: int = 0) -> Cost:
+def cost(
+    size: ModelSize,
+    latent_size: int,
+    context_len: int,
+    context_dim: int,
+    latent_channels: int = 4,
+    extra_in_channels: int = 0,
+) -> Cost:
     params, flops = measure(size, latent_size, context_len, context_dim, latent_channels, extra_in_channels)
     _, ref = measure(make_size(REFERENCE_C), latent_size, context_len, context_dim, latent_channels, 0)
     return Cost(params=params, flops=flops, norm_cost=flops / ref)
@@ -132,8 +143,14 @@ def sampling_cost(norm_cost: float, steps: int) -> float:
     return norm_cost * steps
 
 
-def family_rows(sizes: list[ModelSize], latent_size: int, context_len: int, context_dim: int,
-                latent_channels: int = 4, progress: bool = False) -> list[dict]:
+def family_rows(
+    sizes: list[ModelSize],
+    latent_size: int,
+    context_len: int,
+    context_dim: int,
+    latent_channels: int = 4,
+    progress: bool = False,
+) -> list[dict]:
     """One accounting row per size: what `ldmscale family` prints."""
 
     rows = []
@@ -146,25 +163,29 @@ def family_rows(sizes: list[ModelSize], latent_size: int, context_len: int, cont
         # parameters depend on the text width, so compare with the paper only at its 1024-wide context
         comparable = label and context_dim == 1024 and latent_channels == 4 and not size.adjusted
         ref_params = paper_params(label) if comparable else float("nan")
-        rows.append({
-            "name": size.name,
-            "C": size.C,
-            "heads": size.heads,
-            "norm_groups": size.norm_groups,
-            "params": c.params,
-            "params_m": round(c.params / 1e6, 2),
-            "paper_label": label,
-            "params_vs_paper_pct": None if ref_params != ref_params else round(100 * (c.params / ref_params - 1), 2),
-            "matches_paper": None if ref_params != ref_params else matches_paper(c.params, label),
-            "gflops": round(c.gflops, 3),
-            "norm_cost": round(c.norm_cost, 4),
-            "latent": f"{latent_size}x{latent_size}x{latent_channels}",
-            "context": f"{context_len}x{context_dim}",
-            "layout": size.adjusted or "SD v1.5",
-            "flops_convention": FLOP_CONVENTION,
-            "backbone": Backbone.UNET,
-            "depth": None,
-        })
+        rows.append(
+            {
+                "name": size.name,
+                "C": size.C,
+                "heads": size.heads,
+                "norm_groups": size.norm_groups,
+                "params": c.params,
+                "params_m": round(c.params / 1e6, 2),
+                "paper_label": label,
+                "params_vs_paper_pct": None
+                if ref_params != ref_params
+                else round(100 * (c.params / ref_params - 1), 2),
+                "matches_paper": None if ref_params != ref_params else matches_paper(c.params, label),
+                "gflops": round(c.gflops, 3),
+                "norm_cost": round(c.norm_cost, 4),
+                "latent": f"{latent_size}x{latent_size}x{latent_channels}",
+                "context": f"{context_len}x{context_dim}",
+                "layout": size.adjusted or "SD v1.5",
+                "flops_convention": FLOP_CONVENTION,
+                "backbone": Backbone.UNET,
+                "depth": None,
+            }
+        )
     return rows
 
 
@@ -176,8 +197,22 @@ def matches_paper(params: int, label: str) -> bool:
 
 
 def _transformer_row(size, c: Cost, latent_size: int, latent_channels: int, context_len: int, context_dim: int) -> dict:
-    return {"name": size.name, "C": size.hidden, "heads": size.heads, "norm_groups": None, "params": c.params, "params_m": round(c.params / 1e6, 2), "paper_label": "",
-            "params_vs_paper_pct": None, "matches_paper": None, "gflops": round(c.gflops, 3),
-            "norm_cost": round(c.norm_cost, 4), "latent": f"{latent_size}x{latent_size}x{latent_channels}",
-            "context": f"{context_len}x{context_dim}", "layout": size.layout, "flops_convention": FLOP_CONVENTION,
-            "backbone": size.backbone, "depth": size.depth}
+    return {
+        "name": size.name,
+        "C": size.hidden,
+        "heads": size.heads,
+        "norm_groups": None,
+        "params": c.params,
+        "params_m": round(c.params / 1e6, 2),
+        "paper_label": "",
+        "params_vs_paper_pct": None,
+        "matches_paper": None,
+        "gflops": round(c.gflops, 3),
+        "norm_cost": round(c.norm_cost, 4),
+        "latent": f"{latent_size}x{latent_size}x{latent_channels}",
+        "context": f"{context_len}x{context_dim}",
+        "layout": size.layout,
+        "flops_convention": FLOP_CONVENTION,
+        "backbone": size.backbone,
+        "depth": size.depth,
+    }

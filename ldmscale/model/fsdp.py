@@ -61,5 +61,6 @@ def optimizer_state(unet, opt) -> dict:
 
 def load_optimizer_state(unet, opt, state: dict) -> None:
 
-    set_optimizer_state_dict(unet, opt, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+    set_optimizer_state_dict(
+        unet, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    )

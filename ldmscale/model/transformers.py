@@ -29,8 +29,10 @@ DIT_NAMED = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "xl": (
 PRESETS = {  # tiny CPU sizes of each backbone, then the published ones
     # cpu: the FLOPs of c8, c16 and c32 at the demo's 8x8x4 latent and 16-token context
     Backbone.DIT: {"cpu": ("dit-64x6", "dit-128x6", "dit-192x8"), "paper": ("dit-s", "dit-b", "dit-l", "dit-xl")},
-    Backbone.MMDIT: {"cpu": ("mmdit-d2:a32", "mmdit-d4:a32", "mmdit-d6:a32"),
-              "paper": ("mmdit-d12", "mmdit-d18", "mmdit-d24", "mmdit-d30")},
+    Backbone.MMDIT: {
+        "cpu": ("mmdit-d2:a32", "mmdit-d4:a32", "mmdit-d6:a32"),
+        "paper": ("mmdit-d12", "mmdit-d18", "mmdit-d24", "mmdit-d30"),
+    },
 }
 
 
@@ -46,7 +48,9 @@ class TransformerSize:
     def name(self) -> str:
         if self.backbone == Backbone.MMDIT:
             a = self.hidden // self.depth
-            return f"mmdit-d{self.depth}" + (f":a{a}" if a != 64 else "") + (f":p{self.patch}" if self.patch != 2 else "")
+            return (
+                f"mmdit-d{self.depth}" + (f":a{a}" if a != 64 else "") + (f":p{self.patch}" if self.patch != 2 else "")
+            )
         named = {v: k for k, v in DIT_NAMED.items()}.get((self.hidden, self.depth, self.heads))
         base = f"dit-{named}" if named else f"dit-{self.hidden}x{self.depth}"
         if not named and self.heads != max(1, self.hidden // 32):
@@ -104,24 +108,45 @@ def parse_transformer(text: str) -> TransformerSize:
     return size
 
 
-def transformer_config(size: TransformerSize, latent_size: int, context_dim: int, latent_channels: int = 4,
-                       extra_in_channels: int = 0) -> dict:
+def transformer_config(
+    size: TransformerSize, latent_size: int, context_dim: int, latent_channels: int = 4, extra_in_channels: int = 0
+) -> dict:
     """diffusers kwargs of the backbone at this latent size and text width."""
     if extra_in_channels:
-        raise UserError(f"{size.name}: super-resolution fine-tunes take UNet runs only (a {size.backbone} has no "
-                        "input convolution to widen)")
+        raise UserError(
+            f"{size.name}: super-resolution fine-tunes take UNet runs only (a {size.backbone} has no "
+            "input convolution to widen)"
+        )
     if latent_size % size.patch:
         raise UserError(f"{size.name}: patch {size.patch} does not divide the latent side {latent_size}")
     head_dim = size.hidden // size.heads
     if size.backbone == Backbone.DIT:
-        return dict(num_attention_heads=size.heads, attention_head_dim=head_dim, in_channels=latent_channels,
-                    out_channels=latent_channels, num_layers=size.depth, cross_attention_dim=size.hidden,
-                    caption_channels=context_dim, sample_size=latent_size, patch_size=size.patch,
-                    use_additional_conditions=False, norm_num_groups=32)
-    return dict(sample_size=latent_size, patch_size=size.patch, in_channels=latent_channels,
-                out_channels=latent_channels, num_layers=size.depth, attention_head_dim=head_dim,
-                num_attention_heads=size.heads, joint_attention_dim=context_dim, caption_projection_dim=size.hidden,
-                pooled_projection_dim=context_dim, pos_embed_max_size=latent_size // size.patch)
+        return dict(
+            num_attention_heads=size.heads,
+            attention_head_dim=head_dim,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            num_layers=size.depth,
+            cross_attention_dim=size.hidden,
+            caption_channels=context_dim,
+            sample_size=latent_size,
+            patch_size=size.patch,
+            use_additional_conditions=False,
+            norm_num_groups=32,
+        )
+    return dict(
+        sample_size=latent_size,
+        patch_size=size.patch,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        num_layers=size.depth,
+        attention_head_dim=head_dim,
+        num_attention_heads=size.heads,
+        joint_attention_dim=context_dim,
+        caption_projection_dim=size.hidden,
+        pooled_projection_dim=context_dim,
+        pos_embed_max_size=latent_size // size.patch,
+    )
 
 
 def _batch_t(t: torch.Tensor | float, n: int, device) -> torch.Tensor:
@@ -143,8 +168,13 @@ class DiT(torch.nn.Module):
         if timestep_cond is not None:
             raise UserError("guidance-conditioned (distilled) students are UNets; a DiT takes no timestep_cond")
         mask = None if encoder_attention_mask is None else encoder_attention_mask.to(x.dtype)
-        return self.net(x, encoder_hidden_states=encoder_hidden_states, timestep=_batch_t(t, x.shape[0], x.device),
-                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}, encoder_attention_mask=mask)
+        return self.net(
+            x,
+            encoder_hidden_states=encoder_hidden_states,
+            timestep=_batch_t(t, x.shape[0], x.device),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            encoder_attention_mask=mask,
+        )
 
 
 class MMDiT(torch.nn.Module):
@@ -166,8 +196,9 @@ class MMDiT(torch.nn.Module):
         else:
             m = encoder_attention_mask.to(ctx.dtype)[..., None]
             pooled = (ctx * m).sum(1) / m.sum(1).clamp(min=1)
-        return self.net(x, encoder_hidden_states=ctx, pooled_projections=pooled,
-                        timestep=_batch_t(t, x.shape[0], x.device))
+        return self.net(
+            x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=_batch_t(t, x.shape[0], x.device)
+        )
 
 
 def build_transformer(backbone: str, kwargs: dict, device: str | None = None) -> torch.nn.Module:

@@ -17,8 +17,16 @@ from ldmscale.study.jobs import mark_done, pending_jobs
 from ldmscale.study.tasks import KINDS
 
 # a task's training (fine-tune or distillation, from the task registry) needs its trained size; its evaluations need it
-WAVES = {"autoencoder": 0, "classifier": 0, "prepare": 1, "train": 2, "sanity": 2, "eval": 3,
-         **{k.job_kind: 3 for k in KINDS.values()}, "task-eval": 4}
+WAVES = {
+    "autoencoder": 0,
+    "classifier": 0,
+    "prepare": 1,
+    "train": 2,
+    "sanity": 2,
+    "eval": 3,
+    **{k.job_kind: 3 for k in KINDS.values()},
+    "task-eval": 4,
+}
 
 
 def _execute(out: str, job) -> str:
@@ -47,8 +55,9 @@ def _submit_wave(ex, executor: str, out: Path, pending: list) -> list:
             os.environ[THREADS_ENV] = saved
 
 
-def run_submitit(out: Path, jobs: list, executor: str, log: Callable[[str], None] = print,
-                 parameters: dict | None = None) -> dict:
+def run_submitit(
+    out: Path, jobs: list, executor: str, log: Callable[[str], None] = print, parameters: dict | None = None
+) -> dict:
     import submitit
 
     out = Path(out)
@@ -63,8 +72,10 @@ def run_submitit(out: Path, jobs: list, executor: str, log: Callable[[str], None
         pending = pending_jobs(out, [j for j in jobs if WAVES.get(j.kind, 5) == wave], log)
         if not pending:
             continue
-        log(f"wave {wave}: submitting {len(pending)} job(s): {', '.join(j.name for j in pending[:4])}"
-            + (" ..." if len(pending) > 4 else ""))
+        log(
+            f"wave {wave}: submitting {len(pending)} job(s): {', '.join(j.name for j in pending[:4])}"
+            + (" ..." if len(pending) > 4 else "")
+        )
         handles = _submit_wave(ex, executor, out, pending)
         failures = []
         for job, h in zip(pending, handles):
@@ -74,6 +85,7 @@ def run_submitit(out: Path, jobs: list, executor: str, log: Callable[[str], None
             except Exception as e:  # report every failure of the wave, then stop before dependants
                 failures.append(f"{job.name}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}")
         if failures:
-            raise RuntimeError(f"{len(failures)} job(s) failed in wave {wave} (logs in {out / 'submitit'}): "
-                               + "; ".join(failures[:3]))
+            raise RuntimeError(
+                f"{len(failures)} job(s) failed in wave {wave} (logs in {out / 'submitit'}): " + "; ".join(failures[:3])
+            )
     return {"jobs": len(jobs), "ran": ran, "seconds": time.time() - t0}

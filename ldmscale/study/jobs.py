@@ -46,8 +46,9 @@ def record_problem(out: Path, path: Path) -> tuple[str, list[tuple[Path, str]]]:
     config = rec.get("config")
     if "finished" not in rec or not isinstance(config, dict) or job_id(str(rec.get("kind")), config) != path.stem:
         return f"job record {path} is damaged (not the record of the job its name says)", []
-    return "", [(out / rel, what) for rel, want in recorded_outputs(out, rec)
-                if (what := integrity.damage(out / rel, want))]
+    return "", [
+        (out / rel, what) for rel, want in recorded_outputs(out, rec) if (what := integrity.damage(out / rel, want))
+    ]
 
 
 def check_done(out: Path, job: Job) -> tuple[bool, str, list[Path]]:
@@ -66,8 +67,11 @@ def check_done(out: Path, job: Job) -> tuple[bool, str, list[Path]]:
 def recorded_outputs(out: Path, rec: dict) -> list[tuple[str, dict]]:
     """The recorded outputs of a job record that lie inside the study folder (nothing elsewhere is ever touched)."""
     outputs = rec.get("outputs")
-    return [(rel, want) for rel, want in (outputs.items() if isinstance(outputs, dict) else [])
-            if isinstance(want, dict) and (out / rel).resolve().is_relative_to(Path(out).resolve())]
+    return [
+        (rel, want)
+        for rel, want in (outputs.items() if isinstance(outputs, dict) else [])
+        if isinstance(want, dict) and (out / rel).resolve().is_relative_to(Path(out).resolve())
+    ]
 
 
 def job_done(out: Path, job: Job) -> bool:
@@ -80,9 +84,17 @@ def mark_done(out: Path, job: Job, seconds: float, produced: object = None) -> N
     outputs = {}
     if isinstance(produced, Path) and produced.is_file() and produced.resolve().is_relative_to(out.resolve()):
         outputs[str(produced.resolve().relative_to(out.resolve()))] = integrity.record(produced)
-    atomic_write_json(out / "jobs" / f"{job.id}.json", {"kind": job.kind, "name": job.name, "config": job.config,
-                                                        "seconds": round(seconds, 2), "outputs": outputs,
-                                                        "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    atomic_write_json(
+        out / "jobs" / f"{job.id}.json",
+        {
+            "kind": job.kind,
+            "name": job.name,
+            "config": job.config,
+            "seconds": round(seconds, 2),
+            "outputs": outputs,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+    )
 
 
 def pending_jobs(out: Path, jobs: list[Job], log: Callable[[str], None] = print) -> list[Job]:
@@ -110,8 +122,15 @@ NOMINAL_FLOPS = 6.4e10
 SECONDS_PER_STEP = 0.09
 
 
-OVERHEAD_S = {"prepare": 15.0, "sanity": 5.0, "eval": 1.5, "task-eval": 3.0, "train": 3.0, "finetune": 10.0,
-              "distill": 10.0}
+OVERHEAD_S = {
+    "prepare": 15.0,
+    "sanity": 5.0,
+    "eval": 1.5,
+    "task-eval": 3.0,
+    "train": 3.0,
+    "finetune": 10.0,
+    "distill": 10.0,
+}
 
 
 FID_SECONDS_PER_IMAGE = 0.16  # Inception-v3 at 299 px, and the 2048-d Frechet distance
@@ -165,8 +184,13 @@ def run_jobs(out: Path, jobs: list[Job], progress: bool = True, log: Callable[[s
     done0 = len(jobs) - len(pending)
     log(f"study {out}: {len(jobs)} jobs, {done0} already done, {len(pending)} to run")
     weights = [estimated_seconds(j) for j in pending]
-    pbar = bar(total=sum(weights), desc="study", unit="est-s", enabled=progress,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]")
+    pbar = bar(
+        total=sum(weights),
+        desc="study",
+        unit="est-s",
+        enabled=progress,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]",
+    )
     eta, t_start = Eta(), time.time()
     for n, (job, w) in enumerate(zip(pending, weights)):
         left = _clock(eta.remaining(pending[n:])) if eta.spent else "?"

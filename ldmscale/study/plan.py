@@ -1,11 +1,9 @@
 """Study planning: the jobs a study needs (first stage, cache, classifier, every size's training, the evaluation grid,
-curve and agreement points, downstream tasks) in dependency order, and its results table (results.csv)."""
+curve and agreement points, downstream tasks) in dependency order (their results table: study/results.py)."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 from pathlib import Path
 
@@ -15,11 +13,9 @@ from ldmscale.diffusion.schedulers import model_calls
 from ldmscale.errors import UserError
 from ldmscale.eval import registry
 from ldmscale.eval.config import ClassifierConfig
-from ldmscale.integrity import note, read_json
-from ldmscale.io import atomic_write_json, atomic_write_text
+from ldmscale.io import atomic_write_json
 from ldmscale.model import flops
 from ldmscale.model.family import parse_size, size_spec
-from ldmscale.names import Kind
 from ldmscale.study import tasks
 from ldmscale.study.jobs import FID_SECONDS_PER_IMAGE, Job
 from ldmscale.study.spec import EVAL_SEED_STRIDE, Study, TaskSection, eval_config, run_name, study_eval
@@ -65,22 +61,43 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
     d = study.data
     ae_dir = d.autoencoder or str(out / "autoencoder")
     if not d.autoencoder and not d.cache:
-        ae_cfg = from_dict(AutoencoderConfig, {"source": d.source, "resolution": d.resolution} | dict(study.autoencoder))
+        ae_cfg = from_dict(
+            AutoencoderConfig, {"source": d.source, "resolution": d.resolution} | dict(study.autoencoder)
+        )
         ae_cfg = resolve_channels(ae_cfg, announce=False)  # the data's channels, in the job's config
-        jobs.append(Job("autoencoder", "autoencoder", to_dict(ae_cfg),
-                        lambda c=ae_cfg: train_autoencoder(c, out / "autoencoder", progress=progress, overwrite=True)))
+        jobs.append(
+            Job(
+                "autoencoder",
+                "autoencoder",
+                to_dict(ae_cfg),
+                lambda c=ae_cfg: train_autoencoder(c, out / "autoencoder", progress=progress, overwrite=True),
+            )
+        )
     cache = d.cache or str(out / "cache")
     if not d.cache:
-        p_cfg = PrepareConfig(source=d.source, autoencoder=ae_dir, text_encoder=d.text_encoder, resolution=d.resolution,
-                              max_length=d.context_len)
-        jobs.append(Job("prepare", "latent cache", to_dict(p_cfg), lambda c=p_cfg: prepare(c, cache, progress=progress)))
+        p_cfg = PrepareConfig(
+            source=d.source,
+            autoencoder=ae_dir,
+            text_encoder=d.text_encoder,
+            resolution=d.resolution,
+            max_length=d.context_len,
+        )
+        jobs.append(
+            Job("prepare", "latent cache", to_dict(p_cfg), lambda c=p_cfg: prepare(c, cache, progress=progress))
+        )
     ev = study_eval(study)
     clf_dir = ev.classifier
     if {"fd-classifier", "caption-accuracy"} & set(ev.metrics) and not clf_dir:
         clf_cfg = from_dict(ClassifierConfig, {"source": d.source, "resolution": d.resolution} | dict(study.classifier))
         clf_dir = str(out / "classifier")
-        jobs.append(Job("classifier", "classifier", to_dict(clf_cfg),
-                        lambda c=clf_cfg: train_classifier(c, clf_dir, progress=progress, overwrite=True)))
+        jobs.append(
+            Job(
+                "classifier",
+                "classifier",
+                to_dict(clf_cfg),
+                lambda c=clf_cfg: train_classifier(c, clf_dir, progress=progress, overwrite=True),
+            )
+        )
     if ev.sanity and ev.primary in ("fid", "fd-classifier"):
         s_cfg = eval_config(ev, clf_dir, metrics=(ev.primary,))
 
@@ -101,7 +118,9 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
     return [j for j in jobs if not (j.id in seen or seen.add(j.id))]
 
 
-def size_jobs(study: Study, ev, base, size, seed: int, shapes: dict, out: Path, clf_dir: str, progress: bool) -> list[Job]:
+def size_jobs(
+    study: Study, ev, base, size, seed: int, shapes: dict, out: Path, clf_dir: str, progress: bool
+) -> list[Job]:
     """One size and training seed: its training run, its evaluations (curve points, the grid, agreement points for
     the first seed) and its downstream tasks. Seed k evaluates on its own image seeds, so that its evaluation noise
     is independent of the other seeds'."""
@@ -126,26 +145,60 @@ def size_jobs(study: Study, ev, base, size, seed: int, shapes: dict, out: Path, 
     if study.train.budget == "isoflop":  # the curve points are the budgets: where each size's run reaches them
         curve_steps = budget_steps(study.train.budgets, fwd, base.batch_size)
         every = steps
-    t_cfg = TrainConfig(**(to_dict(base) | {"size": size_spec(size), "images": steps * base.batch_size,
-                                            "checkpoint_every": every * base.batch_size, "keep": 2,
-                                            "checkpoint_at": curve_steps}))
+    t_cfg = TrainConfig(
+        **(
+            to_dict(base)
+            | {
+                "size": size_spec(size),
+                "images": steps * base.batch_size,
+                "checkpoint_every": every * base.batch_size,
+                "keep": 2,
+                "checkpoint_at": curve_steps,
+            }
+        )
+    )
     t_cfg = from_dict(TrainConfig, to_dict(t_cfg))
     run = out / "runs" / run_name(size.name, seed)
-    jobs.append(Job("train", f"train {size.name}{tag} ({steps * base.batch_size:,} images)", to_dict(t_cfg),
-                    lambda c=t_cfg, r=run: train(c, r, progress=progress),
-                    cost_flops=flops.training_flops(steps * base.batch_size, fwd)))
+    jobs.append(
+        Job(
+            "train",
+            f"train {size.name}{tag} ({steps * base.batch_size:,} images)",
+            to_dict(t_cfg),
+            lambda c=t_cfg, r=run: train(c, r, progress=progress),
+            cost_flops=flops.training_flops(steps * base.batch_size, fwd),
+        )
+    )
 
     def eval_job(label, sampler, n_steps, g, ckpt, run=run, fwd=fwd, agreement=False):
         n = (ev.agreement_images or ev.num_images) if agreement else ev.num_images
-        e_cfg = eval_config(ev, clf_dir, sampler=sampler, steps=n_steps, guidance=g, num_images=n,
-                            checkpoint=str(ckpt), **(dict(
-                                metrics=(ev.primary, ev.agreement_metric), tag="agreement",
-                                reference_count=ev.agreement_reference_count or ev.reference_count,
-                                bootstrap=0) if agreement else {}))  # the rank correlation needs values only
+        e_cfg = eval_config(
+            ev,
+            clf_dir,
+            sampler=sampler,
+            steps=n_steps,
+            guidance=g,
+            num_images=n,
+            checkpoint=str(ckpt),
+            **(
+                dict(
+                    metrics=(ev.primary, ev.agreement_metric),
+                    tag="agreement",
+                    reference_count=ev.agreement_reference_count or ev.reference_count,
+                    bootstrap=0,
+                )
+                if agreement
+                else {}
+            ),
+        )  # the rank correlation needs values only
         calls = model_calls(sampler, n_steps, g)
-        return Job("eval", f"eval {size.name}{tag} {label}", to_dict(e_cfg) | {"run": str(run)},
-                   lambda: result_path(run, evaluate(run, e_cfg, progress=False)), cost_flops=n * calls * fwd,
-                   extra_seconds=n * FID_SECONDS_PER_IMAGE * ("fid" in e_cfg.metrics))
+        return Job(
+            "eval",
+            f"eval {size.name}{tag} {label}",
+            to_dict(e_cfg) | {"run": str(run)},
+            lambda: result_path(run, evaluate(run, e_cfg, progress=False)),
+            cost_flops=n * calls * fwd,
+            extra_seconds=n * FID_SECONDS_PER_IMAGE * ("fid" in e_cfg.metrics),
+        )
 
     for ck in curve_steps:
         jobs.append(eval_job(f"curve step {ck}", ev.curve_sampler, ev.curve_steps, ev.curve_guidance, ck))
@@ -154,15 +207,27 @@ def size_jobs(study: Study, ev, base, size, seed: int, shapes: dict, out: Path, 
             if n_steps > ev.max_steps.get(sampler, 10**9):
                 continue
             for g in ev.guidance:
-                jobs.append(eval_job(f"{sampler} {n_steps} step{'s' * (n_steps != 1)} g{g:g}", sampler, n_steps, g, steps))
+                jobs.append(
+                    eval_job(f"{sampler} {n_steps} step{'s' * (n_steps != 1)} g{g:g}", sampler, n_steps, g, steps)
+                )
             if first and ev.agreement_metric and n_steps in ev.agreement_steps and sampler == ev.samplers[0]:
-                jobs.append(eval_job(f"{sampler} {n_steps} step{'s' * (n_steps != 1)} g{ev.guidance[0]:g}, {ev.agreement_metric} "
-                                     "agreement", sampler, n_steps, ev.guidance[0], steps, agreement=True))
+                jobs.append(
+                    eval_job(
+                        f"{sampler} {n_steps} step{'s' * (n_steps != 1)} g{ev.guidance[0]:g}, {ev.agreement_metric} "
+                        "agreement",
+                        sampler,
+                        n_steps,
+                        ev.guidance[0],
+                        steps,
+                        agreement=True,
+                    )
+                )
     for tname, task in study.tasks.items():
         if task.sizes and size.name not in {parse_size(t).name for t in task.sizes}:
             continue
-        jobs += task_jobs(tname, task, study, base, run, out / "tasks" / tname / run_name(size.name, seed), fwd, clf_dir,
-                              progress)
+        jobs += task_jobs(
+            tname, task, study, base, run, out / "tasks" / tname / run_name(size.name, seed), fwd, clf_dir, progress
+        )
     return jobs
 
 
@@ -194,94 +259,9 @@ def curve_checkpoints(steps: int, points: int, spacing: str = "log") -> tuple[in
     return tuple(sorted({max(1, round(first * (steps / first) ** (k / max(1, points - 1)))) for k in range(points)}))
 
 
-def study_results(out: Path, study: Study) -> tuple[list[dict], int]:
-    """The results table of a study as it is now: a row per eval result of a job it plans. Results of jobs no longer
-    in it (a setting changed) stay on disk but are left out; how many is the second value."""
-    out = Path(out).resolve()
-    wanted = {_result_key(Path(j.config["run"]).relative_to(out), _relative({k: v for k, v in j.config.items()
-                                                                             if k != "run"}, str(out)))
-              for j in plan_jobs(study, out) if j.kind in ("eval", "task-eval")}
-    rows = collect(out)
-    if not rows and (out / "results.csv").exists():  # the runs are elsewhere (or gone): the table they made stays
-        note(f"no evaluation results under {out}/runs: reading {out}/results.csv as written by the last study run")
-        return read_csv(out / "results.csv"), 0
-    mine = [r for r in rows if r.pop("_key") in wanted]
-    return mine, len(rows) - len(mine)
-
-
-def _result_key(run: Path, config: dict) -> str:
-    return f"{run}:{json.dumps(config, sort_keys=True)}"
-
-
-def _relative(config: dict, root: str) -> dict:
-    """The config with paths inside the study folder written relative to it (a moved study keeps its results)."""
-    return {k: "{study}" + v[len(root):] if isinstance(v, str) and (v == root or v.startswith(root + "/")) else v
-            for k, v in config.items()}
-
-
-def collect(out: Path) -> list[dict]:
-    """One flat row per eval result under the folder (metrics as columns), whichever job wrote it."""
-    rows, seeds = [], {}
-    out = Path(out)
-    for path in sorted(out.glob("**/eval/*.json")):
-        try:
-            r = read_json(path, "eval result")
-        except ValueError as e:  # the next `study run` evaluates it again
-            note(f"{e}; left out of the results (the next `ldmscale study run` evaluates it again)")
-            continue
-        row = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
-        row.update(r.get("metrics", {}))
-        row["file"] = str(path.relative_to(out))
-        row.setdefault("task", Kind.TEXT_TO_IMAGE)
-        if row.get("train_seed") is None:  # results written before seeds were recorded: the run's config says
-            run = path.parent.parent
-            if run not in seeds:
-                cfg = run / "config.json"
-                seeds[run] = int(json.loads(cfg.read_text())["train"].get("seed", 0)) if cfg.exists() else 0
-            row["train_seed"] = seeds[run]
-        rel = path.parent.parent.relative_to(out)
-        root = str(r.get("run", ""))  # where the study folder was when this result was written
-        root = root[: -len(str(rel)) - 1] if root.endswith("/" + str(rel)) else str(out.resolve())
-        row["_key"] = _result_key(rel, _relative(r.get("config", {}), root))
-        if row.get("executed_cost") is None and row.get("model_calls_per_image") is not None:
-            row["executed_cost"] = float(row["norm_cost"]) * float(row["model_calls_per_image"])
-        rows.append(row)
-    return rows
-
-
-def read_csv(path: Path) -> list[dict]:
-    """results.csv back as rows: empty cells None, numbers and booleans as written by write_csv."""
-
-    def value(v: str):
-        if v == "":
-            return None
-        if v in ("True", "False"):
-            return v == "True"
-        for cast in (int, float):
-            try:
-                return cast(v)
-            except ValueError:
-                pass
-        return v
-
-    with open(path, newline="") as f:
-        return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run: Path, fwd: int, clf_dir: str,
-              progress: bool) -> list[Job]:
+def task_jobs(
+    name: str, task: TaskSection, study: Study, base, init: Path, run: Path, fwd: int, clf_dir: str, progress: bool
+) -> list[Job]:
     """Fine-tune (or distill) one trained size for a task, then evaluate it over the task's grid."""
     from ldmscale.eval.evaluate import evaluate, result_path
 
@@ -290,23 +270,44 @@ def task_jobs(name: str, task: TaskSection, study: Study, base, init: Path, run:
         built = kind.build(task, study, ev, base, init, run, progress)
     except UserError as e:
         raise UserError(f"[tasks.{name}]: {e}") from None
-    jobs = [Job(kind.job_kind, f"{name} {init.name}",
-                {"task": name, "images": built.images} | to_dict(built.cfg) | {"train": to_dict(built.train)}, built.run,
-                cost_flops=kind.forward_passes * built.images * fwd)]
+    jobs = [
+        Job(
+            kind.job_kind,
+            f"{name} {init.name}",
+            {"task": name, "images": built.images} | to_dict(built.cfg) | {"train": to_dict(built.train)},
+            built.run,
+            cost_flops=kind.forward_passes * built.images * fwd,
+        )
+    ]
     metrics = tuple(task.metrics or built.metrics)
     registry.check_metrics(metrics, task.kind, f"[tasks.{name}]", clip=ev.clip, lpips=ev.lpips)
-    samplers, steps, guidance = (task.samplers or built.grid[0], task.steps or built.grid[1],
-                                 task.guidance or built.grid[2])
+    samplers, steps, guidance = (
+        task.samplers or built.grid[0],
+        task.steps or built.grid[1],
+        task.guidance or built.grid[2],
+    )
     for sampler in samplers:
         for n_steps in steps:
             for g in guidance:
-                e_cfg = eval_config(ev, clf_dir, sampler=sampler, steps=n_steps, guidance=g,
-                                    num_images=task.num_images or ev.num_images, metrics=metrics)
+                e_cfg = eval_config(
+                    ev,
+                    clf_dir,
+                    sampler=sampler,
+                    steps=n_steps,
+                    guidance=g,
+                    num_images=task.num_images or ev.num_images,
+                    metrics=metrics,
+                )
                 calls = model_calls(sampler, n_steps, g, guidance_embedded=not kind.guidance_doubles_calls)
-                jobs.append(Job("task-eval", f"eval {name} {init.name} {sampler} {n_steps} step{'s' * (n_steps != 1)} "
-                                f"g{g:g}", to_dict(e_cfg) | {"run": str(run)},
-                                lambda c=e_cfg: result_path(run, evaluate(run, c, progress=False)),
-                                cost_flops=e_cfg.num_images * calls * fwd))
+                jobs.append(
+                    Job(
+                        "task-eval",
+                        f"eval {name} {init.name} {sampler} {n_steps} step{'s' * (n_steps != 1)} g{g:g}",
+                        to_dict(e_cfg) | {"run": str(run)},
+                        lambda c=e_cfg: result_path(run, evaluate(run, c, progress=False)),
+                        cost_flops=e_cfg.num_images * calls * fwd,
+                    )
+                )
     return jobs
 
 
@@ -315,8 +316,11 @@ def frechet_dims(study: Study) -> dict[str, int]:
 
     ev = study_eval(study)
     clf = Path(ev.classifier) / "classifier.json" if ev.classifier else None
-    clf_dim = (json.loads(clf.read_text())["config"]["feature_dim"] if clf is not None and clf.exists() else
-               from_dict(ClassifierConfig, {"source": study.data.source} | dict(study.classifier)).feature_dim)
+    clf_dim = (
+        json.loads(clf.read_text())["config"]["feature_dim"]
+        if clf is not None and clf.exists()
+        else from_dict(ClassifierConfig, {"source": study.data.source} | dict(study.classifier)).feature_dim
+    )
     return {"fid": 2048, "fd-classifier": clf_dim}
 
 
@@ -329,6 +333,9 @@ def sample_size_warnings(study: Study) -> list[str]:
     points = [(m, ev.num_images, "") for m in ev.metrics if m in dims]
     if ev.agreement_metric in dims:
         points.append((ev.agreement_metric, ev.agreement_images or ev.num_images, " (the metric check)"))
-    return [f"{m} on {n} images a point{why}: fewer than its {dims[m]} feature dimensions, so the distance is biased "
-            "upward and its noise understated; points compare at equal image counts, absolute values do not"
-            for m, n, why in points if n < dims[m]]
+    return [
+        f"{m} on {n} images a point{why}: fewer than its {dims[m]} feature dimensions, so the distance is biased "
+        "upward and its noise understated; points compare at equal image counts, absolute values do not"
+        for m, n, why in points
+        if n < dims[m]
+    ]

@@ -89,8 +89,12 @@ class TaskSection(Config):
     # DistillConfig: tasks/config.py) or of its training loop (TrainConfig), by key, as a verb's --set
     train_set: dict[str, str] = field(default_factory=dict)  # TrainConfig overrides only
     samplers: tuple[str, ...] = ()  # default: lcm (consistency), ddim (others)
-    steps: tuple[Annotated[int, Range(1, 1000)], ...] = ()  # default: 1, 2, 4, 8 (consistency), the final round (progressive), [eval] steps
-    guidance: tuple[Annotated[float, Range(0.0, 100.0)], ...] = ()  # default: 1 (super-resolution, no guidance, as the paper), else [eval] guidance
+    steps: tuple[
+        Annotated[int, Range(1, 1000)], ...
+    ] = ()  # default: 1, 2, 4, 8 (consistency), the final round (progressive), [eval] steps
+    guidance: tuple[
+        Annotated[float, Range(0.0, 100.0)], ...
+    ] = ()  # default: 1 (super-resolution, no guidance, as the paper), else [eval] guidance
     metrics: tuple[str, ...] = ()  # default: psnr, ssim + [eval] Frechet metrics (SR), [eval] metrics otherwise
     num_images: Annotated[int, Range(0, 10**7)] = 0  # default: [eval] num_images
     sizes: tuple[str, ...] = ()  # the trained sizes this task applies to (default: all of [train] sizes)
@@ -105,7 +109,9 @@ class Study:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     tasks: dict[str, TaskSection] = field(default_factory=dict)  # downstream tasks and distillation, by name
-    cluster: dict[str, object] = field(default_factory=dict)  # submitit parameters (slurm_partition, gpus_per_node, ...)
+    cluster: dict[str, object] = field(
+        default_factory=dict
+    )  # submitit parameters (slurm_partition, gpus_per_node, ...)
 
 
 def read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -146,6 +152,7 @@ def load_study(path: str | Path) -> Study:
 
     path = Path(path)
     raw = read_toml(path)
+
     def strings(d):
         return {k: json.dumps(v) if not isinstance(v, str) else v for k, v in d.items()} if isinstance(d, dict) else d
 
@@ -162,13 +169,21 @@ def load_study(path: str | Path) -> Study:
 
     train_cfg = apply_overrides(TrainConfig(), [f"{k}={v}" for k, v in study.train.set.items()])
     if not study.train.seeds or len(set(study.train.seeds)) != len(study.train.seeds):
-        raise UserError(f"{path.name}: [train] seeds must be a non-empty list of distinct seeds, got "
-                        f"{list(study.train.seeds)}")
+        raise UserError(
+            f"{path.name}: [train] seeds must be a non-empty list of distinct seeds, got {list(study.train.seeds)}"
+        )
     names = {parse_size(x).name for x in study.train.sizes}
     for a, b in study.train.match_compute.items():
-        if parse_size(a).name not in names or parse_size(b).name not in names or a == b or b in study.train.match_compute:
-            raise UserError(f"{path.name}: [train] match_compute {{{a} = {b!r}}} must pair two different [train] sizes, "
-                            "the second trained to the study's budget")
+        if (
+            parse_size(a).name not in names
+            or parse_size(b).name not in names
+            or a == b
+            or b in study.train.match_compute
+        ):
+            raise UserError(
+                f"{path.name}: [train] match_compute {{{a} = {b!r}}} must pair two different [train] sizes, "
+                "the second trained to the study's budget"
+            )
     if "seed" in study.train.set:
         raise UserError(f"{path.name}: give training seeds as [train] seeds = [...], not [train.set] seed")
     for s in study.train.sizes:
@@ -188,8 +203,13 @@ def load_study(path: str | Path) -> Study:
     if ev.primary not in ev.metrics:
         raise UserError(f"{path.name}: primary metric {ev.primary!r} is not among [eval] metrics")
     if ev.agreement_metric:
-        registry.check_metrics([ev.agreement_metric], Kind.TEXT_TO_IMAGE, f"{path.name} [eval] agreement_metric",
-                               clip=ev.clip, lpips=ev.lpips)
+        registry.check_metrics(
+            [ev.agreement_metric],
+            Kind.TEXT_TO_IMAGE,
+            f"{path.name} [eval] agreement_metric",
+            clip=ev.clip,
+            lpips=ev.lpips,
+        )
         if ev.agreement_metric in ev.metrics:
             raise UserError(f"{path.name}: agreement_metric {ev.agreement_metric!r} is already in [eval] metrics")
         missing = [st for st in ev.agreement_steps if st not in ev.steps]
@@ -197,21 +217,27 @@ def load_study(path: str | Path) -> Study:
             raise UserError(f"{path.name}: agreement_steps must be a non-empty subset of [eval] steps")
     for tname, task in study.tasks.items():
         if task.metrics:
-            registry.check_metrics(task.metrics, task.kind, f"{path.name} [tasks.{tname}]", clip=ev.clip, lpips=ev.lpips)
+            registry.check_metrics(
+                task.metrics, task.kind, f"{path.name} [tasks.{tname}]", clip=ev.clip, lpips=ev.lpips
+            )
         for t in task.sizes:
             if parse_size(t).name not in {parse_size(x).name for x in study.train.sizes}:
                 raise UserError(f"{path.name}: [tasks.{tname}] size {t!r} is not among [train] sizes")
     if not 1 <= study.data.context_len <= 512:
         raise UserError(f"{path.name}: [data] context_len must be between 1 and 512, got {study.data.context_len}")
     if study.train.budget == "compute" and study.train.flops <= 0:
-        raise UserError(f"{path.name}: budget = \"compute\" needs [train] flops > 0")
+        raise UserError(f'{path.name}: budget = "compute" needs [train] flops > 0')
     if study.train.budget == "isoflop":
         if len(set(study.train.budgets)) < 3 or len(study.train.sizes) < 3:
-            raise UserError(f"{path.name}: budget = \"isoflop\" needs 3 or more [train] budgets (two to fit the laws, "
-                            "the largest to check them) and 3 or more sizes (a parabola per budget)")
+            raise UserError(
+                f'{path.name}: budget = "isoflop" needs 3 or more [train] budgets (two to fit the laws, '
+                "the largest to check them) and 3 or more sizes (a parabola per budget)"
+            )
         if train_cfg.lr_schedule != "constant":
-            raise UserError(f"{path.name}: budget = \"isoflop\" reads every budget off one run per size, which needs "
-                            "lr_schedule = \"constant\" (a cosine schedule is planned for one length)")
+            raise UserError(
+                f'{path.name}: budget = "isoflop" reads every budget off one run per size, which needs '
+                'lr_schedule = "constant" (a cosine schedule is planned for one length)'
+            )
     from ldmscale.diffusion.schedulers import check_sampler_fits
 
     for smp in sorted({*ev.samplers, ev.curve_sampler}):

@@ -79,8 +79,10 @@ def _config_of(ckpt: Path) -> dict | None:
 def _eval_results(folder: Path, rep: Report, repair: bool) -> None:
     for p in sorted(folder.glob("*.json")):
         if rep.check(p, integrity.json_damage(p)) and repair:
-            rep.repaired.append(f"{p}: moved to {integrity.set_aside(p, folder / 'damaged')} (evaluated again by the "
-                                "next eval or study run)")
+            rep.repaired.append(
+                f"{p}: moved to {integrity.set_aside(p, folder / 'damaged')} (evaluated again by the "
+                "next eval or study run)"
+            )
 
 
 def _cache(cache: Path, rep: Report, repair: bool) -> None:
@@ -97,8 +99,10 @@ def _cache(cache: Path, rep: Report, repair: bool) -> None:
         try:
             settings = integrity.read_json(cache / "prepare.json", "cache settings")
         except (ValueError, OSError):
-            raise UserError(f"cache {cache}: prepare.json is damaged or missing, so the cache's settings are unknown; "
-                            "prepare a new cache") from None
+            raise UserError(
+                f"cache {cache}: prepare.json is damaged or missing, so the cache's settings are unknown; "
+                "prepare a new cache"
+            ) from None
         prepare(from_dict(PrepareConfig, settings), cache)
         rep.repaired.append(f"{cache}: {len(bad)} damaged file(s) encoded again")
 
@@ -111,8 +115,10 @@ def _study(study: Path, rep: Report, repair: bool) -> None:
                 if rep.check(out, what) and repair and out.exists():
                     rep.repaired.append(f"{out}: moved to {integrity.set_aside(out, out.parent / 'damaged')}")
             if rep.check(rec, why or (f"its output {bad[0][0]} is damaged" if bad else "")) and repair:
-                rep.repaired.append(f"{rec}: moved to {integrity.set_aside(rec, rec.parent / 'damaged')} (the next "
-                                    "study run runs the job again)")
+                rep.repaired.append(
+                    f"{rec}: moved to {integrity.set_aside(rec, rec.parent / 'damaged')} (the next "
+                    "study run runs the job again)"
+                )
         for sub in ("autoencoder", "classifier"):
             if (study / sub).is_dir():
                 _folder(study / sub, rep, repair)

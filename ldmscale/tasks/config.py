@@ -53,9 +53,17 @@ class DreamBoothConfig(Config):
 class DistillConfig(Config):
     # the training-loop settings a distillation starts from, not the teacher's (its data, size and seed are; the
     # target network's ema_decay is set by method: 0.95 for consistency, none for progressive)
-    train_defaults: ClassVar[dict] = {"lr": 2e-4, "batch_size": 64, "warmup_steps": 0,
-                                      "weight_decay": 0.0, "cfg_dropout": 0.0, "lr_schedule": "constant",
-                                      "ema_warmup": False, "checkpoint_every": 0, "keep": 2}
+    train_defaults: ClassVar[dict] = {
+        "lr": 2e-4,
+        "batch_size": 64,
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "cfg_dropout": 0.0,
+        "lr_schedule": "constant",
+        "ema_warmup": False,
+        "checkpoint_every": 0,
+        "keep": 2,
+    }
     default_images: ClassVar[int] = 20_000  # training images (per halving round for progressive)
 
     teacher: str = ""  # text-to-image run directory
@@ -66,7 +74,9 @@ class DistillConfig(Config):
     w_max: Annotated[float, Range(1.0, 100.0)] = 4.0  # its upper end
     loss: Literal["huber", "l2"] = "huber"  # consistency: pseudo-Huber (LCM's option) or MSE
     huber_c: Annotated[float, Range(0.0, 10.0, lo_open=True)] = 0.001  # the pseudo-Huber constant
-    loss_space: Literal["eps", "x0"] = "eps"  # compare f's outputs in noise units (x0 error x sqrt(SNR): every t pulls alike) or x0 units
+    loss_space: Literal["eps", "x0"] = (
+        "eps"  # compare f's outputs in noise units (x0 error x sqrt(SNR): every t pulls alike) or x0 units
+    )
     solver_steps: Annotated[int, Range(1, 1000)] = 10  # grid of the skipping-step DDIM solver (LCM uses 50; 10 learns
     # faster on a small budget: 1-step FD 139.6 vs 153.4 at c16); `lcm` sampling then steps on this grid
     start_steps: Annotated[int, Range(2, 1000)] = 8  # teacher steps of the first round (progressive); 1000 /
@@ -80,10 +90,13 @@ class DistillConfig(Config):
         super().__post_init__()
         if self.w_min > self.w_max:
             raise UserError(f"w_min ({self.w_min}) must not exceed w_max ({self.w_max})")
-        if self.method == "progressive" and (1000 % self.start_steps or self.start_steps <= self.final_steps
-                                             or self.start_steps % self.final_steps):
-            raise UserError(f"progressive distillation needs start_steps dividing 1000 and halving down to final_steps "
-                            f"(got {self.start_steps} -> {self.final_steps})")
+        if self.method == "progressive" and (
+            1000 % self.start_steps or self.start_steps <= self.final_steps or self.start_steps % self.final_steps
+        ):
+            raise UserError(
+                f"progressive distillation needs start_steps dividing 1000 and halving down to final_steps "
+                f"(got {self.start_steps} -> {self.final_steps})"
+            )
 
     @property
     def rounds(self) -> list[int]:

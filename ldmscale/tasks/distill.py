@@ -32,9 +32,11 @@ from ldmscale.errors import UserError
 from ldmscale.names import Kind
 from ldmscale.tasks.config import DistillConfig, task_train_config
 from ldmscale.train.config import TrainConfig
-from ldmscale.train.loop import Task, check_continuation, train
+from ldmscale.train.loop import train
+from ldmscale.train.run import Task, check_continuation
 
 SIGMA_DATA, TIMESTEP_SCALING = 0.5, 10.0  # LCM's boundary-condition constants (also diffusers' LCMScheduler)
+
 
 def scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LCM's c_skip, c_out: c_skip(0) = 1 and c_out(0) = 0, so the consistency function is the identity at t = 0."""
@@ -90,8 +92,9 @@ def student_init(teacher_weights: dict, cfg_unet: dict) -> dict:
 class _Distillation:
     """What both objectives share: the frozen teacher, the guidance scale drawn per sample and embedded."""
 
-    def __init__(self, cfg: DistillConfig, teacher_unet: dict, teacher_weights: dict, student_unet: dict,
-                 per_round: int):
+    def __init__(
+        self, cfg: DistillConfig, teacher_unet: dict, teacher_weights: dict, student_unet: dict, per_round: int
+    ):
         self.cfg, self.teacher_unet, self.teacher_weights = cfg, teacher_unet, teacher_weights
         self.student_unet, self.per_round, self.rounds = student_unet, per_round, len(cfg.rounds)
 
@@ -235,28 +238,44 @@ def distill_task(cfg: DistillConfig, images_per_round: int):
         teacher_ckpt = checkpoint.resolve(Path(cfg.teacher), cfg.checkpoint)
         tconf = checkpoint.read_run_config(cfg.teacher)
         if tconf.get("kind") != Kind.TEXT_TO_IMAGE or tconf.get("distilled"):
-            raise UserError(f"teacher {cfg.teacher} is a {'distilled ' if tconf.get('distilled') else ''}"
-                            f"{tconf.get('kind')} run; distillation needs an undistilled text-to-image run")
+            raise UserError(
+                f"teacher {cfg.teacher} is a {'distilled ' if tconf.get('distilled') else ''}"
+                f"{tconf.get('kind')} run; distillation needs an undistilled text-to-image run"
+            )
         if "unet" not in tconf or tconf["train"].get("prediction") == "flow":
-            raise UserError(f"teacher {cfg.teacher}: distillation (LCM, progressive) is implemented for UNet teachers "
-                            "trained on the DDPM objective")
+            raise UserError(
+                f"teacher {cfg.teacher}: distillation (LCM, progressive) is implemented for UNet teachers "
+                "trained on the DDPM objective"
+            )
         if tcfg.fsdp:
             raise UserError("fsdp shards pretraining; distillation keeps a full teacher and target per process")
         rounds = cfg.rounds
         per_round = math.ceil(images_per_round / tcfg.batch_size)
-        resolved = dict(tconf, distilled=True, kind=Kind.TEXT_TO_IMAGE, unet=student_config(tconf["unet"], cfg.cond_dim))
-        resolved["task"] = {"distill": to_dict(cfg) | {"teacher": str(Path(cfg.teacher).resolve()),
-                                                       "images_per_round": images_per_round}}
+        resolved = dict(
+            tconf, distilled=True, kind=Kind.TEXT_TO_IMAGE, unet=student_config(tconf["unet"], cfg.cond_dim)
+        )
+        resolved["task"] = {
+            "distill": to_dict(cfg)
+            | {"teacher": str(Path(cfg.teacher).resolve()), "images_per_round": images_per_round}
+        }
         resolved["init"] = {"run": str(Path(cfg.teacher).resolve()), "checkpoint": teacher_ckpt.name}
         resolved["train"] = to_dict(tcfg) | {"size": tconf["train"]["size"], "data": tconf["train"]["data"]}
-        resolved["sampling"] = ({"sampler": "lcm", "steps": [1, 2, 4, 8]} if cfg.method == "consistency"
-                                else {"sampler": "ddim", "steps": [rounds[-1]]})
+        resolved["sampling"] = (
+            {"sampler": "lcm", "steps": [1, 2, 4, 8]}
+            if cfg.method == "consistency"
+            else {"sampler": "ddim", "steps": [rounds[-1]]}
+        )
         check_continuation(run, resolved)
         weights = checkpoint.load_weights(teacher_ckpt, "ema")
-        objective = (Consistency if cfg.method == "consistency" else Progressive)(cfg, tconf["unet"], weights,
-                                                                                  resolved["unet"], per_round)
-        return Task(resolved, LatentCache(tconf["train"]["data"], "train"), objective,
-                    init=student_init(weights, resolved["unet"]))
+        objective = (Consistency if cfg.method == "consistency" else Progressive)(
+            cfg, tconf["unet"], weights, resolved["unet"], per_round
+        )
+        return Task(
+            resolved,
+            LatentCache(tconf["train"]["data"], "train"),
+            objective,
+            init=student_init(weights, resolved["unet"]),
+        )
 
     return make
 
@@ -269,8 +288,9 @@ def configs(teacher: str, method: str, overrides: list[str] | tuple[str, ...], b
     routed = route_overrides({"task": DistillConfig, "train": TrainConfig}, overrides)
     dcfg = apply_overrides(DistillConfig(teacher=str(teacher), method=method), routed["task"])
     init_train = base if base is not None else checkpoint.read_run_config(teacher)["train"]
-    tcfg = task_train_config(DistillConfig, init_train, routed["train"],
-                             ema_decay=0.95 if method == "consistency" else 0.0)
+    tcfg = task_train_config(
+        DistillConfig, init_train, routed["train"], ema_decay=0.95 if method == "consistency" else 0.0
+    )
     return dcfg, tcfg
 
 
@@ -281,7 +301,10 @@ def distill(cfg: DistillConfig, train_cfg, out: str | Path, images_per_round: in
     rounds = len(cfg.rounds)
     per_round = math.ceil(images_per_round / train_cfg.batch_size)
     ends = tuple(per_round * (r + 1) for r in range(rounds))
-    train_cfg = dataclasses.replace(train_cfg, images=per_round * rounds * train_cfg.batch_size,
-                                    checkpoint_at=tuple(sorted(set(train_cfg.checkpoint_at) | set(ends[:-1]))))
+    train_cfg = dataclasses.replace(
+        train_cfg,
+        images=per_round * rounds * train_cfg.batch_size,
+        checkpoint_at=tuple(sorted(set(train_cfg.checkpoint_at) | set(ends[:-1]))),
+    )
     r = train(train_cfg, out, progress, make_task=distill_task(cfg, images_per_round))
     return r | {"rounds": cfg.rounds}

@@ -70,9 +70,18 @@ class DreamBoothData:
         priors = []
         for i in range(0, self.k, 64):  # class priors straight in latent space: nothing to decode
             n = min(64, self.k - i)
-            priors.append(generate_latents(model.unet, make_sampler(cfg.prior_sampler, model.prediction), cfg.prior_steps,
-                                           cond[:1].expand(n, -1, -1), uncond, cfg.prior_guidance, gens[i:i + n],
-                                           model.latent_shape))
+            priors.append(
+                generate_latents(
+                    model.unet,
+                    make_sampler(cfg.prior_sampler, model.prediction),
+                    cfg.prior_steps,
+                    cond[:1].expand(n, -1, -1),
+                    uncond,
+                    cfg.prior_guidance,
+                    gens[i : i + n],
+                    model.latent_shape,
+                )
+            )
         self.priors = torch.cat(priors).cpu() if priors else torch.zeros(0, *model.latent_shape)
         self.empty_text = uncond[0]
         self.empty_mask = torch.ones(self.empty_text.shape[0], dtype=torch.bool)
@@ -98,12 +107,14 @@ class DreamBoothData:
 def dreambooth_task(db: DreamBoothConfig):
     from ldmscale import checkpoint
     from ldmscale.diffusion.generate import load_run
-    from ldmscale.train.loop import Task, check_continuation
+    from ldmscale.train.run import Task, check_continuation
 
     def make(cfg, run):
         model = load_run(db.init, db.checkpoint, "ema")
         if model.config.get("kind") != Kind.TEXT_TO_IMAGE:
-            raise UserError(f"--init {db.init} is a {model.config.get('kind')} run; DreamBooth starts from a text-to-image run")
+            raise UserError(
+                f"--init {db.init} is a {model.config.get('kind')} run; DreamBooth starts from a text-to-image run"
+            )
         check_sampling_args(db.prior_sampler, db.prior_steps, db.prior_guidance)
         check_sampler_fits(db.prior_sampler, model.prediction)
         check_same_objective(model.prediction, cfg)
@@ -111,14 +122,16 @@ def dreambooth_task(db: DreamBoothConfig):
             raise UserError("num_class_images must be positive")
         resolved = dict(model.config)
         resolved["kind"] = Kind.DREAMBOOTH
-        resolved["task"] = to_dict(db) | {"init": str(Path(db.init).resolve()), "subject": str(Path(db.subject).resolve()),
-                                          "instance_prompt": instance_prompt(db)}
+        resolved["task"] = to_dict(db) | {
+            "init": str(Path(db.init).resolve()),
+            "subject": str(Path(db.subject).resolve()),
+            "instance_prompt": instance_prompt(db),
+        }
         resolved["init"] = {"run": str(Path(db.init).resolve()), "checkpoint": model.ckpt.name}
         resolved["train"] = to_dict(cfg) | {"size": model.config["train"]["size"], "data": str(db.subject)}
         check_continuation(run, resolved)
         data = DreamBoothData(db, model)
-        return Task(resolved, data, objective_for(cfg),
-                    init=checkpoint.load_weights(model.ckpt, "ema"))
+        return Task(resolved, data, objective_for(cfg), init=checkpoint.load_weights(model.ckpt, "ema"))
 
     return make
 

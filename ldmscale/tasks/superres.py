@@ -39,8 +39,10 @@ def check_shapes(cfg: SRConfig, resolution: int, latent_side: int) -> None:
     if cfg.scale < 1 or resolution % cfg.scale:
         raise UserError(f"scale {cfg.scale} does not divide the run's resolution {resolution}")
     if cfg.condition == "pixels" and resolution // cfg.scale != latent_side:
-        raise UserError(f"pixel conditioning needs the low-resolution side ({resolution // cfg.scale}) to equal the "
-                        f"latent side ({latent_side}); use --set scale={resolution // latent_side} or condition=latent")
+        raise UserError(
+            f"pixel conditioning needs the low-resolution side ({resolution // cfg.scale}) to equal the "
+            f"latent side ({latent_side}); use --set scale={resolution // latent_side} or condition=latent"
+        )
 
 
 def condition(lr: torch.Tensor, cfg: SRConfig, vae, resolution: int, latent_side: int, seeds) -> torch.Tensor:
@@ -48,17 +50,23 @@ def condition(lr: torch.Tensor, cfg: SRConfig, vae, resolution: int, latent_side
     from ldmscale.images import to_float
 
     if lr.shape[-1] * cfg.scale != resolution:
-        raise UserError(f"low-resolution inputs are {lr.shape[-1]}px; this model upsamples {resolution // cfg.scale}px "
-                        f"by {cfg.scale} to {resolution}px")
+        raise UserError(
+            f"low-resolution inputs are {lr.shape[-1]}px; this model upsamples {resolution // cfg.scale}px "
+            f"by {cfg.scale} to {resolution}px"
+        )
     if cfg.condition == "pixels":
         c = to_float(lr)
     else:
         from ldmscale.data.autoencoder import encode
 
-        mean, _ = encode(vae, to_float(resize(lr, resolution, "bicubic")))  # on the autoencoder's device, back on the CPU
+        mean, _ = encode(
+            vae, to_float(resize(lr, resolution, "bicubic"))
+        )  # on the autoencoder's device, back on the CPU
         c = mean * float(vae.config.scaling_factor)
     if cfg.noise_aug > 0:
-        noise = torch.stack([torch.randn(c.shape[1:], generator=torch.Generator().manual_seed(int(s) + 7)) for s in seeds])
+        noise = torch.stack(
+            [torch.randn(c.shape[1:], generator=torch.Generator().manual_seed(int(s) + 7)) for s in seeds]
+        )
         c = c + cfg.noise_aug * noise
     return c
 
@@ -108,15 +116,20 @@ def sr_task(sr: SRConfig):
     """A make_task for train.train: the widened init model on super-resolution data."""
     from ldmscale import checkpoint
     from ldmscale.diffusion.generate import load_run
-    from ldmscale.train.loop import check_continuation
+    from ldmscale.train.run import check_continuation
 
     def make(cfg, run):
         model = load_run(sr.init, sr.checkpoint, "ema")
         if model.config.get("kind") != Kind.TEXT_TO_IMAGE:
-            raise UserError(f"--init {sr.init} is a {model.config.get('kind')} run; super-resolution starts from a text-to-image run")
+            raise UserError(
+                f"--init {sr.init} is a {model.config.get('kind')} run; super-resolution starts from a "
+                "text-to-image run"
+            )
         if "unet" not in model.config:
-            raise UserError(f"--init {sr.init} is a {model.config.get('backbone')} run; super-resolution widens a UNet's "
-                            "input convolution (UNet runs only in this version)")
+            raise UserError(
+                f"--init {sr.init} is a {model.config.get('backbone')} run; super-resolution widens a UNet's "
+                "input convolution (UNet runs only in this version)"
+            )
         check_same_objective(model.prediction, cfg)
         c, h, _ = model.latent_shape
         resolution, channels = int(model.config["data"]["resolution"]), int(model.config["data"]["channels"])
@@ -128,12 +141,23 @@ def sr_task(sr: SRConfig):
         resolved["init"] = {"run": str(Path(sr.init).resolve()), "checkpoint": model.ckpt.name}
         resolved["unet"] = dict(model.config["unet"], in_channels=c + extra)
         resolved["train"] = to_dict(cfg) | {"size": model.config["train"]["size"], "data": sr.data}
-        cost = flops.cost(parse_size(model.config["train"]["size"]), h, model.config["data"]["context_len"],
-                          model.config["data"]["context_dim"], c, extra)
-        resolved["accounting"] = dict(model.config["accounting"], params=cost.params, forward_flops=cost.flops,
-                                      gflops=cost.gflops, norm_cost=cost.norm_cost)
+        cost = flops.cost(
+            parse_size(model.config["train"]["size"]),
+            h,
+            model.config["data"]["context_len"],
+            model.config["data"]["context_dim"],
+            c,
+            extra,
+        )
+        resolved["accounting"] = dict(
+            model.config["accounting"],
+            params=cost.params,
+            forward_flops=cost.flops,
+            gflops=cost.gflops,
+            norm_cost=cost.norm_cost,
+        )
         check_continuation(run, resolved)
-        from ldmscale.train.loop import Task
+        from ldmscale.train.run import Task
 
         init = widen_conv_in(checkpoint.load_weights(model.ckpt, "ema"), extra)
         return Task(resolved, SRData(sr, model), objective_for(cfg), init=init)
@@ -149,8 +173,17 @@ def finetune_sr(sr: SRConfig, train_cfg, out: str | Path, progress: bool = True)
     return train(train_cfg, out, progress, make_task=sr_task(sr))
 
 
-def upscale(model, lr: torch.Tensor, prompts: list[str], seeds: list[int], sampler: str, steps: int,
-            guidance: float = 1.0, batch_size: int = 64, spacing: str = "leading") -> tuple[torch.Tensor, dict]:
+def upscale(
+    model,
+    lr: torch.Tensor,
+    prompts: list[str],
+    seeds: list[int],
+    sampler: str,
+    steps: int,
+    guidance: float = 1.0,
+    batch_size: int = 64,
+    spacing: str = "leading",
+) -> tuple[torch.Tensor, dict]:
     """Super-resolve uint8 low-resolution images with a super-resolution run."""
     from ldmscale.diffusion.generate import generate
 

@@ -17,11 +17,16 @@ class TrainConfig(Config):
     images: Positive = 200_000  # duration, in training images seen
     batch_size: Annotated[int, Range(1, 2**20)] = 64  # global batch (all processes, all accumulation steps)
     grad_accum: Annotated[int, Range(1, 2**16)] = 1  # gradient accumulation steps per optimizer step
-    lr: Annotated[float, Range(0.0, 10.0, lo_open=True)] = 1e-3  # learning rate (the paper: 1e-4 at batch 2048; tiny models take more)
+    lr: Annotated[float, Range(0.0, 10.0, lo_open=True)] = (
+        1e-3  # learning rate (the paper: 1e-4 at batch 2048; tiny models take more)
+    )
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine decays to 0 at `images` (cannot be extended)
     warmup_steps: NonNegative = 100  # linear lr warm-up, in optimizer steps
     weight_decay: Annotated[float, Range(0.0, 10.0)] = 0.01  # AdamW's decoupled weight decay
-    betas: tuple[Annotated[float, Range(0.0, 0.99999)], Annotated[float, Range(0.0, 0.99999999)]] = (0.9, 0.999)  # AdamW's betas
+    betas: tuple[Annotated[float, Range(0.0, 0.99999)], Annotated[float, Range(0.0, 0.99999999)]] = (
+        0.9,
+        0.999,
+    )  # AdamW's betas
     grad_clip: Annotated[float, Range(0.0, 1e6)] = 1.0  # gradient-norm clipping (0: none)
     ema_decay: Annotated[float, Range(0.0, 1.0)] = 0.999  # EMA of the weights (sampling uses the EMA by default)
     ema_warmup: bool = True  # diffusers' EMA warm-up: decay (1 + s) / (10 + s) until it reaches ema_decay

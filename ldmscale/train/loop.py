@@ -12,14 +12,12 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from ldmscale import checkpoint, integrity
-from ldmscale.config import from_dict, to_dict
 from ldmscale.device import accelerator_kwargs
 from ldmscale.errors import TrainingDiverged, UserError
 from ldmscale.io import (
@@ -32,12 +30,12 @@ from ldmscale.io import (
     read_jsonl,
 )
 from ldmscale.model import flops, fsdp
-from ldmscale.model.family import build_network, network_config, parse_size, size_spec
-from ldmscale.names import Kind
+from ldmscale.model.family import build_network
 from ldmscale.progress import bar
 from ldmscale.train import trackers
 from ldmscale.train.config import CONTINUABLE, TrainConfig  # noqa: F401  (re-exported)
 from ldmscale.train.objectives import Batch, Objective, TrainData, ValidationLoss, objective_for  # noqa: F401
+from ldmscale.train.run import Task, text_to_image_task
 
 if TYPE_CHECKING:  # heavy imports, for the annotations only
     from accelerate import Accelerator
@@ -51,84 +49,9 @@ def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
         epoch, off = divmod(pos, n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         take = min(batch - sum(len(o) for o in out), n - off)
-        out.append(perm[off:off + take])
+        out.append(perm[off : off + take])
         pos += take
     return torch.cat(out)
-
-
-def resolve_run(cfg: TrainConfig, run: Path) -> dict:
-    """The fully resolved config of a run; checks a continued run matches the one on disk."""
-
-    from ldmscale.data.cache import read_manifest
-
-    size = parse_size(cfg.size)
-    m = read_manifest(cfg.data)
-    c, h, _ = m["latent_shape"]
-    network = network_config(size, h, m["context_dim"], c)
-    cost = flops.cost(size, h, m["context_len"], m["context_dim"], c)
-    resolved = {
-        "kind": Kind.TEXT_TO_IMAGE,
-        "train": to_dict(cfg) | {"data": str(Path(cfg.data).resolve()), "size": size_spec(size)},
-        **network,
-        "data": {k: m[k] for k in ("source", "resolution", "channels", "latent_shape", "context_len", "context_dim",
-                                   "autoencoder", "text_encoder")},
-        "accounting": {"params": cost.params, "forward_flops": cost.flops, "gflops": cost.gflops,
-                       "norm_cost": cost.norm_cost, "flop_convention": flops.FLOP_CONVENTION},
-        "versions": {p: version(p) for p in ("ldmscale", "torch", "diffusers", "accelerate", "transformers")},
-    }
-    check_continuation(run, resolved)
-    return resolved
-
-
-def check_continuation(run: str | Path, resolved: dict) -> None:
-    """A run folder that exists must have been made with the same settings (bar CONTINUABLE ones)."""
-    path = Path(run) / "config.json"
-    if not path.exists():
-        return
-    try:
-        old = checkpoint.read_run_config(Path(run))
-    except UserError:
-        return  # a damaged config.json: the checkpoints carry the config; the loop rewrites this file
-    before, now = old.get("train", {}), resolved["train"]
-    if before.get("lr_schedule") == "cosine" and before.get("images") != now.get("images"):
-        # the cosine schedule is planned for the run's length: another length would jump the lr mid-run
-        raise UserError(f"{run} has a cosine lr schedule planned for {before.get('images'):,} images; it cannot be "
-                        f"extended or shortened to {now.get('images'):,}: start a new run (or use lr_schedule=constant, "
-                        "whose runs extend)")
-    diff = [k for k, v in resolved["train"].items() if k not in CONTINUABLE and old.get("train", {}).get(k) != v]
-    diff += [k for k in ("kind", "task", "init") if json.dumps(old.get(k), sort_keys=True) != json.dumps(resolved.get(k), sort_keys=True)]
-    if diff:
-        raise UserError(f"{run} is a run with other settings ({', '.join(diff)} differ); "
-                        "use a new --out or the same settings to continue it")
-
-
-@dataclass
-class Task:
-    """What the loop trains: the resolved run config, the data, the objective, and the initial weights of a
-    fine-tune or a student.
-
-    data (TrainData): batch(idx, latent_noise, seeds) -> (z, text, mask) or (z, text, mask, extra) where `extra` is
-    concatenated to the noisy latent at the UNet input (super-resolution).
-    preview: prompts for the sample grid logged to a tracker at each checkpoint (text-to-image runs)."""
-
-    resolved: dict
-    data: TrainData
-    objective: Objective | None = None
-    init: dict | None = None
-    preview: list[str] | None = None
-    validation: ValidationLoss | None = None  # the objective on fixed validation triples, at every checkpoint
-
-
-def text_to_image_task(cfg: TrainConfig, run: Path) -> Task:
-    from ldmscale.data.cache import LatentCache
-
-    data = LatentCache(cfg.data, "train")
-    prompts = list(dict.fromkeys(data.captions))[:4]
-    objective = objective_for(cfg)
-    val = None
-    if "validation" in data.manifest["splits"]:
-        val = ValidationLoss(LatentCache(cfg.data, "validation"), objective)
-    return Task(resolve_run(cfg, run), data, objective, preview=prompts, validation=val)
 
 
 def train(cfg: TrainConfig, run: str | Path, progress: bool = True, make_task=text_to_image_task) -> dict:
@@ -170,14 +93,23 @@ def loop(cfg: TrainConfig, run: Path, progress: bool, make_task) -> dict:
     if s.acc.is_main_process:  # written once everything is built: a run that fails to start leaves no config behind
         for w in warnings:
             integrity.note(f"warning: {w}")
-        machine = {"device": str(s.acc.device), "processes": s.acc.num_processes,
-                   "distributed": str(s.acc.distributed_type), "mixed_precision": cfg.mixed_precision}
+        machine = {
+            "device": str(s.acc.device),
+            "processes": s.acc.num_processes,
+            "distributed": str(s.acc.distributed_type),
+            "mixed_precision": cfg.mixed_precision,
+        }
         atomic_write_json(run / "config.json", s.task.resolved | {"machine": machine, "warnings": warnings})
     trackers.start(cfg, run, s)
     window = {"t": time.perf_counter(), "images": 0, "loss": 0.0, "n": 0}
     s.model.train()
-    with bar(total=s.total_steps, initial=s.start, desc=f"train {s.task.resolved['train']['size']}", unit="step",
-             enabled=progress and s.acc.is_main_process) as pbar:  # closed before a stopped run's one line
+    with bar(
+        total=s.total_steps,
+        initial=s.start,
+        desc=f"train {s.task.resolved['train']['size']}",
+        unit="step",
+        enabled=progress and s.acc.is_main_process,
+    ) as pbar:  # closed before a stopped run's one line
         for step in range(s.start, s.total_steps):
             loss = train_step(cfg, run, s, step)
             window["images"] += cfg.batch_size
@@ -189,20 +121,27 @@ def loop(cfg: TrainConfig, run: Path, progress: bool, make_task) -> dict:
             if done % s.ckpt_steps == 0 or done == s.total_steps or done in cfg.checkpoint_at:
                 save(cfg, run, s, done, loss)
     s.acc.end_training()
-    return ledger(cfg, s, max(s.start, s.total_steps), float("nan")) | {"run": str(run), "is_main": s.acc.is_main_process}
+    return ledger(cfg, s, max(s.start, s.total_steps), float("nan")) | {
+        "run": str(run),
+        "is_main": s.acc.is_main_process,
+    }
 
 
 def dead_settings(cfg: TrainConfig, total_steps: int) -> list[str]:
     """Settings that silently do nothing in a run this long: said at the start and kept in config.json."""
     out = []
     if cfg.warmup_steps >= total_steps:
-        out.append(f"warmup_steps={cfg.warmup_steps} is not shorter than the run ({total_steps} optimizer steps of "
-                   f"{cfg.batch_size} images): the learning rate never reaches lr={cfg.lr:g} (ends at "
-                   f"{total_steps / max(1, cfg.warmup_steps):.0%} of it); lower warmup_steps or train longer")
+        out.append(
+            f"warmup_steps={cfg.warmup_steps} is not shorter than the run ({total_steps} optimizer steps of "
+            f"{cfg.batch_size} images): the learning rate never reaches lr={cfg.lr:g} (ends at "
+            f"{total_steps / max(1, cfg.warmup_steps):.0%} of it); lower warmup_steps or train longer"
+        )
     late = [x for x in cfg.checkpoint_at if x > total_steps]
     if late:
-        out.append(f"checkpoint_at steps {', '.join(map(str, late))} are after the run's last step ({total_steps}): "
-                   "no checkpoint is written there")
+        out.append(
+            f"checkpoint_at steps {', '.join(map(str, late))} are after the run's last step ({total_steps}): "
+            "no checkpoint is written there"
+        )
     return out
 
 
@@ -212,11 +151,18 @@ def setup(cfg: TrainConfig, run: Path, make_task) -> State:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                      log_with=cfg.report_to or None, project_dir=str(run), **accelerator_kwargs())
+    acc = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=cfg.report_to or None,
+        project_dir=str(run),
+        **accelerator_kwargs(),
+    )
     world = acc.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise UserError(f"batch_size {cfg.batch_size} is not divisible by processes x grad_accum = {world * cfg.grad_accum}")
+        raise UserError(
+            f"batch_size {cfg.batch_size} is not divisible by processes x grad_accum = {world * cfg.grad_accum}"
+        )
     if cfg.fsdp and (world < 2 or cfg.grad_accum != 1):
         raise UserError("fsdp needs a launch with 2 or more processes and grad_accum = 1")
     task = make_task(cfg, run)
@@ -237,18 +183,30 @@ def setup(cfg: TrainConfig, run: Path, make_task) -> State:
     # foreach updates of sharded DTensors off CUDA spend ~35 s in the first step propagating shardings (a 2-process
     # c8 FSDP run on 2 CPU cores: 64 s with foreach, 32 s without); on GPUs foreach is the fast path
     foreach = not cfg.fsdp or acc.device.type == "cuda"
-    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=foreach,
-                   min_decay=0.0 if cfg.ema_warmup else cfg.ema_decay)  # no warm-up: a constant decay
+    ema = EMAModel(
+        model.parameters(), decay=cfg.ema_decay, foreach=foreach, min_decay=0.0 if cfg.ema_warmup else cfg.ema_decay
+    )  # no warm-up: a constant decay
     # fused AdamW on CPU and CUDA (1.07-1.10x at c16-c64 on 2 CPU cores, make bench); FSDP's sharded DTensors and
     # other devices take the foreach path
     fused = acc.device.type in ("cpu", "cuda") and not cfg.fsdp
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                            fused=fused, foreach=None if fused else foreach)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        fused=fused,
+        foreach=None if fused else foreach,
+    )
     total = math.ceil(cfg.images / cfg.batch_size)
     rounds = getattr(task.objective, "rounds", 1)  # progressive distillation restarts the cosine every round
     name = {"constant": "constant_with_warmup", "cosine": "cosine" if rounds == 1 else "cosine_with_restarts"}
-    sched = get_scheduler(name[cfg.lr_schedule], opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total,
-                          **({"num_cycles": rounds} if rounds > 1 and cfg.lr_schedule == "cosine" else {}))
+    sched = get_scheduler(
+        name[cfg.lr_schedule],
+        opt,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=total,
+        **({"num_cycles": rounds} if rounds > 1 and cfg.lr_schedule == "cosine" else {}),
+    )
     if not cfg.fsdp:
         model, opt = acc.prepare(model, opt)
     task.objective.setup(acc.unwrap_model(model), ema, acc.device)
@@ -276,8 +234,9 @@ def _load_resume_state(cfg: TrainConfig, s: State, last: Path) -> None:
     model = s.acc.unwrap_model(s.model)  # its weights were loaded in setup()
     state = checkpoint.load_optimizer(last)
     ema_state = dict(state["ema"])
-    ema_state["shadow_params"] = [fsdp.like(t, p).to(p.device) for t, p in zip(ema_state["shadow_params"],
-                                                                              model.parameters())]
+    ema_state["shadow_params"] = [
+        fsdp.like(t, p).to(p.device) for t, p in zip(ema_state["shadow_params"], model.parameters())
+    ]
     s.ema.load_state_dict(ema_state)
     if cfg.fsdp:
         fsdp.load_optimizer_state(model, s.opt, state["optimizer"])
@@ -309,10 +268,11 @@ def train_step(cfg: TrainConfig, run: Path, s: State, step: int) -> float:
         out = data.batch(idx[sel], latent_noise=latent_eps[sel] if cfg.latent_sample else None, seeds=seeds[sel])
         text = torch.where(drop[sel, None, None], empty[None], out[1])
         mask = torch.where(drop[sel, None], empty_mask[None], out[2])
-        b = Batch(out[0].to(dev), text.to(dev), mask.to(dev), out[3].to(dev) if len(out) > 3 else None,
-                  empty.to(dev))
-        with (contextlib.nullcontext() if cfg.fsdp else acc.accumulate(s.model)), \
-                (contextlib.nullcontext() if cfg.fsdp else acc.autocast()):
+        b = Batch(out[0].to(dev), text.to(dev), mask.to(dev), out[3].to(dev) if len(out) > 3 else None, empty.to(dev))
+        with (
+            contextlib.nullcontext() if cfg.fsdp else acc.accumulate(s.model),
+            contextlib.nullcontext() if cfg.fsdp else acc.autocast(),
+        ):
             loss = obj.loss(s.model, b, {k: v[sel].to(dev) for k, v in rand.items()}).mean()
             if cfg.fsdp:  # the sharded model reduces its own gradients; the mp policy does the casting
                 loss.backward()
@@ -329,7 +289,8 @@ def train_step(cfg: TrainConfig, run: Path, s: State, step: int) -> float:
             good = checkpoint.latest(run)
             raise TrainingDiverged(
                 f"loss is {mean_loss} at step {step + 1} (images seen {step * B}); stopped without saving; last "
-                f"good checkpoint: {good.name if good else 'none'}; try a lower lr")
+                f"good checkpoint: {good.name if good else 'none'}; try a lower lr"
+            )
     s.sched.step()
     s.ema.step(acc.unwrap_model(s.model).parameters())
     return mean_loss
@@ -341,18 +302,28 @@ def ledger(cfg: TrainConfig, s: State, step: int, loss: float) -> dict:
     fwd = s.task.resolved["accounting"]["forward_flops"]
     images = step * cfg.batch_size
     evals = s.task.objective.evals_until(step)
-    return {"step": step, "images_seen": images, "epoch": images / len(s.task.data), "loss": loss,
-            "gflops_per_sample": fwd / 1e9, "train_flops": evals * cfg.batch_size * fwd,
-            "network_evals_per_image": s.task.objective.evals(max(0, step - 1)),
-            "steps_x_gflops": flops.steps_x_gflops(step, fwd), "flop_convention": flops.FLOP_CONVENTION,
-            "seed": cfg.seed, "rng_note": "per-step generators seeded by (seed, step); no global RNG is used"}
+    return {
+        "step": step,
+        "images_seen": images,
+        "epoch": images / len(s.task.data),
+        "loss": loss,
+        "gflops_per_sample": fwd / 1e9,
+        "train_flops": evals * cfg.batch_size * fwd,
+        "network_evals_per_image": s.task.objective.evals(max(0, step - 1)),
+        "steps_x_gflops": flops.steps_x_gflops(step, fwd),
+        "flop_convention": flops.FLOP_CONVENTION,
+        "seed": cfg.seed,
+        "rng_note": "per-step generators seeded by (seed, step); no global RNG is used",
+    }
 
 
 def log(cfg: TrainConfig, run: Path, s: State, done: int, window: dict, pbar) -> None:
     dt = time.perf_counter() - window["t"]
-    rec = ledger(cfg, s, done, window["loss"] / window["n"]) | {"lr": s.sched.get_last_lr()[0],
-                                                                 "images_per_s": window["images"] / dt,
-                                                                 "time": time.time()}
+    rec = ledger(cfg, s, done, window["loss"] / window["n"]) | {
+        "lr": s.sched.get_last_lr()[0],
+        "images_per_s": window["images"] / dt,
+        "time": time.time(),
+    }
     pbar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}")
     if s.acc.is_main_process:
         append_jsonl(run / "metrics.jsonl", rec)
@@ -373,30 +344,30 @@ def save(cfg: TrainConfig, run: Path, s: State, step: int, loss: float) -> None:
     if acc.is_main_process and s.task.validation is not None and not cfg.fsdp:
         mean, se = s.task.validation(unwrapped, s.ema)
         val = {"val_loss": mean, "val_loss_std": se}
-        append_jsonl(run / "validation.jsonl", {"step": step, **val, "train_flops": ledger(
-            cfg, s, step, loss)["train_flops"], "time": time.time()})
+        append_jsonl(
+            run / "validation.jsonl",
+            {"step": step, **val, "train_flops": ledger(cfg, s, step, loss)["train_flops"], "time": time.time()},
+        )
     if acc.is_main_process:
         ema_model = dict(model)
         ema_model.update(zip([n for n, _ in unwrapped.named_parameters()], ema_state["shadow_params"]))
-        extra = {"optimizer": opt_state, "scheduler": s.sched.state_dict(), "ema": ema_state,
-                 "objective": s.task.objective.state_dict()}
-        checkpoint.save(run, step, s.task.resolved, model, ema_model, extra,
-                        ledger(cfg, s, step, loss) | val, cfg.keep,
-                        protect={f"step-{x:06d}" for x in cfg.checkpoint_at})
+        extra = {
+            "optimizer": opt_state,
+            "scheduler": s.sched.state_dict(),
+            "ema": ema_state,
+            "objective": s.task.objective.state_dict(),
+        }
+        checkpoint.save(
+            run,
+            step,
+            s.task.resolved,
+            model,
+            ema_model,
+            extra,
+            ledger(cfg, s, step, loss) | val,
+            cfg.keep,
+            protect={f"step-{x:06d}" for x in cfg.checkpoint_at},
+        )
         if cfg.report_to and s.task.preview:
             trackers.log_preview(cfg, s, step, ema_model)
     acc.wait_for_everyone()
-
-
-def load_train_config(path: str | Path) -> TrainConfig:
-    """A TrainConfig from a JSON file: the config itself or a run's config.json (its "train" section)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return from_dict(TrainConfig, data.get("train", data), where=path.name)

@@ -99,8 +99,10 @@ class Denoising(Pretraining):
         self.alphas = self.sched.alphas_cumprod.to(device)
 
     def draw(self, g: torch.Generator, n: int, shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
-        return {"noise": torch.randn(n, *shape, generator=g),
-                "t": torch.randint(0, self.sched.config.num_train_timesteps, (n,), generator=g)}
+        return {
+            "noise": torch.randn(n, *shape, generator=g),
+            "t": torch.randint(0, self.sched.config.num_train_timesteps, (n,), generator=g),
+        }
 
     def loss(self, model, b: Batch, rand: dict[str, torch.Tensor]) -> torch.Tensor:
         noise, t = rand["noise"], rand["t"]
@@ -109,8 +111,9 @@ class Denoising(Pretraining):
         if b.extra is not None:
             noisy = torch.cat([noisy, b.extra], dim=1)
         target = noise if self.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * b.z
-        pred = model(noisy, t, encoder_hidden_states=b.text,
-                     encoder_attention_mask=b.mask if self.text_mask else None).sample
+        pred = model(
+            noisy, t, encoder_hidden_states=b.text, encoder_attention_mask=b.mask if self.text_mask else None
+        ).sample
         per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
         if self.snr_gamma > 0:  # down-weight the easy, low-noise timesteps
             snr = (a / (1 - a)).flatten()
@@ -135,8 +138,12 @@ class RectifiedFlow(Pretraining):
         noisy = (1 - t) * b.z + t * noise
         if b.extra is not None:
             noisy = torch.cat([noisy, b.extra], dim=1)
-        pred = model(noisy, 1000 * t.flatten(), encoder_hidden_states=b.text,
-                     encoder_attention_mask=b.mask if self.text_mask else None).sample
+        pred = model(
+            noisy,
+            1000 * t.flatten(),
+            encoder_hidden_states=b.text,
+            encoder_attention_mask=b.mask if self.text_mask else None,
+        ).sample
         return (pred.float() - (noise - b.z)).pow(2).flatten(1).mean(1)
 
 
@@ -144,16 +151,20 @@ def check_same_objective(init_prediction: str, cfg: TrainConfig) -> None:
     """A fine-tune keeps its initial model's objective family: a flow model read as a noise predictor (or back)
     would train and sample silently wrong."""
     if (init_prediction == "flow") != (cfg.prediction == "flow"):
-        raise UserError(f"the initial run was trained with prediction={init_prediction}; fine-tune it with "
-                        f"--train-set prediction={init_prediction}, not {cfg.prediction}")
+        raise UserError(
+            f"the initial run was trained with prediction={init_prediction}; fine-tune it with "
+            f"--train-set prediction={init_prediction}, not {cfg.prediction}"
+        )
 
 
 def objective_for(cfg: TrainConfig):
     """The pretraining objective: DDPM noise (or v) prediction on SD's schedule, or SD3's rectified flow."""
     if cfg.prediction == "flow":
         if cfg.snr_gamma > 0:
-            raise UserError("snr_gamma (Min-SNR) weights the DDPM objective; the flow objective samples its timesteps "
-                            "logit-normally instead: set snr_gamma=0")
+            raise UserError(
+                "snr_gamma (Min-SNR) weights the DDPM objective; the flow objective samples its timesteps "
+                "logit-normally instead: set snr_gamma=0"
+            )
         return RectifiedFlow(cfg.text_mask)
     return Denoising(cfg.prediction, cfg.snr_gamma, cfg.text_mask)
 
@@ -185,8 +196,13 @@ class ValidationLoss:
             losses = []
             for i in range(0, len(self.z), self.batch_size):
                 sl = slice(i, i + self.batch_size)
-                b = Batch(self.z[sl].float().to(dev), self.text[sl].float().to(dev), self.mask[sl].to(dev), None,
-                          self.empty.to(dev))
+                b = Batch(
+                    self.z[sl].float().to(dev),
+                    self.text[sl].float().to(dev),
+                    self.mask[sl].to(dev),
+                    None,
+                    self.empty.to(dev),
+                )
                 losses.append(self.objective.loss(model, b, {k: v[sl].to(dev) for k, v in self.rand.items()}).double())
             per = torch.cat(losses).cpu()
             return float(per.mean()), float(per.std() / len(per) ** 0.5) if len(per) > 1 else 0.0

@@ -29,7 +29,9 @@ def start(cfg, run: Path, s) -> None:
 
         ids["wandb_id"] = uuid.uuid4().hex[:12]
         write(run / "tracker.json", ids)
-    init = {"wandb": {"id": ids.get("wandb_id"), "resume": "allow", "name": run.name}} if cfg.report_to == "wandb" else {}
+    init = (
+        {"wandb": {"id": ids.get("wandb_id"), "resume": "allow", "name": run.name}} if cfg.report_to == "wandb" else {}
+    )
     s.acc.init_trackers(cfg.project, config=flat_config(s.task.resolved), init_kwargs=init)
 
 
@@ -63,8 +65,16 @@ def log_preview(cfg, s, step: int, ema_weights: dict) -> None:
     cond, _ = text.encode(prompts)
     uncond, _ = text.encode([""])
     gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    lat = generate_latents(unet, make_sampler("flow-euler" if cfg.prediction == "flow" else "ddim", cfg.prediction), 20, cond, uncond, 3.0, gens,
-                           tuple(data["latent_shape"]))
+    lat = generate_latents(
+        unet,
+        make_sampler("flow-euler" if cfg.prediction == "flow" else "ddim", cfg.prediction),
+        20,
+        cond,
+        uncond,
+        3.0,
+        gens,
+        tuple(data["latent_shape"]),
+    )
     img = np.asarray(grid(to_uint8(decode(_vae(data["autoencoder"]["spec"], str(dev)), lat)).cpu(), 2))
     tracker = s.acc.get_tracker(cfg.report_to, unwrap=True)
     if cfg.report_to == "tensorboard":
