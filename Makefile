@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-seeds demo-full backbones test bench venv clean
+.PHONY: demo demo-seeds demo-full backbones isoflop test bench venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ backbones: $(STAMP)
 
 # one pytest-xdist worker per core (TEST_WORKERS=1 for a serial run); multi-process tests share one worker
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
+# The compute-optimal size on this machine: seven UNet widths at four annealed training budgets, the largest one
+# predicted and then measured (docs/isoflop.md)
+isoflop: $(STAMP)
+	$(VENV)/bin/ldmscale study run studies/isoflop.toml --out isoflop
+
 test: $(STAMP)
 	$(PY) -m ruff check ldmscale tests bench   # the rules and why: [tool.ruff] in pyproject.toml
 	$(PY) -m ruff format --check ldmscale tests bench

@@ -50,6 +50,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--busy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the second process (the "
+        "measurement); --no-busy for the suite's smoke run, which must not take a core from its neighbour",
+    )
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
     tiny_run(tmp, args.size, warmup_steps=0)
@@ -59,7 +66,7 @@ def main() -> None:
         "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
         "a thread per core": {"LDMSCALE_THREADS": str(cores)},
     }
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # the other process on the machine
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass" if args.busy else "pass"])  # the other process
     try:
         time.sleep(1.0)
         times = {name: [] for name in policies}
@@ -71,6 +78,7 @@ def main() -> None:
     best = {name: min(ms for ms, _ in v) for name, v in times.items()}
     result = {
         "cores": cores,
+        "busy_process": args.busy,
         "size": args.size,
         "steps": args.steps,
         "images": args.images,

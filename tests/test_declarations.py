@@ -126,7 +126,7 @@ def test_task_kinds_are_declared_once():
     kinds = typing.get_args(typing.get_type_hints(TaskSection)["kind"])
     assert set(kinds) == set(tasks.KINDS)  # the study file's choices are the registry's kinds
     for k in tasks.KINDS.values():
-        assert WAVES[k.job_kind] == 3 and k.name in registry.EVAL_KIND
+        assert WAVES[k.job_kind] == 4 and k.name in registry.EVAL_KIND
 
 
 def test_every_option_has_help_every_group_an_example_and_verbs_follow_the_pipeline():

@@ -83,3 +83,30 @@ def test_one_row_per_size_bootstraps_from_the_standard_errors():
         covered += lo < A_TRUE < hi
         widths.append(hi - lo)
     assert covered >= 15 and min(widths) > 0.01  # a real width, not a degenerate resampling of distinct rows
+
+
+def test_the_share_of_replicates_with_an_interior_optimum_and_an_edge_says_which_sizes_to_add():
+    from ldmscale.analysis.isoflop import isoflop
+
+    params = [2e5, 5e5, 1e6, 2e6, 5e6]
+    rows = []
+    for c, opt in ((1e11, 1e6), (1e12, 1e9)):  # an interior optimum, then one far beyond the largest size
+        for n in params:
+            x = math.log10(n) - math.log10(opt)
+            rows.append({"budget": c, "params": n, "val_loss": 0.1 + 0.02 * x * x, "val_loss_std": 0.002})
+    fit = isoflop(rows, bootstrap=100)
+    assert fit.interior[1e11] >= 0.95 and fit.interior[1e12] == 0.0
+    assert fit.parabolas[1].why == "the optimum lies beyond the largest size trained at this budget: add larger sizes"
+    assert fit.n_opt is None and "an interior optimum at 1 of 2 budgets" in fit.why
+
+
+def test_the_held_out_budget_is_inside_the_prediction_or_a_miss():
+    from ldmscale.analysis.isoflop import Parabola, held_out_outcome
+
+    inside = Parabola(1e12, 1.0, -12.0, 40.0, 5, 5.0, 7.0)  # minimum at log10 N = 6
+    pred = {"n_opt": 9e5, "n_opt_interval": (5e5, 2e6)}
+    assert held_out_outcome(pred, inside) == "inside the prediction: N_opt 1e+06 in [5e+05, 2e+06]"
+    assert held_out_outcome(pred | {"n_opt_interval": (1e5, 5e5)}, inside).startswith("a miss: N_opt 1e+06 outside")
+    edge = Parabola(1e12, 1.0, -16.0, 40.0, 5, 5.0, 7.0)  # minimum at 8: beyond the largest size
+    assert held_out_outcome(pred, edge).startswith("not measured: the optimum lies beyond the largest size")
+    assert held_out_outcome({"why": "too few"}, inside) == "not predicted: too few"

@@ -177,7 +177,7 @@ def test_submitit_local_executor_runs_and_skips_like_local(study_file, tmp_path)
         .replace('samplers = ["ddim", "ddpm"]', 'samplers = ["ddim"]')
     )
     p = run_cli("study", "run", study_file, "--out", out, "--executor", "submitit-local", "--no-report", check=True)
-    assert "wave 2: submitting 2 job(s)" in p.stdout and "wave 3: submitting 3 job(s)" in p.stdout
+    assert "wave 2: submitting 2 job(s)" in p.stdout and "wave 4: submitting 3 job(s)" in p.stdout
     assert len(list((out / "jobs").glob("*.json"))) == 5
     assert len((out / "results.csv").read_text().strip().splitlines()) == 1 + 3
     again = run_cli("study", "run", study_file, "--out", out, "--executor", "submitit-local", "--no-report", check=True)

@@ -53,8 +53,8 @@ class Parabola:
         if self.a <= 0:
             return "loss is not convex in log(size) here: no interior optimum"
         if not self.ok:
-            side = "largest" if self.x_opt > self.hi else "smallest"
-            return f"the optimum lies beyond the {side} size trained at this budget"
+            side, add = ("largest", "larger") if self.x_opt > self.hi else ("smallest", "smaller")
+            return f"the optimum lies beyond the {side} size trained at this budget: add {add} sizes"
         return ""
 
 
@@ -109,6 +109,8 @@ class IsoFlop:
     n_opt: LogLine | None  # N_opt(C)
     loss_opt: LogLine | None  # L_opt(C), a decaying power law: a < 0
     why: str = ""  # when a law could not be fitted
+    interior: dict[float, float] = field(default_factory=dict)  # per budget: the share of bootstrap replicates whose
+    # parabola has its minimum inside the sizes (how firmly the optimum is bracketed)
 
     def predict(self, budget: float, level: float = 0.9) -> dict:
         if self.n_opt is None or self.loss_opt is None:
@@ -129,14 +131,9 @@ def isoflop(rows: list[dict], loss_key: str = "val_loss", bootstrap: int = 200, 
     groups = _group([r for r in rows if r.get(loss_key) is not None and math.isfinite(r[loss_key])])
     parabolas = _fits(groups, loss_key)
     good = [p for p in parabolas if p.ok]
-    if len(good) < 2:
-        why = (
-            f"an interior optimum at {len(good)} of {len(parabolas)} budgets; the power laws need 2 or more "
-            "(train smaller and larger sizes around the optimum)"
-        )
-        return IsoFlop(parabolas, None, None, why)
-    n_line = LogLine(*_line([p.budget for p in good], [p.n_opt for p in good]))
-    l_line = LogLine(*_line([p.budget for p in good], [p.loss_opt for p in good]))
+    n_line = LogLine(*_line([p.budget for p in good], [p.n_opt for p in good])) if len(good) >= 2 else None
+    l_line = LogLine(*_line([p.budget for p in good], [p.loss_opt for p in good])) if len(good) >= 2 else None
+    interior = {c: 0 for c in groups}
     rng = np.random.default_rng(seed)
     std_key = f"{loss_key}_std"
     parametric = all(r.get(std_key) is not None for g in groups.values() for r in g)
@@ -149,14 +146,23 @@ def isoflop(rows: list[dict], loss_key: str = "val_loss", bootstrap: int = 200, 
         else:
             boot = {c: [g[i] for i in rng.integers(0, len(g), len(g))] for c, g in groups.items()}
         fits = [p for p in _fits(boot, loss_key) if p.ok]
-        if len(fits) >= 2:
+        for p in fits:
+            interior[p.budget] += 1
+        if len(fits) >= 2 and n_line is not None:
             n_line.replicates.append(_line([p.budget for p in fits], [p.n_opt for p in fits]))
             l_line.replicates.append(_line([p.budget for p in fits], [p.loss_opt for p in fits]))
+    share = {c: k / bootstrap for c, k in interior.items()} if bootstrap else {}
+    if n_line is None:
+        why = (
+            f"an interior optimum at {len(good)} of {len(parabolas)} budgets; the power laws need 2 or more "
+            "(train smaller and larger sizes around the optimum)"
+        )
+        return IsoFlop(parabolas, None, None, why, share)
     for line in (n_line, l_line):
         if line.replicates:
             a = [r[0] for r in line.replicates]
             line.interval_a = (float(np.quantile(a, 0.05)), float(np.quantile(a, 0.95)))
-    return IsoFlop(parabolas, n_line, l_line)
+    return IsoFlop(parabolas, n_line, l_line, interior=share)
 
 
 def loss_to_metric(rows: list[dict], metric: str, loss_key: str = "val_loss") -> dict | None:
@@ -191,6 +197,10 @@ def _parabola_dict(p: Parabola) -> dict:
         "n_opt": p.n_opt if p.ok else None,
         "loss_opt": p.loss_opt if p.ok else None,
     }
+
+
+def _parabolas(fit: IsoFlop) -> list[dict]:
+    return [_parabola_dict(p) | {"interior_share": fit.interior.get(p.budget)} for p in fit.parabolas]
 
 
 def _law_dict(line: LogLine | None) -> dict | None:
@@ -237,30 +247,52 @@ def study_isoflop(
                         loss_key: float(r[loss_key]),
                         f"{loss_key}_std": r.get(f"{loss_key}_std"),
                         metric: r.get(metric),
+                        f"{metric}_std": r.get(f"{metric}_std"),
                         "train_flops": float(r["train_flops"]),
                     }
                 )
         full = isoflop(pts, loss_key, bootstrap)
         fit = isoflop([p for p in pts if p["budget"] != held], loss_key, bootstrap)
         measured = next((p for p in full.parabolas if p.budget == held), None)
+        predicted = fit.predict(held)
         rel = loss_to_metric(mine, metric, loss_key)
+        on_metric = isoflop([p for p in pts if p.get(metric) is not None], metric, bootstrap)  # the same on quality
         out[bb] = {
             "points": sorted(pts, key=lambda p: (p["budget"], p["params"])),
-            "parabolas": [_parabola_dict(p) for p in full.parabolas],
+            "parabolas": _parabolas(full),
             "n_opt": _law_dict(full.n_opt),
             "loss_opt": _law_dict(full.loss_opt),
             "why": full.why,
             "held_out": {
                 "budget": held,
-                "predicted": {k: v for k, v in fit.predict(held).items()},
+                "predicted": predicted,
+                "outcome": held_out_outcome(predicted, measured),
                 "fitted_on": sorted({p["budget"] for p in pts} - {held}),
                 "measured": _parabola_dict(measured) if measured else None,
                 "best_trained": min((p for p in pts if p["budget"] == held), key=lambda p: p[loss_key], default=None),
             },
             "loss_to_metric": {k: v for k, v in rel.items() if k != "read"} if rel else None,
+            "on_metric": {
+                "metric": metric,
+                "parabolas": _parabolas(on_metric),
+                "n_opt": _law_dict(on_metric.n_opt),
+                "why": on_metric.why,
+            },
         }
         out[bb] = _finite(out[bb]) | {"_fit": full, "_rel": rel}
     return out
+
+
+def held_out_outcome(predicted: dict, measured: Parabola | None) -> str:
+    """Whether the held-out budget's measured optimum fell inside the interval predicted from the other budgets."""
+    if "n_opt" not in predicted:
+        return f"not predicted: {predicted.get('why', '')}"
+    if measured is None or not measured.ok:
+        return "not measured: " + (measured.why if measured else "no runs at the held-out budget")
+    lo, hi = predicted["n_opt_interval"]
+    if lo <= measured.n_opt <= hi:
+        return f"inside the prediction: N_opt {measured.n_opt:.3g} in [{lo:.3g}, {hi:.3g}]"
+    return f"a miss: N_opt {measured.n_opt:.3g} outside the predicted [{lo:.3g}, {hi:.3g}]"
 
 
 def _finite(obj):

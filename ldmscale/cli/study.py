@@ -373,10 +373,11 @@ def _plan_training(out, study, train_flops: float, metric: str, fmt: str) -> Non
             click.echo(f"{bb}: not predicted: {p['why']}")
             continue
         q = f", {metric} ~ {p['quality']:.3g}" if p.get("quality") is not None else ""
+        lo, hi = p["n_opt_interval"]
         click.echo(
-            f"{bb}: for {train_flops:.3g} training FLOPs the compute-optimal size is {p['n_opt']:.3g} parameters "
-            f"(90% interval {p['n_opt_interval'][0]:.3g}-{p['n_opt_interval'][1]:.3g}); nearest trained: "
-            f"{p['size']} ({p['size_params']:,}) for {p['images']:,} images; predicted validation loss "
+            f"{bb}: train {p['size']} ({p['size_params']:,} parameters) on {p['images']:,} images; for "
+            f"{train_flops:.3g} training FLOPs the compute-optimal size is {p['n_opt']:.3g} parameters (90% interval "
+            f"{lo:.3g}-{hi:.3g}), the trained size nearest to it {p['size']}; predicted validation loss "
             f"{p['loss']:.4f} ({p['loss_interval'][0]:.4f}-{p['loss_interval'][1]:.4f}){q}"
         )
 

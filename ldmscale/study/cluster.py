@@ -23,9 +23,10 @@ WAVES = {
     "prepare": 1,
     "train": 2,
     "sanity": 2,
-    "eval": 3,
-    **{k.job_kind: 3 for k in KINDS.values()},
-    "task-eval": 4,
+    "cooldown": 3,  # an IsoFLOP budget's branch, from its size's stable run
+    "eval": 4,
+    **{k.job_kind: 4 for k in KINDS.values()},
+    "task-eval": 5,
 }
 
 

@@ -14,6 +14,7 @@ from ldmscale import integrity
 from ldmscale.integrity import read_json
 from ldmscale.io import atomic_write_json
 from ldmscale.progress import bar
+from ldmscale.train.config import ADDED
 
 
 @dataclass
@@ -31,8 +32,18 @@ class Job:
 
 
 def job_id(kind: str, config: dict) -> str:
-    """A job's identity: the hash of its kind and resolved config (so its record's file name checks its content)."""
-    return hashlib.sha256(json.dumps({"kind": kind, **config}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A job's identity: the hash of its kind and resolved config (so its record's file name checks its content).
+    Settings added since 0.1 (train/config.py: ADDED) are left out while they have the value every job had before
+    them, so a study run before they existed keeps its finished jobs."""
+    return hashlib.sha256(
+        json.dumps({"kind": kind, **_without_added(config)}, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+
+
+def _without_added(config):
+    if isinstance(config, dict):
+        return {k: _without_added(v) for k, v in config.items() if not (k in ADDED and v == ADDED[k])}
+    return config
 
 
 def record_problem(out: Path, path: Path) -> tuple[str, list[tuple[Path, str]]]:
@@ -128,6 +139,7 @@ OVERHEAD_S = {
     "eval": 1.5,
     "task-eval": 3.0,
     "train": 3.0,
+    "cooldown": 5.0,
     "finetune": 10.0,
     "distill": 10.0,
 }
@@ -141,7 +153,10 @@ def estimated_seconds(job: Job) -> float:
         return 0.22 * float(job.config.get("steps", 300))
     if job.kind == "classifier":
         return 20.0 * float(job.config.get("epochs", 2)) * float(job.config.get("width", 32)) / 32
-    steps = float(job.config.get("images", 0)) / float(job.config.get("batch_size", 1)) if job.kind == "train" else 0
+    steps = 0.0
+    if job.kind in ("train", "cooldown"):  # a cooldown branch trains only its own share of the steps
+        steps = float(job.config.get("images", 0)) / float(job.config.get("batch_size", 1))
+        steps *= float(job.config.get("decay_fraction", 1.0)) if job.kind == "cooldown" else 1.0
     return job.cost_flops / NOMINAL_FLOPS + steps * SECONDS_PER_STEP + OVERHEAD_S.get(job.kind, 5.0) + job.extra_seconds
 
 

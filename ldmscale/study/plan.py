@@ -126,12 +126,14 @@ def size_jobs(
     is independent of the other seeds'."""
 
     from ldmscale.eval.evaluate import evaluate, result_path
-    from ldmscale.train.loop import train
+    from ldmscale.train.loop import branch, train
 
     jobs: list[Job] = []
     first = seed == study.train.seeds[0]
     ev = dataclasses.replace(ev, seed=ev.seed + seed * EVAL_SEED_STRIDE)
     base = dataclasses.replace(base, seed=seed)
+    mine = {parse_size(k).name: v for k, v in study.train.per_size.items()}.get(size.name, {})
+    base = apply_overrides(base, [f"{k}={v}" for k, v in mine.items()])  # this size's own settings
     tag = "" if seed == 0 else f" seed {seed}"
     fwd = forward_flops(size, shapes)
     images = budget_images(study, fwd)
@@ -142,9 +144,27 @@ def size_jobs(
     points = max(1, study.train.curve_points)
     every = max(1, steps // points)
     curve_steps = curve_checkpoints(steps, points, study.train.curve_spacing)
+    run = out / "runs" / run_name(size.name, seed)
+    branches = []  # IsoFLOP cooldown branches: (the budget's step, the step it branches at, its run folder)
     if study.train.budget == "isoflop":  # the curve points are the budgets: where each size's run reaches them
         curve_steps = budget_steps(study.train.budgets, fwd, base.batch_size)
         every = steps
+        if study.train.cooldown > 0:  # the stable run stops at the last branch point; each budget is a branch
+            at = [min(s - 1, round(s * (1 - study.train.cooldown))) for s in curve_steps]
+            if min(at) < 1:
+                raise UserError(
+                    f"[train] budgets: {size.name} reaches the smallest budget in {min(curve_steps)} optimizer "
+                    f"step(s), too few for a cooldown branch; raise the budgets or lower batch_size"
+                )
+            branches = [
+                (s, k, run.with_name(f"{run.name}-budget{j + 1}")) for j, (s, k) in enumerate(zip(curve_steps, at))
+            ]
+            steps = every = max(at)
+            curve_steps = tuple(sorted(set(at)))
+            if base.warmup_fraction > 0:  # every branch shares the stable run's warm-up: a share of the smallest
+                base = dataclasses.replace(
+                    base, warmup_steps=round(base.warmup_fraction * min(b[0] for b in branches)), warmup_fraction=0.0
+                )
     t_cfg = TrainConfig(
         **(
             to_dict(base)
@@ -158,7 +178,6 @@ def size_jobs(
         )
     )
     t_cfg = from_dict(TrainConfig, to_dict(t_cfg))
-    run = out / "runs" / run_name(size.name, seed)
     jobs.append(
         Job(
             "train",
@@ -169,7 +188,32 @@ def size_jobs(
         )
     )
 
-    def eval_job(label, sampler, n_steps, g, ckpt, run=run, fwd=fwd, agreement=False):
+    final_run, final_step = run, steps
+    for j, (s, k, b_run) in enumerate(branches):
+        b_cfg = from_dict(
+            TrainConfig,
+            to_dict(t_cfg)
+            | {
+                "images": s * base.batch_size,
+                "lr_schedule": "wsd",
+                "decay_fraction": (s - k) / s,
+                "checkpoint_at": (),
+                "checkpoint_every": s * base.batch_size,
+                "keep": 1,
+            },
+        )
+        jobs.append(
+            Job(
+                "cooldown",
+                f"cooldown {size.name}{tag} to budget {j + 1} (steps {k}-{s})",
+                to_dict(b_cfg) | {"stable_run": str(run), "at": k},
+                lambda c=b_cfg, r=b_run, k=k: branch(run, k, c, r, progress=progress),
+                cost_flops=flops.training_flops((s - k) * base.batch_size, fwd),
+            )
+        )
+        final_run, final_step = b_run, s
+
+    def eval_job(label, sampler, n_steps, g, ckpt, run=final_run, fwd=fwd, agreement=False):
         n = (ev.agreement_images or ev.num_images) if agreement else ev.num_images
         e_cfg = eval_config(
             ev,
@@ -200,15 +244,20 @@ def size_jobs(
             extra_seconds=n * FID_SECONDS_PER_IMAGE * ("fid" in e_cfg.metrics),
         )
 
-    for ck in curve_steps:
-        jobs.append(eval_job(f"curve step {ck}", ev.curve_sampler, ev.curve_steps, ev.curve_guidance, ck))
+    if branches:  # each budget's annealed model, at the curve setting
+        for j, (s, _, b_run) in enumerate(branches):
+            jobs.append(
+                eval_job(f"budget {j + 1} step {s}", ev.curve_sampler, ev.curve_steps, ev.curve_guidance, s, run=b_run)
+            )
+    for ck in curve_steps if not branches else ():
+        jobs.append(eval_job(f"curve step {ck}", ev.curve_sampler, ev.curve_steps, ev.curve_guidance, ck, run=run))
     for sampler in ev.samplers:
         for n_steps in ev.steps:
             if n_steps > ev.max_steps.get(sampler, 10**9):
                 continue
             for g in ev.guidance:
                 jobs.append(
-                    eval_job(f"{sampler} {n_steps} step{'s' * (n_steps != 1)} g{g:g}", sampler, n_steps, g, steps)
+                    eval_job(f"{sampler} {n_steps} step{'s' * (n_steps != 1)} g{g:g}", sampler, n_steps, g, final_step)
                 )
             if first and ev.agreement_metric and n_steps in ev.agreement_steps and sampler == ev.samplers[0]:
                 jobs.append(
@@ -218,7 +267,7 @@ def size_jobs(
                         sampler,
                         n_steps,
                         ev.guidance[0],
-                        steps,
+                        final_step,
                         agreement=True,
                     )
                 )
@@ -226,7 +275,15 @@ def size_jobs(
         if task.sizes and size.name not in {parse_size(t).name for t in task.sizes}:
             continue
         jobs += task_jobs(
-            tname, task, study, base, run, out / "tasks" / tname / run_name(size.name, seed), fwd, clf_dir, progress
+            tname,
+            task,
+            study,
+            base,
+            final_run,
+            out / "tasks" / tname / run_name(size.name, seed),
+            fwd,
+            clf_dir,
+            progress,
         )
     return jobs
 

@@ -38,6 +38,9 @@ class TrainSection(Config):
     # FLOPs, or isoflop: every size trained to each of `budgets` (one run per size, checkpoints at the budgets)
     images: Positive = 50_000  # per size, budget = images
     flops: Annotated[float, Range(0.0, 1e30)] = 0.0  # per size, budget = compute
+    cooldown: Annotated[float, Range(0.0, 0.9)] = 0.2  # isoflop: each budget's model is a cooldown branch (wsd: lr
+    # decayed linearly to 0) over this share of its steps, from its size's constant-lr run; 0: the constant run's
+    # checkpoints at the budgets, unannealed
     budgets: tuple[Annotated[float, Range(0.0, 1e30, lo_open=True)], ...] = ()  # training FLOPs, budget = isoflop;
     # the largest is held out: the laws fitted on the others predict it, and the runs measure it
     seeds: tuple[Annotated[int, Range(0, 2**31 - 1)], ...] = (0,)  # training seeds: every size is trained once per
@@ -49,6 +52,8 @@ class TrainSection(Config):
     curve_spacing: Literal["log", "linear"] = "log"  # log: each point doubles the compute (from 1/2^(n-1) of the
     # run, at most 1/64), as the training-compute axis is read; linear: equally spaced
     set: dict[str, str] = field(default_factory=dict)  # TrainConfig overrides (lr, batch_size, ...)
+    per_size: dict[str, dict[str, str]] = field(default_factory=dict)  # {size = {key = value}}: TrainConfig
+    # overrides of one size on top of `set` (its batch size, lr, ...), recorded in that size's run
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,8 @@ def load_study(path: str | Path) -> Study:
 
     if isinstance(raw.get("train"), dict) and "set" in raw["train"]:
         raw["train"]["set"] = strings(raw["train"]["set"])
+    if isinstance(raw.get("train"), dict) and isinstance(raw["train"].get("per_size"), dict):
+        raw["train"]["per_size"] = {k: strings(v) for k, v in raw["train"]["per_size"].items()}
     for t in (raw.get("tasks") or {}).values():
         if isinstance(t, dict):
             for key in ("set", "train_set"):
@@ -184,6 +191,12 @@ def load_study(path: str | Path) -> Study:
                 f"{path.name}: [train] match_compute {{{a} = {b!r}}} must pair two different [train] sizes, "
                 "the second trained to the study's budget"
             )
+    for name, sets in study.train.per_size.items():
+        if parse_size(name).name not in {parse_size(x).name for x in study.train.sizes}:
+            raise UserError(f"{path.name}: [train.per_size] {name!r} is not among [train] sizes")
+        apply_overrides(train_cfg, [f"{k}={v}" for k, v in sets.items()])
+        if "seed" in sets or "size" in sets:
+            raise UserError(f"{path.name}: [train.per_size] {name} may not set seed or size")
     if "seed" in study.train.set:
         raise UserError(f"{path.name}: give training seeds as [train] seeds = [...], not [train.set] seed")
     for s in study.train.sizes:

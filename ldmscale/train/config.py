@@ -20,8 +20,14 @@ class TrainConfig(Config):
     lr: Annotated[float, Range(0.0, 10.0, lo_open=True)] = (
         1e-3  # learning rate (the paper: 1e-4 at batch 2048; tiny models take more)
     )
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine decays to 0 at `images` (cannot be extended)
+    lr_schedule: Literal["constant", "cosine", "wsd"] = "constant"  # cosine decays to 0 at `images`; wsd (warm-up,
+    # stable, decay: Hagele et al. 2024) holds lr, then decays it linearly to 0 over the last decay_fraction of the
+    # run; neither can be extended
+    decay_fraction: Annotated[float, Range(0.0, 1.0, lo_open=True)] = 0.2  # wsd: the share of the run's optimizer
+    # steps in the final decay
     warmup_steps: NonNegative = 100  # linear lr warm-up, in optimizer steps
+    warmup_fraction: Fraction = 0.0  # warm-up as a share of the run's optimizer steps instead (when > 0), so that
+    # runs of every length and size warm up alike
     weight_decay: Annotated[float, Range(0.0, 10.0)] = 0.01  # AdamW's decoupled weight decay
     betas: tuple[Annotated[float, Range(0.0, 0.99999)], Annotated[float, Range(0.0, 0.99999999)]] = (
         0.9,
@@ -50,3 +56,11 @@ class TrainConfig(Config):
 
 # settings that may change when a run is continued, without making it a different run
 CONTINUABLE = {"images", "checkpoint_every", "checkpoint_at", "keep", "log_every", "report_to", "project"}
+# settings added after 0.1, with the value every run before them had: a run's config.json or a study's job written
+# before a setting existed reads as having that value, so it continues (and its job id stays) as it was
+ADDED = {"decay_fraction": 0.2, "warmup_fraction": 0.0}
+
+
+def warmup(cfg: TrainConfig, total_steps: int) -> int:
+    """The run's warm-up in optimizer steps: warmup_fraction of the run when set, else warmup_steps."""
+    return round(cfg.warmup_fraction * total_steps) if cfg.warmup_fraction > 0 else cfg.warmup_steps

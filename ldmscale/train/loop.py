@@ -33,7 +33,7 @@ from ldmscale.model import flops, fsdp
 from ldmscale.model.family import build_network
 from ldmscale.progress import bar
 from ldmscale.train import trackers
-from ldmscale.train.config import CONTINUABLE, TrainConfig  # noqa: F401  (re-exported)
+from ldmscale.train.config import CONTINUABLE, TrainConfig, warmup  # noqa: F401  (re-exported)
 from ldmscale.train.objectives import Batch, Objective, TrainData, ValidationLoss, objective_for  # noqa: F401
 from ldmscale.train.run import Task, text_to_image_task
 
@@ -130,11 +130,12 @@ def loop(cfg: TrainConfig, run: Path, progress: bool, make_task) -> dict:
 def dead_settings(cfg: TrainConfig, total_steps: int) -> list[str]:
     """Settings that silently do nothing in a run this long: said at the start and kept in config.json."""
     out = []
-    if cfg.warmup_steps >= total_steps:
+    w = warmup(cfg, total_steps)
+    if w >= total_steps:
         out.append(
-            f"warmup_steps={cfg.warmup_steps} is not shorter than the run ({total_steps} optimizer steps of "
+            f"warmup_steps={w} is not shorter than the run ({total_steps} optimizer steps of "
             f"{cfg.batch_size} images): the learning rate never reaches lr={cfg.lr:g} (ends at "
-            f"{total_steps / max(1, cfg.warmup_steps):.0%} of it); lower warmup_steps or train longer"
+            f"{total_steps / max(1, w):.0%} of it); lower warmup_steps or train longer"
         )
     late = [x for x in cfg.checkpoint_at if x > total_steps]
     if late:
@@ -148,7 +149,6 @@ def dead_settings(cfg: TrainConfig, total_steps: int) -> list[str]:
 def setup(cfg: TrainConfig, run: Path, make_task) -> State:
     """Accelerate, the task, the model (from its initial weights), the EMA, the optimizer and the lr schedule."""
     from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
     acc = Accelerator(
@@ -199,19 +199,52 @@ def setup(cfg: TrainConfig, run: Path, make_task) -> State:
     )
     total = math.ceil(cfg.images / cfg.batch_size)
     rounds = getattr(task.objective, "rounds", 1)  # progressive distillation restarts the cosine every round
-    name = {"constant": "constant_with_warmup", "cosine": "cosine" if rounds == 1 else "cosine_with_restarts"}
-    sched = get_scheduler(
-        name[cfg.lr_schedule],
-        opt,
-        num_warmup_steps=cfg.warmup_steps,
-        num_training_steps=total,
-        **({"num_cycles": rounds} if rounds > 1 and cfg.lr_schedule == "cosine" else {}),
-    )
+    sched = lr_schedule(cfg, opt, total, rounds)
     if not cfg.fsdp:
         model, opt = acc.prepare(model, opt)
     task.objective.setup(acc.unwrap_model(model), ema, acc.device)
     every = cfg.checkpoint_every or max(cfg.batch_size, cfg.images // 4)
     return State(acc, task, model, ema, opt, sched, total, max(1, every // cfg.batch_size), resume_from=last)
+
+
+def lr_schedule(cfg: TrainConfig, opt, total: int, rounds: int = 1):
+    """diffusers' constant (with warm-up) and cosine schedules; transformers' warmup-stable-decay, whose stable part
+    is the constant schedule's, so a cooldown branch resumed from a constant run's checkpoint is that WSD run."""
+    if cfg.lr_schedule == "wsd":
+        from transformers.optimization import get_wsd_schedule
+
+        return get_wsd_schedule(
+            opt, warmup(cfg, total), max(1, round(cfg.decay_fraction * total)), total, decay_type="linear"
+        )
+    from diffusers.optimization import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "cosine": "cosine" if rounds == 1 else "cosine_with_restarts"}
+    return get_scheduler(
+        name[cfg.lr_schedule],
+        opt,
+        num_warmup_steps=warmup(cfg, total),
+        num_training_steps=total,
+        **({"num_cycles": rounds} if rounds > 1 and cfg.lr_schedule == "cosine" else {}),
+    )
+
+
+def branch(stable: str | Path, step: int, cfg: TrainConfig, run: str | Path, progress: bool = True) -> dict:
+    """A cooldown branch: `cfg` (a wsd run whose decay begins at `step`) continued from the stable run's checkpoint at
+    `step`, copied into its own folder once. Its ledger starts where the stable run's stood there, so it ends at the
+    branch's whole training compute; the stable run is left as it was."""
+    import shutil
+
+    run, src = Path(run), Path(stable) / "checkpoints" / f"step-{step:06d}"
+    if not (run / "checkpoints").exists():
+        if not src.is_dir():
+            raise UserError(f"cooldown branch {run}: the stable run {stable} has no checkpoint at step {step}")
+        tmp = run.parent / f".{run.name}.branching"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp / "checkpoints" / src.name)
+        run.mkdir(parents=True, exist_ok=True)
+        tmp.joinpath("checkpoints").rename(run / "checkpoints")
+        shutil.rmtree(tmp)
+    return train(cfg, run, progress)
 
 
 def resume(cfg: TrainConfig, run: Path, s: State) -> None:

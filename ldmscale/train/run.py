@@ -14,7 +14,7 @@ from ldmscale.errors import UserError
 from ldmscale.model import flops
 from ldmscale.model.family import network_config, parse_size, size_spec
 from ldmscale.names import Kind
-from ldmscale.train.config import CONTINUABLE, TrainConfig
+from ldmscale.train.config import ADDED, CONTINUABLE, TrainConfig
 from ldmscale.train.objectives import Objective, TrainData, ValidationLoss, objective_for
 
 
@@ -67,15 +67,15 @@ def check_continuation(run: str | Path, resolved: dict) -> None:
         old = checkpoint.read_run_config(Path(run))
     except UserError:
         return  # a damaged config.json: the checkpoints carry the config; the loop rewrites this file
-    before, now = old.get("train", {}), resolved["train"]
-    if before.get("lr_schedule") == "cosine" and before.get("images") != now.get("images"):
-        # the cosine schedule is planned for the run's length: another length would jump the lr mid-run
+    before, now = ADDED | old.get("train", {}), resolved["train"]  # a setting added since: the value it had then
+    if before.get("lr_schedule") in ("cosine", "wsd") and before.get("images") != now.get("images"):
+        # the cosine and wsd schedules are planned for the run's length: another would jump the lr mid-run
         raise UserError(
-            f"{run} has a cosine lr schedule planned for {before.get('images'):,} images; it cannot be "
-            f"extended or shortened to {now.get('images'):,}: start a new run (or use lr_schedule=constant, "
+            f"{run} has a {before['lr_schedule']} lr schedule planned for {before.get('images'):,} images; it cannot "
+            f"be extended or shortened to {now.get('images'):,}: start a new run (or use lr_schedule=constant, "
             "whose runs extend)"
         )
-    diff = [k for k, v in resolved["train"].items() if k not in CONTINUABLE and old.get("train", {}).get(k) != v]
+    diff = [k for k, v in resolved["train"].items() if k not in CONTINUABLE and before.get(k) != v]
     diff += [
         k
         for k in ("kind", "task", "init")
