@@ -10,7 +10,8 @@ from conftest import resume_exactly, tiny_train_config
 
 from ldmscale import checkpoint
 from ldmscale.train.config import TrainConfig
-from ldmscale.train.loop import branch, lr_schedule, train
+from ldmscale.train.cooldown import branch
+from ldmscale.train.loop import lr_schedule, train
 
 
 def test_wsd_warms_up_holds_then_decays_linearly_to_zero():

@@ -17,6 +17,24 @@ from ldmscale.train.config import TrainConfig
 CLI_NAMES = {"data": "cache"}
 
 
+def checkpoint_options(fn):
+    """--checkpoint and --weights, as sample and export spell them (eval's come from EvalConfig)."""
+    fn = click.option(
+        "--weights",
+        default="ema",
+        show_default=True,
+        type=click.Choice(["ema", "raw"]),
+        help="EMA or raw training weights.",
+    )(fn)
+    return click.option(
+        "--checkpoint",
+        "which",
+        default="latest",
+        show_default=True,
+        help="latest (the newest intact one), a step number or step-NNNNNN of this run.",
+    )(fn)
+
+
 @click.command(
     "train",
     cls=Verb,
@@ -111,20 +129,7 @@ Writes one PNG per image, grid.png (a row per prompt; columns grouped by sampler
     help="Images per prompt (and sampler).",
 )
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option(
-    "--checkpoint",
-    "which",
-    default="latest",
-    show_default=True,
-    help="latest (the newest intact one), a step number or step-NNNNNN of this run.",
-)
-@click.option(
-    "--weights",
-    default="ema",
-    show_default=True,
-    type=click.Choice(["ema", "raw"]),
-    help="EMA or raw training weights.",
-)
+@checkpoint_options
 @click.option(
     "--batch-size", default=64, show_default=True, type=click.IntRange(1, 2**16), help="Images per sampling batch."
 )
@@ -323,20 +328,7 @@ zero-padding encoder travels with the folder as code; a CLIP run needs none), Pi
 )
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option(
-    "--checkpoint",
-    "which",
-    default="latest",
-    show_default=True,
-    help="latest (the newest intact one), a step number or step-NNNNNN of this run.",
-)
-@click.option(
-    "--weights",
-    default="ema",
-    show_default=True,
-    type=click.Choice(["ema", "raw"]),
-    help="EMA or raw training weights.",
-)
+@checkpoint_options
 @click.option("--overwrite", is_flag=True, help="Replace an export already at --out (nothing else is ever replaced).")
 def export_cmd(run_dir, out, which, weights, overwrite) -> None:
     """Export a run as a diffusers pipeline folder (StableDiffusionPipeline; PixArt or SD3 for transformers)."""

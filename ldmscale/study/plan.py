@@ -126,7 +126,8 @@ def size_jobs(
     is independent of the other seeds'."""
 
     from ldmscale.eval.evaluate import evaluate, result_path
-    from ldmscale.train.loop import branch, train
+    from ldmscale.train.cooldown import branch
+    from ldmscale.train.loop import train
 
     jobs: list[Job] = []
     first = seed == study.train.seeds[0]
