@@ -88,14 +88,27 @@ def _busy_cores(cores: set[int], seconds: float = 0.1) -> float:
     return busy
 
 
+def _slurm_cpus() -> str | None:
+    """In a SLURM job: --cpus-per-task, else the CPUs it holds on this node shared by its tasks here. Without cgroups
+    the affinity shows every core, and two jobs that each take all of them run 10x slower side by side."""
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        return os.environ["SLURM_CPUS_PER_TASK"]
+    cpus = os.environ.get("SLURM_CPUS_ON_NODE", "")
+    if not (os.environ.get("SLURM_JOB_ID") and cpus.isdigit()):
+        return None
+    tasks = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "1").split("(")[0]
+    return str(max(1, int(cpus) // max(1, int(tasks) if tasks.isdigit() else 1)))
+
+
 def thread_count(given: int | None = None) -> tuple[int, str]:
-    """(threads, why): --threads, else LDMSCALE_THREADS, else OMP_NUM_THREADS, else the cores this process may use
-    (its CPU affinity) that other processes do not keep busy now, shared among the local processes of a distributed
-    launch (LOCAL_WORLD_SIZE)."""
+    """(threads, why): --threads, else LDMSCALE_THREADS, else OMP_NUM_THREADS, else a SLURM job's CPUs per task,
+    else the cores this process may use (its CPU affinity) that other processes do not keep busy now, shared among
+    the local processes of a distributed launch (LOCAL_WORLD_SIZE)."""
     for value, source in (
         (given, "--threads"),
         (os.environ.get(THREADS_ENV), THREADS_ENV),
         (os.environ.get("OMP_NUM_THREADS"), "OMP_NUM_THREADS"),
+        (_slurm_cpus(), "the SLURM job's CPUs per task"),  # the allocation, not the node's cores
     ):
         if value is None or str(value).strip() == "":
             continue

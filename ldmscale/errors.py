@@ -23,6 +23,14 @@ class DiskFull(UserError):
         )
 
 
-class TrainingDiverged(RuntimeError):
+class Stopped(RuntimeError):
+    """Work that ran and did not finish (not bad input): the CLI prints it as one line and exits with code 1."""
+
+
+class JobsFailed(Stopped):
+    """Study jobs that failed or that a cluster refused or ended; each is named with its reason before this."""
+
+
+class TrainingDiverged(Stopped):
     """The loss became NaN or Inf; the run stopped without saving. Every verb that trains ends in one line and exit
     code 1 (cli.main), naming the last good checkpoint."""

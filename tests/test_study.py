@@ -332,3 +332,27 @@ def test_eta_learns_each_kind_of_jobs_pace_shrunk_towards_the_studys():
     pooled = 250.0 / 200.0
     assert eta.remaining([job("task-eval", 100.0)]) == pytest.approx(100.0 * (50.0 + pooled * 300) / 400.0)
     assert eta.remaining([job("eval", 100.0)]) == pytest.approx(100.0 * (200.0 + pooled * 300) / 400.0)
+
+
+def test_cluster_tables_set_a_kind_or_a_size_and_unknown_keys_are_refused(study_file, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from ldmscale.errors import UserError
+    from ldmscale.study.cluster import check_cluster, job_parameters
+
+    cluster = {"slurm_partition": "gpu", "mem_gb": 10, "train": {"gpus_per_node": 8, "mem_gb": 80}, "c32": {"nodes": 2}}
+    train32 = SimpleNamespace(kind="train", config={"size": "c32"})
+    evaluation = SimpleNamespace(kind="eval", config={"run": "runs/c32"})
+    assert job_parameters(cluster, train32) == {
+        "timeout_min": 1440, "slurm_partition": "gpu", "mem_gb": 80, "gpus_per_node": 8, "nodes": 2
+    }  # fmt: skip
+    assert job_parameters(cluster, evaluation) == {"timeout_min": 1440, "slurm_partition": "gpu", "mem_gb": 10}
+    check_cluster(cluster, {"train", "eval"}, {"c32"})
+    with pytest.raises(UserError, match=r"\[cluster.c64\]: not a job kind or size of this study"):
+        check_cluster({"c64": {"nodes": 2}}, {"train"}, {"c32"})
+    with pytest.raises(UserError, match="gpus_per_nod"):
+        check_cluster({"train": {"gpus_per_nod": 8}}, {"train"}, {"c32"})
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: one line, before anything is written
+    p = run_cli("study", "run", study_file, "--out", tmp_path / "s", "--executor", "slurm")
+    assert p.returncode == 2 and "--executor slurm needs SLURM's sbatch on PATH" in p.stderr
+    assert not (tmp_path / "s").exists()

@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from ldmscale.errors import TrainingDiverged, UserError
+from ldmscale.errors import Stopped, UserError
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=110)
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         click.echo(f"ldmscale: error: {_one_line(str(e))}", err=True)
         sys.exit(2)
-    except TrainingDiverged as e:  # train, finetune, distill: not bad input, so exit 1
+    except Stopped as e:  # a diverged training, failed study jobs: not bad input, so exit 1
         click.echo(f"ldmscale: stopped: {_one_line(str(e))}", err=True)
         sys.exit(1)
     except OSError as e:  # a full disk outside an atomic write (those raise DiskFull, a UserError)

@@ -92,6 +92,10 @@ def study_run(study_file, out, dry_run, executor, report) -> None:
         return
     from ldmscale.io import DirLock, atomic_write_text, check_output
 
+    if executor != "local":
+        from ldmscale.study.cluster import preflight
+
+        preflight(study.cluster, jobs, executor)
     check_output(out, "study")
     for w in warnings:  # after the --out check, so a refused folder is still one line
         click.echo(w, err=True)

@@ -172,7 +172,8 @@ def size_jobs(
             | {
                 "size": size_spec(size),
                 "images": steps * base.batch_size,
-                "checkpoint_every": every * base.batch_size,
+                # [train.set] checkpoint_every: more often, for a cluster's preemptions and time limits
+                "checkpoint_every": base.checkpoint_every or every * base.batch_size,
                 "keep": 2,
                 "checkpoint_at": curve_steps,
             }

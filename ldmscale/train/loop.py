@@ -237,6 +237,8 @@ def resume(cfg: TrainConfig, run: Path, s: State) -> None:
         _load_resume_state(cfg, s, last)
     s.acc.wait_for_everyone()  # every process has read what it needs before anything moves
     if s.acc.is_main_process:
+        if last is not None:
+            integrity.note(f"continuing {run} from {last.name} (step {s.start} of {s.total_steps})")
         checkpoint.set_aside_after(run, s.start)
         for log_file in ("metrics.jsonl", "validation.jsonl"):
             if (run / log_file).exists():
