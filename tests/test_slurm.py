@@ -124,32 +124,56 @@ def rows(out):
         ]
 
 
-def test_a_study_through_sbatch_equals_the_local_executor_after_a_refused_job(
+def _popen_study(path, out, env):
+    cmd = [sys.executable, "-m", "ldmscale", "study", "run", str(path), "--out", str(out), "--executor", "slurm"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _train_job(env) -> str | None:
+    queue = subprocess.run(["squeue", "-h", "-o", "%i|%j"], capture_output=True, text=True, env=env).stdout
+    return next((ln.split("|")[0] for ln in queue.splitlines() if "ldmscale train c8" in ln), None)
+
+
+def test_a_study_through_sbatch_with_a_refused_and_a_cancelled_job_ends_equal_to_the_local_executor(
     slurm, tmp_path, tiny_cache, tiny_classifier
 ):
-    local = tmp_path / "local"
-    run_cli("study", "run", study(tmp_path, tiny_cache, tiny_classifier), "--out", local, "--no-report", check=True)
-    # first with a job the node refuses: more memory than it has; the rest of its wave runs and is recorded
-    refused = study(tmp_path, tiny_cache, tiny_classifier, cluster="[cluster.sanity]\nmem_gb = 100000")
-    out = tmp_path / "slurm"
-    p = run_cli("study", "run", refused, "--out", out, "--executor", "slurm", "--no-report", env=slurm)
-    assert p.returncode == 1, p.stderr[-3000:]
+    path, local, out = study(tmp_path, tiny_cache, tiny_classifier, 384), tmp_path / "local", tmp_path / "slurm"
+    run_cli("study", "run", path, "--out", local, "--no-report", check=True)  # 48 steps, checkpoints every 20
+    # first with a job the node refuses (more memory than it has) beside the training, which scancel stops halfway
+    refused = study(tmp_path, tiny_cache, tiny_classifier, 384, cluster="[cluster.sanity]\nmem_gb = 100000")
+    env = {**os.environ, **slurm}
+    proc = _popen_study(refused, out, env)
+    c8 = out / "runs" / "c8"
+    t0 = time.time()
+    while not list_checkpoints(c8):
+        assert proc.poll() is None and time.time() - t0 < 300, "no checkpoint"
+        time.sleep(0.2)
+    job = _train_job(env)
+    subprocess.run(["scancel", job], env=env, check=True)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr[-3000:]
     reason = "Memory specification can not be satisfied; Requested node configuration is not available"
-    assert f"failed: metric sanity (fd-classifier): refused by SLURM: {reason}" in p.stdout.splitlines()
-    assert p.stderr.strip().splitlines()[-1].startswith("ldmscale: stopped: 1 job(s) failed in wave 2")
-    first = slurm_ids(p.stdout)
-    assert list(first) == ["train c8 (32 images)"] and len(list((out / "jobs").glob("*.json"))) == 1
+    assert f"failed: metric sanity (fd-classifier): refused by SLURM: {reason}" in stdout.splitlines()
+    assert "failed: train c8 (384 images) (job " + job + "): CANCELLED by 0: " in stdout  # SLURM's state for it
+    assert stderr.strip().splitlines()[-1].startswith("ldmscale: stopped: 2 job(s) failed in wave 2")
+    assert sacct(slurm, job) == {job: "CANCELLED by 0"} and not (out / "jobs").exists()
+    at = max(int(p.name.split("-")[1]) for p in list_checkpoints(c8))
+    assert at < 48
 
-    p = run_cli("study", "run", study(tmp_path, tiny_cache, tiny_classifier), "--out", out, "--executor", "slurm",
-                "--no-report", env=slurm)  # fmt: skip
+    # the same command again (the memory request dropped) resubmits both; the training continues from its checkpoint
+    p = run_cli("study", "run", path, "--out", out, "--executor", "slurm", "--no-report", env=slurm)
     assert p.returncode == 0, p.stderr[-3000:]
-    ids = first | slurm_ids(p.stdout)
-    assert "wave 2: submitting 1 job(s): metric sanity" in p.stdout and "wave 4: submitting 1 job(s)" in p.stdout
+    ids = slurm_ids(p.stdout)
+    assert "wave 2: submitting 2 job(s)" in p.stdout and "wave 4: submitting 1 job(s)" in p.stdout
     assert sacct(slurm, *ids.values()) == {i: "COMPLETED" for i in ids.values()}  # every job went through SLURM
     assert len(ids) == 3 and all((out / "submitit" / i / f"{i}_0_log.out").exists() for i in ids.values())
-    assert rows(out) == rows(tmp_path / "local")  # same seeds, same threads: the same numbers, row for row
-    a, b = weights(tmp_path / "local" / "runs" / "c8"), weights(out / "runs" / "c8")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    train = ids["train c8 (384 images)"]
+    assert f"continuing {c8} from step-{at:06d}" in (out / "submitit" / train / f"{train}_0_log.err").read_text()
+    assert rows(out) == rows(local)  # same seeds, same threads: the same numbers, row for row
+    a, b = weights(local / "runs" / "c8"), weights(c8)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-equal to the uninterrupted run
+    steps = [r["step"] for r in map(json.loads, (c8 / "metrics.jsonl").read_text().splitlines())]
+    assert steps == [20, 40, 48]  # the ledger (a line every 20 steps) counts no step twice
 
 
 def test_a_two_task_training_job_runs_data_parallel_from_slurms_environment(
@@ -174,54 +198,34 @@ def test_a_two_task_training_job_runs_data_parallel_from_slurms_environment(
     assert cfg["machine"]["processes"] == 2
 
 
-# 200 optimizer steps, about 55 s on one thread: still training when SLURM signals it (5-35 s after it starts) and
-# after it resumes from a checkpoint (every 20 steps)
-LONG = 1600
-
-
-def test_a_training_job_through_a_time_limit_and_scancel_ends_bit_equal_to_an_uninterrupted_run(
+def test_a_training_job_at_its_time_limit_is_requeued_and_continues_from_its_checkpoint(
     slurm, tmp_path, tiny_cache, tiny_classifier
 ):
-    local = tmp_path / "local"
-    path = study(tmp_path, tiny_cache, tiny_classifier, LONG)
-    run_cli("study", "run", path, "--out", local, "--no-report", check=True)
-    # a 1-minute limit; SLURM sends USR2 55 s before it (at its next 30-s check); submitit requeues the same call
-    cluster = "[cluster.train]\ntimeout_min = 1\nslurm_signal_delay_s = 55"
-    limited, out = study(tmp_path, tiny_cache, tiny_classifier, LONG, cluster), tmp_path / "s"
-    cmd = [sys.executable, "-m", "ldmscale", "study", "run", str(limited), "--out", str(out), "--executor", "slurm"]
-    env = {**os.environ, **slurm}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    logs, t0 = out / "submitit", time.time()
-    resumed = ""
-    while not resumed:  # until the requeued job has resumed from its checkpoint, then cancel it halfway
-        assert proc.poll() is None and time.time() - t0 < 300, "the training was not requeued at its time limit"
+    # a 1-minute limit; SLURM sends USR2 45 s before it (at its next 30-s check, 15-45 s after the start: never
+    # before the job's process has started) and submitit requeues the same call. 4,000 images is longer than the
+    # test waits: it cancels the job once it has continued (that a continued run ends bit-equal to an uninterrupted
+    # one is the test above)
+    cluster = "[cluster.train]\ntimeout_min = 1\nslurm_signal_delay_s = 45"
+    env, out = {**os.environ, **slurm}, tmp_path / "s"
+    proc = _popen_study(study(tmp_path, tiny_cache, tiny_classifier, 4000, cluster), out, env)
+    t0, job, log = time.time(), None, ""
+    while not ("this job is timed-out" in log and "ldmscale: continuing" in log):
+        if proc.poll() is not None:
+            raise AssertionError(f"the study run ended ({proc.returncode}):\n{proc.stdout.read()}{proc.stderr.read()}")
+        assert time.time() - t0 < 300, f"not requeued at its time limit:\n{log}"
         queue = subprocess.run(["squeue", "-h", "-o", "%i|%r|%j"], capture_output=True, text=True, env=env).stdout
         for job, reason, _ in (ln.split("|") for ln in queue.splitlines() if "ldmscale train c8" in ln):
             if reason == "BeginTime":  # SLURM holds a requeued job 2 minutes; the test lets it start at once
                 subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env)
-            log = logs / job / f"{job}_0_log.err"
-            if log.exists() and "this job is timed-out" in log.read_text() and "continuing" in log.read_text():
-                resumed = job
+            path = out / "submitit" / job / f"{job}_0_log.err"
+            log = path.read_text() if path.exists() else ""
         time.sleep(0.5)
-    subprocess.run(["scancel", resumed], env=env, check=True)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 1, stderr[-2000:]
-    assert f"failed: train c8 ({LONG:,} images) (job {resumed}): CANCELLED by 0: " in stdout
-    history = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", resumed], capture_output=True,
+    subprocess.run(["scancel", job], env=env, check=True)
+    proc.communicate(timeout=300)
+    history = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job], capture_output=True,
                              text=True, env=env).stdout.splitlines()  # fmt: skip
     assert set(history[:-1]) == {"REQUEUED"} and history[-1] == "CANCELLED by 0", history  # time limit(s), scancel
-    steps_before = max(int(p.name.split("-")[1]) for p in list_checkpoints(out / "runs" / "c8"))
-    assert steps_before < LONG // 8
-
-    # the next study run (the limit raised) resubmits it; it resumes and finishes
-    again = run_cli("study", "run", path, "--out", out, "--executor", "slurm", "--no-report", env=slurm)
-    assert again.returncode == 0, again.stderr[-3000:]
-    job = slurm_ids(again.stdout)[f"train c8 ({LONG:,} images)"]
-    assert sacct(slurm, job) == {job: "COMPLETED"}
-    log = (logs / job / f"{job}_0_log.err").read_text()
-    assert f"continuing {out / 'runs' / 'c8'} from step-{steps_before:06d}" in log
-    a, b = weights(tmp_path / "local" / "runs" / "c8"), weights(out / "runs" / "c8")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [r["step"] for r in map(json.loads, (out / "runs" / "c8" / "metrics.jsonl").read_text().splitlines())]
-    assert steps == sorted(set(steps))  # the ledger counts no step twice
-    assert rows(out) == rows(tmp_path / "local")
+    script = (out / "submitit" / job / f"{job}_submission.sh").read_text()
+    assert "#SBATCH --time=1\n" in script and "#SBATCH --signal=USR2@45\n" in script
+    resumed = [ln for ln in log.splitlines() if ln.startswith("ldmscale: continuing")][-1]
+    assert resumed.startswith(f"ldmscale: continuing {out / 'runs' / 'c8'} from step-0000")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,14 +80,15 @@ def check_cluster(cluster: dict, kinds: set[str], sizes: set[str], executor: str
     for key, value in cluster.items():
         if isinstance(value, dict) and key not in known:
             raise UserError(f"[cluster.{key}]: not a job kind or size of this study ({', '.join(sorted(known))})")
-    probe = submitit.AutoExecutor(folder="/nonexistent", cluster="slurm" if executor == "slurm" else "local")
-    for table in [cluster, *(v for v in cluster.values() if isinstance(v, dict))]:
-        try:
-            probe.update_parameters(
-                **{k: v for k, v in table.items() if not isinstance(v, dict) and k != "max_num_timeout"}
-            )
-        except (TypeError, ValueError, NameError) as e:
-            raise UserError(f"[cluster]: {str(e).strip().splitlines()[0]}") from None
+    with tempfile.TemporaryDirectory() as folder:  # submitit makes its folder; the probe's goes away with it
+        probe = submitit.AutoExecutor(folder=folder, cluster="slurm" if executor == "slurm" else "local")
+        for table in [cluster, *(v for v in cluster.values() if isinstance(v, dict))]:
+            try:
+                probe.update_parameters(
+                    **{k: v for k, v in table.items() if not isinstance(v, dict) and k != "max_num_timeout"}
+                )
+            except (TypeError, ValueError, NameError) as e:
+                raise UserError(f"[cluster]: {str(e).strip().splitlines()[0]}") from None
 
 
 def preflight(cluster: dict, jobs: list, executor: str) -> None:

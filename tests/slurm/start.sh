@@ -13,16 +13,20 @@ cannot() { echo "cannot start SLURM: $*" >&2; exit 3; }
 
 stop() {
   local d=$1
-  [ -f "$d/env.sh" ] && { SLURM_CONF="$d/etc/slurm.conf" scancel --full --quiet --user="$(id -un)" 2>/dev/null || true; }
+  if [ -f "$d/env.sh" ]; then  # end the jobs while slurmd is there to kill their steps
+    export SLURM_CONF="$d/etc/slurm.conf"
+    scancel --full --quiet --user="$(id -un)" 2>/dev/null || true
+    for _ in $(seq 100); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.2; done
+  fi
+  local pids=()
   for name in slurmd slurmctld slurmdbd mariadbd munged; do
-    [ -f "$d/run/$name.pid" ] || continue
-    pid=$(cat "$d/run/$name.pid" 2>/dev/null || true)
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null || continue
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
+    [ -f "$d/run/$name.pid" ] && pids+=("$(cat "$d/run/$name.pid" 2>/dev/null)")
   done
-  # job steps outlive slurmd: end any slurmstepd that serves this cluster
-  pkill -9 -f "slurmstepd.*$d" 2>/dev/null || true
+  [ ${#pids[@]} -gt 0 ] || return 0
+  kill "${pids[@]}" 2>/dev/null || true
+  alive() { for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+  for _ in $(seq 100); do alive || break; sleep 0.1; done
+  kill -9 "${pids[@]}" 2>/dev/null || true
 }
 
 if [ "${1:-}" = "--stop" ]; then stop "$(realpath "$2")"; exit 0; fi
