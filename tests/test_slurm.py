@@ -16,38 +16,23 @@ import pytest
 import torch
 from conftest import ROOT, run_cli
 from safetensors.torch import load_file
+from test_study import STUDY as TINY
 
 from ldmscale.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.xdist_group("slurm")
 START = ROOT / "tests" / "slurm" / "start.sh"
 
-STUDY = """
-name = "tiny"
-[data]
-cache = "{cache}"
-[train]
-sizes = ["c8"]
-images = {images}
-curve_points = 1
-[train.set]
-batch_size = 8
-warmup_steps = 1
-checkpoint_every = 160
-[eval]
-samplers = ["ddim"]
-steps = [2]
-guidance = [2.0]
-metrics = ["fd-classifier", "caption-accuracy"]
-classifier = "{classifier}"
-num_images = 8
-batch_size = 8
-reference_count = 50
-bootstrap = 4
-curve_steps = 2
-curve_guidance = 2.0
-{cluster}
-"""
+# test_study.py's tiny study, one size, one grid point and one curve point: 3 jobs in 2 waves
+STUDY = (
+    TINY.replace('sizes = ["c8", "c16"]', 'sizes = ["c8"]')
+    .replace("images = 32", "images = {images}")
+    .replace("curve_points = 2", "curve_points = 1")
+    .replace("warmup_steps = 1\n", "warmup_steps = 1\ncheckpoint_every = 160\n")
+    .replace('samplers = ["ddim", "ddpm"]', 'samplers = ["ddim"]')
+    .replace("steps = [2, 3]", "steps = [2]")
+    + "{cluster}\n"
+)
 
 
 @pytest.fixture(scope="module", autouse=True)

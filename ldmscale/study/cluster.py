@@ -149,8 +149,7 @@ def run_submitit(
 ) -> dict:
     from ldmscale.device import thread_count
 
-    out, cluster = Path(out), dict(parameters or {})
-    preflight(cluster, jobs, executor)
+    out, cluster = Path(out), dict(parameters or {})  # checked by preflight() before the study folder was touched
     # a job SLURM ended without a result (scancel, a node failure, out of memory) is seen through sacct: once every
     # 30 s at most for the whole study, where submitit waits up to 10 minutes between calls
     submitit.slurm.slurm.SlurmJob.watcher._delay_s = SACCT_EVERY_S
