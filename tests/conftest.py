@@ -1,9 +1,12 @@
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,10 +20,45 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(int(_threads))
 
 
+def _shared(tmp_path_factory) -> Path:
+    """A folder every xdist worker of this run sees (the session's own folder in a run without workers)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def _built_once(tmp_path_factory, name: str, all_cores: bool = False):
+    """(path, build?) for a session fixture the workers share: the first worker to get here builds it while the
+    others wait for it (each used to build its own copy: the classifier alone took 40 s a worker). Built with the
+    worker's threads, since tests compare their own training with tiny_run bit for bit, or with every core where no
+    test recomputes it (the waiting worker's core is idle). Tests only read these."""
+    import torch
+
+    path = _shared(tmp_path_factory) / name
+    done = path.with_name(f"{name}.done")  # a builder that failed half-way leaves no marker: the next one rebuilds
+    with FileLock(f"{path}.lock"):
+        build, threads = not done.exists(), torch.get_num_threads()
+        if build and path.exists():
+            shutil.rmtree(path)
+        if all_cores:
+            torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            yield path, build
+        finally:
+            torch.set_num_threads(threads)
+        done.touch()
+
+
+def worker_cache(tmp_path_factory) -> Path:
+    """LDMSCALE_CACHE of the tests: FLOP counts and reference statistics in a folder of this worker, never the
+    user's home (not shared: another worker's statistics, computed with its threads, could replace this one's in the
+    middle of a test that compares two evaluations exactly)."""
+    return tmp_path_factory.getbasetemp() / "ldmscale-cache"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    # FLOP counts and other caches go to a per-session folder, never the user's home
-    cache = tmp_path_factory.getbasetemp() / "ldmscale-cache"
+    cache = worker_cache(tmp_path_factory)
     monkeypatch.setenv("LDMSCALE_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
@@ -88,7 +126,10 @@ def _in_process(argv: list[str], cwd: Path = ROOT) -> subprocess.CompletedProces
 def tiny_ae(tmp_path_factory):
     from fixtures import make_autoencoder
 
-    return make_autoencoder(tmp_path_factory.mktemp("ae") / "ae")
+    with _built_once(tmp_path_factory, "ae") as (out, build):
+        if build:
+            make_autoencoder(out)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -97,19 +138,20 @@ def tiny_cache(tmp_path_factory, tiny_ae):
     from ldmscale.data.cache import prepare
     from ldmscale.data.config import PrepareConfig
 
-    out = tmp_path_factory.mktemp("cache") / "cache"
-    prepare(
-        PrepareConfig(
-            source="animal-mnist",
-            autoencoder=str(tiny_ae),
-            text_encoder="minilm",
-            resolution=32,
-            shard_size=64,
-            limit=96,
-        ),
-        out,
-        progress=False,
-    )
+    with _built_once(tmp_path_factory, "cache") as (out, build):
+        if build:
+            prepare(
+                PrepareConfig(
+                    source="animal-mnist",
+                    autoencoder=str(tiny_ae),
+                    text_encoder="minilm",
+                    resolution=32,
+                    shard_size=64,
+                    limit=96,
+                ),
+                out,
+                progress=False,
+            )
     return out
 
 
@@ -136,9 +178,10 @@ def tiny_run(tmp_path_factory, tiny_cache):
     """A c8 model trained for 6 steps on the tiny cache (a run directory to sample, eval and export)."""
     from ldmscale.train.loop import train
 
-    run = tmp_path_factory.mktemp("run") / "c8"
-    train(tiny_train_config(tiny_cache), run, progress=False)
-    return run
+    with _built_once(tmp_path_factory, "run") as (root, build):
+        if build:
+            train(tiny_train_config(tiny_cache), root / "c8", progress=False)
+    return root / "c8"
 
 
 @pytest.fixture(scope="session")
@@ -147,8 +190,9 @@ def tiny_classifier(tmp_path_factory):
     from ldmscale.eval.classifier import train_classifier
     from ldmscale.eval.config import ClassifierConfig
 
-    out = tmp_path_factory.mktemp("clf") / "classifier"
-    train_classifier(ClassifierConfig(width=16, feature_dim=32, epochs=2, batch_size=128), out, progress=False)
+    with _built_once(tmp_path_factory, "classifier", all_cores=True) as (out, build):
+        if build:
+            train_classifier(ClassifierConfig(width=16, feature_dim=32, epochs=2, batch_size=128), out, progress=False)
     return out
 
 

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import worker_cache
 from damage import DAMAGES, cli, content, digest, quiet  # noqa: F401  (quiet: autouse)
 
 # ------------------------------------------------------------------------------------------ studies
@@ -43,7 +44,7 @@ def done_study(tmp_path_factory, tiny_cache, tiny_classifier):
     root = tmp_path_factory.mktemp("study")
     (root / "tiny.toml").write_text(STUDY.format(cache=tiny_cache, classifier=tiny_classifier))
     with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit) as e:
-        mp.setenv("LDMSCALE_CACHE", str(tmp_path_factory.getbasetemp() / "ldmscale-cache"))  # as conftest does
+        mp.setenv("LDMSCALE_CACHE", str(worker_cache(tmp_path_factory)))
         mp.setenv("LDMSCALE_PROGRESS", "0")
         main(["study", "run", str(root / "tiny.toml"), "--out", str(root / "s"), "--no-report"])
     assert e.value.code == 0

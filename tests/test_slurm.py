@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from test_study import STUDY as TINY
 
 from ldmscale.checkpoint import list_checkpoints
+from ldmscale.study.cluster import SACCT_ENV
 
 pytestmark = pytest.mark.xdist_group("slurm")
 START = ROOT / "tests" / "slurm" / "start.sh"
@@ -57,14 +58,16 @@ def slurm(tmp_path_factory):
     if p.returncode == 3 and mode != "require":
         pytest.skip(p.stderr.strip())
     assert p.returncode == 0, p.stderr[-3000:]
-    env = {"SLURM_CONF": str(d / "etc" / "slurm.conf"), "PATH": os.environ["PATH"] + ":/usr/sbin"}
+    # sacct every 2 s (a study's default is 30): a cancelled job is seen at once
+    env = {"SLURM_CONF": str(d / "etc" / "slurm.conf"), "PATH": os.environ["PATH"] + ":/usr/sbin", SACCT_ENV: "2"}
     yield env
     subprocess.run(["bash", str(START), "--stop", str(d)], timeout=120)
 
 
-def study(tmp_path, cache, classifier, images=32, cluster=""):
-    path = tmp_path / f"tiny-{images}-{abs(hash(cluster))}.toml"
-    path.write_text(STUDY.format(cache=cache, classifier=classifier, images=images, cluster=cluster))
+def study(tmp_path, cache, classifier, images=32, cluster="", sanity=True):
+    path = tmp_path / f"tiny-{images}-{abs(hash(cluster))}-{sanity}.toml"
+    text = STUDY.format(cache=cache, classifier=classifier, images=images, cluster=cluster)
+    path.write_text(text if sanity else text.replace("[eval]\n", "[eval]\nsanity = false\n"))
     return path
 
 
@@ -165,9 +168,10 @@ def test_a_two_task_training_job_runs_data_parallel_from_slurms_environment(
     slurm, tmp_path, tiny_cache, tiny_classifier
 ):
     cluster = "[cluster.train]\ntasks_per_node = 2\ncpus_per_task = 1"
-    path = study(tmp_path, tiny_cache, tiny_classifier, cluster=cluster)
+    path = study(tmp_path, tiny_cache, tiny_classifier, cluster=cluster, sanity=False)  # a training and its eval
     one = tmp_path / "one"
-    run_cli("study", "run", study(tmp_path, tiny_cache, tiny_classifier), "--out", one, "--no-report", check=True)
+    local = study(tmp_path, tiny_cache, tiny_classifier, sanity=False)
+    run_cli("study", "run", local, "--out", one, "--no-report", check=True)
     p = run_cli("study", "run", path, "--out", tmp_path / "two", "--executor", "slurm", "--no-report", env=slurm)
     assert p.returncode == 0, p.stderr[-3000:]
     train_id = slurm_ids(p.stdout)["train c8 (32 images)"]
@@ -191,8 +195,10 @@ def test_a_training_job_at_its_time_limit_is_requeued_and_continues_from_its_che
     # test waits: it cancels the job once it has continued (that a continued run ends bit-equal to an uninterrupted
     # one is the test above)
     cluster = "[cluster.train]\ntimeout_min = 1\nslurm_signal_delay_s = 45"
-    env, out = {**os.environ, **slurm}, tmp_path / "s"
-    proc = _popen_study(study(tmp_path, tiny_cache, tiny_classifier, 4000, cluster), out, env)
+    # sacct at the study's default 30 s here: the test forces each requeued job to start at once (scontrol update
+    # StartTime=now), which can leave SLURM a failed zero-second incarnation for a moment (seen with a 2-s poll)
+    env, out = {**os.environ, **slurm, SACCT_ENV: "30"}, tmp_path / "s"
+    proc = _popen_study(study(tmp_path, tiny_cache, tiny_classifier, 4000, cluster, sanity=False), out, env)
     t0, job, log = time.time(), None, ""
     while not ("this job is timed-out" in log and "ldmscale: continuing" in log):
         if proc.poll() is not None:

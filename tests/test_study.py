@@ -358,3 +358,10 @@ def test_cluster_tables_set_a_kind_or_a_size_and_unknown_keys_are_refused(study_
     p = run_cli("study", "run", study_file, "--out", tmp_path / "s", "--executor", "slurm")
     assert p.returncode == 2 and "--executor slurm needs SLURM's sbatch on PATH" in p.stderr
     assert not (tmp_path / "s").exists()
+    (tmp_path / "sbatch").write_text("#!/bin/sh\nexit 1\n")  # an sbatch, but a sacct interval that is no number
+    (tmp_path / "sbatch").chmod(0o755)
+    for bad, line in (("soon", "='soon' is not a number of seconds"), ("0", "=0: give 0.5 to 3600 seconds")):
+        monkeypatch.setenv("LDMSCALE_SACCT_EVERY_S", bad)
+        p = run_cli("study", "run", study_file, "--out", tmp_path / "s", "--executor", "slurm")
+        assert p.returncode == 2 and p.stderr.strip().splitlines() == [f"ldmscale: error: LDMSCALE_SACCT_EVERY_S{line}"]
+        assert not (tmp_path / "s").exists()

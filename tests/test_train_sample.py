@@ -463,6 +463,7 @@ def _launch2(args, out):
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @MULTIPROCESS
@@ -481,14 +482,14 @@ def test_fsdp_two_processes_train_resume_and_match_one_process(tmp_path, tiny_ca
         "checkpoint_every=16",
     ]
     run_cli(*args, "--images", "32", "--out", tmp_path / "one", check=True)
-    _launch2([*args, "--images", "32", "--set", "fsdp=true"], tmp_path / "fsdp")
-    _launch2([*args, "--images", "16", "--set", "fsdp=true"], tmp_path / "fsdp-resumed")
-    _launch2([*args, "--images", "32", "--set", "fsdp=true"], tmp_path / "fsdp-resumed")  # continues from step 2
-    a, b, c = (_weights(tmp_path / n) for n in ("one", "fsdp", "fsdp-resumed"))
+    _launch2([*args, "--images", "16", "--set", "fsdp=true"], tmp_path / "fsdp")
+    resumed = _launch2([*args, "--images", "32", "--set", "fsdp=true"], tmp_path / "fsdp")
+    assert f"continuing {tmp_path / 'fsdp'} from step-000002" in resumed.stderr
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "fsdp")
     assert set(a) == set(b)
+    # as for DDP (see above); a resume that lost the sharded optimizer state moves most weights by ~lr (1e-3)
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
-    assert (diff < 1e-5).float().mean() > 0.99 and diff.max() <= 4e-3 + 1e-6  # as for DDP (see above)
-    assert all(torch.allclose(b[k], c[k], atol=1e-6) for k in b)
+    assert (diff < 1e-5).float().mean() > 0.99 and diff.max() <= 4e-3 + 1e-6
     cfg = json.loads((tmp_path / "fsdp" / "config.json").read_text())
     assert cfg["train"]["fsdp"] is True
     from ldmscale.diffusion.generate import generate, load_run

@@ -41,7 +41,21 @@ WAVES = {
 }
 
 
+# how often a study asks sacct about a job that ended without a result (scancel, a node failure, out of memory);
+# LDMSCALE_SACCT_EVERY_S changes it (the tests' one-node SLURM polls every 2 s)
 SACCT_EVERY_S = 30
+SACCT_ENV = "LDMSCALE_SACCT_EVERY_S"
+
+
+def sacct_every_s() -> float:
+    value = os.environ.get(SACCT_ENV, "").strip() or str(SACCT_EVERY_S)
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise UserError(f"{SACCT_ENV}={value!r} is not a number of seconds") from None
+    if not 0.5 <= seconds <= 3600:
+        raise UserError(f"{SACCT_ENV}={value}: give 0.5 to 3600 seconds")
+    return seconds
 
 
 class Execute(submitit.helpers.Checkpointable):
@@ -95,6 +109,8 @@ def preflight(cluster: dict, jobs: list, executor: str) -> None:
     """What can be refused before anything is written: no sbatch here, a [cluster] key or table that is wrong."""
     if executor == "slurm" and not shutil.which("sbatch"):
         raise UserError("--executor slurm needs SLURM's sbatch on PATH (run on a login node); none found here")
+    if executor == "slurm":
+        sacct_every_s()
     check_cluster(cluster, {j.kind for j in jobs}, {j.config.get("size") for j in jobs} - {None}, executor)
 
 
@@ -150,9 +166,9 @@ def run_submitit(
     from ldmscale.device import thread_count
 
     out, cluster = Path(out), dict(parameters or {})  # checked by preflight() before the study folder was touched
-    # a job SLURM ended without a result (scancel, a node failure, out of memory) is seen through sacct: once every
-    # 30 s at most for the whole study, where submitit waits up to 10 minutes between calls
-    submitit.slurm.slurm.SlurmJob.watcher._delay_s = SACCT_EVERY_S
+    # a job SLURM ended without a result is seen through sacct: once every 30 s at most for the whole study, where
+    # submitit waits up to 10 minutes between calls
+    submitit.slurm.slurm.SlurmJob.watcher._delay_s = sacct_every_s()
     t0, ran = time.time(), 0
     for wave in sorted({WAVES.get(j.kind, 5) for j in jobs}):
         pending = pending_jobs(out, [j for j in jobs if WAVES.get(j.kind, 5) == wave], log)
