@@ -220,7 +220,8 @@ def test_validation_loss_is_logged_at_every_checkpoint_and_reaches_the_eval_resu
     rc = json.loads((tiny_run / "config.json").read_text())
     val = LatentCache(rc["train"]["data"], "validation")
     n = min(256, len(val))
-    z, text, mask = val.batch(torch.arange(n))
+    b = val.batch(torch.arange(n))
+    z, text, mask = b.z, b.text, b.mask
     obj = Denoising()
     obj.setup(None, None, "cpu")
     rand = obj.draw(torch.Generator().manual_seed(ValidationLoss.SEED), n, tuple(z.shape[1:]))

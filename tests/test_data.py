@@ -151,7 +151,8 @@ def test_prepare_folder_skips_corrupt_and_reports(tmp_path, tiny_ae):
     assert skipped[0]["key"] == "broken.png" and "rror" in skipped[0]["error"]
     assert m["latent_shape"] == [4, 8, 8] and m["context_dim"] == 384 and m["channels"] == 1
     c = LatentCache(out)
-    z, text, mask = c.batch(torch.arange(5))
+    b = c.batch(torch.arange(5))
+    z, text, mask = b.z, b.text, b.mask
     assert z.shape == (5, 4, 8, 8) and text.shape == (5, 77, 384)
     assert c.captions == [caption(i) for i in range(5)]
     assert torch.all(text[~mask] == 0)

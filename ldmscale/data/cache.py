@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ldmscale import integrity
 from ldmscale.config import to_dict
+from ldmscale.data.batch import Batch
 from ldmscale.data.config import PrepareConfig
 from ldmscale.data.shard_index import (
     INDEX,
@@ -345,14 +346,14 @@ class LatentCache:
         return len(self.labels)
 
     def batch(self, idx: torch.Tensor, latent_noise: torch.Tensor | None = None, seeds: torch.Tensor | None = None):
-        """(scaled latents float32 [B,c,h,w], text states float32 [B,L,D], text mask bool [B,L]).
+        """Scaled latents float32 [B,c,h,w], text states float32 [B,L,D] and text mask bool [B,L] as a Batch.
 
         With `latent_noise` (standard normal, the latents' shape) z is a posterior sample, else its mean."""
         mean = self.mean[idx].float()
         z = mean if latent_noise is None else mean + self.std[idx].float() * latent_noise
         z = (z - self.shift_factor) * self.scaling_factor
         mask = torch.arange(self.context_len)[None] < self.text_len[idx, None]
-        return z, self.text[idx].float(), mask
+        return Batch(z, self.text[idx].float(), mask)
 
 
 def _pad(states: torch.Tensor, length: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ldmscale.config import to_dict
+from ldmscale.data.batch import Batch
 from ldmscale.diffusion.schedulers import check_sampler_fits, check_sampling_args, generate_latents, make_sampler
 from ldmscale.errors import UserError
 from ldmscale.names import Kind
@@ -101,7 +102,7 @@ class DreamBoothData:
                 zs.append(z * self.sf)
                 texts.append(self.instance_text)
         text = torch.stack(texts)
-        return torch.stack(zs), text, torch.ones(text.shape[:2], dtype=torch.bool)
+        return Batch(torch.stack(zs), text, torch.ones(text.shape[:2], dtype=torch.bool))
 
 
 def dreambooth_task(db: DreamBoothConfig):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ldmscale.config import from_dict, to_dict
+from ldmscale.data.batch import Batch
 from ldmscale.data.degrade import degrade, resize
 from ldmscale.errors import UserError
 from ldmscale.model import flops
@@ -109,7 +110,7 @@ class SRData:
         seeds = [int(s) for s in (seeds if seeds is not None else idx)]
         lr = degrade(self.hr[idx], self.cfg.scale, self.cfg.degradation, seeds)
         extra = condition(lr, self.cfg, self.vae, self.resolution, self.latent_side, seeds)
-        return z * self.sf, self.text[idx].float(), self.mask[idx], extra
+        return Batch(z * self.sf, self.text[idx].float(), self.mask[idx], extra)
 
 
 def sr_task(sr: SRConfig):

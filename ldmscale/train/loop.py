@@ -11,7 +11,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -281,10 +281,10 @@ def train_step(cfg: TrainConfig, run: Path, s: State, step: int) -> float:
     dev = acc.device
     for a in range(cfg.grad_accum):
         sel = torch.arange(B).view(cfg.grad_accum, world, micro)[a, rank]
-        out = data.batch(idx[sel], latent_noise=latent_eps[sel] if cfg.latent_sample else None, seeds=seeds[sel])
-        text = torch.where(drop[sel, None, None], empty[None], out[1])
-        mask = torch.where(drop[sel, None], empty_mask[None], out[2])
-        b = Batch(out[0].to(dev), text.to(dev), mask.to(dev), out[3].to(dev) if len(out) > 3 else None, empty.to(dev))
+        b = data.batch(idx[sel], latent_noise=latent_eps[sel] if cfg.latent_sample else None, seeds=seeds[sel])
+        text = torch.where(drop[sel, None, None], empty[None], b.text)
+        mask = torch.where(drop[sel, None], empty_mask[None], b.mask)
+        b = replace(b, text=text, mask=mask, empty=empty).to(dev)
         with (
             contextlib.nullcontext() if cfg.fsdp else acc.accumulate(s.model),
             contextlib.nullcontext() if cfg.fsdp else acc.autocast(),

@@ -16,26 +16,14 @@ consistency and progressive distillation objectives.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
+from ldmscale.data.batch import Batch
 from ldmscale.diffusion.schedulers import noise_scheduler
 from ldmscale.errors import UserError
 from ldmscale.train.config import TrainConfig
-
-
-@dataclass
-class Batch:
-    """One micro-batch on the device: scaled latents, text states and mask, the UNet's extra input channels
-    (super-resolution), and the empty-caption states (the unconditional branch of guidance)."""
-
-    z: torch.Tensor
-    text: torch.Tensor
-    mask: torch.Tensor
-    extra: torch.Tensor | None
-    empty: torch.Tensor
 
 
 @runtime_checkable
@@ -55,13 +43,14 @@ class Objective(Protocol):
 @runtime_checkable
 class TrainData(Protocol):
     """What the loop reads a task's images from (a LatentCache, a super-resolution or DreamBooth set): its length,
-    batch(idx, latent_noise, seeds) -> (z, text, mask) or (z, text, mask, extra), and the empty caption's states."""
+    batch(idx, latent_noise, seeds) -> a Batch (z, text, mask, and extra where the task has a condition), and the
+    empty caption's states."""
 
     empty_text: torch.Tensor
     empty_mask: torch.Tensor
 
     def __len__(self) -> int: ...
-    def batch(self, idx: torch.Tensor, latent_noise: torch.Tensor | None = None, seeds=None) -> tuple: ...
+    def batch(self, idx: torch.Tensor, latent_noise: torch.Tensor | None = None, seeds=None) -> Batch: ...
 
 
 class Pretraining:
@@ -180,7 +169,8 @@ class ValidationLoss:
     def __init__(self, data, objective, n: int = 256, batch: int = 64):
         self.objective, self.batch_size = objective, batch
         idx = torch.arange(min(n, len(data)))
-        self.z, self.text, self.mask = data.batch(idx)[:3]
+        b = data.batch(idx)
+        self.z, self.text, self.mask = b.z, b.text, b.mask
         self.empty = data.empty_text.float()
         self.rand = objective.draw(torch.Generator().manual_seed(self.SEED), len(idx), tuple(self.z.shape[1:]))
 
