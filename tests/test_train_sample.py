@@ -150,10 +150,10 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_cache, mon
         if self.split != "train":  # the validation loss's fixed batch
             return real(self, idx, latent_noise)
         calls["n"] += 1
-        z, text, mask = real(self, idx, latent_noise)
+        b = real(self, idx, latent_noise)
         if calls["n"] == 5:
-            z = z * float("nan")
-        return z, text, mask
+            b.z = b.z * float("nan")
+        return b
 
     monkeypatch.setattr(LatentCache, "batch", poisoned)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5 .*last good checkpoint: step-000003"):
