@@ -487,7 +487,8 @@ def test_fsdp_two_processes_train_resume_and_match_one_process(tmp_path, tiny_ca
     assert f"continuing {tmp_path / 'fsdp'} from step-000002" in resumed.stderr
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "fsdp")
     assert set(a) == set(b)
-    # as for DDP (see above); a resume that lost the sharded optimizer state moves most weights by ~lr (1e-3)
+    # the resumed run against one process, at the DDP tolerance (see above); the bit-equal check of an FSDP resume
+    # against an uninterrupted FSDP run was a third launch (30 s), dropped for the suite's time
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert (diff < 1e-5).float().mean() > 0.99 and diff.max() <= 4e-3 + 1e-6
     cfg = json.loads((tmp_path / "fsdp" / "config.json").read_text())

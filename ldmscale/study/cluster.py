@@ -107,9 +107,9 @@ def check_cluster(cluster: dict, kinds: set[str], sizes: set[str], executor: str
 
 def preflight(cluster: dict, jobs: list, executor: str) -> None:
     """What can be refused before anything is written: no sbatch here, a [cluster] key or table that is wrong."""
-    if executor == "slurm" and not shutil.which("sbatch"):
-        raise UserError("--executor slurm needs SLURM's sbatch on PATH (run on a login node); none found here")
     if executor == "slurm":
+        if not shutil.which("sbatch"):
+            raise UserError("--executor slurm needs SLURM's sbatch on PATH (run on a login node); none found here")
         sacct_every_s()
     check_cluster(cluster, {j.kind for j in jobs}, {j.config.get("size") for j in jobs} - {None}, executor)
 
@@ -166,8 +166,8 @@ def run_submitit(
     from ldmscale.device import thread_count
 
     out, cluster = Path(out), dict(parameters or {})  # checked by preflight() before the study folder was touched
-    # a job SLURM ended without a result is seen through sacct: once every 30 s at most for the whole study, where
-    # submitit waits up to 10 minutes between calls
+    # a job SLURM ended without a result is seen through sacct, at most once every sacct_every_s() for the whole
+    # study, where submitit waits up to 10 minutes between calls
     submitit.slurm.slurm.SlurmJob.watcher._delay_s = sacct_every_s()
     t0, ran = time.time(), 0
     for wave in sorted({WAVES.get(j.kind, 5) for j in jobs}):

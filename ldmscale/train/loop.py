@@ -34,7 +34,7 @@ from ldmscale.model.family import build_network
 from ldmscale.progress import bar
 from ldmscale.train import trackers
 from ldmscale.train.config import CONTINUABLE, TrainConfig, warmup  # noqa: F401  (re-exported)
-from ldmscale.train.objectives import Batch, Objective, TrainData, ValidationLoss, objective_for  # noqa: F401
+from ldmscale.train.objectives import Objective, TrainData, ValidationLoss, objective_for  # noqa: F401
 from ldmscale.train.run import Task, text_to_image_task
 
 if TYPE_CHECKING:  # heavy imports, for the annotations only
