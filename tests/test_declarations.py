@@ -120,7 +120,7 @@ def test_task_kinds_are_declared_once():
 
     from ldmscale.eval import registry
     from ldmscale.study import tasks
-    from ldmscale.study.cluster import WAVES
+    from ldmscale.study.jobs import WAVES
     from ldmscale.study.spec import TaskSection
 
     kinds = typing.get_args(typing.get_type_hints(TaskSection)["kind"])

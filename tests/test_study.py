@@ -188,6 +188,32 @@ def test_submitit_local_executor_runs_and_skips_like_local(study_file, tmp_path)
     assert "3 already done, 0 to run" in local.stdout
 
 
+def test_jobs_side_by_side_give_the_results_of_one_at_a_time(study_file, tmp_path):
+    """--jobs 2 runs a wave's jobs in two processes; with the same threads per job every number is the same."""
+    env = {**os.environ, "LDMSCALE_THREADS": "1", "LDMSCALE_PROGRESS": "0"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli("study", "run", study_file, "--out", one, "--no-report", env=env, check=True)
+    p = run_cli("study", "run", study_file, "--out", two, "--no-report", "-j", "2", env=env, check=True)
+    assert "running 2 jobs, 2 at a time with 1 thread(s) each" in p.stdout  # the two sizes' training
+    assert p.stdout.count(" at a time ") == 1  # the evaluations: one at a time, with every thread
+    rows = [_rows(out / "results.csv") for out in (one, two)]
+    assert len(rows[0]) == 10 and rows[0] == rows[1]
+    refused = run_cli("study", "run", study_file, "--out", two, "-j", "2", "--executor", "submitit-local")
+    assert refused.returncode == 2 and "--jobs 2 is for the local executor" in refused.stderr
+
+
+def _rows(path) -> list[dict]:
+    """results.csv less what differs between two folders and two runs: the run path, the time, latency, load."""
+    import csv
+
+    with open(path) as f:
+        rows = csv.DictReader(f)
+        return [
+            {k: v for k, v in r.items() if k not in ("run", "created", "load_average") and "latency" not in k}
+            for r in rows
+        ]
+
+
 def test_downstream_study_is_the_demo_plus_tasks():
     """`make demo-full` runs into the demo's folder: every shared setting must match so no finished job reruns."""
     from ldmscale.config import to_dict

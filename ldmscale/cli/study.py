@@ -40,7 +40,7 @@ def study_group() -> None:
     epilog="""
 \b
 Examples:
-  ldmscale study run studies/demo.toml --out demo
+  ldmscale study run studies/demo.toml --out demo --jobs 2
   ldmscale study run studies/demo.toml --out demo --dry-run
   ldmscale study run studies/paper.toml --out /scratch/paper --executor slurm
 \b
@@ -62,14 +62,26 @@ Running it again skips finished jobs; a killed study loses at most the job in fl
     show_default=True,
     help="local (this process), slurm or submitit-local (through submitit, in dependency waves).",
 )
+@click.option(
+    "--jobs",
+    "-j",
+    "parallel",
+    default=1,
+    type=click.IntRange(1, 64),
+    show_default=True,
+    help="With the local executor: jobs of one wave run side by side in their own processes, each with its share "
+    "of the threads (on a 2-core CPU, -j 2 trains 1.6-1.7x the images a second).",
+)
 @click.option("--report/--no-report", default=True, show_default=True, help="Write the report when done.")
-def study_run(study_file, out, dry_run, executor, report) -> None:
+def study_run(study_file, out, dry_run, executor, parallel, report) -> None:
     """Train every size and evaluate every grid point of a study file."""
     from ldmscale.study.jobs import job_done, run_jobs
     from ldmscale.study.plan import plan_jobs, sample_size_warnings
     from ldmscale.study.results import study_results, write_csv
     from ldmscale.study.spec import load_study, read_toml, resolved_toml
 
+    if parallel > 1 and executor != "local":
+        raise UserError(f"--jobs {parallel} is for the local executor; {executor} runs each wave side by side already")
     study = load_study(study_file)
     saved, resolved = out / "study.toml", resolved_toml(study_file)
     if saved.exists() and read_toml(saved) != read_toml(Path(study_file)):
@@ -103,7 +115,7 @@ def study_run(study_file, out, dry_run, executor, report) -> None:
         if not saved.exists() or read_toml(saved) != read_toml(Path(study_file)):
             atomic_write_text(saved, resolved)
         if executor == "local":
-            result = run_jobs(out, jobs, log=click.echo)
+            result = run_jobs(out, jobs, log=click.echo, parallel=parallel)
         else:
             from ldmscale.study.cluster import run_submitit
 

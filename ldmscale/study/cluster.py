@@ -24,22 +24,7 @@ from pathlib import Path
 import submitit
 
 from ldmscale.errors import JobsFailed, UserError
-from ldmscale.study.jobs import mark_done, pending_jobs
-from ldmscale.study.tasks import KINDS
-
-# a task's training (fine-tune or distillation, from the task registry) needs its trained size; its evaluations need it
-WAVES = {
-    "autoencoder": 0,
-    "classifier": 0,
-    "prepare": 1,
-    "train": 2,
-    "sanity": 2,
-    "cooldown": 3,  # an IsoFLOP budget's branch, from its size's stable run
-    "eval": 4,
-    **{k.job_kind: 4 for k in KINDS.values()},
-    "task-eval": 5,
-}
-
+from ldmscale.study.jobs import WAVES, mark_done, pending_jobs
 
 # how often a study asks sacct about a job that ended without a result (scancel, a node failure, out of memory);
 # LDMSCALE_SACCT_EVERY_S changes it (the tests' one-node SLURM polls every 2 s)
