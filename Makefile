@@ -19,11 +19,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# a study's jobs run side by side, one process per core with a thread each (a 2-core CPU trains 1.6-1.7x the images
+# a study's jobs run side by side, one process per core with a thread each (a 2-core CPU trains 1.6-2.0x the images
 # a second that way: small models leave a core idle between operations); STUDY_JOBS=1 runs them one at a time
 STUDY_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 
-# The embedded demo: a 3-size scaling study on animal-mnist, on CPU (about 18 minutes on 2 cores), ending with
+# The embedded demo: a 3-size scaling study on animal-mnist, on CPU (26 minutes on 2 cores), ending with
 # the paper's claims checked and the planner's answers. Running it again skips finished jobs; the report lands
 # in demo/report/.
 demo: $(STAMP)

@@ -122,6 +122,7 @@ BASE = {
     ("compare",): ["--a", "folder:/nonexistent", "--b", "folder:/nonexistent"],
     ("plan",): ["/nonexistent"],
     ("study", "calibrate"): ["/nonexistent"],
+    ("study", "run"): ["/nonexistent.toml", "--out", "{tmp}/st"],
     ("finetune", "sr"): ["--init", "/nonexistent", "--out", "{tmp}/f"],
     ("finetune", "dreambooth"): [
         "--init",

@@ -70,7 +70,7 @@ Running it again skips finished jobs; a killed study loses at most the job in fl
     type=click.IntRange(1, 64),
     show_default=True,
     help="With the local executor: jobs of one wave run side by side in their own processes, each with its share "
-    "of the threads (on a 2-core CPU, -j 2 trains 1.6-1.7x the images a second).",
+    "of the threads (on a 2-core CPU, -j 2 trains 1.6-2.0x the images a second).",
 )
 @click.option("--report/--no-report", default=True, show_default=True, help="Write the report when done.")
 def study_run(study_file, out, dry_run, executor, parallel, report) -> None:

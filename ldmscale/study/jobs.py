@@ -226,18 +226,22 @@ def run_jobs(
     )
     eta, t_start, left = Eta(), time.time(), list(pending)
 
+    def time_left() -> str:  # the jobs trained side by side take about 1/parallel of their time
+        side = [j for j in left if parallel > 1 and j.kind not in ONE_AT_A_TIME]
+        alone = [j for j in left if j not in side]
+        return _clock(eta.remaining(side) / max(1, min(parallel, len(side))) + eta.remaining(alone))
+
     def finished(job: Job, seconds: float, produced: object) -> None:
         mark_done(out, job, seconds, produced)
         eta.record(job, seconds)
         left.remove(job)
-        pbar.update(estimated_seconds(job))
-        when = _clock(eta.remaining(left) / min(parallel, max(1, len(left))))  # side by side: about 1/parallel
-        pbar.set_postfix_str(f"<{when} left, jobs {len(jobs) - len(left)}/{len(jobs)}, done: {job.name}")
+        pbar.update(min(estimated_seconds(job), pbar.total - pbar.n))  # the sum's rounding must not pass 100%
+        pbar.set_postfix_str(f"<{time_left()} left, jobs {len(jobs) - len(left)}/{len(jobs)}, done: {job.name}")
 
     for group in _groups(pending) if parallel > 1 else [[j] for j in pending]:
         if len(group) == 1:  # in this process, with all its threads
             job = group[0]
-            pbar.set_postfix_str(f"<{_clock(eta.remaining(left)) if eta.spent else '?'} left, now: {job.name}")
+            pbar.set_postfix_str(f"<{time_left() if eta.spent else '?'} left, now: {job.name}")
             t0 = time.time()
             produced = job.run()
             finished(job, time.time() - t0, produced)
@@ -253,7 +257,7 @@ def run_jobs(
 # computed the reference statistics again). Training at batch 32 leaves a core idle between small operations.
 ONE_AT_A_TIME = {"eval", "task-eval", "sanity"}
 # On one machine the classifier (needed by the evaluations and the sanity check only) trains beside the sizes, where
-# a core is free, instead of beside the first stage, which then has both threads (197 s against 250 s with one)
+# a core is free, instead of beside the first stage, which then has both threads (171 s against 250 s with one)
 LOCAL_WAVES = WAVES | {"classifier": 2, "sanity": 3}
 
 
@@ -284,9 +288,10 @@ def _in_worker(blob: bytes, threads: int) -> tuple[object, float]:
 
 
 def _run_side_by_side(wave: list[Job], parallel: int, finished, log: Callable[[str], None]) -> None:
-    """One wave's jobs in `parallel` spawned processes. Two processes of one thread train 1.6-1.7x the images a second
-    of one process with two on a 2-core CPU (docs/demo.md): small models leave a core idle between operations. A
-    job that fails lets the running ones finish (and be recorded), starts no more, and is raised as it was."""
+    """One wave's jobs in `parallel` spawned processes. Two processes of one thread train 1.6-2.0x the images a second
+    of one process with two on a 2-core CPU (c32 to c8, docs/demo.md): small models leave a core idle between
+    operations. A job that fails lets the running ones finish (and be recorded), starts no more, and is raised as it
+    was."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
