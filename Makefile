@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# a study's training jobs run side by side, a process per core with a thread each (a 2-core CPU trains 1.6-2.0x the
-# images a second that way: small models leave a core idle between operations); STUDY_JOBS=1: one at a time
+# a study's training jobs run side by side, a process per core with a thread each (a 2-core CPU trains 1.6-1.9x the
+# images a second that way, bench/side_by_side.py: small models leave a core idle between operations); STUDY_JOBS=1: one at a time
 STUDY_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 
 # The embedded demo: a 3-size scaling study on animal-mnist, on CPU (26 minutes on 2 cores), ending with

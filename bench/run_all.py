@@ -10,7 +10,16 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["prepare.py", "train_cache.py", "sampling.py", "features.py", "speedups.py", "verify.py", "threads.py"]
+SCRIPTS = [
+    "prepare.py",
+    "train_cache.py",
+    "sampling.py",
+    "features.py",
+    "speedups.py",
+    "verify.py",
+    "threads.py",
+    "side_by_side.py",
+]
 
 
 def table(results: dict) -> str:
@@ -67,6 +76,13 @@ def table(results: dict) -> str:
             f"default threads | {t['ms_per_image']['OMP_NUM_THREADS=1']} (one thread) | "
             f"{t['default_over_one_thread']}x (a thread per core: {t['thread_per_core_over_one_thread']}x) | |"
         )
+    if "side_by_side" in results:
+        r = results["side_by_side"]
+        for size, v in r["sizes"].items():
+            rows.append(
+                f"| train {r['runs']} {size} runs side by side, a thread each (s) | {v['side_by_side_s']} | "
+                f"{v['one_at_a_time_s']} ({r['baseline']}) | {v['speedup']}x | |"
+            )
     for size, v in results.get("verify", {}).get("sizes", {}).items():
         rows.append(
             f"| verify checkpoint {size} ({v['checkpoint_mb']} MB), s: sampling; resume | {v['verify_s']}; "

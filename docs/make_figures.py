@@ -64,7 +64,7 @@ def sr_figure(runs: list[str], n: int, steps: int) -> None:
     scale, kind = int(cfg["task"]["scale"]), cfg["task"]["degradation"]
     lr = degrade(hr, scale, kind, seeds)
     cols, titles = [resize(lr, res, "nearest"), resize(lr, res, "bicubic")], [f"input {res // scale}px", "bicubic"]
-    for r, m in zip(runs, models):
+    for _r, m in zip(runs, models):
         from ldmscale.tasks.superres import upscale
 
         out, _ = upscale(m, lr, caps, seeds, "ddim", steps, 1.0)

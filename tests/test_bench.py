@@ -20,6 +20,7 @@ TINY = {  # each script's arguments at a size that runs in seconds here
     "speedups.py": ["--sizes", "c8", "--repeats", "1"],
     "verify.py": ["--sizes", "c8"],
     "threads.py": ["--size", "c8", "--steps", "1", "--images", "2", "--repeats", "1", "--no-busy"],
+    "side_by_side.py": ["--sizes", "c8", "--steps", "2", "--batch", "8", "--cache-images", "32"],
 }
 
 
@@ -31,6 +32,7 @@ ROWS = {
     "speedups.py": 2,
     "verify.py": 1,
     "threads.py": 1,
+    "side_by_side.py": 1,
 }  # rows each adds to make bench's table
 
 

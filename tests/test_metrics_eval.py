@@ -95,6 +95,17 @@ def test_fid_matches_the_peer_routine_tf_resize_by_default(two_image_sets):
     assert not np.allclose(ex(a[:4]).numpy(), peer_feats, atol=1e-2)
 
 
+def test_an_evaluation_uses_the_fid_resize_it_names():
+    """`eval --fid-resize pytorch` measured with the TF resize while its result was named pytorch (found in #23's
+    stop 38): the evaluation's Inception is the one its config names, and its reference statistics follow."""
+    from ldmscale.eval.config import EvalConfig
+    from ldmscale.eval.evaluate import build_extractors
+
+    for resize in ("pytorch", "tf"):
+        ex, _, _ = build_extractors(EvalConfig(metrics=("fid",), fid_resize=resize))
+        assert ex["fid"].identity["resize"] == f"{resize}-bilinear-299"
+
+
 def test_clip_score_matches_torchmetrics(tmp_path, two_image_sets):
     from fixtures import make_tiny_clip_model
     from torchmetrics.multimodal.clip_score import CLIPScore

@@ -208,6 +208,42 @@ def test_jobs_side_by_side_give_the_results_of_one_at_a_time(study_file, tmp_pat
     assert refused.returncode == 2 and "--jobs 2 is for the local executor" in refused.stderr
 
 
+def test_fid_reference_statistics_are_one_job_the_evaluations_read(study_file, tmp_path, monkeypatch):
+    """The Inception statistics of the FID points are computed once, by their own job in the training wave (beside
+    the training runs on one machine), and the evaluations read them instead of computing them."""
+    from ldmscale.config import from_dict
+    from ldmscale.data import sources
+    from ldmscale.data.cache import read_manifest
+    from ldmscale.eval.config import EvalConfig
+    from ldmscale.eval.evaluate import build_extractors
+    from ldmscale.eval.reference import reference_stats
+    from ldmscale.study.jobs import LOCAL_WAVES, WAVES
+    from ldmscale.study.plan import plan_jobs
+    from ldmscale.study.spec import load_study
+
+    study_file.write_text(
+        study_file.read_text()
+        + 'agreement_metric = "fid"\nagreement_steps = [2]\nagreement_images = 4\nagreement_reference_count = 6\n'
+    )
+    jobs = plan_jobs(load_study(study_file), tmp_path / "out")
+    refs = [j for j in jobs if j.kind == "reference"]
+    assert [j.name for j in refs] == ["fid reference statistics (6 images)"]
+    assert WAVES["reference"] == WAVES["train"] and LOCAL_WAVES["reference"] == LOCAL_WAVES["train"]
+    monkeypatch.setenv("LDMSCALE_CACHE", str(tmp_path / "refcache"))
+    refs[0].run()
+    assert len(list((tmp_path / "refcache" / "refstats").glob("*.safetensors"))) == 1
+
+    def no_images(*a, **k):
+        raise AssertionError("an evaluation computed reference statistics again")
+
+    monkeypatch.setattr(sources, "load_images", no_images)
+    agreement = next(j for j in jobs if j.kind == "eval" and "agreement" in j.name)
+    cfg = from_dict(EvalConfig, {k: v for k, v in agreement.config.items() if k != "run"})
+    m = read_manifest(study_file.read_text().split('cache = "')[1].split('"')[0])
+    stats, manifest = reference_stats(cfg, build_extractors(cfg)[0]["fid"], m["resolution"], m["channels"])
+    assert stats.n == 6 and manifest["count"] == 6
+
+
 def _rows(path) -> list[dict]:
     """results.csv less what differs between two folders and two runs: the run path, the time, latency, load."""
     import csv

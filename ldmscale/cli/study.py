@@ -68,7 +68,8 @@ Running it again skips finished jobs; a killed study loses at most the job in fl
     type=click.IntRange(1, 64),
     show_default=True,
     help="With the local executor: a wave's training jobs run N at a time in their own processes, each with its share "
-    "of the threads; evaluations one at a time with all (on 2 cores, -j 2 trains 1.6-2.0x the images a second).",
+    "of the threads; evaluations one at a time with all (on 2 cores, -j 2 trains 1.6-1.9x the images a second: "
+    "bench/side_by_side.py).",
 )
 @click.option("--report/--no-report", default=True, show_default=True, help="Write the report when done.")
 def study_run(study_file, out, dry_run, executor, parallel, report) -> None:

@@ -92,12 +92,14 @@ def _stamp(path: str) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _extractor(kind: str, path: str, stamp: int, device: str):
+def _extractor(kind: str, path: str, stamp: int, device: str, resize: str = "tf"):
     """Feature networks are loaded once per process (a study evaluates dozens of times); the file's modification
     time is part of the key, so a retrained classifier is loaded again."""
     from ldmscale.eval.features import ClassifierFeatures, ClipModel, InceptionFeatures
 
-    return {"fid": InceptionFeatures, "classifier": ClassifierFeatures, "clip": ClipModel}[kind](path or None)
+    if kind == "fid":
+        return InceptionFeatures(path or None, resize)
+    return {"classifier": ClassifierFeatures, "clip": ClipModel}[kind](path or None)
 
 
 def build_extractors(cfg: EvalConfig) -> tuple[dict, object, object]:
@@ -107,7 +109,7 @@ def build_extractors(cfg: EvalConfig) -> tuple[dict, object, object]:
     dev = str(current())
     extractors, clf = {}, None
     if "fid" in cfg.metrics:
-        extractors["fid"] = _extractor("fid", cfg.inception, _stamp(cfg.inception), dev)
+        extractors["fid"] = _extractor("fid", cfg.inception, _stamp(cfg.inception), dev, cfg.fid_resize)
     if "fd-classifier" in cfg.metrics or "caption-accuracy" in cfg.metrics:
         clf = _extractor("classifier", cfg.classifier, _stamp(str(Path(cfg.classifier) / "model.safetensors")), dev)
         if "fd-classifier" in cfg.metrics:
@@ -204,15 +206,16 @@ def evaluate(run: str | Path, cfg: EvalConfig, progress: bool = True, force: boo
         )
         seconds += info["seconds_per_image"] * len(idx)
         nfe = info["model_calls_per_image"]
+        feats = {}
         for name, ex in extractors.items():
-            feats = ex(images)
-            stats[name].update(feats)
+            feats[name] = ex(images)
+            stats[name].update(feats[name])
             if name in boot:
-                boot[name].update(feats, idx)
+                boot[name].update(feats[name], idx)
         if "caption-accuracy" in cfg.metrics:
             lab = labels[idx]
             keep = lab >= 0
-            correct += (clf.predict(images)[keep] == lab[keep]).sum()
+            correct += (clf.predict(images, feats.get("fd-classifier"))[keep] == lab[keep]).sum()
             counted += keep.sum()
         if clip is not None:
             cos = clip.cosine(images, [prompts[j] for j in idx]).double()

@@ -86,14 +86,15 @@ class BootstrapStats:
 
     def distances(self, ref: FeatureStats) -> np.ndarray:
         """One Frechet distance per replica that drew at least two images."""
-        out = []
+        out, ref_mean, ref_cov = [], ref.mean, ref.cov
+        ref_sqrt = _psd_sqrt(np.asarray(ref_cov, np.float64))  # the same for every replica: taken once
         for k in range(self.k):
             n = float(self.n[k])
             if n < 2:
                 continue
             mu = self.sum[k] / n
             cov = ((self.outer[k] - n * torch.outer(mu, mu)) / (n - 1)).numpy()
-            out.append(frechet_distance(mu.numpy(), cov, ref.mean, ref.cov))
+            out.append(frechet_distance(mu.numpy(), cov, ref_mean, ref_cov, sqrt_sigma2=ref_sqrt))
         return np.asarray(out)
 
 
@@ -108,17 +109,21 @@ def _psd_sqrt(s: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, sqrt_sigma2: np.ndarray | None = None
+) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64.
 
     Tr((S1 S2)^(1/2)) is the nuclear norm of S2^(1/2) S1^(1/2) (its singular values are the square roots of
     the eigenvalues of S1^(1/2) S2 S1^(1/2)). Taking singular values avoids both scipy's sqrtm of the
     non-symmetric S1 S2, which can go complex, and square roots of round-off eigenvalues, which add up to
     ~1e-4 over 2048 near-null directions when covariances are rank-deficient (fewer images than dimensions).
+    sqrt_sigma2: S2^(1/2) when the caller has it (a bootstrap compares every replica with one reference).
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    tr_covmean = np.linalg.svd(_psd_sqrt(s2) @ _psd_sqrt(s1), compute_uv=False).sum()
+    root2 = _psd_sqrt(s2) if sqrt_sigma2 is None else sqrt_sigma2
+    tr_covmean = np.linalg.svd(root2 @ _psd_sqrt(s1), compute_uv=False).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 

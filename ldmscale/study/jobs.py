@@ -26,6 +26,7 @@ WAVES = {
     "prepare": 1,
     "train": 2,
     "sanity": 2,
+    "reference": 2,  # the evaluations' Inception reference statistics (they need the data's resolution)
     "cooldown": 3,  # an IsoFLOP budget's branch, from its size's stable run
     "eval": 4,
     **{k.job_kind: 4 for k in KINDS.values()},
@@ -288,8 +289,8 @@ def _in_worker(blob: bytes, threads: int) -> tuple[object, float]:
 
 
 def _run_side_by_side(wave: list[Job], parallel: int, finished, log: Callable[[str], None]) -> None:
-    """One wave's jobs in `parallel` spawned processes. Two processes of one thread train 1.6-2.0x the images a second
-    of one process with two on a 2-core CPU (c32 to c8, docs/demo.md): small models leave a core idle between
+    """One wave's jobs in `parallel` spawned processes. Two processes of one thread train 1.6-1.9x the images a second
+    of one process with two on a 2-core CPU (c32 to c8, bench/side_by_side.py): small models leave a core idle between
     operations. A job that fails lets the running ones finish (and be recorded), starts no more, and is raised as it
     was."""
     import multiprocessing

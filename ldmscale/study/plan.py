@@ -98,17 +98,7 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
                 lambda c=clf_cfg: train_classifier(c, clf_dir, progress=progress, overwrite=True),
             )
         )
-    if ev.sanity and ev.primary in ("fid", "fd-classifier"):
-        s_cfg = eval_config(ev, clf_dir, metrics=(ev.primary,))
-
-        def sanity(c=s_cfg, metric=ev.primary):
-            from ldmscale.data.cache import read_manifest
-            from ldmscale.eval.evaluate import sanity_rows
-
-            m = read_manifest(cache)
-            atomic_write_json(out / "sanity.json", sanity_rows(c, metric, m["resolution"], m["channels"]))
-
-        jobs.append(Job("sanity", f"metric sanity ({ev.primary})", to_dict(s_cfg), sanity))
+    jobs += metric_jobs(ev, clf_dir, cache, out)
     shapes = expected_shapes(study, out)
     base = apply_overrides(TrainConfig(data=cache), [f"{k}={v}" for k, v in study.train.set.items()])
     for seed in study.train.seeds:
@@ -116,6 +106,47 @@ def plan_jobs(study: Study, out: Path, progress: bool = False) -> list[Job]:
             jobs += size_jobs(study, ev, base, parse_size(name), seed, shapes, out, clf_dir, progress)
     seen: set[str] = set()  # a curve point can coincide with a grid point: one job
     return [j for j in jobs if not (j.id in seen or seen.add(j.id))]
+
+
+def metric_jobs(ev, clf_dir: str, cache: str, out: Path) -> list[Job]:
+    """The primary metric's sanity check, and the Inception reference statistics of the evaluations that measure FID
+    (0.16 s an image here), computed once before them instead of by whichever evaluation comes first (on a cluster, by
+    every one that starts before the first has written them); on one machine beside the training runs."""
+
+    def sanity(c, metric=ev.primary):
+        from ldmscale.data.cache import read_manifest
+        from ldmscale.eval.evaluate import sanity_rows
+
+        m = read_manifest(cache)
+        atomic_write_json(out / "sanity.json", sanity_rows(c, metric, m["resolution"], m["channels"]))
+
+    def reference(c):
+        from ldmscale.data.cache import read_manifest
+        from ldmscale.eval.evaluate import build_extractors
+        from ldmscale.eval.reference import reference_stats
+
+        m = read_manifest(cache)  # the evaluations' own extractor, so the statistics are the ones they look up
+        reference_stats(c, build_extractors(c)[0]["fid"], m["resolution"], m["channels"])
+
+    jobs = []
+    if ev.sanity and ev.primary in ("fid", "fd-classifier"):
+        s_cfg = eval_config(ev, clf_dir, metrics=(ev.primary,))
+        jobs.append(Job("sanity", f"metric sanity ({ev.primary})", to_dict(s_cfg), lambda c=s_cfg: sanity(c)))
+    counts = {ev.reference_count} if "fid" in ev.metrics else set()
+    if ev.agreement_metric == "fid":
+        counts.add(ev.agreement_reference_count or ev.reference_count)
+    for count in sorted(counts):
+        r_cfg = eval_config(ev, "", metrics=("fid",), reference_count=count)
+        jobs.append(
+            Job(
+                "reference",
+                f"fid reference statistics ({count or 'every'} images)",
+                to_dict(r_cfg),
+                lambda c=r_cfg: reference(c),
+                extra_seconds=(count or 1000) * FID_SECONDS_PER_IMAGE,
+            )
+        )
+    return jobs
 
 
 def size_jobs(
