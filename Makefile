@@ -23,7 +23,7 @@ venv: $(STAMP)
 # images a second that way, bench/side_by_side.py: small models leave a core idle between operations); STUDY_JOBS=1: one at a time
 STUDY_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 
-# The embedded demo: a 3-size scaling study on animal-mnist, on CPU (26 minutes on 2 cores), ending with
+# The embedded demo: a 3-size scaling study on animal-mnist, on CPU (19-26 minutes on 2 cores), ending with
 # the paper's claims checked and the planner's answers. Running it again skips finished jobs; the report lands
 # in demo/report/.
 demo: $(STAMP)
