@@ -41,6 +41,24 @@ def record(name: str, result: dict) -> None:
     print(json.dumps({name: result}, indent=2))
 
 
+def untrained_cache(tmp: Path, images: int) -> Path:
+    """A latent cache of `images` animal-mnist images under an untrained autoencoder (speed does not depend on its
+    weights)."""
+    from ldmscale.data import autoencoder as ae
+    from ldmscale.data.cache import prepare
+    from ldmscale.data.config import PrepareConfig
+
+    vae = ae.build_autoencoder(ae.AutoencoderConfig(channels=1))  # animal-mnist is grayscale
+    vae.register_to_config(scaling_factor=0.5)
+    vae.save_pretrained(tmp / "ae")
+    prepare(
+        PrepareConfig(source="animal-mnist", autoencoder=str(tmp / "ae"), resolution=32, limit=images),
+        tmp / "cache",
+        progress=False,
+    )
+    return tmp / "cache"
+
+
 def tiny_run(tmp: Path, size: str = "c16", warmup_steps: int = 100) -> Path:
     """A real run directory of `size` with random weights trained one step (speed does not depend on the weights),
     on a 64-image animal-mnist cache with an untrained tiny autoencoder."""

@@ -16,11 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, record
-
-from ldmscale.data import autoencoder as ae
-from ldmscale.data.cache import prepare
-from ldmscale.data.config import PrepareConfig
+from common import ROOT, record, untrained_cache
 
 
 def command(cache: Path, size: str, out: Path, threads: int, args) -> list[str]:
@@ -73,14 +69,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     jobs = max(2, cores)  # a job per core, as the Makefile's STUDY_JOBS; two at least, so there is a pair
     tmp = Path(tempfile.mkdtemp())
-    vae = ae.build_autoencoder(ae.AutoencoderConfig(channels=1))  # animal-mnist is grayscale
-    vae.register_to_config(scaling_factor=0.5)
-    vae.save_pretrained(tmp / "ae")
-    prepare(
-        PrepareConfig(source="animal-mnist", autoencoder=str(tmp / "ae"), resolution=32, limit=args.cache_images),
-        tmp / "cache",
-        progress=False,
-    )
+    untrained_cache(tmp, args.cache_images)
     sizes = {}
     for size in args.sizes.split(","):
         runs = [tmp / f"{size}-{mode}-{i}" for mode in ("alone", "beside") for i in range(jobs)]

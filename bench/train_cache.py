@@ -22,12 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import matmul_peak_gflops, record
+from common import matmul_peak_gflops, record, untrained_cache
 
 from ldmscale.data import autoencoder as ae
 from ldmscale.data import sources as data
-from ldmscale.data.cache import prepare
-from ldmscale.data.config import PrepareConfig
 from ldmscale.data.text import load_text_encoder
 from ldmscale.diffusion.schedulers import noise_scheduler
 from ldmscale.model.family import build_unet, parse_size
@@ -97,14 +95,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     results = {}
     try:
-        vae = ae.build_autoencoder(ae.AutoencoderConfig(channels=1))  # animal-mnist is grayscale
-        vae.register_to_config(scaling_factor=0.5)
-        vae.save_pretrained(tmp / "ae")
-        prepare(
-            PrepareConfig(source="animal-mnist", autoencoder=str(tmp / "ae"), resolution=32, limit=args.cache_images),
-            tmp / "cache",
-            progress=False,
-        )
+        untrained_cache(tmp, args.cache_images)
         peak = matmul_peak_gflops()
         for size in args.sizes.split(","):
             fwd = cost(parse_size(size), 8, 77, 384).flops

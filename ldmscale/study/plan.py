@@ -143,7 +143,7 @@ def metric_jobs(ev, clf_dir: str, cache: str, out: Path) -> list[Job]:
                 f"fid reference statistics ({f'{count} images' if count else 'the whole split'})",
                 to_dict(r_cfg),
                 lambda c=r_cfg: reference(c),
-                extra_seconds=(count or 1000) * FID_SECONDS_PER_IMAGE,
+                extra_seconds=(count or 1000) * FID_SECONDS_PER_IMAGE,  # the ETA's guess for a whole split
             )
         )
     return jobs

@@ -204,20 +204,10 @@ def setup(cfg: TrainConfig, run: Path, make_task) -> State:
     sched = lr_schedule(cfg, opt, total, rounds)
     if not cfg.fsdp:
         model, opt = acc.prepare(model, opt)
-    task.objective.setup(acc.unwrap_model(model), ema, acc.device)
+    net = acc.unwrap_model(model)
+    task.objective.setup(net, ema, acc.device)
     every = cfg.checkpoint_every or max(cfg.batch_size, cfg.images // 4)
-    return State(
-        acc,
-        task,
-        model,
-        ema,
-        opt,
-        sched,
-        total,
-        max(1, every // cfg.batch_size),
-        resume_from=last,
-        net=acc.unwrap_model(model),
-    )
+    return State(acc, task, model, ema, opt, sched, total, max(1, every // cfg.batch_size), resume_from=last, net=net)
 
 
 def lr_schedule(cfg: TrainConfig, opt, total: int, rounds: int = 1):
@@ -260,7 +250,7 @@ def resume(cfg: TrainConfig, run: Path, s: State) -> None:
 
 
 def _load_resume_state(cfg: TrainConfig, s: State, last: Path) -> None:
-    model = s.acc.unwrap_model(s.model)  # its weights were loaded in setup()
+    model = s.net  # its weights were loaded in setup()
     state = checkpoint.load_optimizer(last)
     ema_state = dict(state["ema"])
     ema_state["shadow_params"] = [
@@ -364,7 +354,7 @@ def log(cfg: TrainConfig, run: Path, s: State, done: int, window: dict, pbar) ->
 def save(cfg: TrainConfig, run: Path, s: State, step: int, loss: float) -> None:
     """A checkpoint: raw and EMA weights, optimizer, schedule, EMA and objective state, the ledger. Under fsdp every
     process takes part in gathering the full tensors; only the main one writes."""
-    acc, unwrapped = s.acc, s.acc.unwrap_model(s.model)
+    acc, unwrapped = s.acc, s.net
     model = fsdp.model_state(unwrapped) if cfg.fsdp else unwrapped.state_dict()
     ema_state = s.ema.state_dict()
     ema_state["shadow_params"] = [fsdp.full_tensor(t).cpu() for t in ema_state["shadow_params"]]
