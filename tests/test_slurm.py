@@ -29,7 +29,7 @@ STUDY = (
     TINY.replace('sizes = ["c8", "c16"]', 'sizes = ["c8"]')
     .replace("images = 32", "images = {images}")
     .replace("curve_points = 2", "curve_points = 1")
-    .replace("warmup_steps = 1\n", "warmup_steps = 1\ncheckpoint_every = 160\n")
+    .replace("warmup_steps = 1\n", "warmup_steps = 1\ncheckpoint_every = {every}\n")
     .replace('samplers = ["ddim", "ddpm"]', 'samplers = ["ddim"]')
     .replace("steps = [2, 3]", "steps = [2]")
     + "{cluster}\n"
@@ -64,9 +64,9 @@ def slurm(tmp_path_factory):
     subprocess.run(["bash", str(START), "--stop", str(d)], timeout=120)
 
 
-def study(tmp_path, cache, classifier, images=32, cluster="", sanity=True):
+def study(tmp_path, cache, classifier, images=32, cluster="", sanity=True, every=160):
     path = tmp_path / f"tiny-{images}-{abs(hash(cluster))}-{sanity}.toml"
-    text = STUDY.format(cache=cache, classifier=classifier, images=images, cluster=cluster)
+    text = STUDY.format(cache=cache, classifier=classifier, images=images, cluster=cluster, every=every)
     path.write_text(text if sanity else text.replace("[eval]\n", "[eval]\nsanity = false\n"))
     return path
 
@@ -125,10 +125,13 @@ def _train_job(env) -> str | None:
 def test_a_study_through_sbatch_with_a_refused_and_a_cancelled_job_ends_equal_to_the_local_executor(
     slurm, tmp_path, tiny_cache, tiny_classifier
 ):
-    path, local, out = study(tmp_path, tiny_cache, tiny_classifier, 384), tmp_path / "local", tmp_path / "slurm"
-    run_cli("study", "run", path, "--out", local, "--no-report", check=True)  # 48 steps, checkpoints every 20
+    # 160 steps, checkpoints every 5: scancel comes at the first, and the 155 steps left take longer than the kill
+    # window (KillWait 5 s; submitit lets the job run on through SIGTERM, so a job that finished its work within
+    # it would rightly count as done: seen in CI with 28 steps left, about 4.6 s)
+    path, local, out = study(tmp_path, tiny_cache, tiny_classifier, 1280, every=40), tmp_path / "local", tmp_path / "s"
+    run_cli("study", "run", path, "--out", local, "--no-report", check=True)
     # first with a job the node refuses (more memory than it has) beside the training, which scancel stops halfway
-    refused = study(tmp_path, tiny_cache, tiny_classifier, 384, cluster="[cluster.sanity]\nmem_gb = 100000")
+    refused = study(tmp_path, tiny_cache, tiny_classifier, 1280, "[cluster.sanity]\nmem_gb = 100000", every=40)
     env = {**os.environ, **slurm}
     proc = _popen_study(refused, out, env)
     c8 = out / "runs" / "c8"
@@ -142,11 +145,11 @@ def test_a_study_through_sbatch_with_a_refused_and_a_cancelled_job_ends_equal_to
     assert proc.returncode == 1, stderr[-3000:]
     reason = "Memory specification can not be satisfied; Requested node configuration is not available"
     assert f"failed: metric sanity (fd-classifier): refused by SLURM: {reason}" in stdout.splitlines()
-    assert "failed: train c8 (384 images) (job " + job + "): CANCELLED by 0: " in stdout  # SLURM's state for it
+    assert "failed: train c8 (1,280 images) (job " + job + "): CANCELLED by 0: " in stdout, stdout  # SLURM's state
     assert stderr.strip().splitlines()[-1].startswith("ldmscale: stopped: 2 job(s) failed in wave 2")
     assert sacct(slurm, job) == {job: "CANCELLED by 0"} and not (out / "jobs").exists()
     at = max(int(p.name.split("-")[1]) for p in list_checkpoints(c8))
-    assert at < 48
+    assert at < 160
 
     # the same command again (the memory request dropped) resubmits both; the training continues from its checkpoint
     p = run_cli("study", "run", path, "--out", out, "--executor", "slurm", "--no-report", env=slurm)
@@ -155,13 +158,13 @@ def test_a_study_through_sbatch_with_a_refused_and_a_cancelled_job_ends_equal_to
     assert "wave 2: submitting 2 job(s)" in p.stdout and "wave 4: submitting 1 job(s)" in p.stdout
     assert sacct(slurm, *ids.values()) == {i: "COMPLETED" for i in ids.values()}  # every job went through SLURM
     assert len(ids) == 3 and all((out / "submitit" / i / f"{i}_0_log.out").exists() for i in ids.values())
-    train = ids["train c8 (384 images)"]
+    train = ids["train c8 (1,280 images)"]
     assert f"continuing {c8} from step-{at:06d}" in (out / "submitit" / train / f"{train}_0_log.err").read_text()
     assert rows(out) == rows(local)  # same seeds, same threads: the same numbers, row for row
     a, b = weights(local / "runs" / "c8"), weights(c8)
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-equal to the uninterrupted run
     steps = [r["step"] for r in map(json.loads, (c8 / "metrics.jsonl").read_text().splitlines())]
-    assert steps == [20, 40, 48]  # the ledger (a line every 20 steps) counts no step twice
+    assert steps == list(range(20, 161, 20))  # the ledger (a line every 20 steps) counts no step twice
 
 
 def test_a_two_task_training_job_runs_data_parallel_from_slurms_environment(
