@@ -174,12 +174,13 @@ OUTPUT_MARKERS = {
     "run": ("config.json", "checkpoints"),
     "cache": ("prepare.json", "manifest.json"),
     "study": ("study.toml", "jobs"),
+    "sweep": ("sweep.toml",),
     "autoencoder": ("ldmscale_autoencoder.json",),
     "classifier": ("classifier.json",),
     "export": ("model_index.json",),
     "samples": ("sample.json",),
 }
-NEVER_REPLACED = ("run", "cache", "study")  # continued when the same kind, never replaced
+NEVER_REPLACED = ("run", "cache", "study", "sweep")  # continued when the same kind, never replaced
 
 
 def output_kind(path: str | os.PathLike) -> str | None:

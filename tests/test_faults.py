@@ -123,6 +123,7 @@ BASE = {
     ("plan",): ["/nonexistent"],
     ("study", "calibrate"): ["/nonexistent"],
     ("study", "run"): ["/nonexistent.toml", "--out", "{tmp}/st"],
+    ("study", "lr-sweep"): ["/nonexistent.toml", "--cache", "/nonexistent", "--out", "{tmp}/lr", "--lrs", "1e-2"],
     ("finetune", "sr"): ["--init", "/nonexistent", "--out", "{tmp}/f"],
     ("finetune", "dreambooth"): [
         "--init",

@@ -110,3 +110,27 @@ def test_the_held_out_budget_is_inside_the_prediction_or_a_miss():
     edge = Parabola(1e12, 1.0, -16.0, 40.0, 5, 5.0, 7.0)  # minimum at 8: beyond the largest size
     assert held_out_outcome(pred, edge).startswith("not measured: the optimum lies beyond the largest size")
     assert held_out_outcome({"why": "too few"}, inside) == "not predicted: too few"
+    # the loss is judged beside the size, as in make isoflop (docs/isoflop.md): N_opt inside, the loss a miss
+    # (36 - 72 + 40 = 4 at the minimum)
+    both = pred | {"loss": 30.0, "loss_interval": (29.0, 31.0)}
+    assert held_out_outcome(both, inside) == (
+        "inside the prediction: N_opt 1e+06 in [5e+05, 2e+06]; "
+        "a miss: loss 4.0000 outside the predicted [29.0000, 31.0000]"
+    )
+
+
+def test_a_size_whose_loss_rose_with_compute_is_named():
+    from ldmscale.analysis.isoflop import rising
+
+    # the first `make isoflop` with per-size lr 1e-2 and AdamW beta2 0.999: c12's constant-lr run diverged at step
+    # 230, so its 1.2e12 branch scored 1.0074 while c8 only stalled (0.1562 -> 0.1566, within its error)
+    runs = {"c8": [(0.2869, 0.0132), (0.1921, 0.0103), (0.1562, 0.0085), (0.1566, 0.0080)]}
+    runs["c12"] = [(0.2927, 0.0136), (0.2209, 0.0116), (0.1672, 0.0091), (1.0074, 0.0060)]
+    pts = [
+        {"size": s, "budget": b, "val_loss": loss, "val_loss_std": se}
+        for s, rows in runs.items()
+        for b, (loss, se) in zip([1.5e11, 3e11, 6e11, 1.2e12], rows)
+    ]
+    assert rising(pts) == [
+        "c12 at 1.2e+12 FLOPs: loss 1.0074, above its 0.1672 at 6e+11 by 77 standard errors (diverged?)"
+    ]

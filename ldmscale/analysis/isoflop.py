@@ -271,6 +271,7 @@ def study_isoflop(
                 "measured": _parabola_dict(measured) if measured else None,
                 "best_trained": min((p for p in pts if p["budget"] == held), key=lambda p: p[loss_key], default=None),
             },
+            "rising": rising(pts, loss_key),
             "loss_to_metric": {k: v for k, v in rel.items() if k != "read"} if rel else None,
             "on_metric": {
                 "metric": metric,
@@ -283,16 +284,41 @@ def study_isoflop(
     return out
 
 
+def rising(points: list[dict], loss_key: str = "val_loss") -> list[str]:
+    """A size whose loss at a budget is above its loss at a smaller one by over 3 standard errors of the difference:
+    more compute made it worse (a diverged or spiking run), which a parabola would take for a sign of size."""
+    out = []
+    for size in dict.fromkeys(p["size"] for p in points):
+        mine = sorted((p for p in points if p["size"] == size), key=lambda p: p["budget"])
+        for i, p in enumerate(mine[1:], 1):
+            best = min(mine[:i], key=lambda q: q[loss_key])
+            se = math.hypot(p.get(f"{loss_key}_std") or 0.0, best.get(f"{loss_key}_std") or 0.0)
+            if se > 0 and p[loss_key] - best[loss_key] > 3 * se:
+                out.append(
+                    f"{size} at {p['budget']:.3g} FLOPs: loss {p[loss_key]:.4f}, above its {best[loss_key]:.4f} at "
+                    f"{best['budget']:.3g} by {(p[loss_key] - best[loss_key]) / se:.0f} standard errors (diverged?)"
+                )
+    return out
+
+
 def held_out_outcome(predicted: dict, measured: Parabola | None) -> str:
-    """Whether the held-out budget's measured optimum fell inside the interval predicted from the other budgets."""
+    """Whether the held-out budget's measured optimum (its size, then its loss) fell inside the intervals predicted
+    from the other budgets: each is "inside the prediction" or "a miss"."""
     if "n_opt" not in predicted:
         return f"not predicted: {predicted.get('why', '')}"
     if measured is None or not measured.ok:
         return "not measured: " + (measured.why if measured else "no runs at the held-out budget")
-    lo, hi = predicted["n_opt_interval"]
-    if lo <= measured.n_opt <= hi:
-        return f"inside the prediction: N_opt {measured.n_opt:.3g} in [{lo:.3g}, {hi:.3g}]"
-    return f"a miss: N_opt {measured.n_opt:.3g} outside the predicted [{lo:.3g}, {hi:.3g}]"
+    out = [_judge("N_opt", measured.n_opt, predicted["n_opt_interval"], ".3g")]
+    if predicted.get("loss_interval"):
+        out.append(_judge("loss", measured.loss_opt, predicted["loss_interval"], ".4f"))
+    return "; ".join(out)
+
+
+def _judge(name: str, value: float, interval, fmt: str) -> str:
+    lo, hi = interval
+    if lo <= value <= hi:
+        return f"inside the prediction: {name} {value:{fmt}} in [{lo:{fmt}}, {hi:{fmt}}]"
+    return f"a miss: {name} {value:{fmt}} outside the predicted [{lo:{fmt}}, {hi:{fmt}}]"
 
 
 def _finite(obj):

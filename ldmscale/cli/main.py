@@ -56,7 +56,8 @@ ORDER = (
     "plan",
     "verify",
 )
-MODULES = ("family", "data", "train", "eval", "study", "tasks", "verify")  # the cli modules that define commands
+# the cli modules that define commands (sweep adds `study lr-sweep`)
+MODULES = ("family", "data", "train", "eval", "study", "sweep", "tasks", "verify")
 
 
 class PipelineGroup(click.Group):
