@@ -44,21 +44,19 @@ def lr_sweep_cmd(study_file, cache, out, lrs, flops, progress) -> None:
     """Train every size of a study at each learning rate and choose one per size."""
     from ldmscale.io import DirLock, atomic_write_text, check_output
     from ldmscale.study.spec import load_study, resolved_toml
-    from ldmscale.study.sweep import RULE, per_size_toml, sweep_configs
+    from ldmscale.study.sweep import RULE, lr_sweep, per_size_toml, sweep_configs
 
     study, rates = load_study(study_file), _lrs(lrs)
     if flops <= 0:
         raise UserError(f"--flops {flops:g}: give a positive training budget")
-    sweep_configs(study, cache, rates, flops)  # refuses a missing cache or a budget of under 2 steps, before writing
+    configs = sweep_configs(study, cache, rates, flops)  # refuses a missing cache or under 2 steps, before writing
     check_output(out, "sweep")
     with DirLock(out, "sweep"):
         if not (out / "sweep.toml").exists():
             atomic_write_text(out / "sweep.toml", resolved_toml(study_file))
         elif (out / "sweep.toml").read_text() != resolved_toml(study_file):
             raise UserError(f"--out {out} swept another study file; use a new --out")
-        from ldmscale.study.sweep import lr_sweep
-
-        result = lr_sweep(study, cache, out, rates, flops, progress=progress, log=click.echo)
+        result = lr_sweep(configs, out, flops, progress=progress, log=click.echo)
     click.echo(f"\nvalidation loss at {flops:g} training FLOPs (+- its standard error; * the lr chosen):")
     for r in result["runs"]:
         mark = "*" if result["chosen"].get(r["size"]) == r["lr"] else " "

@@ -294,6 +294,13 @@ def _finish(out, cfg, src, vae, text, latent_side, channels, encoded, seconds) -
     return manifest
 
 
+def latent_shapes(cache_dir: str | Path) -> dict:
+    """The latent and text-context shapes of a latent cache, from its manifest (FLOP counts need no more)."""
+    m = read_manifest(cache_dir)
+    c, h, _ = m["latent_shape"]
+    return {"latent": h, "channels": c, "ctx_len": m["context_len"], "ctx_dim": m["context_dim"]}
+
+
 def read_manifest(cache_dir: str | Path) -> dict:
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():

@@ -138,37 +138,11 @@ def _outcome(handle) -> str | None:
     except Exception as e:  # the job's own error, or what srun said when SLURM ended it
         text = str(e).strip()
         text = text.splitlines()[-1] if text else type(e).__name__
-    state = _final_state(handle)  # SLURM's word for it (CANCELLED by 0, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, FAILED)
+    try:  # SLURM's word for it (CANCELLED by 0, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, FAILED): results() returned only
+        state = handle.get_info(mode="force").get("State", "")  # once sacct called the job done, so it is an end state
+    except Exception:
+        state = ""
     return f"{state}: {text}" if state and not text.startswith(state) else text
-
-
-ENDED = {
-    "BOOT_FAIL",
-    "CANCELLED",
-    "COMPLETED",
-    "DEADLINE",
-    "FAILED",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "PREEMPTED",
-    "TIMEOUT",
-}
-
-
-def _final_state(handle, tries: int = 10, wait_s: float = 1.0) -> str:
-    """The state sacct gives an ended job. SLURM's accounting can lag the job's end (in one suite run under load a
-    cancelled job's line lacked its "CANCELLED by 0"), so a SLURM job is asked again until its state is an end state."""
-    state = ""
-    for i in range(tries if isinstance(handle, submitit.slurm.slurm.SlurmJob) else 1):
-        if i:
-            time.sleep(wait_s)
-        try:
-            state = handle.get_info(mode="force").get("State", "")
-        except Exception:
-            state = ""
-        if state.split()[:1] and state.split()[0] in ENDED:
-            break
-    return state
 
 
 def run_submitit(

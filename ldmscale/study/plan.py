@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ldmscale.config import apply_overrides, from_dict, to_dict
+from ldmscale.data.cache import latent_shapes
 from ldmscale.data.config import AutoencoderConfig, PrepareConfig
 from ldmscale.diffusion.schedulers import model_calls
 from ldmscale.errors import UserError
@@ -18,20 +19,16 @@ from ldmscale.model import flops
 from ldmscale.model.family import parse_size, size_spec
 from ldmscale.study import tasks
 from ldmscale.study.jobs import FID_SECONDS_PER_IMAGE, Job
-from ldmscale.study.spec import EVAL_SEED_STRIDE, Study, TaskSection, eval_config, run_name, study_eval
+from ldmscale.study.spec import EVAL_SEED_STRIDE, Study, TaskSection, eval_config, per_size, run_name, study_eval
 from ldmscale.train.config import TrainConfig
 
 
 def expected_shapes(study: Study, out: Path) -> dict:
     """Latent and text-context shapes the study's models will see (from the cache if it exists, else from
     the autoencoder and text encoder configs), for FLOP estimates before anything has run."""
-    from ldmscale.data.cache import read_manifest
-
     cache = Path(study.data.cache or out / "cache")
     if (cache / "manifest.json").exists():
-        m = read_manifest(cache)
-        c, h, _ = m["latent_shape"]
-        return {"latent": h, "channels": c, "ctx_len": m["context_len"], "ctx_dim": m["context_dim"]}
+        return latent_shapes(cache)
     if study.data.autoencoder and (Path(study.data.autoencoder) / "config.json").exists():
         ae = json.loads((Path(study.data.autoencoder) / "config.json").read_text())
     else:
@@ -164,7 +161,7 @@ def size_jobs(
     first = seed == study.train.seeds[0]
     ev = dataclasses.replace(ev, seed=ev.seed + seed * EVAL_SEED_STRIDE)
     base = dataclasses.replace(base, seed=seed)
-    mine = {parse_size(k).name: v for k, v in study.train.per_size.items()}.get(size.name, {})
+    mine = per_size(study).get(size.name, {})
     base = apply_overrides(base, [f"{k}={v}" for k, v in mine.items()])  # this size's own settings
     tag = "" if seed == 0 else f" seed {seed}"
     fwd = forward_flops(size, shapes)

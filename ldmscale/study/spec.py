@@ -153,6 +153,11 @@ def resolved_toml(path: str | Path) -> str:
     return f"# {Path(path).name} as run, `extends` resolved\n" + tomli_w.dumps(read_toml(Path(path)))
 
 
+def per_size(study: Study) -> dict[str, dict[str, str]]:
+    """[train.per_size] by canonical size name (a study may spell a size as its paper label)."""
+    return {parse_size(k).name: v for k, v in study.train.per_size.items()}
+
+
 def load_study(path: str | Path) -> Study:
 
     path = Path(path)

@@ -9,11 +9,12 @@ import math
 from pathlib import Path
 
 from ldmscale.config import apply_overrides, from_dict, to_dict
+from ldmscale.data.cache import latent_shapes
 from ldmscale.errors import UserError
 from ldmscale.io import atomic_write_json
 from ldmscale.model.family import parse_size, size_spec
 from ldmscale.study.plan import forward_flops
-from ldmscale.study.spec import Study
+from ldmscale.study.spec import Study, per_size
 from ldmscale.train.config import TrainConfig
 
 RULE = (
@@ -23,22 +24,12 @@ RULE = (
 DEFAULT_WARMUP = 0.05  # of each run's steps, when the study sets no warmup_fraction
 
 
-def shapes_of(cache: Path) -> dict:
-    from ldmscale.data.cache import read_manifest
-
-    if not (Path(cache) / "manifest.json").exists():
-        raise UserError(f"{cache} is not a latent cache (no manifest.json); `ldmscale data prepare` makes one")
-    m = read_manifest(cache)
-    c, h, _ = m["latent_shape"]
-    return {"latent": h, "channels": c, "ctx_len": m["context_len"], "ctx_dim": m["context_dim"]}
-
-
 def sweep_configs(study: Study, cache: Path, lrs: list[float], flops: float) -> list[tuple[str, float, TrainConfig]]:
     """(size, lr, its run's config) for every size of the study and every lr: the study's [train.set] and the size's
     own [train.per_size] settings (but its lr), trained for `flops` FLOPs under a cosine schedule."""
-    shapes = shapes_of(cache)
+    shapes = latent_shapes(cache)  # refuses a folder that is not a latent cache
     base = apply_overrides(TrainConfig(data=str(cache)), [f"{k}={v}" for k, v in study.train.set.items()])
-    own = {parse_size(k).name: v for k, v in study.train.per_size.items()}
+    own = per_size(study)
     out = []
     for name in study.train.sizes:
         size = parse_size(name)
@@ -70,22 +61,22 @@ def choose(rows: list[dict]) -> dict[str, float]:
     return best
 
 
-def lr_sweep(study: Study, cache: Path, out: Path, lrs: list[float], flops: float, progress=True, log=print) -> dict:
-    """Train every (size, lr) run not yet finished (a run continues from its checkpoint), then write sweep.json."""
+def lr_sweep(configs: list[tuple[str, float, TrainConfig]], out: Path, flops: float, progress=True, log=print) -> dict:
+    """Train every run of sweep_configs() not yet finished (a run continues from its checkpoint), then write
+    sweep.json: each run's validation loss and the lr chosen per size."""
     from ldmscale.train.loop import train
 
     rows = []
-    for size, lr, cfg in sweep_configs(study, cache, lrs, flops):
-        run = out / f"{size}-lr{lr:g}"
-        log(f"{size} at lr {lr:g}: {cfg.images // cfg.batch_size} steps of batch {cfg.batch_size}")
+    for size, lr, cfg in configs:
+        run, steps = out / f"{size}-lr{lr:g}", cfg.images // cfg.batch_size
+        log(f"{size} at lr {lr:g}: {steps} steps of batch {cfg.batch_size}")
         train(cfg, run, progress=progress)
         last = json.loads((run / "validation.jsonl").read_text().splitlines()[-1])
-        steps = cfg.images // cfg.batch_size
         rows.append(
             {"size": size, "lr": lr, "steps": steps, "val_loss": last["val_loss"], "val_loss_se": last["val_loss_std"]}
         )
-    result = {"flops": flops, "lrs": lrs, "rule": RULE, "runs": rows}
-    result["chosen"] = choose(rows)
+    lrs = list(dict.fromkeys(lr for _, lr, _ in configs))
+    result = {"flops": flops, "lrs": lrs, "rule": RULE, "runs": rows, "chosen": choose(rows)}
     atomic_write_json(out / "sweep.json", result)
     return result
 
@@ -93,7 +84,7 @@ def lr_sweep(study: Study, cache: Path, out: Path, lrs: list[float], flops: floa
 def per_size_toml(study: Study, chosen: dict[str, float]) -> str:
     """The study's [train.per_size] table with the chosen learning rates (a size at the study's own lr gets none)."""
     default = apply_overrides(TrainConfig(), [f"{k}={v}" for k, v in study.train.set.items()]).lr
-    own = {parse_size(k).name: v for k, v in study.train.per_size.items()}
+    own = per_size(study)
     lines = []
     for size in dict.fromkeys([*own, *chosen]):
         sets = {k: v for k, v in own.get(size, {}).items() if k != "lr" or size not in chosen}
